@@ -1,0 +1,569 @@
+"""The mosaic store: one Zarr v3 group per survey mosaic.
+
+Layout (see ``docs/mosaic_format.md``)::
+
+    MOSAIC.zarr/
+        image     (band, y, x) float32   calibrated pixels, background included
+        variance  (band, y, x) float32   per-pixel variance (inf where no data)
+        mask      (band, y, x) uint16    OR of MaskBit values
+        [truth_segmentation (y, x) int64] simulated mosaics only
+
+The group attributes hold everything needed to interpret the pixels: the WCS
+as FITS header cards, band names, per-band zero points (AB magnitude of one
+image unit), pixel scale, per-band PSF FWHM, units and the mask bit values.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import zarr
+from astropy.io import fits
+from astropy.wcs import WCS
+
+from .flags import MASK_BITS, MaskBit
+
+__all__ = [
+    "FORMAT_VERSION",
+    "Mosaic",
+    "MosaicRegion",
+    "create_mosaic",
+    "header_to_cards",
+    "open_mosaic",
+]
+
+logger = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+DEFAULT_CHUNK = 1024
+PLANES = ("image", "variance", "mask")
+_DTYPES = {"image": np.float32, "variance": np.float32, "mask": np.uint16}
+_FILL = {"image": 0.0, "variance": float("inf"), "mask": int(MaskBit.NO_DATA)}
+
+
+def header_to_cards(header: fits.Header | WCS | Mapping[str, Any]) -> dict[str, Any]:
+    """Turn a FITS header, an astropy WCS or a mapping into JSON-safe WCS cards.
+
+    Parameters
+    ----------
+    header : astropy.io.fits.Header, astropy.wcs.WCS or mapping
+        The WCS description. A full image header is accepted: only cards that
+        describe the world coordinate system are kept (so TPV ``PV`` and SIP
+        ``A_``/``B_`` distortion terms survive exactly).
+
+    Returns
+    -------
+    dict
+        ``{keyword: value}`` with the WCS cards in their original order.
+    """
+    if isinstance(header, WCS):
+        header = header.to_header(relax=True)
+    elif not isinstance(header, fits.Header):
+        header = fits.Header(list(dict(header).items()))
+    cards: dict[str, Any] = {}
+    for card in header.cards:
+        key = card.keyword
+        if not key or key in ("COMMENT", "HISTORY", ""):
+            continue
+        if _is_wcs_keyword(key):
+            value = card.value
+            if isinstance(value, np.generic):
+                value = value.item()
+            if isinstance(value, bool | int | float | str):
+                cards[key] = value
+    if "NAXIS1" not in cards and "NAXIS1" in header:
+        cards["NAXIS1"] = int(header["NAXIS1"])
+        cards["NAXIS2"] = int(header["NAXIS2"])
+    return cards
+
+
+_WCS_PREFIXES = (
+    "WCSAXES", "CRPIX", "CRVAL", "CTYPE", "CUNIT", "CDELT", "CD1_", "CD2_", "PC1_", "PC2_",
+    "PV1_", "PV2_", "PS1_", "PS2_", "CROTA", "LONPOLE", "LATPOLE", "RADESYS", "RADECSYS",
+    "EQUINOX", "EPOCH", "MJD-OBS", "DATE-OBS", "A_", "B_", "AP_", "BP_", "WCSNAME", "NAXIS",
+)  # fmt: skip
+
+
+def _is_wcs_keyword(key: str) -> bool:
+    return key.startswith(_WCS_PREFIXES) or key in ("A_ORDER", "B_ORDER", "AP_ORDER", "BP_ORDER")
+
+
+def _cards_to_wcs(cards: Mapping[str, Any]) -> WCS:
+    header = fits.Header(list(cards.items()))
+    return WCS(header, relax=True)
+
+
+@dataclass(frozen=True)
+class MosaicRegion:
+    """Pixels of a rectangular region, all requested bands.
+
+    Attributes
+    ----------
+    y0, x0 : int
+        Mosaic pixel of the region's first row/column (0-based).
+    bands : tuple of str
+        Band names, in the order of the first axis.
+    image, variance : numpy.ndarray
+        ``(band, y, x)`` float32.
+    mask : numpy.ndarray
+        ``(band, y, x)`` uint16.
+    """
+
+    y0: int
+    x0: int
+    bands: tuple[str, ...]
+    image: np.ndarray
+    variance: np.ndarray
+    mask: np.ndarray
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(height, width) of the region."""
+        return self.image.shape[1:]
+
+
+class Mosaic:
+    """A survey mosaic held in a Zarr v3 group.
+
+    Use :func:`open_mosaic` or :func:`create_mosaic` rather than this class
+    directly.
+    """
+
+    def __init__(self, group: zarr.Group, path: str):
+        self.group = group
+        self.path = str(path)
+        attrs = dict(group.attrs)
+        meta = attrs.get("survey_engine")
+        if not isinstance(meta, Mapping) or "format_version" not in meta:
+            msg = f"{self.path} is not a survey_engine mosaic (no 'survey_engine' group attribute)"
+            raise ValueError(msg)
+        for plane in PLANES:
+            if plane not in group:
+                msg = f"mosaic {self.path} has no '{plane}' array"
+                raise ValueError(msg)
+        self.attrs = attrs
+        self.image = group["image"]
+        self.variance = group["variance"]
+        self.mask = group["mask"]
+        self.bands: tuple[str, ...] = tuple(attrs["bands"])
+        self.shape: tuple[int, int, int] = tuple(int(s) for s in self.image.shape)
+        if len(self.bands) != self.shape[0]:
+            msg = f"mosaic {self.path}: {len(self.bands)} band names for {self.shape[0]} planes"
+            raise ValueError(msg)
+        self.zero_points: dict[str, float | None] = dict(attrs.get("zero_points", {}))
+        self.psf_fwhm: dict[str, float | None] = dict(attrs.get("psf_fwhm_arcsec", {}))
+        self.pixel_scale: float | None = attrs.get("pixel_scale_arcsec")
+        self.mask_bits: dict[str, int] = dict(attrs.get("mask_bits", MASK_BITS))
+        self.units: dict[str, str] = dict(attrs.get("units", {}))
+        self.wcs_cards: dict[str, Any] = dict(attrs.get("wcs", {}))
+        self._wcs: WCS | None = None
+
+    # --- geometry -------------------------------------------------------------------------
+    @property
+    def ny(self) -> int:
+        """Number of rows."""
+        return self.shape[1]
+
+    @property
+    def nx(self) -> int:
+        """Number of columns."""
+        return self.shape[2]
+
+    @property
+    def chunks(self) -> tuple[int, int, int]:
+        """Chunk shape of the pixel arrays (band, y, x)."""
+        return tuple(int(c) for c in self.image.chunks)
+
+    @property
+    def wcs(self) -> WCS:
+        """The mosaic's celestial WCS (astropy); raises if the mosaic has none."""
+        if self._wcs is None:
+            if not self.wcs_cards:
+                msg = f"mosaic {self.path} has no WCS (group attribute 'wcs' is empty)"
+                raise ValueError(msg)
+            self._wcs = _cards_to_wcs(self.wcs_cards)
+        return self._wcs
+
+    @property
+    def has_wcs(self) -> bool:
+        """Whether the mosaic carries WCS cards."""
+        return bool(self.wcs_cards)
+
+    @property
+    def has_truth_segmentation(self) -> bool:
+        """Whether a noiseless truth segmentation is stored (simulated mosaics)."""
+        return "truth_segmentation" in self.group
+
+    def band_index(self, band: str | int) -> int:
+        """Index of ``band`` along the band axis.
+
+        Parameters
+        ----------
+        band : str or int
+            Band name (e.g. ``"r"``) or index.
+
+        Returns
+        -------
+        int
+        """
+        if isinstance(band, int | np.integer):
+            if not 0 <= int(band) < len(self.bands):
+                msg = f"band index {band} out of range for mosaic with bands {self.bands}"
+                raise IndexError(msg)
+            return int(band)
+        try:
+            return self.bands.index(band)
+        except ValueError:
+            msg = f"unknown band {band!r}: mosaic {self.path} has bands {', '.join(self.bands)}"
+            raise KeyError(msg) from None
+
+    def __repr__(self) -> str:
+        return (
+            f"<Mosaic {self.path!r} bands={','.join(self.bands)} "
+            f"shape=({self.ny}, {self.nx}) chunks={self.chunks[1:]}>"
+        )
+
+    # --- I/O ------------------------------------------------------------------------------
+    def read(
+        self,
+        y: tuple[int, int] | slice,
+        x: tuple[int, int] | slice,
+        bands: Sequence[str | int] | None = None,
+    ) -> MosaicRegion:
+        """Read a rectangular region of every plane.
+
+        Parameters
+        ----------
+        y, x : (start, stop) or slice
+            Half-open pixel ranges (0-based), clipped to nothing: they must lie
+            inside the mosaic.
+        bands : sequence of str or int, optional
+            Bands to read; all by default.
+
+        Returns
+        -------
+        MosaicRegion
+        """
+        y0, y1 = _bounds(y, self.ny, "y")
+        x0, x1 = _bounds(x, self.nx, "x")
+        idx = [self.band_index(b) for b in (bands if bands is not None else self.bands)]
+        names = tuple(self.bands[i] for i in idx)
+        if idx == list(range(idx[0], idx[-1] + 1)):
+            bsel: slice | list[int] = slice(idx[0], idx[-1] + 1)
+        else:
+            bsel = idx
+        out = {}
+        for plane in PLANES:
+            arr = self.group[plane]
+            if isinstance(bsel, slice):
+                data = arr[bsel, y0:y1, x0:x1]
+            else:
+                data = np.stack([arr[i, y0:y1, x0:x1] for i in bsel])
+            out[plane] = np.ascontiguousarray(data, dtype=_DTYPES[plane])
+        return MosaicRegion(y0=y0, x0=x0, bands=names, **out)
+
+    def write(
+        self,
+        band: str | int,
+        y0: int,
+        x0: int,
+        *,
+        image: np.ndarray | None = None,
+        variance: np.ndarray | None = None,
+        mask: np.ndarray | None = None,
+    ) -> None:
+        """Write 2-D blocks of one band at mosaic offset ``(y0, x0)``.
+
+        Parameters
+        ----------
+        band : str or int
+            Target band.
+        y0, x0 : int
+            Mosaic pixel of the block's first row/column.
+        image, variance, mask : numpy.ndarray, optional
+            Blocks of equal shape; planes left as None are not written.
+        """
+        b = self.band_index(band)
+        for plane, block in (("image", image), ("variance", variance), ("mask", mask)):
+            if block is None:
+                continue
+            block = np.asarray(block, dtype=_DTYPES[plane])
+            if block.ndim != 2:
+                msg = f"{plane} block for band {self.bands[b]!r} must be 2-D, got {block.ndim}-D"
+                raise ValueError(msg)
+            h, w = block.shape
+            if y0 < 0 or x0 < 0 or y0 + h > self.ny or x0 + w > self.nx:
+                msg = (
+                    f"{plane} block {block.shape} at (y0={y0}, x0={x0}) does not fit mosaic "
+                    f"of shape ({self.ny}, {self.nx})"
+                )
+                raise ValueError(msg)
+            self.group[plane][b, y0 : y0 + h, x0 : x0 + w] = block
+
+    def to_xarray(self):
+        """Lazy, dask-backed :class:`xarray.Dataset` with dims ``band``, ``y``, ``x``.
+
+        Returns
+        -------
+        xarray.Dataset
+            Variables ``image``, ``variance``, ``mask`` (and
+            ``truth_segmentation`` when present); coordinate ``band``; the
+            group attributes as ``Dataset.attrs``.
+        """
+        import dask.array as da
+        import xarray as xr
+
+        data_vars = {}
+        for plane in PLANES:
+            arr = self.group[plane]
+            data_vars[plane] = (("band", "y", "x"), da.from_zarr(arr), dict(arr.attrs))
+        if self.has_truth_segmentation:
+            arr = self.group["truth_segmentation"]
+            data_vars["truth_segmentation"] = (("y", "x"), da.from_zarr(arr), dict(arr.attrs))
+        return xr.Dataset(data_vars, coords={"band": list(self.bands)}, attrs=self.attrs)
+
+    def consolidate(self) -> None:
+        """Write consolidated metadata so readers (``xarray.open_zarr``) open the store fast.
+
+        Call once after creating or changing the arrays of a mosaic.
+        """
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # zarr notes that consolidation is not in the v3 spec
+            zarr.consolidate_metadata(self.group.store)
+
+    def pixel_to_sky(self, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Convert 0-based mosaic pixel coordinates to (ra, dec) in degrees.
+
+        Parameters
+        ----------
+        x, y : array_like
+            0-based pixel coordinates (x along columns).
+
+        Returns
+        -------
+        ra, dec : numpy.ndarray
+        """
+        ra, dec = self.wcs.all_pix2world(np.asarray(x, float), np.asarray(y, float), 0)
+        return np.asarray(ra), np.asarray(dec)
+
+    def sky_to_pixel(self, ra: np.ndarray, dec: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Convert (ra, dec) in degrees to 0-based mosaic pixel coordinates.
+
+        Parameters
+        ----------
+        ra, dec : array_like
+            Sky coordinates in degrees.
+
+        Returns
+        -------
+        x, y : numpy.ndarray
+        """
+        x, y = self.wcs.all_world2pix(np.asarray(ra, float), np.asarray(dec, float), 0)
+        return np.asarray(x), np.asarray(y)
+
+
+def _bounds(r: tuple[int, int] | slice, n: int, axis: str) -> tuple[int, int]:
+    if isinstance(r, slice):
+        start, stop, step = r.indices(n)
+        if step != 1:
+            msg = f"region {axis} slice must have step 1, got {step}"
+            raise ValueError(msg)
+    else:
+        start, stop = (int(v) for v in r)
+    if not 0 <= start < stop <= n:
+        msg = f"region {axis}=[{start}, {stop}) is empty or outside the mosaic (0..{n})"
+        raise ValueError(msg)
+    return start, stop
+
+
+def _open_group(path: str, mode: str, storage_options: Mapping[str, Any] | None) -> zarr.Group:
+    kwargs: dict[str, Any] = {"mode": mode}
+    if storage_options:
+        kwargs["storage_options"] = dict(storage_options)
+    return zarr.open_group(str(path), zarr_format=3, **kwargs)
+
+
+def open_mosaic(
+    path: str, *, mode: str = "r", storage_options: Mapping[str, Any] | None = None
+) -> Mosaic:
+    """Open a mosaic store.
+
+    Parameters
+    ----------
+    path : str or path-like
+        Local path or fsspec URL (``s3://…``, ``memory://…``) of the Zarr group.
+    mode : {"r", "r+"}
+        Read-only (default) or read-write.
+    storage_options : dict, optional
+        Passed to fsspec for remote URLs.
+
+    Returns
+    -------
+    Mosaic
+    """
+    path = str(path)
+    if "://" not in path:
+        import os
+
+        if not os.path.exists(path):
+            msg = f"mosaic not found: {path}"
+            raise FileNotFoundError(msg)
+    try:
+        group = _open_group(path, mode, storage_options)
+    except FileNotFoundError:
+        msg = f"mosaic not found: {path}"
+        raise FileNotFoundError(msg) from None
+    except (zarr.errors.GroupNotFoundError, zarr.errors.NodeTypeValidationError) as err:
+        msg = f"{path} is not a Zarr v3 group: {err}"
+        raise ValueError(msg) from err
+    return Mosaic(group, path)
+
+
+def create_mosaic(
+    path: str,
+    *,
+    shape: tuple[int, int],
+    bands: Sequence[str],
+    wcs: fits.Header | WCS | Mapping[str, Any] | None,
+    zero_points: Mapping[str, float | None] | Sequence[float | None] | None = None,
+    pixel_scale: float | None = None,
+    psf_fwhm: Mapping[str, float | None] | Sequence[float | None] | None = None,
+    image_unit: str = "count",
+    chunks: int | tuple[int, int] = DEFAULT_CHUNK,
+    shards: int | tuple[int, int] | None = None,
+    truth_segmentation: bool = False,
+    extra_attrs: Mapping[str, Any] | None = None,
+    overwrite: bool = False,
+    storage_options: Mapping[str, Any] | None = None,
+) -> Mosaic:
+    """Create an empty mosaic store (all pixels NO_DATA until written).
+
+    Parameters
+    ----------
+    path : str
+        Local path or fsspec URL of the new Zarr group.
+    shape : (ny, nx)
+        Pixel dimensions.
+    bands : sequence of str
+        Band names (unique), in the order of the band axis.
+    wcs : Header, WCS, mapping or None
+        World coordinate system; see :func:`header_to_cards`.
+    zero_points, psf_fwhm : mapping or sequence, optional
+        Per band: AB magnitude of one image unit; PSF FWHM in arcsec.
+    pixel_scale : float, optional
+        Arcsec per pixel; derived from the WCS when not given.
+    image_unit : str
+        Unit of the image plane (``count``, ``nJy``, ``adu`` …).
+    chunks : int or (int, int)
+        Chunk size in y and x (one band per chunk). Default 1024.
+    shards : int or (int, int), optional
+        Shard size (a multiple of ``chunks``) to group chunks in one object.
+    truth_segmentation : bool
+        Also create a ``truth_segmentation`` (y, x) int64 array.
+    extra_attrs : mapping, optional
+        More group attributes (e.g. simulation parameters, saturation levels).
+    overwrite : bool
+        Replace an existing store at ``path``.
+    storage_options : dict, optional
+        Passed to fsspec for remote URLs.
+
+    Returns
+    -------
+    Mosaic
+        Opened read-write.
+    """
+    bands = [str(b) for b in bands]
+    if not bands:
+        msg = "a mosaic needs at least one band"
+        raise ValueError(msg)
+    if len(set(bands)) != len(bands):
+        msg = f"band names must be unique, got {bands}"
+        raise ValueError(msg)
+    ny, nx = (int(s) for s in shape)
+    if ny <= 0 or nx <= 0:
+        msg = f"mosaic shape must be positive, got {shape}"
+        raise ValueError(msg)
+    cy, cx = (chunks, chunks) if isinstance(chunks, int) else chunks
+    if cy <= 0 or cx <= 0:
+        msg = f"chunks must be positive, got {chunks}"
+        raise ValueError(msg)
+    cy, cx = min(cy, ny), min(cx, nx)
+    shard_shape = None
+    if shards is not None:
+        sy, sx = (shards, shards) if isinstance(shards, int) else shards
+        if sy % cy or sx % cx:
+            msg = f"shards {shards} must be a multiple of chunks ({cy}, {cx})"
+            raise ValueError(msg)
+        shard_shape = (1, sy, sx)
+
+    cards = header_to_cards(wcs) if wcs is not None else {}
+    if cards:
+        cards["NAXIS"] = 2
+        cards["NAXIS1"] = nx
+        cards["NAXIS2"] = ny
+    if pixel_scale is None and cards:
+        from astropy.wcs.utils import proj_plane_pixel_scales
+
+        pixel_scale = float(np.mean(proj_plane_pixel_scales(_cards_to_wcs(cards).celestial)) * 3600)
+
+    attrs = {
+        "survey_engine": {"format_version": FORMAT_VERSION, "kind": "mosaic"},
+        "bands": bands,
+        "zero_points": _per_band(zero_points, bands, "zero_points"),
+        "psf_fwhm_arcsec": _per_band(psf_fwhm, bands, "psf_fwhm"),
+        "pixel_scale_arcsec": None if pixel_scale is None else float(pixel_scale),
+        "units": {"image": image_unit, "variance": f"({image_unit})^2", "mask": "bitmask"},
+        "mask_bits": dict(MASK_BITS),
+        "wcs": cards,
+    }
+    if extra_attrs:
+        attrs.update(dict(extra_attrs))
+
+    group = _open_group(path, "w" if overwrite else "w-", storage_options)
+    group.attrs.update(attrs)
+    for plane in PLANES:
+        group.create_array(
+            plane,
+            shape=(len(bands), ny, nx),
+            chunks=(1, cy, cx),
+            shards=shard_shape,
+            dtype=_DTYPES[plane],
+            fill_value=_FILL[plane],
+            dimension_names=("band", "y", "x"),
+            attributes={"units": attrs["units"][plane]},
+        )
+    if truth_segmentation:
+        group.create_array(
+            "truth_segmentation",
+            shape=(ny, nx),
+            chunks=(cy, cx),
+            shards=None if shard_shape is None else shard_shape[1:],
+            dtype=np.int64,
+            fill_value=0,
+            dimension_names=("y", "x"),
+            attributes={"description": "noiseless truth footprints (truth id, 0 = none)"},
+        )
+    logger.info("created mosaic %s: bands=%s shape=(%d, %d)", path, bands, ny, nx)
+    return Mosaic(group, str(path))
+
+
+def _per_band(values, bands: Sequence[str], name: str) -> dict[str, float | None]:
+    if values is None:
+        return dict.fromkeys(bands)
+    if isinstance(values, Mapping):
+        unknown = set(values) - set(bands)
+        if unknown:
+            msg = f"{name} given for unknown band(s) {sorted(unknown)}; bands are {list(bands)}"
+            raise KeyError(msg)
+        return {b: (None if values.get(b) is None else float(values[b])) for b in bands}
+    values = list(values)
+    if len(values) != len(bands):
+        msg = f"{name} has {len(values)} values for {len(bands)} bands"
+        raise ValueError(msg)
+    return {b: (None if v is None else float(v)) for b, v in zip(bands, values, strict=True)}
