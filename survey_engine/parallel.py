@@ -1,0 +1,189 @@
+"""Dask cluster access: the single place where survey_engine talks to Dask distributed.
+
+Every parallel job (simulation, the tiled engine, benchmarks) obtains its
+client through :func:`dask_client` and maps pure functions over work items
+with :func:`map_tasks`, which streams results, shows a progress bar and
+collects per-item failures instead of letting one bad item sink the others.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = ["TaskFailure", "dask_client", "default_workers", "map_tasks"]
+
+logger = logging.getLogger(__name__)
+
+
+def default_workers() -> int:
+    """Number of worker processes for a LocalCluster sized to this machine (one per core)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover - not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+@contextlib.contextmanager
+def dask_client(
+    *,
+    workers: int | None = None,
+    scheduler: str | None = None,
+    client: Any | None = None,
+    threads_per_worker: int = 1,
+    memory_limit: str | float | None = "auto",
+    processes: bool = True,
+) -> Iterator[Any]:
+    """Yield a ``distributed.Client``: the given one, one connected to ``scheduler``, or a new LocalCluster.
+
+    Parameters
+    ----------
+    workers : int, optional
+        Worker processes of a new LocalCluster (default: one per core).
+    scheduler : str, optional
+        Address of an existing scheduler (``tcp://host:8786``); no cluster is started.
+    client : distributed.Client, optional
+        Use this client as is (it is not closed on exit).
+    threads_per_worker : int
+        Threads per worker of a new LocalCluster. The kernels are single-threaded C/numpy,
+        so one thread per process scales best.
+    memory_limit : str or float or None
+        Per-worker memory limit of a new LocalCluster.
+    processes : bool
+        Use worker processes (default) rather than threads.
+
+    Yields
+    ------
+    distributed.Client
+    """
+    from distributed import Client, LocalCluster
+
+    if client is not None:
+        yield client
+        return
+    if scheduler is not None:
+        logger.info("connecting to Dask scheduler %s", scheduler)
+        with Client(scheduler, timeout="30s") as c:
+            yield c
+        return
+    n = default_workers() if workers is None else int(workers)
+    if n < 1:
+        msg = f"workers must be a positive integer, got {workers!r}"
+        raise ValueError(msg)
+    logger.info("starting LocalCluster with %d worker(s)", n)
+    with (
+        LocalCluster(
+            n_workers=n,
+            threads_per_worker=threads_per_worker,
+            processes=processes,
+            memory_limit=memory_limit,
+            dashboard_address=None,
+            silence_logs=logging.WARNING,
+        ) as cluster,
+        Client(cluster) as c,
+    ):
+        yield c
+
+
+@dataclass
+class TaskFailure:
+    """A work item whose function raised.
+
+    Attributes
+    ----------
+    key : Any
+        The item's key (e.g. the tile index).
+    error : str
+        ``"ExceptionType: message"`` of the failure.
+    """
+
+    key: Any
+    error: str
+
+
+@dataclass
+class TaskResults:
+    """Results of :func:`map_tasks`, by key, plus the failures."""
+
+    results: dict[Any, Any] = field(default_factory=dict)
+    failures: list[TaskFailure] = field(default_factory=list)
+
+
+def map_tasks(
+    client: Any,
+    func: Callable[..., Any],
+    items: Sequence[Any],
+    *,
+    keys: Iterable[Any] | None = None,
+    desc: str = "tasks",
+    progress: bool = True,
+    on_result: Callable[[Any, Any], None] | None = None,
+    retries: int = 0,
+    **kwargs: Any,
+) -> TaskResults:
+    """Run ``func(item, **kwargs)`` for every item on the cluster, streaming results.
+
+    Parameters
+    ----------
+    client : distributed.Client
+        Where to run.
+    func : callable
+        A pure function of one item (plus ``kwargs``), importable on the workers.
+    items : sequence
+        Work items (small: tile descriptions, not pixel arrays).
+    keys : iterable, optional
+        One key per item for the results dict (default: the item's position).
+    desc : str
+        Progress-bar label.
+    progress : bool
+        Show a tqdm progress bar on stderr.
+    on_result : callable, optional
+        Called as ``on_result(key, result)`` in the driver as each result arrives.
+    retries : int
+        Times the scheduler retries an item whose function raised.
+    **kwargs
+        Shared keyword arguments (scattered once, e.g. a background mesh).
+
+    Returns
+    -------
+    TaskResults
+        Successful results by key and the list of failures (never raised).
+    """
+    from distributed import as_completed
+    from tqdm.auto import tqdm
+
+    items = list(items)
+    keys = list(range(len(items))) if keys is None else list(keys)
+    if len(keys) != len(items):
+        msg = f"got {len(keys)} keys for {len(items)} items"
+        raise ValueError(msg)
+    out = TaskResults()
+    if not items:
+        return out
+    shared = {k: client.scatter(v, broadcast=True) if _is_big(v) else v for k, v in kwargs.items()}
+    futures = client.map(func, items, pure=False, retries=retries, **shared)
+    by_future = dict(zip(futures, keys, strict=True))
+    with tqdm(total=len(items), desc=desc, disable=not progress, unit="task") as bar:
+        for fut in as_completed(futures):
+            key = by_future[fut]
+            if fut.status == "error":
+                exc = fut.exception()
+                out.failures.append(TaskFailure(key, f"{type(exc).__name__}: {exc}"))
+                logger.error("%s %r failed: %s: %s", desc, key, type(exc).__name__, exc)
+            else:
+                res = fut.result()
+                out.results[key] = res
+                if on_result is not None:
+                    on_result(key, res)
+            fut.release()
+            bar.update(1)
+    return out
+
+
+def _is_big(value: Any) -> bool:
+    nbytes = getattr(value, "nbytes", 0)
+    return isinstance(nbytes, int) and nbytes > 1_000_000
