@@ -1,0 +1,620 @@
+"""The tiled engine: the one place where the Dask work of a catalog run is laid out.
+
+A run has five stages, each a stream of small tasks over the cluster
+(:func:`survey_engine.parallel.map_tasks`); pixel arrays never travel through
+the scheduler, every task reads its own window from the Zarr store:
+
+1. **background** — mesh statistics of aligned blocks → one global mesh per band;
+2. **tiles** — each tile reads core + halo, runs :func:`~survey_engine.pipeline.analyse_window`,
+   keeps the objects whose peak lies in its core and whose result is *safe*,
+   and writes a part (catalog rows, core labels, footprints of objects that
+   leave the core, and the owned objects that were not safe) atomically;
+3. **retry** — every owned object that was not safe is measured again in a window
+   grown around it until it is (doubling the margin, up to the whole mosaic);
+4. **segmentation** — each chunk of the output segmentation map is written by
+   exactly one task from the parts' core labels and footprints;
+5. **catalog** — parts concatenated, sorted by ID, written as Parquet.
+
+``--resume`` skips every part already written, so a crashed run continues
+where it stopped and a run with failed tiles retries only those.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+import shutil
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numcodecs
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import zarr
+
+from .catalog import to_arrow, write_parquet_atomic
+from .flags import UNUSABLE
+from .kernels.background import (
+    BackgroundMesh,
+    filter_mesh,
+    interpolate_background,
+    mesh_statistics,
+)
+from .mosaic import Mosaic, open_mosaic
+from .parallel import TaskFailure, dask_client, map_tasks
+from .pipeline import PipelineConfig, WindowResult, analyse_window, catalog_rows
+from .schema import Flag, flag_descriptions
+from .tiling import Box, Tile, TileGrid, make_tiles
+
+__all__ = ["RunError", "RunResult", "run"]
+
+logger = logging.getLogger(__name__)
+
+RUN_FILE = "run.json"
+_BLOSC = numcodecs.Blosc(cname="zstd", clevel=3, shuffle=numcodecs.Blosc.SHUFFLE)
+
+
+class RunError(RuntimeError):
+    """A run that could not complete; ``failures`` names the tiles/objects that failed."""
+
+    def __init__(self, message: str, failures: Sequence[TaskFailure] = ()):
+        super().__init__(message)
+        self.failures = list(failures)
+
+
+@dataclass
+class RunResult:
+    """What a run produced."""
+
+    outdir: Path
+    catalog_path: Path
+    segmentation_path: Path
+    n_objects: int
+    n_tiles: int
+    n_retried: int
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+# ----------------------------------------------------------------------------------------
+# Worker-side functions (pure apart from reading the mosaic and writing part files)
+# ----------------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=4)
+def _mosaic(path: str) -> Mosaic:
+    return open_mosaic(path)
+
+
+def _background_block(box: Box, *, mosaic_path: str, cfg: PipelineConfig):
+    m = _mosaic(mosaic_path)
+    reg = m.read((box.y0, box.y1), (box.x0, box.x1))
+    out = []
+    for b in range(len(reg.bands)):
+        bad = ((reg.mask[b] & UNUSABLE) != 0) | ~np.isfinite(reg.image[b]) | ~(reg.variance[b] > 0)
+        out.append(mesh_statistics(reg.image[b], bad, cfg.background_box))
+    return box, out
+
+
+def _window(m: Mosaic, box: Box, meshes: Sequence[BackgroundMesh], cfg: PipelineConfig) -> WindowResult:
+    reg = m.read((box.y0, box.y1), (box.x0, box.x1))
+    bkg = np.stack([interpolate_background(mesh, box.y0, box.y1, box.x0, box.x1) for mesh in meshes])
+    return analyse_window(reg, bkg, cfg, mosaic=Box(0, m.ny, 0, m.nx))
+
+
+def _rows(m: Mosaic, wr: WindowResult, sel: np.ndarray, cfg: PipelineConfig) -> dict[str, np.ndarray]:
+    return catalog_rows(
+        wr,
+        sel,
+        mosaic_width=m.nx,
+        bands=m.bands,
+        zero_points=m.zero_points,
+        pixel_to_sky=m.pixel_to_sky if m.has_wcs else None,
+        cfg=cfg,
+        image_unit=m.units.get("image", "count"),
+    )
+
+
+def _footprints(wr: WindowResult, idx: np.ndarray, ids: np.ndarray) -> dict[str, np.ndarray]:
+    """Footprints of objects ``idx`` as mosaic boxes + flattened boolean crops."""
+    boxes, crops = [], []
+    for i in idx:
+        y0, y1, x0, x1 = wr.meas.bbox[i]
+        crops.append((wr.detection.labels[y0:y1, x0:x1] == i + 1).ravel())
+        boxes.append([y0 + wr.window.y0, y1 + wr.window.y0, x0 + wr.window.x0, x1 + wr.window.x0])
+    return {
+        "ids": np.asarray(ids, dtype=np.int64),
+        "boxes": np.asarray(boxes, dtype=np.int64).reshape(-1, 4),
+        "pixels": np.concatenate(crops) if crops else np.zeros(0, bool),
+    }
+
+
+def _write_part(outdir: Path, name: str, files: Mapping[str, Any]) -> None:
+    """Write a part directory atomically: all files into a temporary directory, then rename."""
+    parts = outdir / "parts"
+    final = parts / name
+    tmp = parts / f".{name}.tmp-{os.getpid()}-{time.monotonic_ns()}"
+    tmp.mkdir(parents=True)
+    for fname, content in files.items():
+        path = tmp / fname
+        if isinstance(content, pa.Table):
+            pq.write_table(content, path, compression="zstd")
+        elif isinstance(content, bytes):
+            path.write_bytes(content)
+        elif isinstance(content, dict) and fname.endswith(".npz"):
+            np.savez(path, **content)
+        else:
+            path.write_text(json.dumps(content))
+    if final.exists():  # a previous attempt of the same item finished meanwhile
+        shutil.rmtree(tmp)
+        return
+    os.rename(tmp, final)
+
+
+def _process_tile(
+    tile: Tile,
+    *,
+    mosaic_path: str,
+    meshes: Sequence[BackgroundMesh],
+    cfg: PipelineConfig,
+    outdir: str,
+    meta: Mapping[str, Any],
+) -> dict[str, int]:
+    m = _mosaic(mosaic_path)
+    wr = _window(m, tile.read, meshes, cfg)
+    specs = cfg.columns(m.bands, m.units.get("image", "count"))
+    owned = tile.owns(wr.peak_y, wr.peak_x)
+    done = owned & wr.safe
+    pending_idx = np.flatnonzero(owned & ~wr.safe)
+    rows = _rows(m, wr, done, cfg)
+    ids_all = wr.peak_y * m.nx + wr.peak_x
+
+    # Core labels: IDs of the owned, finished objects on the core pixels.
+    cy, cx = tile.core.slices((tile.read.y0, tile.read.x0))
+    lut = np.zeros(wr.n + 1, dtype=np.int64)
+    lut[1:][done] = ids_all[done]
+    core = lut[wr.detection.labels[cy, cx]]
+    # Footprints of finished objects that leave the core (painted into other cores later).
+    bb = wr.meas.bbox
+    leaves = done & (
+        (bb[:, 0] + tile.read.y0 < tile.core.y0)
+        | (bb[:, 1] + tile.read.y0 > tile.core.y1)
+        | (bb[:, 2] + tile.read.x0 < tile.core.x0)
+        | (bb[:, 3] + tile.read.x0 > tile.core.x1)
+    )
+    fp_idx = np.flatnonzero(leaves)
+    pending = _pending_items(tile, wr, pending_idx, m.nx)
+    _write_part(
+        Path(outdir),
+        tile.name,
+        {
+            "catalog.parquet": to_arrow(rows, specs, meta),
+            "labels.bin": _BLOSC.encode(np.ascontiguousarray(core)),
+            "footprints.npz": _footprints(wr, fp_idx, ids_all[fp_idx]),
+            "pending.json": pending,
+            "info.json": {"tile": tile.index, "core": list(_box_tuple(tile.core)), "n": int(done.sum())},
+        },
+    )
+    return {"objects": int(done.sum()), "pending": len(pending)}
+
+
+def _box_tuple(b: Box) -> tuple[int, int, int, int]:
+    return (b.y0, b.y1, b.x0, b.x1)
+
+
+def _pending_items(tile: Tile, wr: WindowResult, idx: np.ndarray, width: int) -> list[dict]:
+    """Group owned-but-unsafe objects by parent into retry items."""
+    if len(idx) == 0:
+        return []
+    det = wr.detection
+    c = wr.meas.columns
+    oy, ox = wr.window.y0, wr.window.x0
+    items = []
+    for p in np.unique(det.parent[idx]):
+        members = idx[det.parent[idx] == p]
+        siblings = np.flatnonzero(det.parent == p)
+        parent_unsafe = not bool(wr.parent_safe[members[0]])
+        r = wr.meas.extent[siblings]
+        bb = wr.meas.bbox[siblings]
+        box = [
+            int(min(bb[:, 0].min() + oy, np.floor(c["y"][siblings] - r).min())),
+            int(max(bb[:, 1].max() + oy, np.ceil(c["y"][siblings] + r).max() + 1)),
+            int(min(bb[:, 2].min() + ox, np.floor(c["x"][siblings] - r).min())),
+            int(max(bb[:, 3].max() + ox, np.ceil(c["x"][siblings] + r).max() + 1)),
+        ]
+        seed = [int(wr.peak_y[members[0]]), int(wr.peak_x[members[0]])]
+        items.append(
+            {
+                "tile": tile.index,
+                "key": f"{tile.name}-y{seed[0]}-x{seed[1]}",
+                "mode": "parent" if parent_unsafe else "objects",
+                "seed": seed,
+                "peaks": [[int(wr.peak_y[i]), int(wr.peak_x[i])] for i in members],
+                "box": box,
+            }
+        )
+    return items
+
+
+def _retry(
+    item: Mapping[str, Any],
+    *,
+    mosaic_path: str,
+    meshes: Sequence[BackgroundMesh],
+    cfg: PipelineConfig,
+    grid: TileGrid,
+    outdir: str,
+    meta: Mapping[str, Any],
+) -> dict[str, int]:
+    m = _mosaic(mosaic_path)
+    tile = grid[item["tile"]]
+    bounds = Box(0, m.ny, 0, m.nx)
+    box = Box(*item["box"]).intersect(bounds) or bounds
+    margin = grid.halo
+    seed_y, seed_x = item["seed"]
+    peaks = {tuple(p) for p in item["peaks"]}
+    while True:
+        win = box.grow(margin, bounds)
+        wr = _window(m, win, meshes, cfg)
+        lab = int(wr.detection.labels[seed_y - win.y0, seed_x - win.x0])
+        if lab == 0:
+            logger.warning("retry %s: seed pixel holds no object; nothing to add", item["key"])
+            sel = np.zeros(wr.n, dtype=bool)
+            break
+        p = wr.detection.parent[lab - 1]
+        if item["mode"] == "parent":
+            sel = (wr.detection.parent == p) & tile.owns(wr.peak_y, wr.peak_x)
+        else:
+            sel = np.array([(int(y), int(x)) in peaks for y, x in zip(wr.peak_y, wr.peak_x, strict=True)])
+        if wr.safe[sel].all() or win == bounds:
+            break
+        margin *= 2
+    wr.meas.columns["flags"][sel & ~wr.safe] |= int(Flag.TRUNCATED)
+    specs = cfg.columns(m.bands, m.units.get("image", "count"))
+    rows = _rows(m, wr, sel, cfg)
+    idx = np.flatnonzero(sel)
+    ids = wr.peak_y[idx] * m.nx + wr.peak_x[idx]
+    _write_part(
+        Path(outdir),
+        f"retry-{item['key']}",
+        {
+            "catalog.parquet": to_arrow(rows, specs, meta),
+            "footprints.npz": _footprints(wr, idx, ids),
+            "info.json": {"window": list(_box_tuple(win)), "n": len(idx)},
+        },
+    )
+    return {"objects": len(idx), "window_pixels": win.size}
+
+
+def _write_segmentation_chunk(
+    chunk: Box,
+    *,
+    seg_path: str,
+    tiles: Sequence[tuple[str, tuple[int, int, int, int]]],
+    footprint_parts: Sequence[str],
+    outdir: str,
+) -> int:
+    out = np.zeros(chunk.shape, dtype=np.int64)
+    parts = Path(outdir) / "parts"
+    for name, core in tiles:
+        cbox = Box(*core)
+        inter = cbox.intersect(chunk)
+        if inter is None:
+            continue
+        raw = (parts / name / "labels.bin").read_bytes()
+        labels = np.frombuffer(_BLOSC.decode(raw), dtype=np.int64).reshape(cbox.shape)
+        out[inter.slices((chunk.y0, chunk.x0))] = labels[inter.slices((cbox.y0, cbox.x0))]
+    for name in footprint_parts:
+        with np.load(parts / name / "footprints.npz") as fp:
+            ids, boxes, pixels = fp["ids"], fp["boxes"], fp["pixels"]
+        offset = 0
+        for oid, (y0, y1, x0, x1) in zip(ids, boxes, strict=True):
+            n = (y1 - y0) * (x1 - x0)
+            fbox = Box(int(y0), int(y1), int(x0), int(x1))
+            inter = fbox.intersect(chunk)
+            if inter is not None:
+                crop = pixels[offset : offset + n].reshape(fbox.shape)[inter.slices((fbox.y0, fbox.x0))]
+                region = out[inter.slices((chunk.y0, chunk.x0))]
+                region[crop] = oid
+            offset += n
+    arr = zarr.open_group(seg_path, mode="r+", zarr_format=3)["segmentation"]
+    arr[chunk.y0 : chunk.y1, chunk.x0 : chunk.x1] = out
+    return int(np.count_nonzero(out))
+
+
+# ----------------------------------------------------------------------------------------
+# Driver
+# ----------------------------------------------------------------------------------------
+def _config_from(config: PipelineConfig | None, overrides: Mapping[str, Any]) -> PipelineConfig:
+    cfg = config or PipelineConfig()
+    if not overrides:
+        return cfg
+    d = cfg.to_dict()
+    det_keys = set(d["detection"])
+    mea_keys = set(d["measure"])
+    for k, v in overrides.items():
+        if v is None:
+            continue
+        if k in det_keys:
+            d["detection"][k] = v
+        elif k in mea_keys:
+            d["measure"][k] = v
+        elif k in d:
+            d[k] = v
+        else:
+            msg = f"unknown run parameter {k!r}"
+            raise TypeError(msg)
+    return PipelineConfig.from_dict(d)
+
+
+def _prepare_outdir(outdir: Path, run_info: dict, *, resume: bool, overwrite: bool) -> None:
+    run_file = outdir / RUN_FILE
+    if outdir.exists() and any(outdir.iterdir()):
+        if overwrite:
+            shutil.rmtree(outdir)
+        elif resume:
+            if not run_file.exists():
+                msg = f"cannot resume: {outdir} holds no {RUN_FILE} (not a survey_engine run)"
+                raise RunError(msg)
+            previous = json.loads(run_file.read_text())
+            if previous != run_info:
+                diff = sorted(k for k in run_info if previous.get(k) != run_info[k])
+                msg = (
+                    f"cannot resume: {outdir} holds a different run (differs in {', '.join(diff)}); "
+                    "use another output directory or overwrite=True"
+                )
+                raise RunError(msg)
+            return
+        else:
+            msg = (
+                f"output directory {outdir} is not empty (it holds an earlier run); "
+                "pass resume=True (--resume) to continue it or overwrite=True (--overwrite)"
+            )
+            raise RunError(msg)
+    (outdir / "parts").mkdir(parents=True, exist_ok=True)
+    run_file.write_text(json.dumps(run_info, indent=2))
+
+
+def _background(client, m: Mosaic, cfg: PipelineConfig, outdir: Path, progress: bool):
+    path = outdir / "background.npz"
+    box = cfg.background_box
+    ncy, ncx = -(-m.ny // box), -(-m.nx // box)
+    if path.exists():
+        with np.load(path) as f:
+            levels, rmss = f["level"], f["rms"]
+    else:
+        step = box * max(1, 1024 // box)
+        blocks = [
+            Box(y, min(y + step, m.ny), x, min(x + step, m.nx))
+            for y in range(0, m.ny, step)
+            for x in range(0, m.nx, step)
+        ]
+        levels = np.full((len(m.bands), ncy, ncx), np.nan)
+        rmss = np.full((len(m.bands), ncy, ncx), np.nan)
+        res = map_tasks(
+            client, _background_block, blocks, desc="background", progress=progress,
+            mosaic_path=m.path, cfg=cfg, retries=1,
+        )  # fmt: skip
+        if res.failures:
+            msg = f"background failed for {len(res.failures)} block(s): {res.failures[0].error}"
+            raise RunError(msg, res.failures)
+        for bbox, per_band in res.results.values():
+            cy0, cx0 = bbox.y0 // box, bbox.x0 // box
+            for b, (lvl, rms) in enumerate(per_band):
+                levels[b, cy0 : cy0 + lvl.shape[0], cx0 : cx0 + lvl.shape[1]] = lvl
+                rmss[b, cy0 : cy0 + lvl.shape[0], cx0 : cx0 + lvl.shape[1]] = rms
+        np.savez(path, level=levels, rms=rmss)
+    return [
+        filter_mesh(levels[b], rmss[b], box, (m.ny, m.nx), filter_size=cfg.background_filter)
+        for b in range(len(m.bands))
+    ]
+
+
+def run(
+    mosaic: str | os.PathLike | Mosaic,
+    outdir: str | os.PathLike,
+    *,
+    tile: int | tuple[int, int] = 2048,
+    halo: int = 128,
+    origin: int | tuple[int, int] = 0,
+    deblender: str = "sep",
+    config: PipelineConfig | None = None,
+    workers: int | None = None,
+    scheduler: str | None = None,
+    client: Any | None = None,
+    resume: bool = False,
+    overwrite: bool = False,
+    progress: bool = True,
+    **params: Any,
+) -> RunResult:
+    """Produce the catalog and segmentation map of a mosaic on a Dask cluster.
+
+    Parameters
+    ----------
+    mosaic : str, path or Mosaic
+        The mosaic store.
+    outdir : str or path
+        Output directory: ``catalog.parquet``, ``segmentation.zarr``, ``run.json``,
+        ``parts/`` (per-tile results, kept for ``resume``).
+    tile : int or (int, int)
+        Tile core size in pixels (any size ≥ 32; odd sizes work).
+    halo : int
+        Halo read around each core (≥ 16). Objects larger than the halo are
+        re-measured whole in a larger window, so the halo affects speed only.
+    origin : int or (int, int)
+        Offset of the tile grid (e.g. ``tile // 2``).
+    deblender : str
+        ``"sep"``.
+    config : PipelineConfig, optional
+        Full parameter set; ``params`` override single fields
+        (``thresh``, ``minarea``, ``deblend_cont``, ``apertures``,
+        ``detection_band``, ``background_box`` …).
+    workers : int, optional
+        Worker processes of the LocalCluster started when neither
+        ``scheduler`` nor ``client`` is given (default: one per core).
+    scheduler : str, optional
+        Address of an existing Dask scheduler.
+    client : distributed.Client, optional
+        An existing client.
+    resume : bool
+        Continue a run in ``outdir``, skipping finished tiles.
+    overwrite : bool
+        Delete whatever ``outdir`` holds first.
+    progress : bool
+        Show progress bars.
+    **params
+        Overrides of :class:`~survey_engine.pipeline.PipelineConfig` fields.
+
+    Returns
+    -------
+    RunResult
+
+    Raises
+    ------
+    RunError
+        When tiles failed (named in the message; finished parts are kept so
+        ``resume=True`` retries only the failures), or ``outdir`` holds another run.
+    """
+    t_start = time.perf_counter()
+    m = mosaic if isinstance(mosaic, Mosaic) else open_mosaic(mosaic)
+    cfg = _config_from(config, {"deblender": deblender, **params})
+    if cfg.detection_band is not None:
+        m.band_index(cfg.detection_band)  # raises for an unknown band
+    grid = make_tiles((m.ny, m.nx), tile, halo, origin=origin)
+    outdir = Path(outdir)
+    run_info = {
+        "mosaic": os.path.abspath(m.path) if "://" not in m.path else m.path,
+        "shape": [m.ny, m.nx],
+        "bands": list(m.bands),
+        "tile": list(grid.tile),
+        "halo": grid.halo,
+        "origin": list(grid.origin),
+        "config": cfg.to_dict(),
+    }
+    _prepare_outdir(outdir, run_info, resume=resume, overwrite=overwrite)
+    from . import __version__
+
+    meta = {
+        **run_info,
+        "software": f"survey_engine {__version__}",
+        "reference_band": cfg.reference_band(m.bands),
+        "zero_points": m.zero_points,
+        "flags": flag_descriptions(),
+        "id": "y_peak * mosaic_width + x_peak",
+    }
+    timings: dict[str, float] = {}
+    with dask_client(workers=workers, scheduler=scheduler, client=client) as c:
+        t0 = time.perf_counter()
+        meshes = _background(c, m, cfg, outdir, progress)
+        timings["background"] = time.perf_counter() - t0
+
+        parts = outdir / "parts"
+        todo = [t for t in grid if not (parts / t.name).exists()]
+        logger.info("%d tiles, %d to process", len(grid), len(todo))
+        t0 = time.perf_counter()
+        res = map_tasks(
+            c, _process_tile, todo, keys=[t.name for t in todo], desc="tiles", progress=progress,
+            mosaic_path=m.path, meshes=meshes, cfg=cfg, outdir=str(outdir), meta=meta,
+        )  # fmt: skip
+        timings["tiles"] = time.perf_counter() - t0
+        failures = list(res.failures)
+
+        pending = []
+        for t in grid:
+            pfile = parts / t.name / "pending.json"
+            if pfile.exists():
+                pending += json.loads(pfile.read_text())
+        retry_todo = [p for p in pending if not (parts / f"retry-{p['key']}").exists()]
+        t0 = time.perf_counter()
+        res2 = map_tasks(
+            c, _retry, retry_todo, keys=[p["key"] for p in retry_todo], desc="retry", progress=progress,
+            mosaic_path=m.path, meshes=meshes, cfg=cfg, grid=grid, outdir=str(outdir), meta=meta,
+        )  # fmt: skip
+        timings["retry"] = time.perf_counter() - t0
+        failures += res2.failures
+        if failures:
+            names = ", ".join(str(f.key) for f in failures[:10])
+            more = f" and {len(failures) - 10} more" if len(failures) > 10 else ""
+            msg = (
+                f"{len(failures)} task(s) failed: {names}{more}; first error: {failures[0].error}. "
+                f"Finished parts are kept in {parts}: rerun with resume=True (--resume) to retry "
+                "only the failures."
+            )
+            raise RunError(msg, failures)
+
+        t0 = time.perf_counter()
+        seg_path = outdir / "segmentation.zarr"
+        _segmentation(c, m, grid, outdir, seg_path, pending, progress)
+        timings["segmentation"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    cat_path = outdir / "catalog.parquet"
+    n = _stitch_catalog(grid, pending, parts, cat_path, cfg, m, meta)
+    timings["catalog"] = time.perf_counter() - t0
+    timings["total"] = time.perf_counter() - t_start
+    logger.info("catalog %s: %d objects (%d retried)", cat_path, n, len(pending))
+    return RunResult(outdir, cat_path, seg_path, n, len(grid), len(pending), timings)
+
+
+def _segmentation(client, m: Mosaic, grid: TileGrid, outdir: Path, seg_path: Path, pending, progress):
+    parts = outdir / "parts"
+    cy, cx = m.chunks[1], m.chunks[2]
+    group = zarr.open_group(str(seg_path), mode="w", zarr_format=3)
+    group.attrs.update({"wcs": m.wcs_cards, "description": "object ID per pixel (0 = none)"})
+    group.create_array(
+        "segmentation", shape=(m.ny, m.nx), chunks=(cy, cx), dtype=np.int64, fill_value=0,
+        dimension_names=("y", "x"), attributes={"description": "catalog id of the object owning the pixel"},
+    )  # fmt: skip
+    # Footprints that leave their owner's core, and every retried object's footprint.
+    fp_parts: list[tuple[str, np.ndarray]] = []
+    names = [t.name for t in grid] + [f"retry-{p['key']}" for p in pending]
+    for name in names:
+        with np.load(parts / name / "footprints.npz") as fp:
+            if len(fp["ids"]):
+                fp_parts.append((name, fp["boxes"]))
+    chunks = [
+        Box(y, min(y + cy, m.ny), x, min(x + cx, m.nx))
+        for y in range(0, m.ny, cy)
+        for x in range(0, m.nx, cx)
+    ]
+    items = []
+    for ch in chunks:
+        tiles = [(t.name, _box_tuple(t.core)) for t in grid.overlapping(ch)]
+        fps = [
+            name
+            for name, boxes in fp_parts
+            if np.any((boxes[:, 0] < ch.y1) & (boxes[:, 1] > ch.y0) & (boxes[:, 2] < ch.x1) & (boxes[:, 3] > ch.x0))
+        ]
+        items.append((ch, tiles, fps))
+    res = map_tasks(
+        client, _seg_item, items, desc="segmentation", progress=progress,
+        seg_path=str(seg_path), outdir=str(outdir), retries=1,
+    )  # fmt: skip
+    if res.failures:
+        msg = f"writing the segmentation map failed for {len(res.failures)} chunk(s): {res.failures[0].error}"
+        raise RunError(msg, res.failures)
+    zarr.consolidate_metadata(str(seg_path))
+
+
+def _seg_item(item, *, seg_path: str, outdir: str) -> int:
+    chunk, tiles, fps = item
+    return _write_segmentation_chunk(chunk, seg_path=seg_path, tiles=tiles, footprint_parts=fps, outdir=outdir)
+
+
+def _stitch_catalog(grid, pending, parts: Path, path: Path, cfg, m: Mosaic, meta) -> int:
+    tables = [pq.read_table(parts / t.name / "catalog.parquet") for t in grid]
+    tables += [pq.read_table(parts / f"retry-{p['key']}" / "catalog.parquet") for p in pending]
+    specs = cfg.columns(m.bands, m.units.get("image", "count"))
+    table = pa.concat_tables(tables) if tables else to_arrow({s.name: np.zeros(0, s.dtype) for s in specs}, specs, meta)
+    table = table.sort_by("id")
+    ids = table.column("id").to_numpy()
+    dup = ids[1:][ids[1:] == ids[:-1]]
+    if len(dup):
+        msg = f"internal error: {len(dup)} duplicate object IDs after stitching (first {dup[0]})"
+        raise RunError(msg)
+    table = table.replace_schema_metadata(to_arrow({s.name: np.zeros(0, s.dtype) for s in specs}, specs, meta).schema.metadata)
+    write_parquet_atomic(table, path)
+    return table.num_rows

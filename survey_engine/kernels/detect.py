@@ -1,0 +1,319 @@
+"""Detection and deblending with sep, made independent of the read window (pure numpy/sep).
+
+sep allocates the faint pixels of a blended parent to its children at random,
+from a seed reset at the start of every ``sep.extract`` call, so a child's
+footprint depends on everything else detected in the same call (see
+``NOTES.md``). :func:`detect_sources` therefore works in two steps:
+
+1. one ``sep.extract`` call over the whole window (deblending on, cleaning off)
+   finds the parents: the 8-connected components of its segmentation map;
+2. every parent that was split into several children is deblended again in a
+   ``sep.extract`` call of its own, on a cutout anchored at the parent's
+   bounding box in mosaic coordinates. The cutout's content depends only on
+   the mosaic, so the children and their pixels are the same whichever tile,
+   window or worker processes the parent.
+
+Isolated parents (one child) involve no random allocation and are kept as found.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import sep
+from scipy import ndimage
+
+__all__ = ["DetectionConfig", "DetectionResult", "detect_sources", "detection_image"]
+
+logger = logging.getLogger(__name__)
+
+_EIGHT = np.ones((3, 3), dtype=bool)
+
+
+@dataclass(frozen=True)
+class DetectionConfig:
+    """Detection and deblending parameters.
+
+    Attributes
+    ----------
+    thresh : float
+        Detection threshold in units of the per-pixel noise (sqrt of the variance
+        plane), SExtractor's ``DETECT_THRESH`` convention: the filtered image is
+        compared with ``thresh`` times the noise of an unfiltered pixel. (sep's
+        matched filter normalises to the *filtered* noise, so sep is given
+        ``thresh × Σk / sqrt(Σk²)``; see :attr:`sep_thresh`.)
+    minarea : int
+        Minimum number of pixels above threshold.
+    deblend_nthresh : int
+        Number of deblending sub-thresholds.
+    deblend_cont : float
+        Minimum contrast for deblending (1.0 disables deblending).
+    filter_kernel : tuple of tuple of float or None
+        Detection filter (default: sep's 3×3 pyramid); None disables filtering.
+    pixstack : int
+        Initial sep pixel-stack size; doubled on overflow (up to ``max_pixstack``).
+    max_pixstack : int
+        Largest pixel stack tried before the window is flagged.
+    sub_object_limit : int
+        Initial sep deblending sub-object limit; grown on overflow.
+    """
+
+    thresh: float = 1.5
+    minarea: int = 5
+    deblend_nthresh: int = 32
+    deblend_cont: float = 0.005
+    filter_kernel: tuple[tuple[float, ...], ...] | None = ((1, 2, 1), (2, 4, 2), (1, 2, 1))
+    pixstack: int = 1_000_000
+    max_pixstack: int = 64_000_000
+    sub_object_limit: int = 4096
+
+    def __post_init__(self):
+        if not np.isfinite(self.thresh) or self.thresh <= 0:
+            msg = f"thresh must be a positive number of sigma, got {self.thresh!r}"
+            raise ValueError(msg)
+        if int(self.minarea) != self.minarea or self.minarea < 1:
+            msg = f"minarea must be a positive integer, got {self.minarea!r}"
+            raise ValueError(msg)
+        if not 0 < self.deblend_cont <= 1:
+            msg = f"deblend_cont must be in (0, 1], got {self.deblend_cont!r}"
+            raise ValueError(msg)
+        if int(self.deblend_nthresh) != self.deblend_nthresh or self.deblend_nthresh < 1:
+            msg = f"deblend_nthresh must be a positive integer, got {self.deblend_nthresh!r}"
+            raise ValueError(msg)
+
+    @property
+    def kernel(self) -> np.ndarray | None:
+        """The filter kernel as a float32 array (or None)."""
+        if self.filter_kernel is None:
+            return None
+        return np.asarray(self.filter_kernel, dtype=np.float32)
+
+    @property
+    def sep_thresh(self) -> float:
+        """Threshold passed to sep's matched filter (in units of the filtered noise)."""
+        k = self.kernel
+        if k is None:
+            return float(self.thresh)
+        return float(self.thresh * k.sum() / np.sqrt(np.square(k).sum()))
+
+    @property
+    def pad(self) -> int:
+        """Pixels beyond a footprint that influence its detection (filter radius + 1)."""
+        k = self.kernel
+        return 1 if k is None else max(k.shape) // 2 + 1
+
+
+@dataclass
+class DetectionResult:
+    """Footprints found in one window.
+
+    Attributes
+    ----------
+    labels : numpy.ndarray
+        int32 label image of the window: 0 = no object, ``i`` = object ``i`` (1-based).
+    parent : numpy.ndarray
+        Per object (index ``i - 1``): label of its parent (8-connected component),
+        same numbering as ``parents``.
+    parents : numpy.ndarray
+        int32 image of parent components (0 = none).
+    n_children : numpy.ndarray
+        Per object: number of children of its parent (1 = isolated).
+    overflow : bool
+        True when sep's limits were hit and the window was processed with
+        reduced deblending; objects must be flagged.
+    """
+
+    labels: np.ndarray
+    parent: np.ndarray
+    parents: np.ndarray
+    n_children: np.ndarray
+    overflow: bool = False
+
+    @property
+    def n_objects(self) -> int:
+        """Number of objects (children)."""
+        return len(self.parent)
+
+
+def detection_image(
+    images: np.ndarray, variances: np.ndarray, usable: np.ndarray, weights: str = "ivar"
+) -> tuple[np.ndarray, np.ndarray]:
+    """Combine background-subtracted bands into one detection image.
+
+    Parameters
+    ----------
+    images, variances : numpy.ndarray
+        ``(band, y, x)`` background-subtracted images and their variances.
+    usable : numpy.ndarray of bool
+        ``(band, y, x)``: pixels with valid data.
+    weights : {"ivar", "chi2"}
+        ``ivar``: inverse-variance weighted mean (variance ``1 / Σ w``);
+        ``chi2``: ``Σ I² / V`` per pixel transformed to a unit-variance
+        significance image ``sqrt(χ²) − sqrt(n_bands)``-like statistic.
+
+    Returns
+    -------
+    image, variance : numpy.ndarray
+        float32 2-D detection image and its variance (inf where no band is usable).
+    """
+    with np.errstate(divide="ignore", invalid="ignore"):
+        w = np.where(usable & (variances > 0) & np.isfinite(variances), 1.0 / variances, 0.0)
+        wsum = w.sum(axis=0)
+        if weights == "ivar":
+            img = np.where(wsum > 0, (w * np.where(usable, images, 0.0)).sum(axis=0) / wsum, 0.0)
+            var = np.where(wsum > 0, 1.0 / wsum, np.inf)
+        elif weights == "chi2":
+            nb = (w > 0).sum(axis=0)
+            chi2 = (np.where(w > 0, images, 0.0) ** 2 * w).sum(axis=0)
+            img = np.where(nb > 0, np.sqrt(chi2) - np.sqrt(np.maximum(nb - 0.5, 0)), 0.0)
+            var = np.where(nb > 0, 1.0, np.inf)
+        else:
+            msg = f"weights must be 'ivar' or 'chi2', got {weights!r}"
+            raise ValueError(msg)
+    return img.astype(np.float32), var.astype(np.float32)
+
+
+def _extract(data, var, mask, cfg: DetectionConfig, deblend_cont: float):
+    """sep.extract with the project's fixed options; grows sep's limits on overflow."""
+    pixstack = max(cfg.pixstack, sep.get_extract_pixstack())
+    while True:
+        sep.set_extract_pixstack(pixstack)
+        sep.set_sub_object_limit(max(cfg.sub_object_limit, sep.get_sub_object_limit()))
+        try:
+            return sep.extract(
+                data,
+                cfg.sep_thresh,
+                var=var,
+                mask=mask,
+                minarea=int(cfg.minarea),
+                filter_kernel=cfg.kernel,
+                filter_type="matched",
+                deblend_nthresh=int(cfg.deblend_nthresh),
+                deblend_cont=deblend_cont,
+                clean=False,
+                segmentation_map=True,
+            )
+        except Exception as err:
+            text = str(err)
+            if "pixel buffer full" in text and pixstack < cfg.max_pixstack:
+                pixstack *= 4
+                logger.info("sep pixel stack full; retrying with %d", pixstack)
+                continue
+            raise
+
+
+def detect_sources(
+    data: np.ndarray, variance: np.ndarray, mask: np.ndarray, cfg: DetectionConfig
+) -> DetectionResult:
+    """Detect and deblend sources in one window, independently of the window's extent.
+
+    Parameters
+    ----------
+    data : numpy.ndarray
+        2-D background-subtracted detection image (float32, C-contiguous).
+    variance : numpy.ndarray
+        Its per-pixel variance (inf where unusable).
+    mask : numpy.ndarray of bool
+        Pixels excluded from detection.
+    cfg : DetectionConfig
+        Parameters.
+
+    Returns
+    -------
+    DetectionResult
+    """
+    data = np.ascontiguousarray(data, dtype=np.float32)
+    var = np.ascontiguousarray(np.where(mask, 1.0, variance), dtype=np.float32)
+    mask = np.ascontiguousarray(mask, dtype=np.uint8)
+    overflow = False
+    try:
+        _, seg = _extract(data, var, mask, cfg, cfg.deblend_cont)
+    except Exception as err:
+        # Deblending overflow (too many sub-objects) or pixel stack beyond the maximum:
+        # fall back to no deblending, then flag.
+        logger.warning("sep failed with deblending (%s); retrying without deblending", err)
+        overflow = True
+        _, seg = _extract(data, var, mask, cfg, 1.0)
+
+    parents, n_parents = ndimage.label(seg > 0, structure=_EIGHT)
+    labels = np.zeros(seg.shape, dtype=np.int32)
+    n_seg = int(seg.max()) if seg.size else 0
+    if n_seg == 0:
+        return DetectionResult(labels, np.zeros(0, np.int32), parents, np.zeros(0, np.int32), overflow)
+
+    # Parent of each sep child, and number of children per parent.
+    flat = np.flatnonzero(seg)
+    child_parent = np.zeros(n_seg + 1, dtype=np.int64)
+    child_parent[seg.ravel()[flat]] = parents.ravel()[flat]
+    present = np.zeros(n_seg + 1, dtype=bool)
+    present[seg.ravel()[flat]] = True
+    kids = np.bincount(child_parent[present], minlength=n_parents + 1)
+
+    # Isolated parents keep their single child as found.
+    iso_parent = kids == 1
+    iso_parent[0] = False
+    sel = iso_parent[parents]
+    next_label = 1
+    out_parent: list[np.ndarray] = []
+    iso_ids = np.flatnonzero(iso_parent)
+    # Relabel isolated parents 1..n in parent order (deterministic, window-independent order
+    # is not required: final IDs come from peak positions).
+    remap = np.zeros(n_parents + 1, dtype=np.int32)
+    remap[iso_ids] = np.arange(1, len(iso_ids) + 1, dtype=np.int32)
+    labels[sel] = remap[parents[sel]]
+    out_parent.append(iso_ids.astype(np.int32))
+    next_label += len(iso_ids)
+    n_children = [np.ones(len(iso_ids), dtype=np.int32)]
+
+    # Blended parents: deblend each in a call of its own on a mosaic-anchored cutout.
+    blended = np.flatnonzero(kids > 1)
+    if len(blended):
+        slices = ndimage.find_objects(parents)
+        pad = cfg.pad
+        h, w = data.shape
+        for p in blended:
+            sy, sx = slices[p - 1]
+            y0, y1 = max(0, sy.start - pad), min(h, sy.stop + pad)
+            x0, x1 = max(0, sx.start - pad), min(w, sx.stop + pad)
+            cut = (slice(y0, y1), slice(x0, x1))
+            in_parent = parents[cut] == p
+            try:
+                _, cseg = _extract(
+                    np.ascontiguousarray(data[cut]),
+                    np.ascontiguousarray(var[cut]),
+                    np.ascontiguousarray(mask[cut]),
+                    cfg,
+                    cfg.deblend_cont,
+                )
+            except Exception as err:
+                logger.warning("deblending overflow in a parent of %d px: %s", in_parent.sum(), err)
+                overflow = True
+                cseg = np.where(in_parent, 1, 0).astype(np.int32)
+            child_ids = np.unique(cseg[in_parent])
+            child_ids = child_ids[child_ids > 0]
+            if len(child_ids) == 0:  # cannot happen for a parent found above; keep it whole
+                child_ids = np.array([1])
+                cseg = np.where(in_parent, 1, 0).astype(np.int32)
+            lut = np.zeros(int(cseg.max()) + 1, dtype=np.int32)
+            lut[child_ids] = np.arange(next_label, next_label + len(child_ids), dtype=np.int32)
+            new = np.where(in_parent, lut[cseg], 0)
+            # Pixels of the parent that the cutout call left unassigned go to nobody.
+            region = labels[cut]
+            region[in_parent] = new[in_parent]
+            out_parent.append(np.full(len(child_ids), p, dtype=np.int32))
+            n_children.append(np.full(len(child_ids), len(child_ids), dtype=np.int32))
+            next_label += len(child_ids)
+
+    parent = np.concatenate(out_parent)
+    nchild = np.concatenate(n_children)
+    # Drop children that ended up with no pixel (sep can return empty sub-objects).
+    counts = np.bincount(labels.ravel(), minlength=next_label)[1:]
+    if np.any(counts == 0):
+        keep = counts > 0
+        lut = np.zeros(next_label, dtype=np.int32)
+        lut[1:][keep] = np.arange(1, keep.sum() + 1, dtype=np.int32)
+        labels = lut[labels]
+        parent, nchild = parent[keep], nchild[keep]
+    return DetectionResult(labels, parent, parents, nchild, overflow)

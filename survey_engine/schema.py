@@ -1,0 +1,139 @@
+"""The catalog schema: every column's name, dtype, unit and description, and the flag bits.
+
+This module is the single source of truth for the catalog. The engine builds
+its output with :func:`catalog_columns`; :mod:`survey_engine.catalog` writes
+the units and descriptions into the Parquet metadata and reads them back.
+
+Band-independent columns come from the detection image. Per-band columns are
+named ``<band>_<quantity>`` and are measured on the detection footprints and
+apertures (forced photometry). ``flux``/``flux_err`` without a prefix are the
+Kron flux of the *reference band*: the detection band when one band is used for
+detection, the reddest band (last in the mosaic's band order) when bands are
+combined.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+import numpy as np
+
+__all__ = ["ColumnSpec", "Flag", "catalog_columns", "flag_descriptions"]
+
+
+class Flag(enum.IntFlag):
+    """Per-object bit flags (column ``flags``; per band ``<band>_flags``)."""
+
+    EDGE = 1
+    """Footprint touches the mosaic edge."""
+    MASKED = 2
+    """Footprint (or, per band, the Kron aperture) contains masked / no-data pixels."""
+    SATURATED = 4
+    """Footprint contains saturated pixels."""
+    BLENDED = 8
+    """The object's parent was split into several children."""
+    DEBLEND_OVERFLOW = 16
+    """sep's deblending limits were hit: deblending was reduced or skipped."""
+    TRUNCATED = 32
+    """The object could not be measured whole (larger than the largest window tried)."""
+    APERTURE_TRUNCATED = 64
+    """The Kron aperture extends beyond the mosaic."""
+
+
+
+def flag_descriptions() -> dict[str, tuple[int, str]]:
+    """``{name: (bit value, description)}`` for every flag."""
+    return {f.name: (int(f.value), (f.__doc__ or "").strip()) for f in Flag}
+
+
+@dataclass(frozen=True)
+class ColumnSpec:
+    """One catalog column."""
+
+    name: str
+    dtype: str
+    unit: str | None
+    description: str
+
+
+def _aper_tag(r: float) -> str:
+    return f"{r:g}".replace(".", "p")
+
+
+def catalog_columns(
+    bands: tuple[str, ...] | list[str],
+    apertures: tuple[float, ...],
+    *,
+    image_unit: str = "count",
+    reference_band: str,
+) -> list[ColumnSpec]:
+    """Ordered column specifications of a catalog.
+
+    Parameters
+    ----------
+    bands : sequence of str
+        Bands measured.
+    apertures : tuple of float
+        Circular aperture radii (pixels).
+    image_unit : str
+        Unit of the image plane (fluxes are in this unit).
+    reference_band : str
+        Band behind the unprefixed ``flux``/``flux_err``.
+
+    Returns
+    -------
+    list of ColumnSpec
+    """
+    u = image_unit
+    cols = [
+        ColumnSpec("id", "int64", None, "object ID: y_peak * mosaic_width + x_peak (independent of tiling)"),
+        ColumnSpec("parent_id", "int64", None, "ID of the brightest child of the object's parent (= id if isolated)"),
+        ColumnSpec("n_children", "int32", None, "number of children of the object's parent (1 = isolated)"),
+        ColumnSpec("x", "float64", "pix", "isophotal barycentre, 0-based mosaic column (pixel centre = integer); centre of the apertures"),
+        ColumnSpec("y", "float64", "pix", "isophotal barycentre, 0-based mosaic row"),
+        ColumnSpec("x_err", "float64", "pix", "1-sigma error of x from the variance plane"),
+        ColumnSpec("y_err", "float64", "pix", "1-sigma error of y from the variance plane"),
+        ColumnSpec("x_peak", "int64", "pix", "column of the brightest footprint pixel in the detection image"),
+        ColumnSpec("y_peak", "int64", "pix", "row of the brightest footprint pixel in the detection image"),
+        ColumnSpec("ra", "float64", "deg", "right ascension of (x, y) from the mosaic WCS"),
+        ColumnSpec("dec", "float64", "deg", "declination of (x, y) from the mosaic WCS"),
+        ColumnSpec("a", "float64", "pix", "semi-major axis rms of the isophotal light distribution"),
+        ColumnSpec("b", "float64", "pix", "semi-minor axis rms"),
+        ColumnSpec("theta", "float64", "rad", "position angle of the major axis, from +x towards +y"),
+        ColumnSpec("e1", "float64", None, "distortion (Ixx - Iyy) / (Ixx + Iyy) of isophotal moments (PSF-convolved)"),
+        ColumnSpec("e2", "float64", None, "distortion 2 Ixy / (Ixx + Iyy)"),
+        ColumnSpec("half_light_radius", "float64", "pix", "radius enclosing half the detection-image Kron flux"),
+        ColumnSpec("kron_radius", "float64", None, "Kron radius in units of a and b (first moment within 6 a)"),
+        ColumnSpec("area", "int64", "pix2", "number of footprint pixels"),
+        ColumnSpec("peak", "float64", u, "background-subtracted detection-image value at the peak pixel"),
+        ColumnSpec("flux", "float64", u, f"Kron flux in the reference band ({reference_band})"),
+        ColumnSpec("flux_err", "float64", u, f"1-sigma error of flux ({reference_band})"),
+        ColumnSpec("flags", "int64", None, "OR of Flag bits (see flag descriptions in the metadata)"),
+    ]
+    for b in bands:
+        cols += [
+            ColumnSpec(f"{b}_flux", "float64", u, f"{b}: Kron flux (max(2.5 kron_radius, 3.5) × (a, b) ellipse)"),
+            ColumnSpec(f"{b}_flux_err", "float64", u, f"{b}: 1-sigma error of the Kron flux from the variance plane"),
+            ColumnSpec(f"{b}_iso_flux", "float64", u, f"{b}: sum over the footprint pixels"),
+            ColumnSpec(f"{b}_iso_flux_err", "float64", u, f"{b}: 1-sigma error of the isophotal flux"),
+        ]
+        for r in apertures:
+            t = _aper_tag(r)
+            cols += [
+                ColumnSpec(f"{b}_aper_flux_{t}", "float64", u, f"{b}: flux in a circle of radius {r:g} pix"),
+                ColumnSpec(f"{b}_aper_flux_{t}_err", "float64", u, f"{b}: 1-sigma error of aper_flux_{t}"),
+            ]
+        cols += [
+            ColumnSpec(f"{b}_flux_njy", "float64", "nJy", f"{b}: Kron flux in nJy (NaN when no zero point)"),
+            ColumnSpec(f"{b}_flux_njy_err", "float64", "nJy", f"{b}: 1-sigma error of the flux in nJy"),
+            ColumnSpec(f"{b}_mag", "float64", "mag(AB)", f"{b}: AB magnitude of the Kron flux (NaN if flux ≤ 0)"),
+            ColumnSpec(f"{b}_mag_err", "float64", "mag(AB)", f"{b}: 1-sigma magnitude error"),
+            ColumnSpec(f"{b}_flags", "int64", None, f"{b}: Flag bits of this band's measurement"),
+        ]
+    return cols
+
+
+def empty_columns(specs: list[ColumnSpec]) -> dict[str, np.ndarray]:
+    """Zero-length arrays for every column (for tiles without objects)."""
+    return {c.name: np.zeros(0, dtype=c.dtype) for c in specs}
