@@ -27,6 +27,7 @@ import logging
 import os
 import shutil
 import time
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -352,6 +353,7 @@ def _config_from(config: PipelineConfig | None, overrides: Mapping[str, Any]) ->
 
 def _prepare_outdir(outdir: Path, run_info: dict, *, resume: bool, overwrite: bool) -> None:
     run_file = outdir / RUN_FILE
+    run_info = json.loads(json.dumps(run_info))  # compare as stored (tuples become lists)
     if outdir.exists() and any(outdir.iterdir()):
         if overwrite:
             shutil.rmtree(outdir)
@@ -596,7 +598,9 @@ def _segmentation(client, m: Mosaic, grid: TileGrid, outdir: Path, seg_path: Pat
     if res.failures:
         msg = f"writing the segmentation map failed for {len(res.failures)} chunk(s): {res.failures[0].error}"
         raise RunError(msg, res.failures)
-    zarr.consolidate_metadata(str(seg_path))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # consolidated metadata is a zarr-python extension to v3
+        zarr.consolidate_metadata(str(seg_path))
 
 
 def _seg_item(item, *, seg_path: str, outdir: str) -> int:

@@ -93,8 +93,15 @@ def _is_wcs_keyword(key: str) -> bool:
 
 
 def _cards_to_wcs(cards: Mapping[str, Any]) -> WCS:
+    import warnings
+
+    from astropy.wcs import FITSFixedWarning
+
     header = fits.Header(list(cards.items()))
-    return WCS(header, relax=True)
+    with warnings.catch_warnings():
+        # wcslib's informational fixes (e.g. MJD-OBS set from DATE-OBS) are not errors
+        warnings.simplefilter("ignore", FITSFixedWarning)
+        return WCS(header, relax=True)
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ from .flags import UNUSABLE, MaskBit
 from .kernels.detect import DetectionConfig, DetectionResult, detect_sources, detection_image
 from .kernels.measure import Measurements, MeasureConfig, measure_sources
 from .mosaic import MosaicRegion
-from .schema import ColumnSpec, Flag, catalog_columns
+from .schema import ColumnSpec, Flag, catalog_columns, empty_columns
 from .tiling import Box
 
 __all__ = ["PipelineConfig", "WindowResult", "analyse_window", "catalog_rows"]
@@ -267,6 +267,8 @@ def catalog_rows(
     """
     specs = cfg.columns(bands, image_unit)
     idx = np.flatnonzero(select) if np.asarray(select).dtype == bool else np.asarray(select)
+    if len(idx) == 0:
+        return empty_columns(specs)
     c = {k: v[idx] for k, v in wr.meas.columns.items()}
     oy, ox = wr.window.y0, wr.window.x0
     out: dict[str, np.ndarray] = {}

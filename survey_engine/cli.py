@@ -1,0 +1,268 @@
+"""Command-line interface: ``survey-engine demo | simulate | ingest | info | run``."""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from pathlib import Path
+
+import click
+import numpy as np
+
+__all__ = ["main"]
+
+
+def _setup_logging(verbose: int) -> None:
+    level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    for name in ("distributed", "distributed.scheduler", "distributed.nanny", "distributed.worker",
+                 "distributed.core", "distributed.http.proxy"):  # fmt: skip
+        logging.getLogger(name).setLevel(max(level, logging.WARNING))
+
+
+def _fail(err: Exception) -> None:
+    click.echo(f"error: {err}", err=True)
+    sys.exit(1)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("-v", "--verbose", count=True, help="More log output (-v info, -vv debug).")
+@click.version_option(package_name="survey_engine")
+def main(verbose: int) -> None:
+    """survey_engine: source catalogs for LSST-scale survey mosaics, on Dask."""
+    _setup_logging(verbose)
+
+
+# -- simulate ------------------------------------------------------------------------------
+@main.command()
+@click.argument("out", type=click.Path())
+@click.option("--size", default="1024", show_default=True, help="Pixels per side, or NYxNX.")
+@click.option("--bands", default="g,r,i", show_default=True, help="Comma-separated bands (ugrizy).")
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--depth", default=26.8, show_default=True, type=float, help="5-sigma point-source depth (r, AB).")
+@click.option("--truth", type=click.Path(), default=None, help="Write the truth catalog (Parquet) here.")
+@click.option("--psf", type=click.Choice(["kolmogorov", "moffat"]), default="kolmogorov", show_default=True)
+@click.option("--masks/--no-masks", default=False, show_default=True, help="Add bad columns, a trail, a no-data corner.")
+@click.option("--bright-stars", default=0, show_default=True, type=int, help="Saturated stars to add.")
+@click.option("--workers", type=int, default=None, help="LocalCluster workers (default: one per core).")
+@click.option("--scheduler", default=None, help="Address of an existing Dask scheduler.")
+@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
+def simulate(out, size, bands, seed, depth, truth, psf, masks, bright_stars, workers, scheduler, overwrite):
+    """Simulate an LSST-like mosaic with GalSim into OUT (a Zarr store)."""
+    from .simulate import simulate as _simulate
+
+    try:
+        shape = tuple(int(v) for v in size.lower().split("x")) if "x" in size.lower() else int(size)
+        t0 = time.perf_counter()
+        res = _simulate(
+            out, size=shape, bands=tuple(b for b in bands.split(",") if b), seed=seed, depth=depth,
+            truth=truth, psf=psf, masks=masks, bright_stars=bright_stars, workers=workers,
+            scheduler=scheduler, overwrite=overwrite,
+        )  # fmt: skip
+    except (ValueError, KeyError, FileExistsError, FileNotFoundError) as err:
+        _fail(err)
+    m = res.mosaic
+    click.echo(
+        f"simulated {out}: {m.ny}×{m.nx} px, bands {','.join(m.bands)}, {len(res.truth)} objects "
+        f"in {time.perf_counter() - t0:.1f} s"
+    )
+    if truth:
+        click.echo(f"truth catalog: {truth}")
+
+
+# -- ingest --------------------------------------------------------------------------------
+@main.command()
+@click.argument("paths", nargs=-1, required=True, type=click.Path())
+@click.option("--band", "bands", multiple=True, help="Band name per image (repeat).")
+@click.option("--weight", "weights", multiple=True, help="Weight map per image (repeat).")
+@click.option("--variance", "variances", multiple=True, help="Variance map per image (repeat).")
+@click.option("--mask", "masks", multiple=True, help="Mask image per image (repeat); nonzero = BAD.")
+@click.option("--chunks", default=1024, show_default=True, type=int)
+@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
+def ingest(paths, bands, weights, variances, masks, chunks, overwrite):
+    """Ingest FITS images IMAGE.fits [IMAGE2.fits …] into the mosaic store OUT.zarr (last argument)."""
+    from .ingest import ingest_fits
+
+    if len(paths) < 2:
+        _fail(ValueError("give at least one FITS image and the output OUT.zarr"))
+    *images, out = paths
+    try:
+        m = ingest_fits(
+            list(images), out, bands=list(bands) or None, weights=list(weights) or None,
+            variances=list(variances) or None, masks=list(masks) or None, chunks=chunks,
+            overwrite=overwrite,
+        )  # fmt: skip
+    except (ValueError, KeyError, FileExistsError, FileNotFoundError, OSError) as err:
+        _fail(err)
+    click.echo(f"ingested {len(images)} image(s) into {out}: {m.ny}×{m.nx} px, bands {','.join(m.bands)}")
+
+
+# -- info ----------------------------------------------------------------------------------
+@main.command()
+@click.argument("mosaic", type=click.Path())
+def info(mosaic):
+    """Print shape, bands, chunks, WCS summary and mask statistics of MOSAIC."""
+    from .mosaic import open_mosaic
+
+    try:
+        m = open_mosaic(mosaic)
+    except (ValueError, FileNotFoundError) as err:
+        _fail(err)
+    click.echo(describe_mosaic(m))
+
+
+def describe_mosaic(m) -> str:
+    """Human-readable summary of a mosaic (used by ``info`` and ``demo``)."""
+    lines = [
+        f"mosaic      {m.path}",
+        f"shape       {m.ny} × {m.nx} px ({m.ny * m.nx / 1e6:.2f} Mpx per band), {len(m.bands)} band(s)",
+        f"chunks      {m.chunks[1]} × {m.chunks[2]}",
+        f"pixel scale {m.pixel_scale if m.pixel_scale is None else f'{m.pixel_scale:.4f}'} arcsec",
+        f"units       {m.units.get('image', '?')}",
+    ]
+    if m.has_wcs:
+        w = m.wcs
+        ra, dec = m.pixel_to_sky(np.array([(m.nx - 1) / 2]), np.array([(m.ny - 1) / 2]))
+        lines.append(f"wcs         {' '.join(w.wcs.ctype)}; centre ra={ra[0]:.6f} dec={dec[0]:.6f} deg")
+    else:
+        lines.append("wcs         none")
+    if m.has_truth_segmentation:
+        lines.append("truth       truth_segmentation present")
+    lines.append("band  zp      psf_fwhm  " + "  ".join(f"{k:>8s}" for k in m.mask_bits))
+    step = max(1, int(np.ceil(max(m.ny, m.nx) / 4096)))
+    for i, b in enumerate(m.bands):
+        mask = m.mask[i, ::step, ::step]
+        frac = [f"{np.mean((mask & v) != 0) * 100:7.3f}%" for v in m.mask_bits.values()]
+        zp, fw = m.zero_points.get(b), m.psf_fwhm.get(b)
+        lines.append(
+            f"{b:5s} {'-' if zp is None else f'{zp:6.2f}'}  {'-' if fw is None else f'{fw:6.3f}'}    "
+            + "  ".join(frac)
+        )
+    if step > 1:
+        lines.append(f"(mask fractions from every {step}th pixel)")
+    return "\n".join(lines)
+
+
+# -- run -----------------------------------------------------------------------------------
+@main.command("run")
+@click.argument("mosaic", type=click.Path())
+@click.argument("outdir", type=click.Path())
+@click.option("--tile", default=2048, show_default=True, type=int, help="Tile core size (px).")
+@click.option("--halo", default=128, show_default=True, type=int, help="Halo read around each core (px).")
+@click.option("--origin", default=0, show_default=True, type=int, help="Offset of the tile grid (px).")
+@click.option("--deblender", default="sep", show_default=True, type=click.Choice(["sep"]))
+@click.option("--thresh", default=None, type=float, help="Detection threshold (sigma per pixel; default 1.5).")
+@click.option("--minarea", default=None, type=int, help="Minimum object area (px; default 5).")
+@click.option("--detection-band", default=None, help="Detect on this band (default: combine all bands).")
+@click.option("--workers", type=int, default=None, help="LocalCluster workers (default: one per core).")
+@click.option("--scheduler", default=None, help="Address of an existing Dask scheduler.")
+@click.option("--resume", is_flag=True, help="Continue the run in OUTDIR, skipping finished tiles.")
+@click.option("--overwrite", is_flag=True, help="Delete what OUTDIR holds first.")
+def run_cmd(mosaic, outdir, tile, halo, origin, deblender, thresh, minarea, detection_band, workers,
+            scheduler, resume, overwrite):  # fmt: skip
+    """Detect, deblend and measure MOSAIC; write OUTDIR/catalog.parquet and segmentation.zarr."""
+    from .engine import RunError
+    from .engine import run as _run
+
+    try:
+        res = _run(
+            mosaic, outdir, tile=tile, halo=halo, origin=origin, deblender=deblender, thresh=thresh,
+            minarea=minarea, detection_band=detection_band, workers=workers, scheduler=scheduler,
+            resume=resume, overwrite=overwrite,
+        )  # fmt: skip
+    except (RunError, ValueError, KeyError, FileNotFoundError) as err:
+        _fail(err)
+    click.echo(summarise_run(res))
+
+
+def summarise_run(res) -> str:
+    """Text summary of a :class:`~survey_engine.engine.RunResult`."""
+    from .catalog import read_catalog
+
+    cat = read_catalog(res.catalog_path)
+    t = res.timings
+    lines = [
+        f"catalog       {res.catalog_path}  ({res.n_objects} objects)",
+        f"segmentation  {res.segmentation_path}",
+        f"tiles         {res.n_tiles} ({res.n_retried} object group(s) re-measured in a larger window)",
+        "time          " + ", ".join(f"{k} {v:.1f}s" for k, v in t.items()),
+    ]
+    if len(cat):
+        flags = np.asarray(cat["flags"])
+        lines.append(f"blended       {np.mean((flags & 8) != 0) * 100:.1f}% of objects")
+        for b in cat.meta.get("bands", []):
+            mag = np.asarray(cat[f"{b}_mag"].value if hasattr(cat[f"{b}_mag"], "value") else cat[f"{b}_mag"])
+            good = np.isfinite(mag)
+            if good.any():
+                lines.append(
+                    f"{b}-band mags   median {np.median(mag[good]):.2f}, 90th percentile "
+                    f"{np.percentile(mag[good], 90):.2f} ({good.sum()} with positive flux)"
+                )
+    return "\n".join(lines)
+
+
+# -- demo ----------------------------------------------------------------------------------
+@main.command()
+@click.option("--outdir", default="demo_output", show_default=True, type=click.Path())
+@click.option("--size", default=1024, show_default=True, type=int, help="Mosaic side (px).")
+@click.option("--bands", default="g,r,i", show_default=True)
+@click.option("--tile", default=512, show_default=True, type=int)
+@click.option("--workers", type=int, default=None, help="LocalCluster workers (default: one per core).")
+@click.option("--seed", default=42, show_default=True, type=int)
+def demo(outdir, size, bands, tile, workers, seed):
+    """Simulate a small mosaic, run the pipeline on a LocalCluster, summarise the catalog vs truth."""
+    from .engine import run as _run
+    from .mosaic import open_mosaic
+    from .simulate import simulate as _simulate
+
+    out = Path(outdir)
+    out.mkdir(parents=True, exist_ok=True)
+    mosaic_path, truth_path = out / "mosaic.zarr", out / "truth.parquet"
+    click.echo(f"[1/3] simulating a {size}×{size} px mosaic in bands {bands} with GalSim …")
+    t0 = time.perf_counter()
+    sim = _simulate(
+        str(mosaic_path), size=size, bands=tuple(bands.split(",")), seed=seed, truth=str(truth_path),
+        bright_stars=1, workers=workers, overwrite=True,
+    )  # fmt: skip
+    click.echo(f"      {len(sim.truth)} objects drawn in {time.perf_counter() - t0:.1f} s")
+    click.echo(describe_mosaic(open_mosaic(str(mosaic_path))))
+    click.echo(f"[2/3] running the tiled pipeline (tile {tile}, halo 64) on a LocalCluster …")
+    res = _run(str(mosaic_path), out / "run", tile=tile, halo=64, workers=workers, overwrite=True)
+    click.echo(summarise_run(res))
+    click.echo("[3/3] comparison with the truth catalog (match radius 2 px) …")
+    click.echo(compare_with_truth(res.catalog_path, truth_path))
+
+
+def compare_with_truth(catalog_path, truth_path, radius: float = 2.0) -> str:
+    """Short completeness / flux summary of a catalog against a simulation's truth."""
+    from scipy.spatial import cKDTree
+
+    from .catalog import read_catalog
+    from .simulate import read_truth
+
+    cat = read_catalog(catalog_path)
+    truth = read_truth(truth_path)
+    cx, cy = np.asarray(cat["x"].value), np.asarray(cat["y"].value)
+    tx = np.asarray(getattr(truth["x"], "value", truth["x"]), float)
+    ty = np.asarray(getattr(truth["y"], "value", truth["y"]), float)
+    if len(cat) == 0:
+        return "no objects detected"
+    dist, j = cKDTree(np.c_[cx, cy]).query(np.c_[tx, ty], distance_upper_bound=radius)
+    found = np.isfinite(dist)
+    band = cat.meta.get("reference_band", "r")
+    tmag = np.asarray(getattr(truth[f"{band}_mag"], "value", truth[f"{band}_mag"]), float)
+    lines = [f"truth objects {len(truth)}, detected {len(cat)}"]
+    for lo, hi in ((18, 22), (22, 24), (24, 25), (25, 26), (26, 27)):
+        sel = (tmag >= lo) & (tmag < hi)
+        if sel.any():
+            lines.append(f"  {band} {lo}-{hi}: completeness {found[sel].mean() * 100:5.1f}% of {sel.sum()}")
+    bright = found & (tmag < 23)
+    if bright.any():
+        flux = np.asarray(cat[f"{band}_flux"].value)[j[bright]]
+        tflux = np.asarray(getattr(truth[f"{band}_flux"], "value", truth[f"{band}_flux"]), float)[bright]
+        ratio = flux / tflux
+        lines.append(f"  Kron/true flux ({band} < 23): median {np.median(ratio):.3f} over {bright.sum()} objects")
+    return "\n".join(lines)
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,481 @@
+"""Tests of FITS ingest into the Zarr mosaic store."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+from astropy.io import fits
+from astropy.wcs import WCS
+from numpy.testing import assert_allclose, assert_array_equal
+
+from survey_engine.flags import MaskBit
+from survey_engine.ingest import IngestWarning, ingest_fits
+from survey_engine.mosaic import open_mosaic
+
+NO_DATA, SAT, BAD = int(MaskBit.NO_DATA), int(MaskBit.SAT), int(MaskBit.BAD)
+
+
+# --- helpers ---------------------------------------------------------------------------------
+def tan_header(ny: int = 60, nx: int = 80, **extra) -> fits.Header:
+    """A plain TAN header, 0.2 arcsec pixels, slightly rotated."""
+    h = fits.Header()
+    cards = {
+        "CTYPE1": "RA---TAN",
+        "CTYPE2": "DEC--TAN",
+        "CRPIX1": nx / 2 + 0.5,
+        "CRPIX2": ny / 2 - 0.25,
+        "CRVAL1": 150.1163213,
+        "CRVAL2": 2.2058257,
+        "CD1_1": -5.5555555555556e-05,
+        "CD1_2": 1.2345678901234e-07,
+        "CD2_1": 1.1234567890123e-07,
+        "CD2_2": 5.5555555555556e-05,
+        "CUNIT1": "deg",
+        "CUNIT2": "deg",
+        "RADESYS": "ICRS",
+        "EQUINOX": 2000.0,
+    }
+    cards.update(extra)
+    for key, value in cards.items():
+        h[key] = value
+    return h
+
+
+def sip_header(ny: int = 60, nx: int = 80) -> fits.Header:
+    """TAN-SIP with forward and inverse polynomials of order 2/3 (distortion ~ 0.5 px)."""
+    h = tan_header(ny, nx, CTYPE1="RA---TAN-SIP", CTYPE2="DEC--TAN-SIP")
+    sip = {
+        "A_ORDER": 2, "A_0_2": 2.1e-5, "A_1_1": -1.3e-5, "A_2_0": 3.3e-5,
+        "B_ORDER": 2, "B_0_2": -1.7e-5, "B_1_1": 2.9e-5, "B_2_0": 1.1e-5,
+        "AP_ORDER": 3, "AP_0_2": -2.1e-5, "AP_1_1": 1.3e-5, "AP_2_0": -3.3e-5, "AP_3_0": 1.0e-9,
+        "BP_ORDER": 3, "BP_0_2": 1.7e-5, "BP_1_1": -2.9e-5, "BP_2_0": -1.1e-5, "BP_0_3": 2.0e-9,
+    }  # fmt: skip
+    for key, value in sip.items():
+        h[key] = value
+    return h
+
+
+def tpv_header(ny: int = 60, nx: int = 80) -> fits.Header:
+    """DECam-like TPV header with quadratic and cubic PV terms."""
+    h = tan_header(ny, nx, CTYPE1="RA---TPV", CTYPE2="DEC--TPV")
+    pv = {
+        "PV1_0": 1.2e-4, "PV1_1": 1.0012, "PV1_2": -3.1e-4, "PV1_4": 2.3e-2, "PV1_5": -1.1e-2,
+        "PV1_6": 7.7e-3, "PV1_7": -1.5e-1, "PV1_9": 4.2e-2, "PV1_10": -2.6e-2,
+        "PV2_0": -9.8e-5, "PV2_1": 0.9991, "PV2_2": 2.2e-4, "PV2_4": -1.9e-2, "PV2_5": 1.4e-2,
+        "PV2_6": -5.5e-3, "PV2_7": 1.2e-1, "PV2_8": -3.3e-2, "PV2_10": 2.1e-2,
+    }  # fmt: skip
+    for key, value in pv.items():
+        h[key] = value
+    return h
+
+
+def write(path, data, header=None):
+    fits.writeto(path, data, header=header, overwrite=True)
+    return path
+
+
+def noise_image(shape=(60, 80), sigma=2.0, sky=100.0, seed=0):
+    rng = np.random.default_rng(seed)
+    return (sky + rng.normal(0.0, sigma, shape)).astype(np.float32)
+
+
+# --- round trip ------------------------------------------------------------------------------
+def test_round_trip_arrays_and_attributes(tmp_path):
+    image = noise_image()
+    weight = np.full(image.shape, 0.25, np.float32)
+    weight[5:8, 10:12] = 4.0
+    mask = np.zeros(image.shape, np.int16)
+    mask[20, 30] = 7
+    header = tan_header(MAGZERO=27.5, BUNIT="adu", FILTER="r DECam SDSS c0002 6300.0 1517.0")
+    img = write(tmp_path / "r.fits", image, header)
+    wht = write(tmp_path / "r.weight.fits", weight)
+    msk = write(tmp_path / "r.mask.fits", mask)
+    out = tmp_path / "m.zarr"
+
+    mosaic = ingest_fits(
+        [img], out, weights=[wht], masks=[msk], psf_fwhm={"r": 0.9}, chunks=32, progress=False
+    )
+    reopened = open_mosaic(str(out))
+    for m in (mosaic, reopened):
+        assert m.bands == ("r",)
+        assert m.shape == (1, 60, 80)
+        assert m.chunks == (1, 32, 32)
+        assert m.zero_points == {"r": 27.5}
+        assert m.psf_fwhm == {"r": 0.9}
+        assert m.units["image"] == "adu"
+        assert_allclose(m.pixel_scale, 0.2, rtol=1e-5)
+        assert m.attrs["ingest"]["variance_source"] == {"r": "weight"}
+        assert m.attrs["ingest"]["zero_point_source"] == {"r": "header:MAGZERO"}
+        assert m.attrs["ingest"]["images"] == {"r": str(img)}
+        assert m.attrs["ingest"]["weights"] == {"r": str(wht)}
+        assert m.attrs["ingest"]["masks"] == {"r": str(msk)}
+        assert m.attrs["saturation"] == {"r": None}
+    region = reopened.read((0, 60), (0, 80))
+    assert_array_equal(region.image[0], image)
+    assert_array_equal(region.variance[0], 1 / weight)
+    expected = np.zeros(image.shape, np.uint16)
+    expected[20, 30] = BAD
+    assert_array_equal(region.mask[0], expected)
+    assert reopened.image.dtype == np.float32
+    assert reopened.mask.dtype == np.uint16
+
+
+def test_variance_map_and_progress_bar(tmp_path, capsys):
+    image = noise_image()
+    variance = np.linspace(1, 2, image.size, dtype=np.float32).reshape(image.shape)
+    img = write(tmp_path / "i.fits", image, tan_header())
+    var = write(tmp_path / "v.fits", variance)
+    mosaic = ingest_fits(img, tmp_path / "m.zarr", variances=[var], chunks=16)
+    assert "strip" in capsys.readouterr().err  # tqdm wrote its bar to stderr
+    assert mosaic.attrs["ingest"]["variance_source"] == {"b0": "variance"}
+    assert_array_equal(mosaic.variance[0], variance)
+    assert_array_equal(mosaic.mask[0], 0)
+
+
+def test_open_zarr_with_xarray(tmp_path):
+    xr = pytest.importorskip("xarray")
+    image = noise_image()
+    img = write(tmp_path / "i.fits", image, tan_header())
+    ingest_fits([img], tmp_path / "m.zarr", bands=["g"], progress=False)
+    ds = xr.open_zarr(tmp_path / "m.zarr")
+    assert ds.image.dims == ("band", "y", "x")
+    assert ds.image.shape == (1, 60, 80)
+    assert_array_equal(ds.image[0].values, image)
+    assert np.isposinf(ds.variance.values).sum() == 0
+    assert ds.attrs["bands"] == ["g"]
+
+
+# --- WCS -------------------------------------------------------------------------------------
+@pytest.mark.parametrize("make_header", [tan_header, sip_header, tpv_header])
+def test_wcs_equals_astropy_on_source_header(tmp_path, make_header):
+    ny, nx = 60, 80
+    img = write(tmp_path / "i.fits", noise_image((ny, nx)), make_header(ny, nx))
+    mosaic = ingest_fits([img], tmp_path / "m.zarr", progress=False)
+    source = WCS(fits.getheader(img))
+    rng = np.random.default_rng(1)
+    x = np.concatenate([[0, nx - 1, 0, nx - 1], rng.uniform(-0.5, nx - 0.5, 200)])
+    y = np.concatenate([[0, 0, ny - 1, ny - 1], rng.uniform(-0.5, ny - 0.5, 200)])
+
+    ra, dec = mosaic.pixel_to_sky(x, y)
+    ra_src, dec_src = source.all_pix2world(x, y, 0)
+    assert_array_equal(ra, ra_src)
+    assert_array_equal(dec, dec_src)
+    xb, yb = open_mosaic(str(tmp_path / "m.zarr")).sky_to_pixel(ra, dec)
+    xs, ys = source.all_world2pix(ra, dec, 0)
+    assert_array_equal(xb, xs)
+    assert_array_equal(yb, ys)
+    assert_allclose(xb, x, atol=1e-6)
+    assert_allclose(yb, y, atol=1e-6)
+
+    # the distortion really is there, and the pixel scale comes from the WCS
+    plain = WCS(tan_header(ny, nx))
+    ra_tan, dec_tan = plain.all_pix2world(x, y, 0)
+    shift = np.hypot((ra - ra_tan) * np.cos(np.radians(dec)), dec - dec_tan).max() * 3600
+    if make_header is tan_header:
+        assert shift == 0
+    else:
+        assert shift > 0.01
+    assert_allclose(mosaic.pixel_scale, 0.2, rtol=0.01)
+
+
+def test_cube_with_leading_unit_axis(tmp_path):
+    image = noise_image()
+    header = tan_header(WCSAXES=3, CTYPE3="WAVE", CRPIX3=1.0, CRVAL3=6.2e-7, CDELT3=1e-9)
+    img = write(tmp_path / "cube.fits", image[None], header)
+    mosaic = ingest_fits([img], tmp_path / "m.zarr", progress=False)
+    assert_array_equal(mosaic.image[0], image)
+    assert mosaic.wcs.naxis == 2
+    x, y = np.array([0.0, 40.0]), np.array([0.0, 30.0])
+    expected = WCS(tan_header()).all_pix2world(x, y, 0)
+    assert_array_equal(mosaic.pixel_to_sky(x, y), expected)
+
+
+# --- pixel conventions -----------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [">f4", ">f8", ">i2", ">i4", ">u2"])
+def test_big_endian_input(tmp_path, dtype):
+    rng = np.random.default_rng(3)
+    values = np.abs(rng.normal(0, 1000, (40, 50)))
+    data = values.astype(dtype)
+    img = write(tmp_path / "be.fits", data, tan_header(40, 50))
+    if dtype == ">u2":
+        assert fits.getheader(img)["BZERO"] == 32768  # stored as scaled big-endian int16
+    else:
+        assert fits.getdata(img).dtype.byteorder == ">"
+    mosaic = ingest_fits([img], tmp_path / "m.zarr", progress=False)
+    out = mosaic.image[0]
+    assert out.dtype == np.float32
+    assert_array_equal(out, data.astype(np.float32))
+
+
+def test_scaled_integer_with_blank(tmp_path):
+    rng = np.random.default_rng(5)
+    raw = rng.integers(-3000, 3000, (40, 50)).astype(np.int16)
+    raw[3, 4] = -32768
+    path = write(tmp_path / "scaled.fits", raw, tan_header(40, 50))
+    for key, value in (("BSCALE", 0.25), ("BZERO", 100.0), ("BLANK", -32768)):
+        fits.setval(path, key, value=value)
+    expected = fits.getdata(path)  # astropy's scaled read, NaN at BLANK
+    assert expected.dtype == np.float32
+    assert np.isnan(expected[3, 4])
+    mosaic = ingest_fits([path], tmp_path / "m.zarr", progress=False)
+    good = np.isfinite(expected)
+    assert_array_equal(mosaic.image[0][good], expected[good])
+    assert_array_equal(mosaic.mask[0] == NO_DATA, ~good)
+
+
+def test_invalid_header_card_warns_once(tmp_path):
+    header = tan_header(**{"DATE-OBS": "2020-01-01T00:00:00"})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for i in range(3):
+            header.append(fits.Card.fromstring(f"ESO-LOG 00:00:0{i}> DATE = '1992-10-26'"))
+        fits.writeto(tmp_path / "bad.fits", noise_image(), header, output_verify="ignore")
+    with pytest.warns(IngestWarning, match=r"bad\.fits: dropped 3 invalid .*ESO-LOG") as record:
+        mosaic = ingest_fits([tmp_path / "bad.fits"], tmp_path / "m.zarr", progress=False)
+    assert len(record) == 1
+    assert mosaic.wcs_cards["DATE-OBS"] == "2020-01-01T00:00:00"
+    x, y = np.array([0.0, 79.0]), np.array([0.0, 59.0])
+    # no FITSFixedWarning from wcslib's date fix (filterwarnings = error would raise)
+    assert_array_equal(mosaic.pixel_to_sky(x, y), WCS(tan_header()).all_pix2world(x, y, 0))
+
+
+def test_nan_and_zero_weight_become_no_data(tmp_path):
+    image = noise_image()
+    image[1, 1] = np.nan
+    image[2, 2] = np.inf
+    image[3, 3] = -np.inf
+    weight = np.ones(image.shape, np.float32)
+    weight[4, 4] = 0
+    weight[5, 5] = -1
+    weight[6, 6] = np.nan
+    img = write(tmp_path / "i.fits", image, tan_header())
+    wht = write(tmp_path / "w.fits", weight)
+    mosaic = ingest_fits([img], tmp_path / "m.zarr", weights=[wht], progress=False)
+    bad = np.zeros(image.shape, bool)
+    for k in range(1, 7):
+        bad[k, k] = True
+    assert_array_equal(mosaic.mask[0] & NO_DATA > 0, bad)
+    assert_array_equal(mosaic.image[0][bad], 0)
+    assert np.isposinf(mosaic.variance[0][bad]).all()
+    assert_array_equal(mosaic.image[0][~bad], image[~bad])
+    assert_array_equal(mosaic.variance[0][~bad], 1)
+
+
+def test_bad_variance_becomes_no_data(tmp_path):
+    image = noise_image()
+    variance = np.full(image.shape, 4.0, np.float32)
+    variance[0, :3] = [0, -2, np.nan]
+    variance[1, 0] = np.inf
+    img = write(tmp_path / "i.fits", image, tan_header())
+    var = write(tmp_path / "v.fits", variance)
+    mosaic = ingest_fits([img], tmp_path / "m.zarr", variances=[var], progress=False)
+    mask = mosaic.mask[0]
+    assert_array_equal(mask[0, :3], NO_DATA)
+    assert mask[1, 0] == NO_DATA
+    assert mask[0, 3] == 0
+    assert np.isposinf(mosaic.variance[0][0, :3]).all()
+
+
+@pytest.mark.parametrize("key", ["SATURATE", "SATLEVEL"])
+def test_saturation_level_sets_sat_bit(tmp_path, key):
+    image = noise_image()
+    image[10, 10:13] = [999.0, 1000.0, 5000.0]
+    img = write(tmp_path / "i.fits", image, tan_header(**{key: 1000.0}))
+    mosaic = ingest_fits([img], tmp_path / "m.zarr", progress=False)
+    sat = mosaic.mask[0] & SAT > 0
+    expected = np.zeros(image.shape, bool)
+    expected[10, 11:13] = True
+    assert_array_equal(sat, expected)
+    assert_array_equal(mosaic.mask[0] & NO_DATA, 0)
+    assert mosaic.attrs["saturation"] == {"b0": 1000.0}
+
+
+def test_estimated_variance_and_gain_term(tmp_path):
+    sigma, sky, gain = 3.0, 200.0, 2.5
+    image = noise_image((200, 150), sigma=sigma, sky=sky)
+    image[50, 60] = 5000.0
+    plain = write(tmp_path / "plain.fits", image, tan_header(200, 150))
+    with_gain = write(tmp_path / "gain.fits", image, tan_header(200, 150, GAIN=gain))
+
+    m1 = ingest_fits([plain], tmp_path / "a.zarr", progress=False)
+    info = m1.attrs["ingest"]
+    assert info["variance_source"] == {"b0": "estimated"}
+    assert_allclose(info["sky_level"]["b0"], sky, atol=0.1)
+    assert_allclose(info["sky_sigma"]["b0"], sigma, rtol=0.05)
+    var = m1.variance[0]
+    assert_array_equal(var, var[0, 0])  # a constant
+    assert_allclose(var[0, 0], info["sky_sigma"]["b0"] ** 2, rtol=1e-6)
+
+    m2 = ingest_fits([with_gain], tmp_path / "b.zarr", progress=False)
+    info = m2.attrs["ingest"]
+    assert info["gain"] == {"b0": gain}
+    sky_var = info["sky_sigma"]["b0"] ** 2
+    expected = sky_var + max(5000.0 - info["sky_level"]["b0"], 0) / gain
+    assert_allclose(m2.variance[0][50, 60], expected, rtol=1e-5)
+    assert m2.variance[0].min() >= np.float32(sky_var)
+
+
+def test_multiband_ingest(tmp_path):
+    shape = (60, 80)
+    paths, images = [], []
+    for i, band in enumerate("gri"):
+        images.append(noise_image(shape, sky=10.0 * (i + 1), seed=i))
+        paths.append(write(tmp_path / f"{band}.fits", images[-1], tan_header(FILTER=band, ZP=30.0)))
+    mosaic = ingest_fits(
+        paths,
+        tmp_path / "m.zarr",
+        zero_points={"i": 31.0},
+        psf_fwhm=[1.0, 0.8, 0.7],
+        progress=False,
+    )
+    assert mosaic.bands == ("g", "r", "i")
+    assert mosaic.zero_points == {"g": 30.0, "r": 30.0, "i": 31.0}
+    assert mosaic.psf_fwhm == {"g": 1.0, "r": 0.8, "i": 0.7}
+    assert mosaic.attrs["ingest"]["zero_point_source"]["i"] == "argument"
+    for band, image in zip("gri", images, strict=True):
+        assert_array_equal(mosaic.image[mosaic.band_index(band)], image)
+
+    renamed = ingest_fits(
+        paths[:2], tmp_path / "n.zarr", bands=["G", "R"], zero_points=[25.0, None], progress=False
+    )
+    assert renamed.bands == ("G", "R")
+    assert renamed.zero_points == {"G": 25.0, "R": 30.0}
+
+
+def test_chunked_ingest_of_large_image_is_exact(tmp_path):
+    ny, nx = 2500, 1300
+    rng = np.random.default_rng(7)
+    image = rng.normal(0, 1, (ny, nx)).astype(np.float32)
+    image[::97, ::89] = np.nan
+    img = write(tmp_path / "big.fits", image, tan_header(ny, nx))
+    mosaic = ingest_fits([img], tmp_path / "m.zarr", chunks=512, progress=False)
+    assert mosaic.chunks == (1, 512, 512)
+    nodata = ~np.isfinite(image)
+    out = mosaic.image[0]
+    assert_array_equal(out[~nodata], image[~nodata])
+    assert_array_equal(out[nodata], 0)
+    assert_array_equal(mosaic.mask[0] == NO_DATA, nodata)
+
+
+def test_hdu_by_extname(tmp_path):
+    image = noise_image()
+    hdul = fits.HDUList(
+        [
+            fits.PrimaryHDU(),
+            fits.ImageHDU(np.zeros((5, 5), np.float32), name="OTHER"),
+            fits.ImageHDU(image, header=tan_header(), name="SCI"),
+        ]
+    )
+    hdul.writeto(tmp_path / "mef.fits")
+    mosaic = ingest_fits([tmp_path / "mef.fits"], tmp_path / "m.zarr", hdu="SCI", progress=False)
+    assert_array_equal(mosaic.image[0], image)
+    assert mosaic.attrs["ingest"]["hdu"] == {"b0": 2}
+    with pytest.warns(IngestWarning) as record:
+        default = ingest_fits([tmp_path / "mef.fits"], tmp_path / "d.zarr", progress=False)
+    messages = " ".join(str(w.message) for w in record)
+    assert "no 2-D celestial WCS" in messages
+    assert "could not estimate the sky noise of band 'b0'" in messages  # all zeros
+    assert_array_equal(default.variance[0], 1)
+    assert default.shape == (1, 5, 5)  # first HDU with data
+    with pytest.raises(ValueError, match=r"mef\.fits has no HDU 'NOPE'"):
+        ingest_fits([tmp_path / "mef.fits"], tmp_path / "e.zarr", hdu="NOPE", progress=False)
+
+
+# --- real data -------------------------------------------------------------------------------
+def test_real_sep_image_ingests(tmp_path, shared_data):
+    path = shared_data / "sep_image.fits"
+    with pytest.warns(IngestWarning) as record:
+        mosaic = ingest_fits([path], tmp_path / "sep.zarr", progress=False)
+    messages = [str(w.message) for w in record]
+    assert any("dropped 4 invalid or non-standard FITS header card(s)" in m for m in messages)
+    assert any("no 2-D celestial WCS" in m for m in messages)
+    with pytest.warns(UserWarning), fits.open(path, memmap=False) as hdul:
+        expected = hdul[0].data
+    assert expected.dtype == np.float32  # int16 scaled by BSCALE/BZERO
+    assert_array_equal(mosaic.image[0], expected)
+    assert mosaic.bands == ("b0",)
+    assert not mosaic.has_wcs
+    info = mosaic.attrs["ingest"]
+    assert info["variance_source"] == {"b0": "estimated"}
+    assert 0 < info["sky_sigma"]["b0"] < 100
+    assert_array_equal(mosaic.mask[0], 0)
+
+
+# --- errors ----------------------------------------------------------------------------------
+def test_error_mismatched_band_geometry(tmp_path):
+    a = write(tmp_path / "a.fits", noise_image((60, 80)), tan_header(60, 80))
+    b = write(tmp_path / "b.fits", noise_image((61, 80)), tan_header(61, 80))
+    with pytest.raises(ValueError, match=r"a\.fits is \(60, 80\) but .*b\.fits is \(61, 80\)"):
+        ingest_fits([a, b], tmp_path / "m.zarr", progress=False)
+    w = write(tmp_path / "w.fits", np.ones((61, 80), np.float32))
+    with pytest.raises(ValueError, match=r"weight map .*w\.fits has shape \(61, 80\).*a\.fits"):
+        ingest_fits([a], tmp_path / "m.zarr", weights=[w], progress=False)
+
+
+def test_error_mismatched_wcs(tmp_path):
+    a = write(tmp_path / "a.fits", noise_image(), tan_header())
+    b = write(tmp_path / "b.fits", noise_image(), tan_header(CRVAL1=150.1173213))
+    with pytest.raises(ValueError, match=r"WCS of .*b\.fits differs from that of .*a\.fits"):
+        ingest_fits([a, b], tmp_path / "m.zarr", progress=False)
+    # a sub-0.05-pixel difference is tolerated
+    c = write(tmp_path / "c.fits", noise_image(), tan_header(CRPIX1=40.51))
+    mosaic = ingest_fits([a, c], tmp_path / "m.zarr", progress=False)
+    assert mosaic.bands == ("b0", "b1")
+
+
+def test_error_missing_file(tmp_path):
+    a = write(tmp_path / "a.fits", noise_image(), tan_header())
+    with pytest.raises(FileNotFoundError, match=r"nope\.fits"):
+        ingest_fits([a, tmp_path / "nope.fits"], tmp_path / "m.zarr", progress=False)
+    with pytest.raises(FileNotFoundError, match=r"w\.fits"):
+        ingest_fits([a], tmp_path / "m.zarr", weights=[tmp_path / "w.fits"], progress=False)
+    assert not (tmp_path / "m.zarr").exists()
+
+
+def test_error_non_2d_data(tmp_path):
+    cube = write(tmp_path / "cube.fits", np.zeros((2, 10, 12), np.float32))
+    with pytest.raises(ValueError, match=r"cube\.fits .*3-D data of shape \(2, 10, 12\)"):
+        ingest_fits([cube], tmp_path / "m.zarr", progress=False)
+    line = write(tmp_path / "line.fits", np.zeros(10, np.float32))
+    with pytest.raises(ValueError, match=r"line\.fits .*1-D data of shape \(10,\)"):
+        ingest_fits([line], tmp_path / "m.zarr", progress=False)
+
+
+def test_error_duplicate_and_unknown_band(tmp_path):
+    a = write(tmp_path / "a.fits", noise_image(), tan_header(FILTER="r"))
+    b = write(tmp_path / "b.fits", noise_image(), tan_header(BAND="r"))
+    with pytest.raises(ValueError, match=r"duplicate band 'r' .*a\.fits and .*b\.fits"):
+        ingest_fits([a, b], tmp_path / "m.zarr", progress=False)
+    with pytest.raises(ValueError, match=r"duplicate band 'g'"):
+        ingest_fits([a, b], tmp_path / "m.zarr", bands=["g", "g"], progress=False)
+    with pytest.raises(KeyError, match=r"zero_points given for unknown band\(s\) \['z'\]"):
+        ingest_fits([a, b], tmp_path / "m.zarr", bands=["g", "r"], zero_points={"z": 27.0})
+    with pytest.raises(KeyError, match=r"psf_fwhm given for unknown band"):
+        ingest_fits([a], tmp_path / "m.zarr", psf_fwhm={"g": 1.0}, progress=False)
+
+
+def test_error_wrong_list_lengths(tmp_path):
+    a = write(tmp_path / "a.fits", noise_image(), tan_header())
+    b = write(tmp_path / "b.fits", noise_image(), tan_header())
+    with pytest.raises(ValueError, match=r"bands has 1 entries but 2 image\(s\)"):
+        ingest_fits([a, b], tmp_path / "m.zarr", bands=["r"], progress=False)
+    for name in ("weights", "variances", "masks"):
+        with pytest.raises(ValueError, match=rf"{name} has 3 entries but 2 image\(s\)"):
+            ingest_fits([a, b], tmp_path / "m.zarr", **{name: [a, a, a]}, progress=False)
+    with pytest.raises(ValueError, match=r"zero_points has 1 values for 2 band"):
+        ingest_fits([a, b], tmp_path / "m.zarr", zero_points=[27.0], progress=False)
+    with pytest.raises(ValueError, match=r"both a weight .* and a variance"):
+        ingest_fits([a], tmp_path / "m.zarr", weights=[a], variances=[a], progress=False)
+    with pytest.raises(ValueError, match=r"images is empty"):
+        ingest_fits([], tmp_path / "m.zarr", progress=False)
+
+
+def test_error_output_exists(tmp_path):
+    a = write(tmp_path / "a.fits", noise_image(), tan_header())
+    ingest_fits([a], tmp_path / "m.zarr", progress=False)
+    with pytest.raises(FileExistsError, match=r"m\.zarr already exists; pass overwrite=True"):
+        ingest_fits([a], tmp_path / "m.zarr", progress=False)
+    mosaic = ingest_fits([a], tmp_path / "m.zarr", bands=["z"], overwrite=True, progress=False)
+    assert open_mosaic(str(tmp_path / "m.zarr")).bands == mosaic.bands == ("z",)
