@@ -53,7 +53,8 @@ class DetectionConfig:
     filter_kernel : tuple of tuple of float or None
         Detection filter (default: sep's 3×3 pyramid); None disables filtering.
     pixstack : int
-        Initial sep pixel-stack size; doubled on overflow (up to ``max_pixstack``).
+        Initial sep pixel-stack size (capped at the array size); grown ×4 on overflow
+        (up to ``max_pixstack``).
     max_pixstack : int
         Largest pixel stack tried before the window is flagged.
     sub_object_limit : int
@@ -65,7 +66,7 @@ class DetectionConfig:
     deblend_nthresh: int = 32
     deblend_cont: float = 0.005
     filter_kernel: tuple[tuple[float, ...], ...] | None = ((1, 2, 1), (2, 4, 2), (1, 2, 1))
-    pixstack: int = 1_000_000
+    pixstack: int = 300_000
     max_pixstack: int = 64_000_000
     sub_object_limit: int = 4096
 
@@ -177,7 +178,9 @@ def detection_image(
 
 def _extract(data, var, mask, cfg: DetectionConfig, deblend_cont: float):
     """sep.extract with the project's fixed options; grows sep's limits on overflow."""
-    pixstack = max(cfg.pixstack, sep.get_extract_pixstack())
+    # sep allocates (and clears) its whole pixel stack on every call, so the stack is sized to
+    # the array: a cutout call with a large stack costs ~30x more than the deblending itself.
+    pixstack = max(1024, min(cfg.pixstack, data.size + 16))
     while True:
         sep.set_extract_pixstack(pixstack)
         sep.set_sub_object_limit(max(cfg.sub_object_limit, sep.get_sub_object_limit()))
