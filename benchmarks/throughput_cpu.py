@@ -53,6 +53,14 @@ def raw_sep(image: np.ndarray, variance: np.ndarray, bad: np.ndarray) -> tuple[f
 
 
 def _maxrss_mib() -> float:
+    """Peak resident memory of this process (VmHWM), MiB."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
@@ -68,7 +76,12 @@ def engine(mosaic: str, workers: int, tile: int, halo: int, workdir: Path) -> di
         res = run(mosaic, out, tile=tile, halo=halo, client=client, progress=False)
         wall = time.perf_counter() - t0
         rss = client.run(_maxrss_mib)
-    return {"wall": wall, "n": res.n_objects, "timings": res.timings, "worker_rss": list(rss.values())}
+    return {
+        "wall": wall,
+        "n": res.n_objects,
+        "timings": res.timings,
+        "worker_rss": list(rss.values()),
+    }
 
 
 def main() -> None:
@@ -86,7 +99,9 @@ def main() -> None:
     print(f"machine: {platform.platform()}, {platform.processor() or platform.machine()}, "
           f"{os.cpu_count()} cores; python {platform.python_version()}; sep {sep.__version__}")  # fmt: skip
     t0 = time.perf_counter()
-    sim = simulate(mosaic, size=args.size, bands=("r",), seed=args.seed, overwrite=True, progress=False)
+    sim = simulate(
+        mosaic, size=args.size, bands=("r",), seed=args.seed, overwrite=True, progress=False
+    )
     print(f"simulated {args.size}² r-band mosaic with {len(sim.truth)} objects in "
           f"{time.perf_counter() - t0:.1f} s (not timed below)")  # fmt: skip
 

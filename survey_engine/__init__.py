@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from .flags import MASK_BITS, MaskBit
 from .catalog import read_catalog
 from .engine import RunError, RunResult, run
+from .flags import MASK_BITS, MaskBit
 from .mosaic import Mosaic, MosaicRegion, create_mosaic, open_mosaic
 
 __version__ = "0.1.0"

@@ -20,7 +20,9 @@ _META_KEY = b"survey_engine"
 
 
 def to_arrow(
-    columns: Mapping[str, np.ndarray], specs: list[ColumnSpec], meta: Mapping[str, Any] | None = None
+    columns: Mapping[str, np.ndarray],
+    specs: list[ColumnSpec],
+    meta: Mapping[str, Any] | None = None,
 ) -> pa.Table:
     """Build an Arrow table in schema order, with units and descriptions as field metadata.
 

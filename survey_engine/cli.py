@@ -40,15 +40,36 @@ def main(verbose: int) -> None:
 @click.option("--size", default="1024", show_default=True, help="Pixels per side, or NYxNX.")
 @click.option("--bands", default="g,r,i", show_default=True, help="Comma-separated bands (ugrizy).")
 @click.option("--seed", default=0, show_default=True, type=int)
-@click.option("--depth", default=26.8, show_default=True, type=float, help="5-sigma point-source depth (r, AB).")
-@click.option("--truth", type=click.Path(), default=None, help="Write the truth catalog (Parquet) here.")
-@click.option("--psf", type=click.Choice(["kolmogorov", "moffat"]), default="kolmogorov", show_default=True)
-@click.option("--masks/--no-masks", default=False, show_default=True, help="Add bad columns, a trail, a no-data corner.")
-@click.option("--bright-stars", default=0, show_default=True, type=int, help="Saturated stars to add.")
-@click.option("--workers", type=int, default=None, help="LocalCluster workers (default: one per core).")
+@click.option(
+    "--depth",
+    default=26.8,
+    show_default=True,
+    type=float,
+    help="5-sigma point-source depth (r, AB).",
+)
+@click.option(
+    "--truth", type=click.Path(), default=None, help="Write the truth catalog (Parquet) here."
+)
+@click.option(
+    "--psf", type=click.Choice(["kolmogorov", "moffat"]), default="kolmogorov", show_default=True
+)
+@click.option(
+    "--masks/--no-masks",
+    default=False,
+    show_default=True,
+    help="Add bad columns, a trail, a no-data corner.",
+)
+@click.option(
+    "--bright-stars", default=0, show_default=True, type=int, help="Saturated stars to add."
+)
+@click.option(
+    "--workers", type=int, default=None, help="LocalCluster workers (default: one per core)."
+)
 @click.option("--scheduler", default=None, help="Address of an existing Dask scheduler.")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
-def simulate(out, size, bands, seed, depth, truth, psf, masks, bright_stars, workers, scheduler, overwrite):
+def simulate(
+    out, size, bands, seed, depth, truth, psf, masks, bright_stars, workers, scheduler, overwrite
+):
     """Simulate an LSST-like mosaic with GalSim into OUT (a Zarr store)."""
     from .simulate import simulate as _simulate
 
@@ -77,7 +98,9 @@ def simulate(out, size, bands, seed, depth, truth, psf, masks, bright_stars, wor
 @click.option("--band", "bands", multiple=True, help="Band name per image (repeat).")
 @click.option("--weight", "weights", multiple=True, help="Weight map per image (repeat).")
 @click.option("--variance", "variances", multiple=True, help="Variance map per image (repeat).")
-@click.option("--mask", "masks", multiple=True, help="Mask image per image (repeat); nonzero = BAD.")
+@click.option(
+    "--mask", "masks", multiple=True, help="Mask image per image (repeat); nonzero = BAD."
+)
 @click.option("--chunks", default=1024, show_default=True, type=int)
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
 def ingest(paths, bands, weights, variances, masks, chunks, overwrite):
@@ -95,7 +118,9 @@ def ingest(paths, bands, weights, variances, masks, chunks, overwrite):
         )  # fmt: skip
     except (ValueError, KeyError, FileExistsError, FileNotFoundError, OSError) as err:
         _fail(err)
-    click.echo(f"ingested {len(images)} image(s) into {out}: {m.ny}×{m.nx} px, bands {','.join(m.bands)}")
+    click.echo(
+        f"ingested {len(images)} image(s) into {out}: {m.ny}×{m.nx} px, bands {','.join(m.bands)}"
+    )
 
 
 # -- info ----------------------------------------------------------------------------------
@@ -124,7 +149,9 @@ def describe_mosaic(m) -> str:
     if m.has_wcs:
         w = m.wcs
         ra, dec = m.pixel_to_sky(np.array([(m.nx - 1) / 2]), np.array([(m.ny - 1) / 2]))
-        lines.append(f"wcs         {' '.join(w.wcs.ctype)}; centre ra={ra[0]:.6f} dec={dec[0]:.6f} deg")
+        lines.append(
+            f"wcs         {' '.join(w.wcs.ctype)}; centre ra={ra[0]:.6f} dec={dec[0]:.6f} deg"
+        )
     else:
         lines.append("wcs         none")
     if m.has_truth_segmentation:
@@ -149,13 +176,23 @@ def describe_mosaic(m) -> str:
 @click.argument("mosaic", type=click.Path())
 @click.argument("outdir", type=click.Path())
 @click.option("--tile", default=2048, show_default=True, type=int, help="Tile core size (px).")
-@click.option("--halo", default=128, show_default=True, type=int, help="Halo read around each core (px).")
-@click.option("--origin", default=0, show_default=True, type=int, help="Offset of the tile grid (px).")
+@click.option(
+    "--halo", default=128, show_default=True, type=int, help="Halo read around each core (px)."
+)
+@click.option(
+    "--origin", default=0, show_default=True, type=int, help="Offset of the tile grid (px)."
+)
 @click.option("--deblender", default="sep", show_default=True, type=click.Choice(["sep"]))
-@click.option("--thresh", default=None, type=float, help="Detection threshold (sigma per pixel; default 1.5).")
+@click.option(
+    "--thresh", default=None, type=float, help="Detection threshold (sigma per pixel; default 1.5)."
+)
 @click.option("--minarea", default=None, type=int, help="Minimum object area (px; default 5).")
-@click.option("--detection-band", default=None, help="Detect on this band (default: combine all bands).")
-@click.option("--workers", type=int, default=None, help="LocalCluster workers (default: one per core).")
+@click.option(
+    "--detection-band", default=None, help="Detect on this band (default: combine all bands)."
+)
+@click.option(
+    "--workers", type=int, default=None, help="LocalCluster workers (default: one per core)."
+)
 @click.option("--scheduler", default=None, help="Address of an existing Dask scheduler.")
 @click.option("--resume", is_flag=True, help="Continue the run in OUTDIR, skipping finished tiles.")
 @click.option("--overwrite", is_flag=True, help="Delete what OUTDIR holds first.")
@@ -192,7 +229,9 @@ def summarise_run(res) -> str:
         flags = np.asarray(cat["flags"])
         lines.append(f"blended       {np.mean((flags & 8) != 0) * 100:.1f}% of objects")
         for b in cat.meta.get("bands", []):
-            mag = np.asarray(cat[f"{b}_mag"].value if hasattr(cat[f"{b}_mag"], "value") else cat[f"{b}_mag"])
+            mag = np.asarray(
+                cat[f"{b}_mag"].value if hasattr(cat[f"{b}_mag"], "value") else cat[f"{b}_mag"]
+            )
             good = np.isfinite(mag)
             if good.any():
                 lines.append(
@@ -208,7 +247,9 @@ def summarise_run(res) -> str:
 @click.option("--size", default=1024, show_default=True, type=int, help="Mosaic side (px).")
 @click.option("--bands", default="g,r,i", show_default=True)
 @click.option("--tile", default=512, show_default=True, type=int)
-@click.option("--workers", type=int, default=None, help="LocalCluster workers (default: one per core).")
+@click.option(
+    "--workers", type=int, default=None, help="LocalCluster workers (default: one per core)."
+)
 @click.option("--seed", default=42, show_default=True, type=int)
 def demo(outdir, size, bands, tile, workers, seed):
     """Simulate a small mosaic, run the pipeline on a LocalCluster, summarise the catalog vs truth."""
@@ -256,13 +297,21 @@ def compare_with_truth(catalog_path, truth_path, radius: float = 2.0) -> str:
     for lo, hi in ((18, 22), (22, 24), (24, 25), (25, 26), (26, 27)):
         sel = (tmag >= lo) & (tmag < hi)
         if sel.any():
-            lines.append(f"  {band} {lo}-{hi}: completeness {found[sel].mean() * 100:5.1f}% of {sel.sum()}")
+            lines.append(
+                f"  {band} {lo}-{hi}: completeness {found[sel].mean() * 100:5.1f}% of {sel.sum()}"
+            )
     bright = found & (tmag < 23)
     if bright.any():
         flux = np.asarray(cat[f"{band}_flux"].value)[j[bright]]
-        tflux = np.asarray(getattr(truth[f"{band}_flux"], "value", truth[f"{band}_flux"]), float)[bright]
+        tflux = np.asarray(getattr(truth[f"{band}_flux"], "value", truth[f"{band}_flux"]), float)[
+            bright
+        ]
         ratio = flux / tflux
-        lines.append(f"  Kron/true flux ({band} < 23): median {np.median(ratio):.3f} over {bright.sum()} objects")
+        lines.append(
+            f"  Kron/true flux ({band} < 23): median {np.median(ratio):.3f} over {bright.sum()} objects"
+        )
     return "\n".join(lines)
+
+
 if __name__ == "__main__":
     main()

@@ -100,13 +100,19 @@ def _background_block(box: Box, *, mosaic_path: str, cfg: PipelineConfig):
     return box, out
 
 
-def _window(m: Mosaic, box: Box, meshes: Sequence[BackgroundMesh], cfg: PipelineConfig) -> WindowResult:
+def _window(
+    m: Mosaic, box: Box, meshes: Sequence[BackgroundMesh], cfg: PipelineConfig
+) -> WindowResult:
     reg = m.read((box.y0, box.y1), (box.x0, box.x1))
-    bkg = np.stack([interpolate_background(mesh, box.y0, box.y1, box.x0, box.x1) for mesh in meshes])
+    bkg = np.stack(
+        [interpolate_background(mesh, box.y0, box.y1, box.x0, box.x1) for mesh in meshes]
+    )
     return analyse_window(reg, bkg, cfg, mosaic=Box(0, m.ny, 0, m.nx))
 
 
-def _rows(m: Mosaic, wr: WindowResult, sel: np.ndarray, cfg: PipelineConfig) -> dict[str, np.ndarray]:
+def _rows(
+    m: Mosaic, wr: WindowResult, sel: np.ndarray, cfg: PipelineConfig
+) -> dict[str, np.ndarray]:
     return catalog_rows(
         wr,
         sel,
@@ -196,7 +202,11 @@ def _process_tile(
             "labels.bin": _BLOSC.encode(np.ascontiguousarray(core)),
             "footprints.npz": _footprints(wr, fp_idx, ids_all[fp_idx]),
             "pending.json": pending,
-            "info.json": {"tile": tile.index, "core": list(_box_tuple(tile.core)), "n": int(done.sum())},
+            "info.json": {
+                "tile": tile.index,
+                "core": list(_box_tuple(tile.core)),
+                "n": int(done.sum()),
+            },
         },
     )
     return {"objects": int(done.sum()), "pending": len(pending)}
@@ -269,7 +279,9 @@ def _retry(
         if item["mode"] == "parent":
             sel = (wr.detection.parent == p) & tile.owns(wr.peak_y, wr.peak_x)
         else:
-            sel = np.array([(int(y), int(x)) in peaks for y, x in zip(wr.peak_y, wr.peak_x, strict=True)])
+            sel = np.array(
+                [(int(y), int(x)) in peaks for y, x in zip(wr.peak_y, wr.peak_x, strict=True)]
+            )
         if wr.safe[sel].all() or win == bounds:
             break
         margin *= 2
@@ -317,7 +329,9 @@ def _write_segmentation_chunk(
             fbox = Box(int(y0), int(y1), int(x0), int(x1))
             inter = fbox.intersect(chunk)
             if inter is not None:
-                crop = pixels[offset : offset + n].reshape(fbox.shape)[inter.slices((fbox.y0, fbox.x0))]
+                crop = pixels[offset : offset + n].reshape(fbox.shape)[
+                    inter.slices((fbox.y0, fbox.x0))
+                ]
                 region = out[inter.slices((chunk.y0, chunk.x0))]
                 region[crop] = oid
             offset += n
@@ -561,7 +575,9 @@ def run(
     return RunResult(outdir, cat_path, seg_path, n, len(grid), len(pending), timings)
 
 
-def _segmentation(client, m: Mosaic, grid: TileGrid, outdir: Path, seg_path: Path, pending, progress):
+def _segmentation(
+    client, m: Mosaic, grid: TileGrid, outdir: Path, seg_path: Path, pending, progress
+):
     parts = outdir / "parts"
     cy, cx = m.chunks[1], m.chunks[2]
     group = zarr.open_group(str(seg_path), mode="w", zarr_format=3)
@@ -588,7 +604,12 @@ def _segmentation(client, m: Mosaic, grid: TileGrid, outdir: Path, seg_path: Pat
         fps = [
             name
             for name, boxes in fp_parts
-            if np.any((boxes[:, 0] < ch.y1) & (boxes[:, 1] > ch.y0) & (boxes[:, 2] < ch.x1) & (boxes[:, 3] > ch.x0))
+            if np.any(
+                (boxes[:, 0] < ch.y1)
+                & (boxes[:, 1] > ch.y0)
+                & (boxes[:, 2] < ch.x1)
+                & (boxes[:, 3] > ch.x0)
+            )
         ]
         items.append((ch, tiles, fps))
     res = map_tasks(
@@ -605,20 +626,28 @@ def _segmentation(client, m: Mosaic, grid: TileGrid, outdir: Path, seg_path: Pat
 
 def _seg_item(item, *, seg_path: str, outdir: str) -> int:
     chunk, tiles, fps = item
-    return _write_segmentation_chunk(chunk, seg_path=seg_path, tiles=tiles, footprint_parts=fps, outdir=outdir)
+    return _write_segmentation_chunk(
+        chunk, seg_path=seg_path, tiles=tiles, footprint_parts=fps, outdir=outdir
+    )
 
 
 def _stitch_catalog(grid, pending, parts: Path, path: Path, cfg, m: Mosaic, meta) -> int:
     tables = [pq.read_table(parts / t.name / "catalog.parquet") for t in grid]
     tables += [pq.read_table(parts / f"retry-{p['key']}" / "catalog.parquet") for p in pending]
     specs = cfg.columns(m.bands, m.units.get("image", "count"))
-    table = pa.concat_tables(tables) if tables else to_arrow({s.name: np.zeros(0, s.dtype) for s in specs}, specs, meta)
+    table = (
+        pa.concat_tables(tables)
+        if tables
+        else to_arrow({s.name: np.zeros(0, s.dtype) for s in specs}, specs, meta)
+    )
     table = table.sort_by("id")
     ids = table.column("id").to_numpy()
     dup = ids[1:][ids[1:] == ids[:-1]]
     if len(dup):
         msg = f"internal error: {len(dup)} duplicate object IDs after stitching (first {dup[0]})"
         raise RunError(msg)
-    table = table.replace_schema_metadata(to_arrow({s.name: np.zeros(0, s.dtype) for s in specs}, specs, meta).schema.metadata)
+    table = table.replace_schema_metadata(
+        to_arrow({s.name: np.zeros(0, s.dtype) for s in specs}, specs, meta).schema.metadata
+    )
     write_parquet_atomic(table, path)
     return table.num_rows

@@ -16,7 +16,7 @@ from scipy import ndimage
 
 from .flags import UNUSABLE, MaskBit
 from .kernels.detect import DetectionConfig, DetectionResult, detect_sources, detection_image
-from .kernels.measure import Measurements, MeasureConfig, measure_sources
+from .kernels.measure import MeasureConfig, Measurements, measure_sources
 from .mosaic import MosaicRegion
 from .schema import ColumnSpec, Flag, catalog_columns, empty_columns
 from .tiling import Box
@@ -188,7 +188,9 @@ def analyse_window(
     pbox = np.array(
         [[s[0].start, s[0].stop, s[1].start, s[1].stop] for s in pslices], dtype=np.int64
     )[res.parent - 1]
-    parent_safe = (pbox[:, 0] >= lo_y) & (pbox[:, 1] <= hi_y) & (pbox[:, 2] >= lo_x) & (pbox[:, 3] <= hi_x)
+    parent_safe = (
+        (pbox[:, 0] >= lo_y) & (pbox[:, 1] <= hi_y) & (pbox[:, 2] >= lo_x) & (pbox[:, 3] <= hi_x)
+    )
     c = meas.columns
     r = meas.extent
     yw = c["y"] - window.y0
@@ -278,7 +280,22 @@ def catalog_rows(
     out["n_children"] = wr.detection.n_children[idx]
     out["x_peak"] = c["x_peak"] + ox
     out["y_peak"] = c["y_peak"] + oy
-    for k in ("x", "y", "x_err", "y_err", "a", "b", "theta", "e1", "e2", "half_light_radius", "kron_radius", "area", "peak", "flags"):
+    for k in (
+        "x",
+        "y",
+        "x_err",
+        "y_err",
+        "a",
+        "b",
+        "theta",
+        "e1",
+        "e2",
+        "half_light_radius",
+        "kron_radius",
+        "area",
+        "peak",
+        "flags",
+    ):
         out[k] = c[k]
     if pixel_to_sky is not None and len(idx):
         out["ra"], out["dec"] = pixel_to_sky(out["x"], out["y"])
@@ -306,9 +323,15 @@ def catalog_rows(
             out[f"{b}_flux_njy"] = f * scale
             out[f"{b}_flux_njy_err"] = fe * scale
             with np.errstate(divide="ignore", invalid="ignore"):
-                out[f"{b}_mag"] = np.where(f > 0, zp - 2.5 * np.log10(np.where(f > 0, f, 1.0)), np.nan)
-                out[f"{b}_mag_err"] = np.where(f > 0, 2.5 / np.log(10) * fe / np.where(f > 0, f, 1.0), np.nan)
-        out[f"{b}_flags"] = bc["flags"] | (c["flags"] & int(Flag.EDGE | Flag.SATURATED | Flag.BLENDED))
+                out[f"{b}_mag"] = np.where(
+                    f > 0, zp - 2.5 * np.log10(np.where(f > 0, f, 1.0)), np.nan
+                )
+                out[f"{b}_mag_err"] = np.where(
+                    f > 0, 2.5 / np.log(10) * fe / np.where(f > 0, f, 1.0), np.nan
+                )
+        out[f"{b}_flags"] = bc["flags"] | (
+            c["flags"] & int(Flag.EDGE | Flag.SATURATED | Flag.BLENDED)
+        )
     ref = cfg.reference_band(bands)
     out["flux"] = out[f"{ref}_flux"]
     out["flux_err"] = out[f"{ref}_flux_err"]

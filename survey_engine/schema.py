@@ -41,7 +41,6 @@ class Flag(enum.IntFlag):
     """The Kron aperture extends beyond the mosaic."""
 
 
-
 def flag_descriptions() -> dict[str, tuple[int, str]]:
     """``{name: (bit value, description)}`` for every flag."""
     return {f.name: (int(f.value), (f.__doc__ or "").strip()) for f in Flag}
@@ -87,47 +86,116 @@ def catalog_columns(
     """
     u = image_unit
     cols = [
-        ColumnSpec("id", "int64", None, "object ID: y_peak * mosaic_width + x_peak (independent of tiling)"),
-        ColumnSpec("parent_id", "int64", None, "ID of the brightest child of the object's parent (= id if isolated)"),
-        ColumnSpec("n_children", "int32", None, "number of children of the object's parent (1 = isolated)"),
-        ColumnSpec("x", "float64", "pix", "isophotal barycentre, 0-based mosaic column (pixel centre = integer); centre of the apertures"),
+        ColumnSpec(
+            "id", "int64", None, "object ID: y_peak * mosaic_width + x_peak (independent of tiling)"
+        ),
+        ColumnSpec(
+            "parent_id",
+            "int64",
+            None,
+            "ID of the brightest child of the object's parent (= id if isolated)",
+        ),
+        ColumnSpec(
+            "n_children", "int32", None, "number of children of the object's parent (1 = isolated)"
+        ),
+        ColumnSpec(
+            "x",
+            "float64",
+            "pix",
+            "isophotal barycentre, 0-based mosaic column (pixel centre = integer); centre of the apertures",
+        ),
         ColumnSpec("y", "float64", "pix", "isophotal barycentre, 0-based mosaic row"),
         ColumnSpec("x_err", "float64", "pix", "1-sigma error of x from the variance plane"),
         ColumnSpec("y_err", "float64", "pix", "1-sigma error of y from the variance plane"),
-        ColumnSpec("x_peak", "int64", "pix", "column of the brightest footprint pixel in the detection image"),
-        ColumnSpec("y_peak", "int64", "pix", "row of the brightest footprint pixel in the detection image"),
+        ColumnSpec(
+            "x_peak",
+            "int64",
+            "pix",
+            "column of the brightest footprint pixel in the detection image",
+        ),
+        ColumnSpec(
+            "y_peak", "int64", "pix", "row of the brightest footprint pixel in the detection image"
+        ),
         ColumnSpec("ra", "float64", "deg", "right ascension of (x, y) from the mosaic WCS"),
         ColumnSpec("dec", "float64", "deg", "declination of (x, y) from the mosaic WCS"),
-        ColumnSpec("a", "float64", "pix", "semi-major axis rms of the isophotal light distribution"),
+        ColumnSpec(
+            "a", "float64", "pix", "semi-major axis rms of the isophotal light distribution"
+        ),
         ColumnSpec("b", "float64", "pix", "semi-minor axis rms"),
-        ColumnSpec("theta", "float64", "rad", "position angle of the major axis, from +x towards +y"),
-        ColumnSpec("e1", "float64", None, "distortion (Ixx - Iyy) / (Ixx + Iyy) of isophotal moments (PSF-convolved)"),
+        ColumnSpec(
+            "theta", "float64", "rad", "position angle of the major axis, from +x towards +y"
+        ),
+        ColumnSpec(
+            "e1",
+            "float64",
+            None,
+            "distortion (Ixx - Iyy) / (Ixx + Iyy) of isophotal moments (PSF-convolved)",
+        ),
         ColumnSpec("e2", "float64", None, "distortion 2 Ixy / (Ixx + Iyy)"),
-        ColumnSpec("half_light_radius", "float64", "pix", "radius enclosing half the detection-image Kron flux"),
-        ColumnSpec("kron_radius", "float64", None, "Kron radius in units of a and b (first moment within 6 a)"),
+        ColumnSpec(
+            "half_light_radius",
+            "float64",
+            "pix",
+            "radius enclosing half the detection-image Kron flux",
+        ),
+        ColumnSpec(
+            "kron_radius",
+            "float64",
+            None,
+            "Kron radius in units of a and b (first moment within 6 a)",
+        ),
         ColumnSpec("area", "int64", "pix2", "number of footprint pixels"),
-        ColumnSpec("peak", "float64", u, "background-subtracted detection-image value at the peak pixel"),
+        ColumnSpec(
+            "peak", "float64", u, "background-subtracted detection-image value at the peak pixel"
+        ),
         ColumnSpec("flux", "float64", u, f"Kron flux in the reference band ({reference_band})"),
         ColumnSpec("flux_err", "float64", u, f"1-sigma error of flux ({reference_band})"),
-        ColumnSpec("flags", "int64", None, "OR of Flag bits (see flag descriptions in the metadata)"),
+        ColumnSpec(
+            "flags", "int64", None, "OR of Flag bits (see flag descriptions in the metadata)"
+        ),
     ]
     for b in bands:
         cols += [
-            ColumnSpec(f"{b}_flux", "float64", u, f"{b}: Kron flux (max(2.5 kron_radius, 3.5) × (a, b) ellipse)"),
-            ColumnSpec(f"{b}_flux_err", "float64", u, f"{b}: 1-sigma error of the Kron flux from the variance plane"),
+            ColumnSpec(
+                f"{b}_flux",
+                "float64",
+                u,
+                f"{b}: Kron flux (max(2.5 kron_radius, 3.5) × (a, b) ellipse)",
+            ),
+            ColumnSpec(
+                f"{b}_flux_err",
+                "float64",
+                u,
+                f"{b}: 1-sigma error of the Kron flux from the variance plane",
+            ),
             ColumnSpec(f"{b}_iso_flux", "float64", u, f"{b}: sum over the footprint pixels"),
-            ColumnSpec(f"{b}_iso_flux_err", "float64", u, f"{b}: 1-sigma error of the isophotal flux"),
+            ColumnSpec(
+                f"{b}_iso_flux_err", "float64", u, f"{b}: 1-sigma error of the isophotal flux"
+            ),
         ]
         for r in apertures:
             t = _aper_tag(r)
             cols += [
-                ColumnSpec(f"{b}_aper_flux_{t}", "float64", u, f"{b}: flux in a circle of radius {r:g} pix"),
-                ColumnSpec(f"{b}_aper_flux_{t}_err", "float64", u, f"{b}: 1-sigma error of aper_flux_{t}"),
+                ColumnSpec(
+                    f"{b}_aper_flux_{t}", "float64", u, f"{b}: flux in a circle of radius {r:g} pix"
+                ),
+                ColumnSpec(
+                    f"{b}_aper_flux_{t}_err", "float64", u, f"{b}: 1-sigma error of aper_flux_{t}"
+                ),
             ]
         cols += [
-            ColumnSpec(f"{b}_flux_njy", "float64", "nJy", f"{b}: Kron flux in nJy (NaN when no zero point)"),
-            ColumnSpec(f"{b}_flux_njy_err", "float64", "nJy", f"{b}: 1-sigma error of the flux in nJy"),
-            ColumnSpec(f"{b}_mag", "float64", "mag(AB)", f"{b}: AB magnitude of the Kron flux (NaN if flux ≤ 0)"),
+            ColumnSpec(
+                f"{b}_flux_njy", "float64", "nJy", f"{b}: Kron flux in nJy (NaN when no zero point)"
+            ),
+            ColumnSpec(
+                f"{b}_flux_njy_err", "float64", "nJy", f"{b}: 1-sigma error of the flux in nJy"
+            ),
+            ColumnSpec(
+                f"{b}_mag",
+                "float64",
+                "mag(AB)",
+                f"{b}: AB magnitude of the Kron flux (NaN if flux ≤ 0)",
+            ),
             ColumnSpec(f"{b}_mag_err", "float64", "mag(AB)", f"{b}: 1-sigma magnitude error"),
             ColumnSpec(f"{b}_flags", "int64", None, f"{b}: Flag bits of this band's measurement"),
         ]

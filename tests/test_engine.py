@@ -63,12 +63,14 @@ def _assert_same_catalog(a, b):
 
 
 def test_reference_catalog_is_sane(reference):
-    res, cat, seg = reference
+    _, cat, seg = reference
     assert len(cat) > 200
     ids = np.asarray(cat["id"])
     assert len(np.unique(ids)) == len(ids)
     # IDs are the peak pixel; every object owns exactly `area` pixels of the segmentation map.
-    np.testing.assert_array_equal(ids, np.asarray(cat["y_peak"].value) * SIZE + np.asarray(cat["x_peak"].value))
+    np.testing.assert_array_equal(
+        ids, np.asarray(cat["y_peak"].value) * SIZE + np.asarray(cat["x_peak"].value)
+    )
     labels, counts = np.unique(seg[seg > 0], return_counts=True)
     np.testing.assert_array_equal(labels, ids)
     np.testing.assert_array_equal(counts, np.asarray(cat["area"].value))
@@ -90,7 +92,7 @@ def test_reference_catalog_is_sane(reference):
     ids=["aligned-256", "odd-199", "shifted-half-tile", "small-97-halo16"],
 )
 def test_catalog_identical_for_any_tiling(mosaic, client, reference, tmp_path, tile, halo, origin):
-    res, ref, ref_seg = reference
+    _, ref, ref_seg = reference
     out = run(mosaic, tmp_path, tile=tile, halo=halo, origin=origin, client=client, progress=False)
     cat = read_catalog(out.catalog_path)
     _assert_same_catalog(ref, cat)
@@ -169,7 +171,9 @@ def test_resume_after_the_driver_is_killed(mosaic, reference, tmp_path):
     out = tmp_path / "killed"
     cmd = [sys.executable, "-m", "survey_engine.cli", "run", mosaic, str(out), "--tile", "64",
            "--halo", "32", "--workers", "1"]  # fmt: skip
-    proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        cmd, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     deadline = time.time() + 120
     parts = out / "parts"
     while time.time() < deadline:
@@ -191,7 +195,7 @@ def test_output_directory_holding_another_run_is_refused(mosaic, client, tmp_pat
     run(mosaic, tmp_path, tile=320, halo=32, client=client, progress=False)
     with pytest.raises(RunError, match="is not empty"):
         run(mosaic, tmp_path, tile=320, halo=32, client=client, progress=False)
-    with pytest.raises(RunError, match="holds a different run .*tile"):
+    with pytest.raises(RunError, match=r"holds a different run .*tile"):
         run(mosaic, tmp_path, tile=256, halo=32, client=client, progress=False, resume=True)
 
 
@@ -223,5 +227,5 @@ def test_bad_parameters_are_refused(mosaic, tmp_path, kwargs, exc, match):
 
 
 def test_missing_mosaic_is_named(tmp_path):
-    with pytest.raises(FileNotFoundError, match="mosaic not found: .*nowhere.zarr"):
+    with pytest.raises(FileNotFoundError, match=r"mosaic not found: .*nowhere\.zarr"):
         run(tmp_path / "nowhere.zarr", tmp_path / "out", progress=False)

@@ -11,7 +11,9 @@ from survey_engine.kernels.measure import MeasureConfig, measure_sources
 
 def _gauss(shape, x0, y0, flux, sigma):
     yy, xx = np.mgrid[: shape[0], : shape[1]]
-    return flux / (2 * np.pi * sigma**2) * np.exp(-((xx - x0) ** 2 + (yy - y0) ** 2) / (2 * sigma**2))
+    return (
+        flux / (2 * np.pi * sigma**2) * np.exp(-((xx - x0) ** 2 + (yy - y0) ** 2) / (2 * sigma**2))
+    )
 
 
 def test_mesh_statistics_recovers_sky_under_sources():
@@ -47,7 +49,9 @@ def test_background_interpolation_is_independent_of_the_region():
     part = interpolate_background(mesh, 123, 456, 301, 777)
     assert np.array_equal(full[123:456, 301:777], part)
     # A linear gradient is followed within the noise of the cell estimates.
-    np.testing.assert_allclose(full[64:-64, 64:-64], (20 + 0.01 * xx + 0.02 * yy)[64:-64, 64:-64], atol=0.3)
+    np.testing.assert_allclose(
+        full[64:-64, 64:-64], (20 + 0.01 * xx + 0.02 * yy)[64:-64, 64:-64], atol=0.3
+    )
 
 
 def test_mesh_statistics_rejects_bad_input():

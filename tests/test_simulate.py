@@ -20,8 +20,17 @@ from survey_engine.simulate import (
     read_truth,
     simulate,
 )
-from survey_engine.simulate._bands import band_setups
-from survey_engine.simulate._draw import DrawConfig, object_plan, render_block, select_objects
+from survey_engine.simulate._bands import band_setups, make_psf
+from survey_engine.simulate._draw import (
+    MAX_HALF,
+    DrawConfig,
+    _gsparams,
+    draw_stamps,
+    object_plan,
+    render_block,
+    select_objects,
+)
+from survey_engine.simulate._malloc import drawing_allocator
 from survey_engine.simulate._scene import enclosed_fraction
 
 PIXEL_AREA_DEG2 = (0.2 / 3600.0) ** 2
@@ -100,6 +109,30 @@ def test_tiled_model_equals_untiled():
     assert_array_equal(tiled, whole)
     assert_array_equal(tiled_seg, seg)
     assert whole.sum() > 0 and seg.max() > 0
+
+
+def test_huge_bulges_draw_within_capped_stamps(monkeypatch):
+    """Extreme sizes neither fail in GalSim (FFT size) nor exceed the stamp cap."""
+    bands = ("u", "y")
+    setups = band_setups(bands, depth=26.8, psf="kolmogorov", psf_fwhm=0.7, pixel_scale=0.2)
+    scene = make_scene(64, 64, bands=bands, seed=0)[:2]
+    scene["kind"] = ["galaxy", "galaxy"]
+    scene["bulge_fraction"] = [1.0, 0.5]
+    scene["bulge_hlr"] = [5.0, 5.0] * u.arcsec
+    scene["disk_hlr"] = [1.0, 10.0] * u.arcsec
+    scene["e1"] = [0.69, 0.0]
+    scene["e2"] = [0.0, -0.69]
+    plan = object_plan(scene, setups, 0.2)
+    assert np.all(plan["half"] == MAX_HALF)
+    gsparams = _gsparams()
+    psfs = [make_psf("kolmogorov", b.psf_fwhm, gsparams) for b in setups]
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "65536")
+    with drawing_allocator():
+        for obj in plan:
+            stamps = draw_stamps(obj, psfs, 0.2, gsparams)
+            assert stamps.shape == (2, 2 * MAX_HALF + 1, 2 * MAX_HALF + 1)
+            assert np.all(np.isfinite(stamps))
+            assert_allclose(stamps.sum(axis=(1, 2)) / obj["flux"], 0.9, atol=0.1)
 
 
 def test_scene_is_deterministic_and_band_independent():
@@ -413,7 +446,7 @@ def test_existing_path_needs_overwrite(tmp_path):
     with pytest.raises(FileExistsError, match="already exists; pass overwrite=True"):
         simulate(tmp_path / "taken.zarr", size=64, progress=False)
     (tmp_path / "truth.parquet").write_bytes(b"")
-    with pytest.raises(FileExistsError, match="truth.parquet already exists"):
+    with pytest.raises(FileExistsError, match=r"truth\.parquet already exists"):
         simulate(tmp_path / "new.zarr", size=64, truth=tmp_path / "truth.parquet")
 
 

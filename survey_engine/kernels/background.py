@@ -79,7 +79,9 @@ def mesh_statistics(
     cells = data.reshape(ncy, box, ncx, box).transpose(0, 2, 1, 3).reshape(ncy * ncx, box * box)
     cells = np.sort(cells, axis=1)  # NaNs last
     n = np.count_nonzero(np.isfinite(cells), axis=1)
-    csum = np.concatenate([np.zeros((cells.shape[0], 1)), np.nancumsum(cells, axis=1, dtype=np.float64)], axis=1)
+    csum = np.concatenate(
+        [np.zeros((cells.shape[0], 1)), np.nancumsum(cells, axis=1, dtype=np.float64)], axis=1
+    )
     csq = np.concatenate(
         [np.zeros((cells.shape[0], 1)), np.nancumsum(np.square(cells, dtype=np.float64), axis=1)],
         axis=1,
@@ -150,8 +152,12 @@ class BackgroundMesh:
         yc = np.minimum(np.arange(self.level.shape[0]) * self.box + (self.box - 1) / 2.0, ny - 1)
         xc = np.minimum(np.arange(self.level.shape[1]) * self.box + (self.box - 1) / 2.0, nx - 1)
         # A clipped last cell has its centre in the middle of its real pixels.
-        yc[-1] = (self.level.shape[0] - 1) * self.box + (ny - (self.level.shape[0] - 1) * self.box - 1) / 2
-        xc[-1] = (self.level.shape[1] - 1) * self.box + (nx - (self.level.shape[1] - 1) * self.box - 1) / 2
+        yc[-1] = (self.level.shape[0] - 1) * self.box + (
+            ny - (self.level.shape[0] - 1) * self.box - 1
+        ) / 2
+        xc[-1] = (self.level.shape[1] - 1) * self.box + (
+            nx - (self.level.shape[1] - 1) * self.box - 1
+        ) / 2
         return yc, xc
 
 

@@ -244,7 +244,9 @@ def detect_sources(
     labels = np.zeros(seg.shape, dtype=np.int32)
     n_seg = int(seg.max()) if seg.size else 0
     if n_seg == 0:
-        return DetectionResult(labels, np.zeros(0, np.int32), parents, np.zeros(0, np.int32), overflow)
+        return DetectionResult(
+            labels, np.zeros(0, np.int32), parents, np.zeros(0, np.int32), overflow
+        )
 
     # Parent of each sep child, and number of children per parent.
     flat = np.flatnonzero(seg)

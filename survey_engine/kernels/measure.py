@@ -142,7 +142,7 @@ def measure_sources(
     det = np.ascontiguousarray(np.where(det_bad, 0.0, det), dtype=np.float32)
     det_var_clean = np.where(det_bad | ~np.isfinite(det_var), 0.0, det_var)
     py, px, peak, flat, lab = _peaks(labels, det, n)
-    h, w = labels.shape
+    w = labels.shape[1]
     yy, xx = np.divmod(flat, w)
     ids = np.arange(1, n + 1, dtype=np.int32)
 
@@ -190,7 +190,9 @@ def measure_sources(
 
     # Footprint bounding boxes (window coordinates).
     slices = ndimage.find_objects(labels, max_label=n)
-    bbox = np.array([[s[0].start, s[0].stop, s[1].start, s[1].stop] for s in slices], dtype=np.int64)
+    bbox = np.array(
+        [[s[0].start, s[0].stop, s[1].start, s[1].stop] for s in slices], dtype=np.int64
+    )
 
     det_mask = np.ascontiguousarray(det_bad, dtype=np.uint8)
     err_det = np.sqrt(det_var_clean).astype(np.float32)
@@ -200,7 +202,18 @@ def measure_sources(
     kron = np.where(np.isfinite(kron) & (kron > 0), kron, 0.0)
     rk = np.maximum(cfg.kron_factor * kron, cfg.kron_min)
     kflux, kerr, kapflag = sep.sum_ellipse(
-        det, xb, yb, a, b, theta, rk, err=err_det, mask=det_mask, segmap=labels, seg_id=ids, subpix=1
+        det,
+        xb,
+        yb,
+        a,
+        b,
+        theta,
+        rk,
+        err=err_det,
+        mask=det_mask,
+        segmap=labels,
+        seg_id=ids,
+        subpix=1,
     )
     rmax = rk * a
     norm = np.where(kflux > 0, kflux, np.maximum(iso, 1e-30))
@@ -208,7 +221,9 @@ def measure_sources(
     hlr = np.where(np.isfinite(hlr) & (hlr > 0), hlr, np.sqrt(a * b))
 
     # Pixels read by the measurement, as a radius around the barycentre.
-    extent = np.maximum.reduce([cfg.kron_max_radius * a, rk * a, np.full(n, cfg.max_aperture)]) + 2.0
+    extent = (
+        np.maximum.reduce([cfg.kron_max_radius * a, rk * a, np.full(n, cfg.max_aperture)]) + 2.0
+    )
 
     flags = np.zeros(n, dtype=np.int64)
     flags |= np.where((kapflag & sep.APER_TRUNC) != 0, int(Flag.APERTURE_TRUNCATED), 0)

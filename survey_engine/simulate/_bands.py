@@ -1,0 +1,213 @@
+"""Per-band survey parameters of the simulator: PSF, depth, noise, gain and saturation.
+
+All the numbers that tie a band to its pixels live here, so the scene model, the
+drawing kernel and the mosaic attributes agree on one definition.
+
+Noise model
+-----------
+The image is a sky-subtracted coadd in ``count`` (AB zero point
+:data:`ZERO_POINT`). The sky noise per pixel follows from the 5σ point-source
+depth ``m5`` of the band::
+
+    F5        = 10 ** (-0.4 * (m5 - zp))            # counts of a 5σ point source
+    NEA       = 2.266 * FWHM_px ** 2                # noise-equivalent area (Gaussian PSF)
+    sky_sigma = F5 / (5 * sqrt(NEA))
+
+``2.266 = 4π / (8 ln 2)``: the NEA of a Gaussian PSF. A Kolmogorov PSF has a
+slightly larger NEA, so the measured 5σ depth comes out ~0.1 mag brighter
+than the nominal ``m5``. Source Poisson noise uses an effective gain (counts to
+electrons), chosen so that the sky-limited variance corresponds to a dark sky
+of :data:`SKY_MAG` magnitudes per square arcsec:
+``gain = sky_per_pixel / sky_sigma**2``; the pixel variance is then
+``sky_sigma**2 + max(model, 0) / gain``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+__all__ = [
+    "DEPTH_OFFSET",
+    "EFFECTIVE_WAVELENGTH_NM",
+    "LSST_BANDS",
+    "SATURATION_MAG",
+    "SKY_MAG",
+    "ZERO_POINT",
+    "BandSetup",
+    "band_setups",
+    "parse_bands",
+]
+
+#: The LSST filters, blue to red.
+LSST_BANDS: tuple[str, ...] = ("u", "g", "r", "i", "z", "y")
+#: Effective wavelengths (nm) of the LSST filters; the PSF FWHM scales as λ^-0.2.
+EFFECTIVE_WAVELENGTH_NM = {"u": 367.0, "g": 482.5, "r": 622.2, "i": 754.5, "z": 869.1, "y": 971.0}
+#: 5σ depth of each band relative to r (LSST 10-year design, Ivezić et al. 2019, table 1).
+DEPTH_OFFSET = {"u": -1.4, "g": -0.1, "r": 0.0, "i": -0.7, "z": -1.4, "y": -2.6}
+#: Dark-sky surface brightness (AB mag / arcsec²) used to set the effective gain.
+SKY_MAG = {"u": 22.99, "g": 22.26, "r": 21.20, "i": 20.48, "z": 19.60, "y": 18.61}
+#: AB magnitude of one image unit (``count``), the same in every band.
+ZERO_POINT = 28.0
+#: A point source of this magnitude, centred on a pixel, peaks at the saturation level.
+SATURATION_MAG = 17.0
+#: Moffat β of the ``psf="moffat"`` option.
+MOFFAT_BETA = 3.5
+#: The PSF models on offer.
+PSF_KINDS = ("kolmogorov", "moffat")
+#: Noise-equivalent area of a Gaussian PSF in units of FWHM².
+NEA_FACTOR = 4.0 * math.pi / (8.0 * math.log(2.0))
+
+
+@dataclass(frozen=True)
+class BandSetup:
+    """Everything the drawing kernel needs to know about one band.
+
+    Attributes
+    ----------
+    name : str
+        Band name (one of ``ugrizy``).
+    code : int
+        Position of the band in :data:`LSST_BANDS` (used in noise seeds, so that
+        a band's noise does not depend on which other bands are simulated).
+    zero_point : float
+        AB magnitude of one count.
+    psf_fwhm : float
+        PSF FWHM in arcsec.
+    depth : float
+        5σ point-source depth (AB mag).
+    sky_sigma : float
+        Sky noise per pixel (counts).
+    gain : float
+        Effective electrons per count for the source Poisson noise.
+    saturation : float
+        Pixel level (counts) at and above which a pixel is saturated.
+    """
+
+    name: str
+    code: int
+    zero_point: float
+    psf_fwhm: float
+    depth: float
+    sky_sigma: float
+    gain: float
+    saturation: float
+
+
+def parse_bands(bands: str | Sequence[str]) -> tuple[str, ...]:
+    """Validate band names: a non-empty sequence (or ``"g,r,i"`` string) of unique ``ugrizy``.
+
+    Parameters
+    ----------
+    bands : str or sequence of str
+
+    Returns
+    -------
+    tuple of str
+    """
+    if isinstance(bands, str):
+        bands = [b.strip() for b in bands.split(",") if b.strip()]
+    try:
+        names = tuple(bands)
+    except TypeError:
+        msg = f"bands must be a sequence of band names, got {bands!r}"
+        raise TypeError(msg) from None
+    if not names:
+        msg = "bands must name at least one band"
+        raise ValueError(msg)
+    for b in names:
+        if not isinstance(b, str) or b not in LSST_BANDS:
+            msg = f"unknown band {b!r}: bands must be among {', '.join(LSST_BANDS)}"
+            raise ValueError(msg)
+    if len(set(names)) != len(names):
+        msg = f"band names must be unique, got {list(names)}"
+        raise ValueError(msg)
+    return names
+
+
+def psf_fwhm_for(band: str, r_fwhm: float) -> float:
+    """PSF FWHM (arcsec) in ``band`` for an r-band FWHM ``r_fwhm``: seeing ∝ λ^-0.2."""
+    return r_fwhm * (EFFECTIVE_WAVELENGTH_NM[band] / EFFECTIVE_WAVELENGTH_NM["r"]) ** -0.2
+
+
+def make_psf(kind: str, fwhm: float, gsparams=None):
+    """The GalSim PSF profile (unit flux) of one band.
+
+    Parameters
+    ----------
+    kind : {"kolmogorov", "moffat"}
+        Kolmogorov turbulence or a Moffat with β = 3.5.
+    fwhm : float
+        FWHM in arcsec.
+    gsparams : galsim.GSParams, optional
+
+    Returns
+    -------
+    galsim.GSObject
+    """
+    import galsim
+
+    if kind == "kolmogorov":
+        return galsim.Kolmogorov(fwhm=fwhm, gsparams=gsparams)
+    return galsim.Moffat(beta=MOFFAT_BETA, fwhm=fwhm, gsparams=gsparams)
+
+
+def _peak_fraction(kind: str, fwhm: float, pixel_scale: float) -> float:
+    """Fraction of a point source's flux in its brightest pixel when centred on a pixel."""
+    n = 2 * math.ceil(3 * fwhm / pixel_scale) + 1
+    img = make_psf(kind, fwhm).drawImage(nx=n, ny=n, scale=pixel_scale)
+    return float(img.array.max())
+
+
+def band_setups(
+    bands: Sequence[str],
+    *,
+    depth: float | Mapping[str, float],
+    psf: str,
+    psf_fwhm: float,
+    pixel_scale: float,
+) -> tuple[BandSetup, ...]:
+    """Per-band PSF, noise, gain and saturation for a simulated survey.
+
+    Parameters
+    ----------
+    bands : sequence of str
+        Validated band names.
+    depth : float or mapping
+        r-band 5σ depth (other bands offset by :data:`DEPTH_OFFSET`), or a
+        ``{band: depth}`` mapping covering every band.
+    psf : {"kolmogorov", "moffat"}
+    psf_fwhm : float
+        r-band PSF FWHM (arcsec).
+    pixel_scale : float
+        Arcsec per pixel.
+
+    Returns
+    -------
+    tuple of BandSetup
+    """
+    out = []
+    for band in bands:
+        m5 = float(depth[band]) if isinstance(depth, Mapping) else float(depth) + DEPTH_OFFSET[band]
+        fwhm = psf_fwhm_for(band, psf_fwhm)
+        fwhm_px = fwhm / pixel_scale
+        f5 = 10.0 ** (-0.4 * (m5 - ZERO_POINT))
+        sky_sigma = f5 / (5.0 * math.sqrt(NEA_FACTOR * fwhm_px**2))
+        sky_per_pixel = 10.0 ** (-0.4 * (SKY_MAG[band] - ZERO_POINT)) * pixel_scale**2
+        gain = sky_per_pixel / sky_sigma**2
+        peak = _peak_fraction(psf, fwhm, pixel_scale)
+        saturation = float(f"{10.0 ** (-0.4 * (SATURATION_MAG - ZERO_POINT)) * peak:.4g}")
+        out.append(
+            BandSetup(
+                name=band,
+                code=LSST_BANDS.index(band),
+                zero_point=ZERO_POINT,
+                psf_fwhm=fwhm,
+                depth=m5,
+                sky_sigma=sky_sigma,
+                gain=gain,
+                saturation=saturation,
+            )
+        )
+    return tuple(out)

@@ -1,0 +1,69 @@
+"""Keep glibc's allocator from thrashing while GalSim draws on a Dask worker.
+
+Dask's nanny starts workers with ``MALLOC_TRIM_THRESHOLD_=65536``. Setting any
+malloc threshold switches off glibc's dynamic mmap threshold, so every buffer
+of 128 KiB or more (GalSim's FFT and k-space images) is mmap-ed, page-faulted
+and unmapped again, and the heap top is trimmed after every free: measured,
+this doubles the time GalSim takes to draw a block (3.6 s instead of 1.8 s).
+
+:func:`drawing_allocator` raises the mmap and trim thresholds for the duration
+of a block and afterwards restores the values from the environment and trims
+the heap, so the worker still hands its memory back as Dask intends. It does
+nothing unless the process runs on glibc with such a variable set (otherwise
+glibc's dynamic thresholds are already in force).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import ctypes.util
+import logging
+import os
+import platform
+from collections.abc import Iterator
+
+__all__ = ["drawing_allocator"]
+
+logger = logging.getLogger(__name__)
+
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_THRESHOLD = -3
+_DEFAULT_THRESHOLD = 128 * 1024  # glibc's initial value of both thresholds
+_DRAW_MMAP_THRESHOLD = 32 * 1024 * 1024
+_DRAW_TRIM_THRESHOLD = 64 * 1024 * 1024
+_ENV = ("MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_")
+
+
+def _libc():
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return None
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    except OSError:
+        return None
+    return libc if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
+
+
+def _env_threshold(name: str) -> int:
+    try:
+        return int(os.environ[name])
+    except (KeyError, ValueError):
+        return _DEFAULT_THRESHOLD
+
+
+@contextlib.contextmanager
+def drawing_allocator() -> Iterator[None]:
+    """Context in which large allocations are recycled instead of mmap-ed each time."""
+    libc = _libc() if any(name in os.environ for name in _ENV) else None
+    if libc is None:
+        yield
+        return
+    libc.mallopt(_M_MMAP_THRESHOLD, _DRAW_MMAP_THRESHOLD)
+    libc.mallopt(_M_TRIM_THRESHOLD, _DRAW_TRIM_THRESHOLD)
+    try:
+        yield
+    finally:
+        libc.mallopt(_M_TRIM_THRESHOLD, _env_threshold("MALLOC_TRIM_THRESHOLD_"))
+        libc.mallopt(_M_MMAP_THRESHOLD, _env_threshold("MALLOC_MMAP_THRESHOLD_"))
+        libc.malloc_trim(0)
