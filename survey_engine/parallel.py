@@ -81,7 +81,7 @@ def dask_client(
             threads_per_worker=threads_per_worker,
             processes=processes,
             memory_limit=memory_limit,
-            dashboard_address=None,
+            dashboard_address=":0",
             silence_logs=logging.WARNING,
         ) as cluster,
         Client(cluster) as c,
