@@ -9,8 +9,10 @@ collects per-item failures instead of letting one bad item sink the others.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
+import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -165,7 +167,14 @@ def map_tasks(
     if not items:
         return out
     shared = {k: client.scatter(v, broadcast=True) if _is_big(v) else v for k, v in kwargs.items()}
-    futures = client.map(func, items, pure=False, retries=retries, **shared)
+    futures = client.map(
+        _TaskCall(func),
+        items,
+        pure=False,
+        retries=retries,
+        key=f"{desc}-{uuid.uuid4().hex[:8]}",
+        **shared,
+    )
     by_future = dict(zip(futures, keys, strict=True))
     with tqdm(total=len(items), desc=desc, disable=not progress, unit="task") as bar:
         for fut in as_completed(futures):
@@ -182,6 +191,20 @@ def map_tasks(
             fut.release()
             bar.update(1)
     return out
+
+
+class _TaskCall:
+    """Runs a task function on a worker with the allocator tuned for large arrays."""
+
+    def __init__(self, func: Callable[..., Any]):
+        self.func = func
+        functools.update_wrapper(self, func)
+
+    def __call__(self, item: Any, **kwargs: Any) -> Any:
+        from ._malloc import task_allocator
+
+        with task_allocator():
+            return self.func(item, **kwargs)
 
 
 def _is_big(value: Any) -> bool:

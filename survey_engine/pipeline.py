@@ -193,8 +193,8 @@ def analyse_window(
     )
     c = meas.columns
     r = meas.extent
-    yw = c["y"] - window.y0
-    xw = c["x"] - window.x0
+    yw = c["y_iso"] - window.y0
+    xw = c["x_iso"] - window.x0
     # Apertures are clipped by sep at the mosaic edge (flagged), so only cut window edges count.
     ext_ok = (
         ((yw - r >= lo_y - 0.5) | (window.y0 == mosaic.y0))
@@ -283,6 +283,8 @@ def catalog_rows(
     for k in (
         "x",
         "y",
+        "x_iso",
+        "y_iso",
         "x_err",
         "y_err",
         "a",

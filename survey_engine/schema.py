@@ -39,6 +39,8 @@ class Flag(enum.IntFlag):
     """The object could not be measured whole (larger than the largest window tried)."""
     APERTURE_TRUNCATED = 64
     """The Kron aperture extends beyond the mosaic."""
+    WINDOW_FAILED = 128
+    """The windowed centroid did not converge; x, y are the isophotal barycentre."""
 
 
 def flag_descriptions() -> dict[str, tuple[int, str]]:
@@ -102,11 +104,19 @@ def catalog_columns(
             "x",
             "float64",
             "pix",
-            "isophotal barycentre, 0-based mosaic column (pixel centre = integer); centre of the apertures",
+            "windowed centroid (Gaussian window, SExtractor XWIN), 0-based mosaic column; "
+            "pixel centres are integers",
         ),
-        ColumnSpec("y", "float64", "pix", "isophotal barycentre, 0-based mosaic row"),
+        ColumnSpec("y", "float64", "pix", "windowed centroid, 0-based mosaic row"),
         ColumnSpec("x_err", "float64", "pix", "1-sigma error of x from the variance plane"),
         ColumnSpec("y_err", "float64", "pix", "1-sigma error of y from the variance plane"),
+        ColumnSpec(
+            "x_iso",
+            "float64",
+            "pix",
+            "isophotal barycentre, 0-based mosaic column; centre of the Kron and circular apertures",
+        ),
+        ColumnSpec("y_iso", "float64", "pix", "isophotal barycentre, 0-based mosaic row"),
         ColumnSpec(
             "x_peak",
             "int64",

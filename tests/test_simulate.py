@@ -30,7 +30,7 @@ from survey_engine.simulate._draw import (
     render_block,
     select_objects,
 )
-from survey_engine.simulate._malloc import drawing_allocator
+from survey_engine._malloc import drawing_allocator
 from survey_engine.simulate._scene import enclosed_fraction
 
 PIXEL_AREA_DEG2 = (0.2 / 3600.0) ** 2

@@ -259,7 +259,6 @@ def detect_sources(
     # Isolated parents keep their single child as found.
     iso_parent = kids == 1
     iso_parent[0] = False
-    sel = iso_parent[parents]
     next_label = 1
     out_parent: list[np.ndarray] = []
     iso_ids = np.flatnonzero(iso_parent)
@@ -267,7 +266,7 @@ def detect_sources(
     # is not required: final IDs come from peak positions).
     remap = np.zeros(n_parents + 1, dtype=np.int32)
     remap[iso_ids] = np.arange(1, len(iso_ids) + 1, dtype=np.int32)
-    labels[sel] = remap[parents[sel]]
+    labels = remap[parents]  # blended parents map to 0 and are filled below
     out_parent.append(iso_ids.astype(np.int32))
     next_label += len(iso_ids)
     n_children = [np.ones(len(iso_ids), dtype=np.int32)]
@@ -296,6 +295,8 @@ def detect_sources(
                 logger.warning("deblending overflow in a parent of %d px: %s", in_parent.sum(), err)
                 overflow = True
                 cseg = np.where(in_parent, 1, 0).astype(np.int32)
+            # Children = labels present on the parent's pixels: never empty, so no renumbering
+            # is needed afterwards.
             child_ids = np.unique(cseg[in_parent])
             child_ids = child_ids[child_ids > 0]
             if len(child_ids) == 0:  # cannot happen for a parent found above; keep it whole
@@ -313,12 +314,4 @@ def detect_sources(
 
     parent = np.concatenate(out_parent)
     nchild = np.concatenate(n_children)
-    # Drop children that ended up with no pixel (sep can return empty sub-objects).
-    counts = np.bincount(labels.ravel(), minlength=next_label)[1:]
-    if np.any(counts == 0):
-        keep = counts > 0
-        lut = np.zeros(next_label, dtype=np.int32)
-        lut[1:][keep] = np.arange(1, keep.sum() + 1, dtype=np.int32)
-        labels = lut[labels]
-        parent, nchild = parent[keep], nchild[keep]
     return DetectionResult(labels, parent, parents, nchild, overflow)

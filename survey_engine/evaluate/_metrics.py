@@ -1,0 +1,347 @@
+"""Metrics of a matched catalog: binned fractions, robust statistics, close pairs, IoU.
+
+Pure numpy/scipy functions; :func:`survey_engine.evaluate.evaluate` puts them together.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+from scipy.spatial import cKDTree
+
+__all__ = [
+    "MAD_TO_SIGMA",
+    "binned_fraction",
+    "binned_stats",
+    "blended_in_truth",
+    "close_pairs",
+    "mag_at_fraction",
+    "pair_recovery",
+    "robust_stats",
+    "segmentation_iou",
+]
+
+#: Scale of the median absolute deviation to a Gaussian σ.
+MAD_TO_SIGMA = 1.4826
+
+
+def robust_stats(values: np.ndarray) -> dict[str, Any]:
+    """Median and robust scatter (1.4826 × MAD) of the finite values.
+
+    Parameters
+    ----------
+    values : numpy.ndarray
+        Sample (non-finite entries are ignored).
+
+    Returns
+    -------
+    dict
+        ``n``, ``median``, ``scatter`` (NaN when ``n`` is 0).
+    """
+    v = np.asarray(values, dtype=np.float64)
+    v = v[np.isfinite(v)]
+    if len(v) == 0:
+        return {"n": 0, "median": float("nan"), "scatter": float("nan")}
+    med = float(np.median(v))
+    return {
+        "n": len(v),
+        "median": med,
+        "scatter": float(MAD_TO_SIGMA * np.median(np.abs(v - med))),
+    }
+
+
+def binned_fraction(
+    values: np.ndarray, success: np.ndarray, edges: Sequence[float]
+) -> list[dict[str, Any]]:
+    """Fraction of successes per bin ``[lo, hi)`` of ``values``.
+
+    Parameters
+    ----------
+    values : numpy.ndarray
+        Quantity binned (e.g. magnitude); non-finite values fall in no bin.
+    success : numpy.ndarray of bool
+        Per entry: counted as a success.
+    edges : sequence of float
+        Increasing bin edges.
+
+    Returns
+    -------
+    list of dict
+        Per bin: ``lo``, ``hi``, ``n``, ``k`` (successes), ``fraction`` (NaN when
+        empty) and ``error`` (binomial, ``sqrt(f (1 - f) / n)``).
+    """
+    v = np.asarray(values, dtype=np.float64)
+    s = np.asarray(success, dtype=bool)
+    edges = np.asarray(edges, dtype=np.float64)
+    idx = np.digitize(v, edges) - 1
+    inside = np.isfinite(v) & (idx >= 0) & (idx < len(edges) - 1)
+    n = np.bincount(idx[inside], minlength=len(edges) - 1)
+    k = np.bincount(idx[inside], weights=s[inside].astype(float), minlength=len(edges) - 1)
+    out = []
+    for b in range(len(edges) - 1):
+        nb, kb = int(n[b]), int(round(k[b]))
+        f = kb / nb if nb else float("nan")
+        err = float(np.sqrt(f * (1 - f) / nb)) if nb else float("nan")
+        out.append(
+            {
+                "lo": float(edges[b]),
+                "hi": float(edges[b + 1]),
+                "n": nb,
+                "k": kb,
+                "fraction": f,
+                "error": err,
+            }
+        )
+    return out
+
+
+def binned_stats(
+    values: np.ndarray, sample: np.ndarray, edges: Sequence[float]
+) -> list[dict[str, Any]]:
+    """:func:`robust_stats` of ``sample`` per bin ``[lo, hi)`` of ``values``.
+
+    Parameters
+    ----------
+    values : numpy.ndarray
+        Quantity binned.
+    sample : numpy.ndarray
+        Quantity summarised (same length).
+    edges : sequence of float
+        Increasing bin edges.
+
+    Returns
+    -------
+    list of dict
+        Per bin: ``lo``, ``hi``, ``n``, ``median``, ``scatter``.
+    """
+    v = np.asarray(values, dtype=np.float64)
+    s = np.asarray(sample, dtype=np.float64)
+    out = []
+    for lo, hi in zip(edges[:-1], edges[1:], strict=True):
+        sel = (v >= lo) & (v < hi)
+        out.append({"lo": float(lo), "hi": float(hi), **robust_stats(s[sel])})
+    return out
+
+
+def mag_at_fraction(bins: list[dict[str, Any]], level: float, min_n: int = 5) -> float:
+    """Magnitude where a binned fraction first drops below ``level``.
+
+    Bins with fewer than ``min_n`` entries are skipped. The magnitude is
+    interpolated linearly between the centres of the last bin at or above
+    ``level`` and the first bin below it.
+
+    Parameters
+    ----------
+    bins : list of dict
+        Output of :func:`binned_fraction` over increasing magnitudes.
+    level : float
+        Fraction, e.g. 0.9.
+    min_n : int
+        Smallest bin population used.
+
+    Returns
+    -------
+    float
+        The magnitude, or NaN when the fraction never reaches or never drops below ``level``.
+    """
+    pts = [(0.5 * (b["lo"] + b["hi"]), b["fraction"]) for b in bins if b["n"] >= min_n]
+    prev = None
+    for m, f in pts:
+        if f < level:
+            if prev is None:
+                return float("nan")
+            m0, f0 = prev
+            return float(m0 + (f0 - level) / (f0 - f) * (m - m0))
+        prev = (m, f)
+    return float("nan")
+
+
+def close_pairs(
+    x: np.ndarray, y: np.ndarray, max_sep: float
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """All pairs ``i < j`` closer than ``max_sep`` (same unit as ``x``, ``y``).
+
+    Parameters
+    ----------
+    x, y : numpy.ndarray
+        Positions.
+    max_sep : float
+        Largest separation (exclusive).
+
+    Returns
+    -------
+    i, j : numpy.ndarray of int64
+        Members of each pair, ``i < j``, sorted by ``(i, j)``.
+    sep : numpy.ndarray of float64
+        Separations.
+    """
+    p = np.column_stack([np.asarray(x, np.float64), np.asarray(y, np.float64)])
+    ok = np.flatnonzero(np.isfinite(p).all(axis=1))
+    if len(ok) < 2:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0)
+    pairs = cKDTree(p[ok]).query_pairs(max_sep, output_type="ndarray")
+    if len(pairs) == 0:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0)
+    i, j = ok[pairs[:, 0]], ok[pairs[:, 1]]
+    i, j = np.minimum(i, j), np.maximum(i, j)
+    sep = np.hypot(p[i, 0] - p[j, 0], p[i, 1] - p[j, 1])
+    keep = sep < max_sep
+    i, j, sep = i[keep], j[keep], sep[keep]
+    order = np.lexsort((j, i))
+    return i[order], j[order], sep[order]
+
+
+def blended_in_truth(
+    n: int, i: np.ndarray, j: np.ndarray, flux: np.ndarray, ratio: float
+) -> np.ndarray:
+    """Objects with a close neighbour at least ``ratio`` times as bright.
+
+    Parameters
+    ----------
+    n : int
+        Number of objects.
+    i, j : numpy.ndarray
+        Close pairs (from :func:`close_pairs`).
+    flux : numpy.ndarray
+        Flux of every object (any linear unit).
+    ratio : float
+        Neighbour flux ÷ own flux at and above which an object counts as blended.
+
+    Returns
+    -------
+    numpy.ndarray of bool
+    """
+    out = np.zeros(n, dtype=bool)
+    f = np.asarray(flux, dtype=np.float64)
+    out[i[f[j] >= ratio * f[i]]] = True
+    out[j[f[i] >= ratio * f[j]]] = True
+    return out
+
+
+def pair_recovery(
+    sep: np.ndarray, found_i: np.ndarray, found_j: np.ndarray, edges: Sequence[float]
+) -> list[dict[str, Any]]:
+    """How many close pairs have both, one or none of their members found, per separation bin.
+
+    Parameters
+    ----------
+    sep : numpy.ndarray
+        Separation of each pair.
+    found_i, found_j : numpy.ndarray of bool
+        Whether each member was matched.
+    edges : sequence of float
+        Separation bin edges (``[lo, hi)``).
+
+    Returns
+    -------
+    list of dict
+        Per bin: ``lo``, ``hi``, ``n``, ``both``, ``one``, ``none``,
+        ``fraction`` (both found ÷ n; NaN when empty), ``error`` (binomial).
+    """
+    both = np.asarray(found_i, bool) & np.asarray(found_j, bool)
+    one = np.asarray(found_i, bool) ^ np.asarray(found_j, bool)
+    rows = binned_fraction(sep, both, edges)
+    sep = np.asarray(sep, np.float64)
+    for r in rows:
+        sel = (sep >= r["lo"]) & (sep < r["hi"])
+        r["both"] = r.pop("k")
+        r["one"] = int(one[sel].sum())
+        r["none"] = r["n"] - r["both"] - r["one"]
+    return rows
+
+
+def segmentation_iou(
+    segmentation,
+    truth_segmentation,
+    catalog_ids: np.ndarray,
+    truth_ids: np.ndarray,
+    cat_index: np.ndarray,
+    truth_index: np.ndarray,
+    *,
+    strip: int = 1024,
+) -> np.ndarray:
+    """Intersection over union of the footprints of matched objects.
+
+    Both maps are read in row strips (any object with numpy-style 2-D slicing:
+    numpy or Zarr arrays), so mosaics larger than memory can be evaluated.
+
+    Parameters
+    ----------
+    segmentation : array-like
+        ``(y, x)`` catalog segmentation: catalog id per pixel, 0 = none.
+    truth_segmentation : array-like
+        ``(y, x)`` truth segmentation: truth id per pixel, 0 = none.
+    catalog_ids, truth_ids : numpy.ndarray
+        Ids of the catalog rows and truth rows (values in the maps).
+    cat_index, truth_index : numpy.ndarray
+        Row indices of the matched pairs.
+    strip : int
+        Rows read at a time.
+
+    Returns
+    -------
+    numpy.ndarray of float64
+        IoU of each pair (NaN when neither footprint has a pixel).
+
+    Raises
+    ------
+    ValueError
+        The two maps differ in shape.
+    """
+    if tuple(segmentation.shape) != tuple(truth_segmentation.shape):
+        msg = (
+            f"segmentation shape {tuple(segmentation.shape)} differs from the truth "
+            f"segmentation shape {tuple(truth_segmentation.shape)}"
+        )
+        raise ValueError(msg)
+    cids = np.asarray(catalog_ids, dtype=np.int64)
+    tids = np.asarray(truth_ids, dtype=np.int64)
+    nc, nt = len(cids), len(tids)
+    c_order, t_order = np.argsort(cids), np.argsort(tids)
+    c_sorted, t_sorted = cids[c_order], tids[t_order]
+    area_c = np.zeros(nc, np.int64)
+    area_t = np.zeros(nt, np.int64)
+    keys, counts = [], []
+    ny = int(segmentation.shape[0])
+    for y0 in range(0, ny, strip):
+        s = np.asarray(segmentation[y0 : y0 + strip], dtype=np.int64).ravel()
+        t = np.asarray(truth_segmentation[y0 : y0 + strip], dtype=np.int64).ravel()
+        ci = _lookup(s, c_sorted, c_order)
+        ti = _lookup(t, t_sorted, t_order)
+        area_c += np.bincount(ci[ci >= 0], minlength=nc)
+        area_t += np.bincount(ti[ti >= 0], minlength=nt)
+        both = (ci >= 0) & (ti >= 0)
+        if both.any():
+            k, c = np.unique(ci[both] * nt + ti[both], return_counts=True)
+            keys.append(k)
+            counts.append(c)
+    if keys:
+        allk, inv = np.unique(np.concatenate(keys), return_inverse=True)
+        allc = np.bincount(inv, weights=np.concatenate(counts))
+    else:
+        allk, allc = np.zeros(0, np.int64), np.zeros(0)
+    ci = np.asarray(cat_index, np.int64)
+    ti = np.asarray(truth_index, np.int64)
+    want = ci * nt + ti
+    inter = np.zeros(len(want))
+    if len(allk):
+        pos = np.clip(np.searchsorted(allk, want), 0, len(allk) - 1)
+        inter = np.where(allk[pos] == want, allc[pos], 0.0)
+    union = area_c[ci] + area_t[ti] - inter
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(union > 0, inter / np.where(union > 0, union, 1), np.nan)
+
+
+def _lookup(values: np.ndarray, sorted_ids: np.ndarray, order: np.ndarray) -> np.ndarray:
+    """Row index of each value among ``sorted_ids`` (−1 for 0 and unknown ids)."""
+    out = np.full(len(values), -1, dtype=np.int64)
+    if len(sorted_ids) == 0:
+        return out
+    nz = np.flatnonzero(values != 0)
+    v = values[nz]
+    pos = np.clip(np.searchsorted(sorted_ids, v), 0, len(sorted_ids) - 1)
+    hit = sorted_ids[pos] == v
+    out[nz[hit]] = order[pos[hit]]
+    return out
