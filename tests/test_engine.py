@@ -229,3 +229,15 @@ def test_bad_parameters_are_refused(mosaic, tmp_path, kwargs, exc, match):
 def test_missing_mosaic_is_named(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"mosaic not found: .*nowhere\.zarr"):
         run(tmp_path / "nowhere.zarr", tmp_path / "out", progress=False)
+
+
+def test_deblending_overflow_is_flagged_not_fatal(mosaic, client, tmp_path):
+    out = run(
+        mosaic, tmp_path, tile=SIZE, halo=64, client=client, progress=False,
+        sub_object_limit=1, max_sub_object_limit=1,
+    )  # fmt: skip
+    cat = read_catalog(out.catalog_path)
+    flags = np.asarray(cat["flags"])
+    assert len(cat) > 100
+    assert np.all(flags & 16)  # DEBLEND_OVERFLOW on every object of the window
+    assert not np.any(flags & 8)  # nothing deblended

@@ -166,3 +166,37 @@ def test_measurement_matches_truth_and_sep_reference():
         np.testing.assert_allclose(c["x_iso"][k], ref["x"][j], atol=0.02)
         np.testing.assert_allclose(c["a"][k], ref["a"][j], rtol=0.05)
         np.testing.assert_allclose(m.bands["r"]["iso_flux"][k], ref["flux"][j], rtol=0.02)
+
+
+def _ring(rng):
+    yy, xx = np.mgrid[:100, :100]
+    img = np.zeros((100, 100))
+    for i in range(12):
+        x0, y0 = 50 + 8 * np.cos(i / 2), 50 + 8 * np.sin(i / 2)
+        img += 3000 / (2 * np.pi * 2.25) * np.exp(-((xx - x0) ** 2 + (yy - y0) ** 2) / 4.5)
+    return (img + rng.normal(0, 1, img.shape)).astype(np.float32)
+
+
+def test_deblending_overflow_is_retried_with_larger_limits():
+    img = _ring(np.random.default_rng(0))
+    cfg = DetectionConfig(sub_object_limit=1, max_sub_object_limit=4096)
+    res = detect_sources(img, np.ones_like(img), np.zeros(img.shape, bool), cfg)
+    assert not res.overflow
+    assert res.n_objects >= 1
+
+
+def test_deblending_overflow_beyond_the_limit_is_flagged_not_fatal():
+    img = _ring(np.random.default_rng(0))
+    cfg = DetectionConfig(sub_object_limit=1, max_sub_object_limit=1)
+    res = detect_sources(img, np.ones_like(img), np.zeros(img.shape, bool), cfg)
+    assert res.overflow
+    assert res.n_objects == 1  # the parent, kept whole
+    assert np.count_nonzero(res.labels) > 100
+
+
+def test_pixel_stack_overflow_is_retried():
+    img = _ring(np.random.default_rng(1))
+    cfg = DetectionConfig(pixstack=16, max_pixstack=16)  # far too small: grown to the array size
+    res = detect_sources(img, np.ones_like(img), np.zeros(img.shape, bool), cfg)
+    assert res.n_objects >= 1
+    assert not res.overflow

@@ -18,6 +18,7 @@ Isolated parents (one child) involve no random allocation and are kept as found.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 
@@ -58,7 +59,10 @@ class DetectionConfig:
     max_pixstack : int
         Largest pixel stack tried before the window is flagged.
     sub_object_limit : int
-        Initial sep deblending sub-object limit; grown on overflow.
+        Initial sep deblending sub-object limit; grown ×4 on overflow.
+    max_sub_object_limit : int
+        Largest sub-object limit tried; beyond it the window (or the parent) is
+        processed without deblending and its objects get ``DEBLEND_OVERFLOW``.
     """
 
     thresh: float = 1.5
@@ -68,7 +72,8 @@ class DetectionConfig:
     filter_kernel: tuple[tuple[float, ...], ...] | None = ((1, 2, 1), (2, 4, 2), (1, 2, 1))
     pixstack: int = 300_000
     max_pixstack: int = 64_000_000
-    sub_object_limit: int = 4096
+    sub_object_limit: int = 1024
+    max_sub_object_limit: int = 65536
 
     def __post_init__(self):
         if not np.isfinite(self.thresh) or self.thresh <= 0:
@@ -180,10 +185,13 @@ def _extract(data, var, mask, cfg: DetectionConfig, deblend_cont: float):
     """sep.extract with the project's fixed options; grows sep's limits on overflow."""
     # sep allocates (and clears) its whole pixel stack on every call, so the stack is sized to
     # the array: a cutout call with a large stack costs ~30x more than the deblending itself.
-    pixstack = max(1024, min(cfg.pixstack, data.size + 16))
+    # A stack as large as the array can never overflow, so the growth is bounded by that.
+    max_stack = max(int(cfg.max_pixstack), data.size + 16)
+    pixstack = max(1024, min(int(cfg.pixstack), data.size + 16))
+    sublimit = int(cfg.sub_object_limit)
     while True:
         sep.set_extract_pixstack(pixstack)
-        sep.set_sub_object_limit(max(cfg.sub_object_limit, sep.get_sub_object_limit()))
+        sep.set_sub_object_limit(sublimit)
         try:
             return sep.extract(
                 data,
@@ -200,11 +208,22 @@ def _extract(data, var, mask, cfg: DetectionConfig, deblend_cont: float):
             )
         except Exception as err:
             text = str(err)
-            if "pixel buffer full" in text and pixstack < cfg.max_pixstack:
-                pixstack *= 4
+            if "pixel buffer full" in text and pixstack < max_stack:
+                pixstack = min(pixstack * 4, max_stack)
                 logger.info("sep pixel stack full; retrying with %d", pixstack)
                 continue
+            if "deblending overflow" in text and sublimit < cfg.max_sub_object_limit:
+                sublimit = min(sublimit * 4, int(cfg.max_sub_object_limit))
+                logger.info("sep sub-object limit reached; retrying with %d", sublimit)
+                continue
             raise
+
+
+def _no_deblend(cfg: DetectionConfig) -> DetectionConfig:
+    """The same detection without deblending (fallback after an overflow)."""
+    return dataclasses.replace(
+        cfg, deblend_nthresh=1, sub_object_limit=1024, max_sub_object_limit=1024
+    )
 
 
 def detect_sources(
@@ -238,7 +257,7 @@ def detect_sources(
         # fall back to no deblending, then flag.
         logger.warning("sep failed with deblending (%s); retrying without deblending", err)
         overflow = True
-        _, seg = _extract(data, var, mask, cfg, 1.0)
+        _, seg = _extract(data, var, mask, _no_deblend(cfg), 1.0)
 
     parents, n_parents = ndimage.label(seg > 0, structure=_EIGHT)
     labels = np.zeros(seg.shape, dtype=np.int32)
