@@ -4,13 +4,17 @@ from __future__ import annotations
 
 from .catalog import read_catalog
 from .engine import RunError, RunResult, run
+from .evaluate import EvaluationResult, evaluate
 from .flags import MASK_BITS, MaskBit
+from .ingest import ingest_fits
 from .mosaic import Mosaic, MosaicRegion, create_mosaic, open_mosaic
+from .simulate import read_truth, simulate  # GalSim itself is imported when drawing
 
 __version__ = "0.1.0"
 
 __all__ = [
     "MASK_BITS",
+    "EvaluationResult",
     "MaskBit",
     "Mosaic",
     "MosaicRegion",
@@ -18,21 +22,11 @@ __all__ = [
     "RunResult",
     "__version__",
     "create_mosaic",
+    "evaluate",
+    "ingest_fits",
     "open_mosaic",
     "read_catalog",
+    "read_truth",
     "run",
+    "simulate",
 ]
-
-
-def __getattr__(name):
-    # Heavy optional parts are imported on first use.
-    if name in ("simulate", "read_truth"):
-        from . import simulate as _sim
-
-        return getattr(_sim, name) if name == "read_truth" else _sim.simulate
-    if name == "ingest_fits":
-        from .ingest import ingest_fits
-
-        return ingest_fits
-    msg = f"module 'survey_engine' has no attribute {name!r}"
-    raise AttributeError(msg)

@@ -313,5 +313,68 @@ def compare_with_truth(catalog_path, truth_path, radius: float = 2.0) -> str:
     return "\n".join(lines)
 
 
+# -- evaluate ------------------------------------------------------------------------------
+@main.command("evaluate")
+@click.argument("catalog", type=click.Path())
+@click.argument("truth", type=click.Path())
+@click.option(
+    "--radius", default=1.0, show_default=True, type=float,
+    help="Match radius in arcsec (in pixels with --pixels).",
+)  # fmt: skip
+@click.option("--pixels", is_flag=True, help="--radius is in pixels.")
+@click.option(
+    "--method", default="optimal", show_default=True, type=click.Choice(["optimal", "greedy"]),
+    help="One-to-one matching: linear assignment, or greedy by distance.",
+)  # fmt: skip
+@click.option(
+    "--band", default=None, help="Band of the magnitudes (default: the catalog's reference band)."
+)
+@click.option(
+    "--mosaic", default=None, type=click.Path(),
+    help="Mosaic (truth segmentation, cutouts). Default: the one named in the catalog, if it exists.",
+)  # fmt: skip
+@click.option(
+    "--segmentation", default=None, type=click.Path(),
+    help="Catalog segmentation map. Default: segmentation.zarr beside CATALOG, if present.",
+)  # fmt: skip
+@click.option(
+    "--mag-limit", default=25.0, show_default=True, type=float,
+    help="Bright sample for close pairs and residuals.",
+)  # fmt: skip
+@click.option("--plots", "plots_dir", default=None, type=click.Path(), help="Write PNG plots here.")
+@click.option(
+    "--json", "json_out", default=None, type=click.Path(), help="Write the summary as JSON."
+)
+def evaluate_cmd(catalog, truth, radius, pixels, method, band, mosaic, segmentation, mag_limit,
+                 plots_dir, json_out):  # fmt: skip
+    """Compare CATALOG (Parquet) with the simulation's TRUTH table: completeness, purity, blends."""
+    import astropy.units as u
+
+    from .catalog import catalog_metadata
+    from .evaluate import evaluate as _evaluate
+
+    cat_path = Path(catalog)
+    if mosaic is None and cat_path.exists():
+        named = catalog_metadata(cat_path).get("mosaic")
+        if named and ("://" in named or Path(named).exists()):
+            mosaic = named
+    if segmentation is None and (cat_path.parent / "segmentation.zarr").exists():
+        segmentation = str(cat_path.parent / "segmentation.zarr")
+    try:
+        res = _evaluate(
+            catalog, truth, radius=radius * u.pix if pixels else radius, method=method, band=band,
+            mosaic=mosaic, segmentation=segmentation, mag_limit=mag_limit,
+        )  # fmt: skip
+        click.echo(res.table())
+        if json_out:
+            res.to_json(json_out)
+            click.echo(f"summary written to {json_out}")
+        if plots_dir:
+            paths = res.plot(plots_dir)
+            click.echo(f"{len(paths)} plot(s) written to {plots_dir}")
+    except (ValueError, KeyError, TypeError, FileNotFoundError, OSError) as err:
+        _fail(err)
+
+
 if __name__ == "__main__":
     main()

@@ -15,7 +15,13 @@ import numpy as np
 from scipy import ndimage
 
 from .flags import UNUSABLE, MaskBit
-from .kernels.detect import DetectionConfig, DetectionResult, detect_sources, detection_image
+from .kernels.detect import (
+    DetectionConfig,
+    DetectionResult,
+    detect_sources,
+    detection_image,
+    matched_filter,
+)
 from .kernels.measure import MeasureConfig, Measurements, measure_sources
 from .mosaic import MosaicRegion
 from .schema import ColumnSpec, Flag, catalog_columns, empty_columns
@@ -171,6 +177,7 @@ def analyse_window(
         usable_bits=UNUSABLE,
         sat_bit=int(MaskBit.SAT),
         origin=(window.y0, window.x0),
+        filtered=matched_filter(det, det_var, cfg.detection),
     )
     n = res.n_objects
     if n == 0:

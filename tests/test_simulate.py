@@ -9,6 +9,7 @@ import pytest
 from astropy import units as u
 from numpy.testing import assert_allclose, assert_array_equal
 
+from survey_engine._malloc import drawing_allocator
 from survey_engine.flags import MaskBit
 from survey_engine.mosaic import open_mosaic
 from survey_engine.parallel import dask_client
@@ -30,7 +31,6 @@ from survey_engine.simulate._draw import (
     render_block,
     select_objects,
 )
-from survey_engine._malloc import drawing_allocator
 from survey_engine.simulate._scene import enclosed_fraction
 
 PIXEL_AREA_DEG2 = (0.2 / 3600.0) ** 2

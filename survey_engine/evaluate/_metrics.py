@@ -5,6 +5,7 @@ Pure numpy/scipy functions; :func:`survey_engine.evaluate.evaluate` puts them to
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from typing import Any
 
@@ -81,7 +82,7 @@ def binned_fraction(
     k = np.bincount(idx[inside], weights=s[inside].astype(float), minlength=len(edges) - 1)
     out = []
     for b in range(len(edges) - 1):
-        nb, kb = int(n[b]), int(round(k[b]))
+        nb, kb = int(n[b]), int(np.rint(k[b]))
         f = kb / nb if nb else float("nan")
         err = float(np.sqrt(f * (1 - f) / nb)) if nb else float("nan")
         out.append(
@@ -119,7 +120,7 @@ def binned_stats(
     v = np.asarray(values, dtype=np.float64)
     s = np.asarray(sample, dtype=np.float64)
     out = []
-    for lo, hi in zip(edges[:-1], edges[1:], strict=True):
+    for lo, hi in itertools.pairwise(edges):
         sel = (v >= lo) & (v < hi)
         out.append({"lo": float(lo), "hi": float(hi), **robust_stats(s[sel])})
     return out

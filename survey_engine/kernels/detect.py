@@ -26,7 +26,13 @@ import numpy as np
 import sep
 from scipy import ndimage
 
-__all__ = ["DetectionConfig", "DetectionResult", "detect_sources", "detection_image"]
+__all__ = [
+    "DetectionConfig",
+    "DetectionResult",
+    "detect_sources",
+    "detection_image",
+    "matched_filter",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -181,6 +187,36 @@ def detection_image(
     return img.astype(np.float32), var.astype(np.float32)
 
 
+def matched_filter(data: np.ndarray, variance: np.ndarray, cfg: DetectionConfig) -> np.ndarray:
+    """The filtered image sep thresholds: ``Σ k d / V`` over ``sqrt(Σ k² / V)`` (S/N per pixel).
+
+    Same formula as sep's ``filter_type="matched"`` with a variance array; used to
+    weight footprint moments exactly as sep does. Unusable pixels (``V = inf``)
+    contribute nothing; outside the array counts as no data.
+
+    Parameters
+    ----------
+    data, variance : numpy.ndarray
+        Detection image and its variance (inf where unusable).
+    cfg : DetectionConfig
+        Holds the kernel (None: the image divided by its noise).
+
+    Returns
+    -------
+    numpy.ndarray
+        float64 filtered image.
+    """
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ivar = np.where(np.isfinite(variance) & (variance > 0), 1.0 / variance, 0.0)
+        k = cfg.kernel
+        if k is None:
+            return np.where(ivar > 0, data * np.sqrt(ivar), 0.0)
+        k = k.astype(np.float64)
+        num = ndimage.correlate(data * ivar, k, mode="constant", cval=0.0)
+        den = ndimage.correlate(ivar, k * k, mode="constant", cval=0.0)
+        return np.where(den > 0, num / np.sqrt(den), 0.0)
+
+
 def _extract(data, var, mask, cfg: DetectionConfig, deblend_cont: float):
     """sep.extract with the project's fixed options; grows sep's limits on overflow."""
     # sep allocates (and clears) its whole pixel stack on every call, so the stack is sized to
@@ -189,6 +225,15 @@ def _extract(data, var, mask, cfg: DetectionConfig, deblend_cont: float):
     max_stack = max(int(cfg.max_pixstack), data.size + 16)
     pixstack = max(1024, min(int(cfg.pixstack), data.size + 16))
     sublimit = int(cfg.sub_object_limit)
+    saved = (sep.get_extract_pixstack(), sep.get_sub_object_limit())
+    try:
+        return _extract_loop(data, var, mask, cfg, deblend_cont, pixstack, max_stack, sublimit)
+    finally:  # sep's limits are process-global: leave them as the caller had them
+        sep.set_extract_pixstack(saved[0])
+        sep.set_sub_object_limit(saved[1])
+
+
+def _extract_loop(data, var, mask, cfg, deblend_cont, pixstack, max_stack, sublimit):
     while True:
         sep.set_extract_pixstack(pixstack)
         sep.set_sub_object_limit(sublimit)

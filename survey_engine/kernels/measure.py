@@ -103,6 +103,7 @@ def measure_sources(
     usable_bits: int,
     sat_bit: int,
     origin: tuple[int, int] = (0, 0),
+    filtered: np.ndarray | None = None,
 ) -> Measurements:
     """Measure every labelled object of a window.
 
@@ -130,6 +131,10 @@ def measure_sources(
     origin : (int, int)
         Mosaic pixel (y, x) of the window's first pixel; positions are returned
         in mosaic coordinates.
+    filtered : numpy.ndarray, optional
+        The filtered detection image sep detected on (:func:`~survey_engine.kernels.detect.matched_filter`).
+        Like sep (and SExtractor), the barycentre and second moments are weighted
+        by it; without it, by the unfiltered detection image clipped at zero.
 
     Returns
     -------
@@ -157,7 +162,10 @@ def measure_sources(
     v = det.ravel()[flat].astype(np.float64)
     iso = bsum(v)
     iso_var = bsum(det_var_clean.ravel()[flat].astype(np.float64))
-    wgt = np.maximum(v, 0.0)
+    if filtered is not None:
+        wgt = filtered.ravel()[flat].astype(np.float64)
+    else:
+        wgt = np.maximum(v, 0.0)
     wsum = bsum(wgt)
     # Barycentre and moments relative to the peak pixel: the sums see the same numbers in
     # the same (raster) order in any window holding the footprint, so they are bit-identical.

@@ -42,10 +42,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .._malloc import drawing_allocator
 from ..flags import MaskBit
 from ._artefacts import ArtefactPlan, apply_artefacts, no_data_mask
 from ._bands import BandSetup, make_psf
-from .._malloc import drawing_allocator
 from ._scene import BULGE_TRUNCATION
 
 __all__ = ["DrawConfig", "draw_block", "object_plan", "render_block", "select_objects"]
