@@ -182,7 +182,21 @@ def describe_mosaic(m) -> str:
 @click.option(
     "--origin", default=0, show_default=True, type=int, help="Offset of the tile grid (px)."
 )
-@click.option("--deblender", default="sep", show_default=True, type=click.Choice(["sep"]))
+@click.option("--deblender", default="sep", show_default=True, type=click.Choice(["sep", "unet"]))
+@click.option(
+    "--model",
+    "unet_model",
+    default=None,
+    type=click.Path(),
+    help="U-Net checkpoint (default: shipped).",
+)
+@click.option(
+    "--device",
+    default="cpu",
+    show_default=True,
+    type=click.Choice(["cpu", "cuda"]),
+    help="Where the unet deblender runs.",
+)
 @click.option(
     "--thresh", default=None, type=float, help="Detection threshold (sigma per pixel; default 1.5)."
 )
@@ -196,15 +210,16 @@ def describe_mosaic(m) -> str:
 @click.option("--scheduler", default=None, help="Address of an existing Dask scheduler.")
 @click.option("--resume", is_flag=True, help="Continue the run in OUTDIR, skipping finished tiles.")
 @click.option("--overwrite", is_flag=True, help="Delete what OUTDIR holds first.")
-def run_cmd(mosaic, outdir, tile, halo, origin, deblender, thresh, minarea, detection_band, workers,
-            scheduler, resume, overwrite):  # fmt: skip
+def run_cmd(mosaic, outdir, tile, halo, origin, deblender, unet_model, device, thresh, minarea,
+            detection_band, workers, scheduler, resume, overwrite):  # fmt: skip
     """Detect, deblend and measure MOSAIC; write OUTDIR/catalog.parquet and segmentation.zarr."""
     from .engine import RunError
     from .engine import run as _run
 
     try:
         res = _run(
-            mosaic, outdir, tile=tile, halo=halo, origin=origin, deblender=deblender, thresh=thresh,
+            mosaic, outdir, tile=tile, halo=halo, origin=origin, deblender=deblender,
+            unet_model=unet_model, device=device, thresh=thresh,
             minarea=minarea, detection_band=detection_band, workers=workers, scheduler=scheduler,
             resume=resume, overwrite=overwrite,
         )  # fmt: skip
@@ -251,7 +266,8 @@ def summarise_run(res) -> str:
     "--workers", type=int, default=None, help="LocalCluster workers (default: one per core)."
 )
 @click.option("--seed", default=42, show_default=True, type=int)
-def demo(outdir, size, bands, tile, workers, seed):
+@click.option("--deblender", default="sep", show_default=True, type=click.Choice(["sep", "unet"]))
+def demo(outdir, size, bands, tile, workers, seed, deblender):
     """Simulate a small mosaic, run the pipeline on a LocalCluster, summarise the catalog vs truth."""
     from .engine import run as _run
     from .mosaic import open_mosaic
@@ -268,8 +284,15 @@ def demo(outdir, size, bands, tile, workers, seed):
     )  # fmt: skip
     click.echo(f"      {len(sim.truth)} objects drawn in {time.perf_counter() - t0:.1f} s")
     click.echo(describe_mosaic(open_mosaic(str(mosaic_path))))
-    click.echo(f"[2/3] running the tiled pipeline (tile {tile}, halo 64) on a LocalCluster …")
-    res = _run(str(mosaic_path), out / "run", tile=tile, halo=64, workers=workers, overwrite=True)
+    halo = 64 if deblender == "sep" else 96
+    click.echo(
+        f"[2/3] running the tiled pipeline ({deblender} deblender, tile {tile}, halo {halo}) "
+        "on a LocalCluster …"
+    )
+    res = _run(
+        str(mosaic_path), out / "run", tile=tile, halo=halo, deblender=deblender, workers=workers,
+        overwrite=True,
+    )  # fmt: skip
     click.echo(summarise_run(res))
     click.echo("[3/3] comparison with the truth catalog (match radius 2 px) …")
     click.echo(compare_with_truth(res.catalog_path, truth_path))

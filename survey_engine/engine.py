@@ -500,6 +500,12 @@ def run(
     if cfg.detection_band is not None:
         m.band_index(cfg.detection_band)  # raises for an unknown band
     grid = make_tiles((m.ny, m.nx), tile, halo, origin=origin)
+    if cfg.deblender == "unet" and grid.halo < cfg.guard + 8:
+        msg = (
+            f"halo must be ≥ {cfg.guard + 8} pixels for the unet deblender (its receptive "
+            f"field, {cfg.guard - int(cfg.detection.minarea)} px, plus margin), got {grid.halo}"
+        )
+        raise ValueError(msg)
     outdir = Path(outdir)
     run_info = {
         "mosaic": os.path.abspath(m.path) if "://" not in m.path else m.path,

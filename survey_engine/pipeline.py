@@ -9,6 +9,7 @@ re-processed by the engine in a larger window.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -48,8 +49,15 @@ class PipelineConfig:
         Background mesh cell size (pixels), anchored at the mosaic origin.
     background_filter : int
         Median filter size of the background mesh (cells).
-    deblender : str
-        Name of the deblender (``"sep"``).
+    deblender : {"sep", "unet"}
+        ``sep``: sep's multi-threshold deblending (made window-independent);
+        ``unet``: the U-Net of :mod:`survey_engine.unet` (foreground + centre maps → instances).
+    unet_model : str or None
+        Checkpoint of the ``unet`` deblender; None: the model shipped with the package.
+    device : str
+        Where the ``unet`` deblender runs: ``"cpu"`` or ``"cuda"``.
+    unet_batch_size : int
+        Patches per forward pass of the ``unet`` deblender.
     """
 
     detection: DetectionConfig = field(default_factory=DetectionConfig)
@@ -59,10 +67,13 @@ class PipelineConfig:
     background_box: int = 128
     background_filter: int = 3
     deblender: str = "sep"
+    unet_model: str | None = None
+    device: str = "cpu"
+    unet_batch_size: int = 4
 
     def __post_init__(self):
-        if self.deblender != "sep":
-            msg = f"unknown deblender {self.deblender!r}; available: 'sep'"
+        if self.deblender not in DEBLENDERS:
+            msg = f"unknown deblender {self.deblender!r}; available: {', '.join(map(repr, DEBLENDERS))}"
             raise ValueError(msg)
         if self.combine not in ("ivar", "chi2"):
             msg = f"combine must be 'ivar' or 'chi2', got {self.combine!r}"
@@ -73,8 +84,20 @@ class PipelineConfig:
 
     @property
     def guard(self) -> int:
-        """Pixels kept between a footprint and a cut window edge (filter pad + minarea slivers)."""
-        return self.detection.pad + int(self.detection.minarea)
+        """Pixels kept between a footprint and a cut window edge (detection pad + minarea slivers).
+
+        For the ``unet`` deblender the pad is the network's receptive radius.
+        """
+        pad = self.detection.pad
+        if self.deblender == "unet":
+            from .unet import model_pad
+
+            pad = max(pad, model_pad(_unet_model(self.unet_model, self.device)))
+        return pad + int(self.detection.minarea)
+
+    def unet(self):
+        """The ``unet`` deblender's model, loaded once per process."""
+        return _unet_model(self.unet_model, self.device)
 
     def to_dict(self) -> dict:
         """JSON-serialisable form."""
@@ -104,6 +127,16 @@ class PipelineConfig:
             image_unit=image_unit,
             reference_band=self.reference_band(bands),
         )
+
+
+DEBLENDERS = ("sep", "unet")
+
+
+@functools.lru_cache(maxsize=4)
+def _unet_model(path: str | None, device: str):
+    from .unet import load_model
+
+    return load_model(path, device=device)
 
 
 @dataclass
@@ -163,7 +196,17 @@ def analyse_window(
     else:
         det, det_var = detection_image(images, variances, usable, cfg.combine)
     det_bad = ~np.isfinite(det_var)
-    res = detect_sources(det, det_var, det_bad, cfg.detection)
+    if cfg.deblender == "unet":
+        from .unet import UNetConfig, unet_detect
+
+        ucfg = UNetConfig(
+            minarea=int(cfg.detection.minarea), device=cfg.device, batch_size=cfg.unet_batch_size
+        )
+        res = unet_detect(
+            det, det_var, det_bad, model=cfg.unet(), cfg=ucfg, origin=(window.y0, window.x0)
+        )
+    else:
+        res = detect_sources(det, det_var, det_bad, cfg.detection)
     meas = measure_sources(
         det,
         det_var,
