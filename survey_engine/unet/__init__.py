@@ -1,0 +1,61 @@
+"""The ``unet`` deblender: a small U-Net trained on artificially blended GalSim objects.
+
+* :mod:`~survey_engine.unet.data`: training sets (GalSim library → blends → Zarr / npz);
+* :mod:`~survey_engine.unet.model`: the network, its receptive field and checkpoints;
+* :mod:`~survey_engine.unet.train`: the training loop (no GalSim; CUDA with bf16 autocast);
+* :mod:`~survey_engine.unet.infer`: tiled, batched inference and instance extraction,
+  returning the same :class:`~survey_engine.kernels.detect.DetectionResult` as the sep
+  deblender.
+
+Submodules are imported on first use, so ``survey_engine.unet.train`` runs on a host
+that has torch and numpy but neither GalSim, sep nor Zarr.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+__all__ = [
+    "DEFAULT_WEIGHTS",
+    "UNet",
+    "UNetConfig",
+    "UNetOutput",
+    "extract_instances",
+    "generate_training_set",
+    "load_model",
+    "load_training_set",
+    "model_pad",
+    "predict",
+    "receptive_radius",
+    "save_model",
+    "train",
+    "unet_detect",
+]
+
+_WHERE = {
+    "DEFAULT_WEIGHTS": "model",
+    "UNet": "model",
+    "load_model": "model",
+    "model_pad": "model",
+    "receptive_radius": "model",
+    "save_model": "model",
+    "generate_training_set": "data",
+    "load_training_set": "data",
+    "train": "train",
+    "UNetConfig": "infer",
+    "UNetOutput": "infer",
+    "extract_instances": "infer",
+    "predict": "infer",
+    "unet_detect": "infer",
+}
+
+
+def __getattr__(name):
+    if name in _WHERE:
+        return getattr(importlib.import_module(f".{_WHERE[name]}", __name__), name)
+    msg = f"module {__name__!r} has no attribute {name!r}"
+    raise AttributeError(msg)
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))

@@ -1,0 +1,616 @@
+"""Training loop of the U-Net deblender (torch + numpy; Zarr only to read a Zarr set).
+
+No GalSim here: a compact ``.npz`` training set (:func:`~survey_engine.unet.data.generate_training_set`)
+is composed into samples on the training host, and every epoch sees each sample
+under a random dihedral transform with fresh noise (:func:`~survey_engine.unet.data.noisy_significance`),
+generated on the training device; 10 % of the samples also get a masked (zero) band of
+rows or columns, as no-data pixels look to the network. On CUDA the forward pass runs in bfloat16
+autocast. The validation samples get one fixed noise realisation and no transform,
+so the per-epoch validation figures are comparable:
+
+* ``val_iou``: foreground IoU (probability > 0.5 vs the noiseless-footprint target);
+* ``val_centre_f1``: F1 of centre-heatmap peaks (3×3 local maxima above the centre
+  threshold) matched to true centres within 2 pixels (Chebyshev);
+* ``val_blend_recall``: recall of true centres that have another detectable object
+  within 2 PSF FWHM.
+
+At the end the centre threshold that maximises ``val_centre_f1`` is stored in the
+checkpoint as the default of :func:`~survey_engine.unet.infer.unet_detect`.
+
+Run without the rest of the engine (e.g. on a GPU host that lacks its
+dependencies)::
+
+    python -c "import sys, types; m = types.ModuleType('survey_engine'); \\
+m.__path__ = ['survey_engine']; sys.modules['survey_engine'] = m; \\
+from survey_engine.unet.train import main; main()" DATA.npz OUT.pt --device cuda
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import logging
+import math
+import os
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .data import TrainingSet, _progress, load_training_set, noisy_significance
+from .model import UNet, load_model, normalise_input, save_model
+
+__all__ = ["main", "make_targets", "train", "unet_loss"]
+
+logger = logging.getLogger(__name__)
+
+#: Weight of the offset loss (pixels, L1) in the total loss.
+OFFSET_WEIGHT = 0.1
+#: Fraction of training samples given a masked (zero) band of rows or columns.
+MASK_FRACTION = 0.1
+#: Centre thresholds tried on the validation set.
+CENTRE_THRESHOLDS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7)
+
+
+def _dihedral_tables(size: int) -> torch.Tensor:
+    """``(8, size²)`` gather indices: ``out.flat[p] = in.flat[table[t, p]]`` for op ``t``."""
+    idx = np.arange(size * size).reshape(size, size)
+    out = []
+    for t in range(8):
+        a = np.rot90(idx, t % 4)
+        if t >= 4:
+            a = a[:, ::-1]
+        out.append(a.ravel())
+    return torch.from_numpy(np.stack(out).astype(np.int64))
+
+
+def _dihedral_points(cy: torch.Tensor, cx: torch.Tensor, t: torch.Tensor, size: int):
+    """Map points ``(cy, cx)`` (B, K) under per-sample op ``t`` (B,), as in ``data._dihedral``."""
+    t = t[:, None]
+    for step in range(3):
+        rot = (t % 4) > step
+        cy, cx = torch.where(rot, size - 1 - cx, cy), torch.where(rot, cy, cx)
+    flip = t >= 4
+    cx = torch.where(flip, size - 1 - cx, cx)
+    return cy, cx
+
+
+def make_targets(
+    foreground: torch.Tensor,
+    owner: torch.Tensor,
+    centres: torch.Tensor,
+    detectable: torch.Tensor,
+    *,
+    centre_sigma: float = 1.0,
+) -> dict[str, torch.Tensor]:
+    """Network targets from a batch of stored targets.
+
+    Parameters
+    ----------
+    foreground : torch.Tensor
+        bool ``(B, H, W)``.
+    owner : torch.Tensor
+        integer ``(B, H, W)``: 1 + object index, 0 for none.
+    centres : torch.Tensor
+        float ``(B, K, 2)`` true centres (NaN for absent objects).
+    detectable : torch.Tensor
+        bool ``(B, K)``.
+    centre_sigma : float
+        σ of the heatmap Gaussians (pixels).
+
+    Returns
+    -------
+    dict
+        ``foreground`` (float, B×H×W), ``heatmap`` (B×H×W, exactly 1 at the rounded
+        centre of every detectable object inside the stamp), ``offset`` (B×2×H×W,
+        pixels to the owner's centre) and ``owned`` (bool, B×H×W).
+    """
+    b, h, w = foreground.shape
+    dev = foreground.device
+    cy, cx = centres[..., 0], centres[..., 1]
+    py, px = torch.floor(cy + 0.5), torch.floor(cx + 0.5)
+    valid = (
+        detectable
+        & torch.isfinite(cy)
+        & torch.isfinite(cx)
+        & (py >= 0)
+        & (py < h)
+        & (px >= 0)
+        & (px < w)
+    )
+    yy = torch.arange(h, device=dev, dtype=torch.float32)[None, None, :, None]
+    xx = torch.arange(w, device=dev, dtype=torch.float32)[None, None, None, :]
+    py0 = torch.nan_to_num(py, nan=-1e4)[..., None, None]
+    px0 = torch.nan_to_num(px, nan=-1e4)[..., None, None]
+    g = torch.exp(-((yy - py0) ** 2 + (xx - px0) ** 2) / (2 * centre_sigma**2))
+    g = torch.where(valid[..., None, None], g, torch.zeros((), device=dev))
+    heat = g.amax(dim=1) if g.shape[1] else torch.zeros((b, h, w), device=dev)
+    own = owner.long()
+    pad = torch.cat([torch.zeros((b, 1, 2), device=dev), torch.nan_to_num(centres.float())], 1)
+    tgt = torch.gather(pad, 1, own.reshape(b, -1, 1).expand(-1, -1, 2)).reshape(b, h, w, 2)
+    grid_y = torch.arange(h, device=dev, dtype=torch.float32)[:, None].expand(h, w)
+    grid_x = torch.arange(w, device=dev, dtype=torch.float32)[None, :].expand(h, w)
+    offset = torch.stack([tgt[..., 0] - grid_y, tgt[..., 1] - grid_x], dim=1)
+    owned = own > 0
+    offset = torch.where(owned[:, None], offset, torch.zeros((), device=dev))
+    return {"foreground": foreground.float(), "heatmap": heat, "offset": offset, "owned": owned}
+
+
+def unet_loss(
+    out: torch.Tensor, targets: dict[str, torch.Tensor], *, offset_scale: float
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Loss of a batch: foreground BCE + centre focal loss + 0.1 × offset L1 (pixels).
+
+    Parameters
+    ----------
+    out : torch.Tensor
+        Raw network output ``(B, 4, H, W)``.
+    targets : dict
+        From :func:`make_targets`.
+    offset_scale : float
+        The model's offset scale (output × scale = pixels).
+
+    Returns
+    -------
+    loss : torch.Tensor
+        Scalar.
+    parts : dict of float
+        The three terms (detached).
+    """
+    out = out.float()
+    fg_loss = F.binary_cross_entropy_with_logits(out[:, 0], targets["foreground"])
+    x = out[:, 1]
+    heat = targets["heatmap"]
+    pos = heat >= 1.0 - 1e-6
+    p = torch.sigmoid(x)
+    pos_term = -((1 - p) ** 2) * F.logsigmoid(x)
+    neg_term = -((1 - heat) ** 4) * p**2 * F.logsigmoid(-x)
+    n_pos = pos.sum().clamp(min=1)
+    centre_loss = torch.where(pos, pos_term, neg_term).sum() / n_pos
+    owned = targets["owned"]
+    d = (out[:, 2:4] * offset_scale - targets["offset"]).abs().sum(dim=1)
+    off_loss = (d * owned).sum() / owned.sum().clamp(min=1)
+    loss = fg_loss + centre_loss + OFFSET_WEIGHT * off_loss
+    parts = {
+        "foreground": float(fg_loss.detach()),
+        "centre": float(centre_loss.detach()),
+        "offset_px": float(off_loss.detach()),
+    }
+    return loss, parts
+
+
+class _Data:
+    """A training set on the device, with augmentation and noise."""
+
+    def __init__(self, ts: TrainingSet, idx: np.ndarray, device: torch.device):
+        def t(a):
+            return torch.from_numpy(np.ascontiguousarray(a[idx])).to(device)
+
+        self.model = t(ts.model)
+        self.sky = t(ts.sky_sigma)
+        self.srcn = t(ts.source_noise)
+        self.fg = t(ts.foreground)
+        self.owner = t(ts.owner)
+        self.centres = t(ts.centres)
+        self.det = t(ts.detectable)
+        self.cond = t(ts.condition).long()
+        self.n = len(idx)
+        self.size = ts.model.shape[-1]
+        self.tables = _dihedral_tables(self.size).to(device)
+
+    def batch(self, sel: torch.Tensor, gen: torch.Generator | None, augment: bool):
+        m, fg, own, cen = self.model[sel], self.fg[sel], self.owner[sel], self.centres[sel]
+        if augment:
+            b, c = m.shape[:2]
+            ops = torch.randint(8, (b,), generator=gen, device=m.device)
+            tab = self.tables[ops]  # (B, HW)
+            m = torch.gather(m.reshape(b, c, -1), 2, tab[:, None].expand(-1, c, -1)).reshape(
+                m.shape
+            )
+            fg = torch.gather(fg.reshape(b, -1), 1, tab).reshape(fg.shape)
+            own = torch.gather(own.reshape(b, -1), 1, tab).reshape(own.shape)
+            cy, cx = _dihedral_points(cen[..., 0], cen[..., 1], ops, self.size)
+            cen = torch.stack([cy, cx], dim=-1)
+        sig = noisy_significance(m, self.sky[sel], self.srcn[sel], generator=gen)
+        if augment:  # masked rows/columns (no data) in 10 % of the samples
+            b, _, h, w = sig.shape
+            u = torch.rand((b, 3), generator=gen, device=sig.device)
+            pos = (u[:, 1] * h).long()[:, None, None, None]
+            width = 1 + (u[:, 2] * 3).long()[:, None, None, None]
+            yy = torch.arange(h, device=sig.device)[None, None, :, None]
+            xx = torch.arange(w, device=sig.device)[None, None, None, :]
+            on = (u[:, 0] < MASK_FRACTION)[:, None, None, None]
+            rows = (u[:, 0] < MASK_FRACTION / 2)[:, None, None, None]
+            coord = torch.where(rows, yy.expand(-1, -1, h, w), xx.expand(-1, -1, h, w))
+            hit = on & (coord >= pos) & (coord < pos + width)
+            sig = torch.where(hit, torch.zeros((), device=sig.device), sig)
+        return sig, fg, own, cen, self.det[sel]
+
+
+def _peaks(logit: torch.Tensor, threshold_logit: float) -> torch.Tensor:
+    """3×3 local maxima above a logit threshold, ``(B, H, W)`` bool."""
+    mx = F.max_pool2d(logit[:, None], 3, stride=1, padding=1)[:, 0]
+    return (logit >= mx) & (logit > threshold_logit)
+
+
+@torch.no_grad()
+def _evaluate(model, data: _Data, inputs: torch.Tensor, cfg: dict, batch_size: int, amp: bool):
+    """Validation loss, foreground IoU, centre F1 per threshold, blend recall."""
+    model.eval()
+    dev = inputs.device
+    inter = union = 0.0
+    tp = {t: 0.0 for t in CENTRE_THRESHOLDS}
+    npred = {t: 0.0 for t in CENTRE_THRESHOLDS}
+    hit = {t: 0.0 for t in CENTRE_THRESHOLDS}
+    ntrue = 0.0
+    blend_hit = {t: 0.0 for t in CENTRE_THRESHOLDS}
+    nblend = 0.0
+    losses = []
+    sigma = float(cfg["target"].get("centre_sigma", 1.0))
+    fwhm = torch.tensor(cfg["target"].get("fwhm_px", [3.5]), device=dev, dtype=torch.float32)
+    for a in range(0, data.n, batch_size):
+        sel = torch.arange(a, min(a + batch_size, data.n), device=dev)
+        x = normalise_input(inputs[sel], cfg).contiguous(memory_format=torch.channels_last)
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):
+            out = model(x)
+        out = out.float()
+        tg = make_targets(
+            data.fg[sel], data.owner[sel], data.centres[sel], data.det[sel], centre_sigma=sigma
+        )
+        loss, _ = unet_loss(out, tg, offset_scale=cfg["offset_scale"])
+        losses.append(float(loss) * len(sel))
+        pf = out[:, 0] > 0
+        tf = tg["foreground"] > 0.5
+        inter += float((pf & tf).sum())
+        union += float((pf | tf).sum())
+        true_c = tg["heatmap"] >= 1.0 - 1e-6
+        near_true = F.max_pool2d(true_c[:, None].float(), 5, stride=1, padding=2)[:, 0] > 0
+        ntrue += float(true_c.sum())
+        # Blended true centres: another detectable object within 2 FWHM.
+        cen = data.centres[sel]
+        valid = data.det[sel] & torch.isfinite(cen[..., 0])
+        dist = torch.cdist(torch.nan_to_num(cen, nan=-1e4), torch.nan_to_num(cen, nan=-1e4))
+        k = cen.shape[1]
+        eye = torch.eye(k, dtype=torch.bool, device=dev)[None]
+        pair_ok = valid[:, :, None] & valid[:, None, :] & ~eye
+        lim = 2 * fwhm[data.cond[sel]][:, None, None]
+        blended = ((dist < lim) & pair_ok).any(dim=2) & valid
+        py = torch.floor(cen[..., 0] + 0.5).nan_to_num(nan=-1).long()
+        px = torch.floor(cen[..., 1] + 0.5).nan_to_num(nan=-1).long()
+        h, w = true_c.shape[1:]
+        inside = blended & (py >= 0) & (py < h) & (px >= 0) & (px < w)
+        nblend += float(inside.sum())
+        bidx = torch.arange(len(sel), device=dev)[:, None].expand_as(py)
+        for t in CENTRE_THRESHOLDS:
+            pk = _peaks(out[:, 1], math.log(t / (1 - t)))
+            npred[t] += float(pk.sum())
+            tp[t] += float((pk & near_true).sum())
+            near_pk = F.max_pool2d(pk[:, None].float(), 5, stride=1, padding=2)[:, 0] > 0
+            hit[t] += float((near_pk & true_c).sum())
+            got = near_pk[bidx.clamp(min=0), py.clamp(0, h - 1), px.clamp(0, w - 1)]
+            blend_hit[t] += float((got & inside).sum())
+    f1 = {}
+    for t in CENTRE_THRESHOLDS:
+        prec = tp[t] / max(npred[t], 1.0)
+        rec = hit[t] / max(ntrue, 1.0)
+        f1[t] = 2 * prec * rec / max(prec + rec, 1e-12)
+    best = max(CENTRE_THRESHOLDS, key=lambda t: f1[t])
+    return {
+        "val_loss": sum(losses) / max(data.n, 1),
+        "val_iou": inter / max(union, 1.0),
+        "val_centre_f1": f1[best],
+        "val_centre_threshold": best,
+        "val_blend_recall": blend_hit[best] / max(nblend, 1.0),
+    }
+
+
+def _lr_at(frac: float, peak: float) -> float:
+    """Learning rate at fraction ``frac`` of training: 5 % linear warm-up, cosine to 1 %."""
+    warm = 0.05
+    if frac < warm:
+        return peak * (0.05 + 0.95 * frac / warm)
+    c = 0.5 * (1 + math.cos(math.pi * min(1.0, (frac - warm) / (1 - warm))))
+    return peak * (0.01 + 0.99 * c)
+
+
+def _device(device) -> torch.device:
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        msg = f"device {str(device)!r} requested but CUDA is not available"
+        raise ValueError(msg)
+    if dev.type not in ("cpu", "cuda"):
+        msg = f"device must be 'cpu' or 'cuda', got {device!r}"
+        raise ValueError(msg)
+    return dev
+
+
+def train(
+    dataset_path: str | os.PathLike,
+    out_path: str | os.PathLike,
+    *,
+    epochs: int = 10,
+    batch_size: int = 128,
+    device: str | torch.device | None = None,
+    init: str | os.PathLike | None = None,
+    lr: float | None = None,
+    val_fraction: float = 0.1,
+    seed: int = 0,
+    samples: int | None = None,
+    config: dict | None = None,
+    amp: bool | None = None,
+    max_minutes: float | None = None,
+    progress: bool = True,
+) -> list[dict]:
+    """Train (or fine-tune) the U-Net deblender and save the checkpoint.
+
+    Parameters
+    ----------
+    dataset_path : str or path-like
+        A training set from :func:`~survey_engine.unet.data.generate_training_set`
+        (Zarr group or compact ``.npz``).
+    out_path : str or path-like
+        Checkpoint to write (``.pt``).
+    epochs : int
+        Passes over the training samples.
+    batch_size : int
+        Samples per step.
+    device : {"cpu", "cuda"} or torch.device, optional
+        Default: CUDA when available.
+    init : str or path-like, optional
+        Fine-tune this checkpoint (its architecture is kept) instead of starting from
+        random weights; ``"default"`` means the shipped model.
+    lr : float, optional
+        Peak learning rate (5 % warm-up, cosine decay) (default 3e-3, or 1e-3 with ``init``).
+    val_fraction : float
+        Fraction of the samples held out for validation (the last ones), in [0, 1).
+    seed : int
+        Seed of weights, order, augmentation and noise.
+    samples : int, optional
+        Compose this many samples from the set's library (default: the set's own).
+    config : dict, optional
+        Architecture overrides for a new model (e.g. ``{"levels": 2, "base_channels": 8}``).
+    amp : bool, optional
+        bfloat16 autocast; default on for CUDA, off on CPU.
+    max_minutes : float, optional
+        Wall-time budget: after the first epoch the number of epochs (and the
+        learning-rate schedule) is reduced to fit it.
+    progress : bool
+        Show a progress bar.
+
+    Returns
+    -------
+    list of dict
+        One record per epoch: ``epoch``, ``train_loss``, ``val_loss``, ``val_iou``,
+        ``val_centre_f1``, ``val_centre_threshold``, ``val_blend_recall``, ``lr``,
+        ``seconds``, ``samples_per_s``.
+    """
+    if isinstance(epochs, bool) or int(epochs) != epochs or epochs < 1:
+        msg = f"epochs must be a positive integer, got {epochs!r}"
+        raise ValueError(msg)
+    if isinstance(batch_size, bool) or int(batch_size) != batch_size or batch_size < 1:
+        msg = f"batch_size must be a positive integer, got {batch_size!r}"
+        raise ValueError(msg)
+    if not 0 <= val_fraction < 1:
+        msg = f"val_fraction must be in [0, 1), got {val_fraction!r}"
+        raise ValueError(msg)
+    if lr is not None and not lr > 0:
+        msg = f"lr must be positive, got {lr!r}"
+        raise ValueError(msg)
+    dev = _device(device)
+    amp = dev.type == "cuda" if amp is None else bool(amp)
+    t_start = time.perf_counter()
+    ts = load_training_set(dataset_path, samples=samples, progress=progress)
+    n = len(ts)
+    n_val = round(n * val_fraction) if val_fraction > 0 else 0
+    if val_fraction > 0:
+        n_val = max(n_val, 1)
+    n_train = n - n_val
+    if n_train < 1:
+        msg = f"no training samples left: {n} samples, val_fraction={val_fraction!r}"
+        raise ValueError(msg)
+    if ts.model.shape[-1] % 8 or ts.model.shape[-2] % 8:
+        msg = f"stamp sides must be multiples of 8, got {ts.model.shape[-2:]}"
+        raise ValueError(msg)
+    torch.manual_seed(seed)
+    target = {
+        **ts.attrs.get("target", {}),
+        "fwhm_px": [c["fwhm_px"] for c in ts.attrs.get("conditions", [])] or [3.5],
+    }
+    if init is not None:
+        model = load_model(None if str(init) == "default" else init)
+        model = copy.deepcopy(model)
+        if config:
+            msg = "config cannot be combined with init (the checkpoint fixes the architecture)"
+            raise ValueError(msg)
+        model.config["target"] = target
+        lr = 1e-3 if lr is None else lr
+    else:
+        model = UNet({**(config or {}), "target": target})
+        lr = 3e-3 if lr is None else lr
+    cfg = model.config
+    if ts.model.shape[-1] % model.alignment or ts.model.shape[-2] % model.alignment:
+        msg = f"stamp sides {ts.model.shape[-2:]} must be multiples of {model.alignment}"
+        raise ValueError(msg)
+    # NHWC: ~1.4x faster training on CPU (oneDNN), the layout tensor cores want on GPU.
+    model.to(dev, memory_format=torch.channels_last)
+    if dev.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    train_data = _Data(ts, np.arange(n_train), dev)
+    val_data = _Data(ts, np.arange(n_train, n), dev) if n_val else None
+    gen = torch.Generator(device=dev).manual_seed(seed)
+    val_inputs = None
+    if val_data is not None:
+        vgen = torch.Generator(device=dev).manual_seed(seed + 1)
+        val_inputs = torch.cat(
+            [
+                val_data.batch(torch.arange(a, min(a + 1024, n_val), device=dev), vgen, False)[0]
+                for a in range(0, n_val, 1024)
+            ]
+        )
+    steps_per_epoch = math.ceil(n_train / batch_size)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
+    plan_epochs = int(epochs)
+    sigma = float(target.get("centre_sigma", 1.0))
+    logger.info(
+        "training U-Net (%d parameters) on %d samples (%d validation), %d epochs, %s%s",
+        model.n_parameters,
+        n_train,
+        n_val,
+        epochs,
+        dev,
+        " bf16" if amp else "",
+    )
+    bar = _progress(total=epochs * steps_per_epoch, desc="training", enabled=progress)
+    history: list[dict] = []
+    cpu_gen = torch.Generator().manual_seed(seed + 2)
+    t_train = time.perf_counter()
+    step_global = 0
+    epoch = 0
+    while epoch < plan_epochs:
+        epoch += 1
+        model.train()
+        t0 = time.perf_counter()
+        order = torch.randperm(n_train, generator=cpu_gen).to(dev)
+        total = torch.zeros((), device=dev)
+        for step in range(steps_per_epoch):
+            sel = order[step * batch_size : (step + 1) * batch_size]
+            sig, fg, own, cen, det = train_data.batch(sel, gen, True)
+            tg = make_targets(fg, own, cen, det, centre_sigma=sigma)
+            x = normalise_input(sig, cfg).contiguous(memory_format=torch.channels_last)
+            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):
+                out = model(x)
+            loss, _ = unet_loss(out, tg, offset_scale=cfg["offset_scale"])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
+            for group in opt.param_groups:
+                group["lr"] = _lr_at(step_global / (plan_epochs * steps_per_epoch), lr)
+            opt.step()
+            step_global += 1
+            total += loss.detach() * len(sel)
+            bar.update(1)
+        dt = time.perf_counter() - t0
+        rec = {
+            "epoch": epoch,
+            "train_loss": float(total) / n_train,
+            "lr": float(opt.param_groups[0]["lr"]),
+            "seconds": dt,
+            "samples_per_s": n_train / dt,
+        }
+        if val_data is not None:
+            rec.update(_evaluate(model, val_data, val_inputs, cfg, max(batch_size, 256), amp))
+        history.append(rec)
+        bar.set_postfix(
+            loss=f"{rec['train_loss']:.3f}",
+            val_iou=f"{rec.get('val_iou', float('nan')):.3f}",
+            f1=f"{rec.get('val_centre_f1', float('nan')):.3f}",
+        )
+        logger.info(
+            "epoch %d/%d: loss %.4f, val loss %.4f, val IoU %.4f, centre F1 %.4f "
+            "(threshold %.1f), blend recall %.3f, %.0f samples/s",
+            epoch,
+            plan_epochs,
+            rec["train_loss"],
+            rec.get("val_loss", float("nan")),
+            rec.get("val_iou", float("nan")),
+            rec.get("val_centre_f1", float("nan")),
+            rec.get("val_centre_threshold", float("nan")),
+            rec.get("val_blend_recall", float("nan")),
+            rec["samples_per_s"],
+        )
+        if max_minutes is not None and epoch == 1 and plan_epochs > 1:
+            # Fit the schedule into the time budget, measured on the first epoch.
+            per_epoch = time.perf_counter() - t_train
+            left = 60 * max_minutes - (time.perf_counter() - t_start)
+            fit = max(1, 1 + int(left // per_epoch))
+            if fit < plan_epochs:
+                logger.info(
+                    "time budget of %.1f min: %d epochs instead of %d",
+                    max_minutes,
+                    fit,
+                    plan_epochs,
+                )
+                plan_epochs = fit
+                bar.total = plan_epochs * steps_per_epoch
+    bar.close()
+    model.eval()
+    if history and "val_centre_threshold" in history[-1]:
+        cfg["inference"]["centre_threshold"] = history[-1]["val_centre_threshold"]
+    info = {
+        "trained": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "dataset": str(dataset_path),
+        "dataset_attrs": {
+            k: ts.attrs.get(k) for k in ("samples", "seed", "stamp", "library", "conditions")
+        },
+        "samples": n,
+        "train_samples": n_train,
+        "val_samples": n_val,
+        "epochs": len(history),
+        "batch_size": batch_size,
+        "lr": lr,
+        "seed": seed,
+        "device": str(dev) if dev.type == "cpu" else torch.cuda.get_device_name(dev),
+        "amp": amp,
+        "init": None if init is None else str(init),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "wall_s": time.perf_counter() - t_start,
+        "history": history,
+    }
+    save_model(model, out_path, info=info)
+    return history
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command line: ``DATASET OUT.pt [--epochs E] [--batch-size B] [--device D] …``."""
+    p = argparse.ArgumentParser(
+        prog="survey_engine.unet.train", description="Train the U-Net deblender."
+    )
+    p.add_argument("dataset", help="training set (.zarr or .npz)")
+    p.add_argument("out", help="checkpoint to write (.pt)")
+    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--samples", type=int, default=None, help="compose this many samples")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    p.add_argument("--init", default=None, help="checkpoint to fine-tune ('default': shipped)")
+    p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--val-fraction", type=float, default=0.1)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--levels", type=int, default=None)
+    p.add_argument("--base-channels", type=int, default=None)
+    p.add_argument("--max-minutes", type=float, default=None)
+    p.add_argument("--no-progress", action="store_true")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    config = {}
+    if args.levels is not None:
+        config["levels"] = args.levels
+    if args.base_channels is not None:
+        config["base_channels"] = args.base_channels
+    history = train(
+        args.dataset,
+        args.out,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        device=args.device,
+        init=args.init,
+        lr=args.lr,
+        val_fraction=args.val_fraction,
+        seed=args.seed,
+        samples=args.samples,
+        config=config or None,
+        max_minutes=args.max_minutes,
+        progress=not args.no_progress,
+    )
+    last = history[-1]
+    logger.info("wrote %s (final val IoU %s)", Path(args.out), last.get("val_iou"))
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())
