@@ -9,9 +9,9 @@ What it does, in one run:
 
 1. simulates an r-band LSST-like mosaic with GalSim from the **held-out** seed
    :data:`HELD_OUT_SEED` (no test uses it, so no setting was tuned on this scene);
-2. runs **survey_engine** with every deblender named in ``--deblenders`` (today only
-   ``sep`` exists; unknown names are skipped with a message), detecting on r
-   (``detection_band="r"``), tiled 1024 + 64 halo on a LocalCluster started beforehand;
+2. runs **survey_engine** with every deblender named in ``--deblenders`` (``sep``,
+   ``unet``; unknown names are skipped with a message), detecting on r
+   (``detection_band="r"``), tiled 1024 + 96 halo on a LocalCluster started beforehand;
 3. runs **raw sep** on the whole image in memory with the same settings:
    ``sep.Background`` (128-px mesh, 3×3 filter), ``sep.extract`` with the per-pixel
    variance (matched filter: ``thresh`` = 1.5 × Σk/√Σk² = 4.0 with the 3×3 kernel),
@@ -445,7 +445,7 @@ def main() -> None:
     )
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--tile", type=int, default=1024)
-    ap.add_argument("--halo", type=int, default=64)
+    ap.add_argument("--halo", type=int, default=96)  # ≥ the unet deblender's receptive field
     ap.add_argument("--workdir", default=None, help="Scratch directory (default: a temporary one).")
     ap.add_argument("--no-write", action="store_true", help="Do not touch RESULTS.md.")
     args = ap.parse_args()

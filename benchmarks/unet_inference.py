@@ -32,7 +32,12 @@ def synthetic_field(size: int, seed: int = 0) -> np.ndarray:
     amp = 10 ** rng.uniform(0.5, 2.5, n)
     for y, x, s, a in zip(ys, xs, sig, amp, strict=True):
         r = int(4 * s) + 1
-        y0, y1, x0, x1 = max(0, int(y) - r), min(size, int(y) + r), max(0, int(x) - r), min(size, int(x) + r)
+        y0, y1, x0, x1 = (
+            max(0, int(y) - r),
+            min(size, int(y) + r),
+            max(0, int(x) - r),
+            min(size, int(x) + r),
+        )
         yy, xx = np.mgrid[y0:y1, x0:x1]
         img[y0:y1, x0:x1] += a * np.exp(-((yy - y) ** 2 + (xx - x) ** 2) / (2 * s * s))
     return img
@@ -53,7 +58,9 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=3)
     args = ap.parse_args()
     dev = args.device
-    name = torch.cuda.get_device_name(0) if dev.startswith("cuda") else platform.processor() or "cpu"
+    name = (
+        torch.cuda.get_device_name(0) if dev.startswith("cuda") else platform.processor() or "cpu"
+    )
     print(f"device: {dev} ({name}); torch {torch.__version__}; threads {torch.get_num_threads()}")
     model = load_model(args.model, device=dev)
     batch = args.batch or (32 if dev.startswith("cuda") else 1)
@@ -81,7 +88,9 @@ def main() -> None:
         _sync(dev)
         t_net = (time.perf_counter() - t0) / args.repeat
     mpx = batch * patch * patch / 1e6
-    print(f"network: batch {batch}×{patch}² ({'bf16' if amp else 'fp32'}): {t_net * 1e3:.1f} ms, {mpx / t_net:.1f} Mpx/s")
+    print(
+        f"network: batch {batch}×{patch}² ({'bf16' if amp else 'fp32'}): {t_net * 1e3:.1f} ms, {mpx / t_net:.1f} Mpx/s"
+    )
     if dev.startswith("cuda"):
         print(f"peak GPU memory: {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")
 

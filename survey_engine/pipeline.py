@@ -56,8 +56,9 @@ class PipelineConfig:
         Checkpoint of the ``unet`` deblender; None: the model shipped with the package.
     device : str
         Where the ``unet`` deblender runs: ``"cpu"`` or ``"cuda"``.
-    unet_batch_size : int
-        Patches per forward pass of the ``unet`` deblender.
+    unet_batch_size : int or None
+        Patches per forward pass of the ``unet`` deblender (None: 1 on CPU, where it is
+        fastest, 32 on CUDA).
     """
 
     detection: DetectionConfig = field(default_factory=DetectionConfig)
@@ -69,7 +70,7 @@ class PipelineConfig:
     deblender: str = "sep"
     unet_model: str | None = None
     device: str = "cpu"
-    unet_batch_size: int = 4
+    unet_batch_size: int | None = None
 
     def __post_init__(self):
         if self.deblender not in DEBLENDERS:
@@ -200,7 +201,9 @@ def analyse_window(
         from .unet import UNetConfig, unet_detect
 
         ucfg = UNetConfig(
-            minarea=int(cfg.detection.minarea), device=cfg.device, batch_size=cfg.unet_batch_size
+            minarea=int(cfg.detection.minarea),
+            device=cfg.device,
+            batch_size=cfg.unet_batch_size or (1 if cfg.device == "cpu" else 32),
         )
         res = unet_detect(
             det, det_var, det_bad, model=cfg.unet(), cfg=ucfg, origin=(window.y0, window.x0)

@@ -353,23 +353,32 @@ def windowed_centroid(
     """
     n = len(py)
     h, w = image.shape
-    half = (np.ceil(4.0 * sig).astype(np.int64) + 2).clip(2, 64)
-    side = 2 * half + 1
-    counts = side * side
-    obj = np.repeat(np.arange(n), counts)
-    start = np.concatenate([[0], np.cumsum(counts)[:-1]])
-    local = np.arange(counts.sum()) - np.repeat(start, counts)
-    dy = local // side[obj] - half[obj]
-    dx = local % side[obj] - half[obj]
-    yy = py[obj] + dy
-    xx = px[obj] + dx
+    half = (np.ceil(4.0 * sig).astype(np.int64) + 2).clip(2, 32)
+    # Pixel offsets of each object: a disc of radius half − 0.5 around the peak (≥ 4σ + 1.5,
+    # as the centre stays within ~1 px of the peak), one template per radius. Each object's
+    # pixels come in the template's order whatever window or other objects there are.
+    parts_obj, parts_dy, parts_dx = [], [], []
+    for hv in np.unique(half):
+        members = np.flatnonzero(half == hv)
+        ty, tx = np.mgrid[-hv : hv + 1, -hv : hv + 1]
+        disc = ty * ty + tx * tx <= (hv - 0.5) ** 2
+        ty, tx = ty[disc].astype(np.int32), tx[disc].astype(np.int32)
+        parts_obj.append(np.repeat(members.astype(np.int32), len(ty)))
+        parts_dy.append(np.tile(ty, len(members)))
+        parts_dx.append(np.tile(tx, len(members)))
+    obj = np.concatenate(parts_obj)
+    dy = np.concatenate(parts_dy)
+    dx = np.concatenate(parts_dx)
+    yy = py.astype(np.int32)[obj] + dy
+    xx = px.astype(np.int32)[obj] + dx
     inside = (yy >= 0) & (yy < h) & (xx >= 0) & (xx < w)
-    yy = np.where(inside, yy, 0)
-    xx = np.where(inside, xx, 0)
+    keep = np.flatnonzero(inside)
+    obj, dy, dx, yy, xx = obj[keep], dy[keep], dx[keep], yy[keep], xx[keep]
     lab = labels[yy, xx]
-    own = inside & ((lab == 0) | (lab == obj + 1))
-    val = np.where(own, image[yy, xx], 0.0).astype(np.float64)
-    var = np.where(own, variance[yy, xx], 0.0).astype(np.float64)
+    keep = np.flatnonzero((lab == 0) | (lab == obj + 1))  # neighbours' pixels excluded
+    obj, dy, dx, yy, xx = obj[keep], dy[keep], dx[keep], yy[keep], xx[keep]
+    val = image[yy, xx].astype(np.float64)
+    var = variance[yy, xx].astype(np.float64)
     dxf = dx.astype(np.float64)
     dyf = dy.astype(np.float64)
     u = u0.astype(np.float64).copy()
@@ -378,17 +387,27 @@ def windowed_centroid(
     r2max = (4.0 * sig) ** 2
     active = np.ones(n, dtype=bool)
     converged = np.zeros(n, dtype=bool)
+    # Elements of the objects still iterating; shrunk as objects converge. Every object's
+    # sums see its own elements in the same order whatever else is active.
+    e_obj, e_dx, e_dy, e_val, e_k = obj, dxf, dyf, val, inv2s2[obj]
     for _ in range(max_iter):
-        ex = dxf - u[obj]
-        ey = dyf - v[obj]
-        r2 = ex * ex + ey * ey
-        wgt = np.where(r2 < r2max[obj], np.exp(-r2 * inv2s2[obj]), 0.0) * val
-        s0 = np.bincount(obj, weights=wgt, minlength=n)
-        sx = np.bincount(obj, weights=wgt * ex, minlength=n)
-        sy = np.bincount(obj, weights=wgt * ey, minlength=n)
+        ex = e_dx - u[e_obj]
+        ey = e_dy - v[e_obj]
+        arg = ex * ex
+        arg += ey * ey
+        arg *= e_k  # r² / 2σ²; the window stops at r = 4σ, i.e. arg = 8
+        wgt = np.exp(-arg)
+        wgt[arg >= 8.0] = 0.0
+        wgt *= e_val
+        s0 = np.bincount(e_obj, weights=wgt, minlength=n)
+        ex *= wgt
+        ey *= wgt
+        sx = np.bincount(e_obj, weights=ex, minlength=n)
+        sy = np.bincount(e_obj, weights=ey, minlength=n)
         ok = active & (s0 > 0)
-        step_u = np.where(ok, 2.0 * sx / np.where(s0 > 0, s0, 1.0), 0.0)
-        step_v = np.where(ok, 2.0 * sy / np.where(s0 > 0, s0, 1.0), 0.0)
+        safe0 = np.where(s0 > 0, s0, 1.0)
+        step_u = np.where(ok, 2.0 * sx / safe0, 0.0)
+        step_v = np.where(ok, 2.0 * sy / safe0, 0.0)
         u = u + step_u
         v = v + step_v
         done = ok & (step_u * step_u + step_v * step_v < tol * tol)
@@ -396,6 +415,9 @@ def windowed_centroid(
         active &= ok & ~done
         if not active.any():
             break
+        sel = active[e_obj]
+        if sel.mean() < 0.7:
+            e_obj, e_dx, e_dy, e_val, e_k = e_obj[sel], e_dx[sel], e_dy[sel], e_val[sel], e_k[sel]
     ex = dxf - u[obj]
     ey = dyf - v[obj]
     r2 = ex * ex + ey * ey
