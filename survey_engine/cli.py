@@ -175,14 +175,18 @@ def describe_mosaic(m) -> str:
 @main.command("run")
 @click.argument("mosaic", type=click.Path())
 @click.argument("outdir", type=click.Path())
-@click.option("--tile", default=2048, show_default=True, type=int, help="Tile core size (px).")
 @click.option(
-    "--halo", default=128, show_default=True, type=int, help="Halo read around each core (px)."
+    "--tile", default=None, type=int, help="Tile core size (px; default survey_engine.tile, 2048)."
 )
 @click.option(
-    "--origin", default=0, show_default=True, type=int, help="Offset of the tile grid (px)."
-)
-@click.option("--deblender", default="sep", show_default=True, type=click.Choice(["sep", "unet"]))
+    "--halo", default=None, type=int,
+    help="Halo read around each core (px; default survey_engine.halo, 128).",
+)  # fmt: skip
+@click.option("--origin", default=None, type=int, help="Offset of the tile grid (px; default 0).")
+@click.option(
+    "--deblender", default=None, type=click.Choice(["sep", "unet"]),
+    help="Deblender (default survey_engine.deblender, sep).",
+)  # fmt: skip
 @click.option(
     "--model",
     "unet_model",
@@ -192,15 +196,18 @@ def describe_mosaic(m) -> str:
 )
 @click.option(
     "--device",
-    default="cpu",
-    show_default=True,
+    default=None,
     type=click.Choice(["cpu", "cuda"]),
-    help="Where the unet deblender runs.",
+    help="Where the unet deblender runs (default survey_engine.device, cpu).",
 )
 @click.option(
-    "--thresh", default=None, type=float, help="Detection threshold (sigma per pixel; default 1.5)."
-)
-@click.option("--minarea", default=None, type=int, help="Minimum object area (px; default 5).")
+    "--thresh", default=None, type=float,
+    help="Detection threshold (sigma per pixel; default survey_engine.thresh, 1.5).",
+)  # fmt: skip
+@click.option(
+    "--minarea", default=None, type=int,
+    help="Minimum object area (px; default survey_engine.minarea, 5).",
+)  # fmt: skip
 @click.option(
     "--detection-band", default=None, help="Detect on this band (default: combine all bands)."
 )
@@ -212,7 +219,11 @@ def describe_mosaic(m) -> str:
 @click.option("--overwrite", is_flag=True, help="Delete what OUTDIR holds first.")
 def run_cmd(mosaic, outdir, tile, halo, origin, deblender, unet_model, device, thresh, minarea,
             detection_band, workers, scheduler, resume, overwrite):  # fmt: skip
-    """Detect, deblend and measure MOSAIC; write OUTDIR/catalog.parquet and segmentation.zarr."""
+    """Detect, deblend and measure MOSAIC; write OUTDIR/catalog.parquet and segmentation.zarr.
+
+    Options not given take their value from the Dask configuration (survey_engine.*: a YAML
+    file in ~/.config/dask/ or DASK_SURVEY_ENGINE__TILE=… environment variables).
+    """
     from .engine import RunError
     from .engine import run as _run
 

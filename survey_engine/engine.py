@@ -39,6 +39,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import zarr
 
+from . import config as _conf
 from .catalog import to_arrow, write_parquet_atomic
 from .flags import UNUSABLE
 from .kernels.background import (
@@ -53,7 +54,7 @@ from .pipeline import PipelineConfig, WindowResult, analyse_window, catalog_rows
 from .schema import Flag, flag_descriptions
 from .tiling import Box, Tile, TileGrid, make_tiles
 
-__all__ = ["RunError", "RunResult", "run"]
+__all__ = ["RunError", "RunResult", "TileError", "run"]
 
 logger = logging.getLogger(__name__)
 
@@ -67,6 +68,14 @@ class RunError(RuntimeError):
     def __init__(self, message: str, failures: Sequence[TaskFailure] = ()):
         super().__init__(message)
         self.failures = list(failures)
+
+
+class TileError(RuntimeError):
+    """A tile (or retry window) whose processing raised; the message names it and its pixels."""
+
+
+def _named_failure(what: str, err: Exception) -> TileError:
+    return TileError(f"{what}: {type(err).__name__}: {err}")
 
 
 @dataclass
@@ -92,7 +101,11 @@ def _mosaic(path: str) -> Mosaic:
 
 def _background_block(box: Box, *, mosaic_path: str, cfg: PipelineConfig):
     m = _mosaic(mosaic_path)
-    reg = m.read((box.y0, box.y1), (box.x0, box.x1))
+    try:
+        reg = m.read((box.y0, box.y1), (box.x0, box.x1))
+    except Exception as err:
+        what = f"background block y {box.y0}:{box.y1}, x {box.x0}:{box.x1}"
+        raise _named_failure(what, err) from err
     out = []
     for b in range(len(reg.bands)):
         bad = ((reg.mask[b] & UNUSABLE) != 0) | ~np.isfinite(reg.image[b]) | ~(reg.variance[b] > 0)
@@ -161,7 +174,19 @@ def _write_part(outdir: Path, name: str, files: Mapping[str, Any]) -> None:
     os.rename(tmp, final)
 
 
-def _process_tile(
+def _process_tile(tile: Tile, **kwargs: Any) -> dict[str, int]:
+    try:
+        return _process_tile_inner(tile, **kwargs)
+    except Exception as err:
+        c, r = tile.core, tile.read
+        what = (
+            f"tile {tile.name} (core y {c.y0}:{c.y1}, x {c.x0}:{c.x1}; "
+            f"read window y {r.y0}:{r.y1}, x {r.x0}:{r.x1})"
+        )
+        raise _named_failure(what, err) from err
+
+
+def _process_tile_inner(
     tile: Tile,
     *,
     mosaic_path: str,
@@ -250,7 +275,14 @@ def _pending_items(tile: Tile, wr: WindowResult, idx: np.ndarray, width: int) ->
     return items
 
 
-def _retry(
+def _retry(item: Mapping[str, Any], **kwargs: Any) -> dict[str, int]:
+    try:
+        return _retry_inner(item, **kwargs)
+    except Exception as err:
+        raise _named_failure(f"retry {item['key']} (objects near box {item['box']})", err) from err
+
+
+def _retry_inner(
     item: Mapping[str, Any],
     *,
     mosaic_path: str,
@@ -433,10 +465,10 @@ def run(
     mosaic: str | os.PathLike | Mosaic,
     outdir: str | os.PathLike,
     *,
-    tile: int | tuple[int, int] = 2048,
-    halo: int = 128,
-    origin: int | tuple[int, int] = 0,
-    deblender: str = "sep",
+    tile: int | tuple[int, int] | None = None,
+    halo: int | None = None,
+    origin: int | tuple[int, int] | None = None,
+    deblender: str | None = None,
     config: PipelineConfig | None = None,
     workers: int | None = None,
     scheduler: str | None = None,
@@ -447,6 +479,12 @@ def run(
     **params: Any,
 ) -> RunResult:
     """Produce the catalog and segmentation map of a mosaic on a Dask cluster.
+
+    Every parameter left as None takes its value from the Dask configuration
+    (``survey_engine.tile``, ``survey_engine.thresh`` … ; defaults in
+    ``survey_engine/survey_engine.yaml``: tile 2048, halo 128, origin 0, deblender sep,
+    thresh 1.5, minarea 5). Explicit arguments win; a full ``config`` replaces the
+    configured pipeline parameters (``params`` still override its fields).
 
     Parameters
     ----------
@@ -463,7 +501,7 @@ def run(
     origin : int or (int, int)
         Offset of the tile grid (e.g. ``tile // 2``).
     deblender : str
-        ``"sep"``.
+        ``"sep"`` or ``"unet"``.
     config : PipelineConfig, optional
         Full parameter set; ``params`` override single fields
         (``thresh``, ``minarea``, ``deblend_cont``, ``apertures``,
@@ -495,8 +533,20 @@ def run(
         ``resume=True`` retries only the failures), or ``outdir`` holds another run.
     """
     t_start = time.perf_counter()
+    tile, halo, origin = (
+        _conf.get("tile", tile),
+        _conf.get("halo", halo),
+        _conf.get("origin", origin),
+    )
+    if client is None and scheduler is None:
+        scheduler = _conf.get("scheduler")
+        workers = _conf.get("workers", workers)
+    # The configured pipeline parameters apply unless a full ``config`` is given;
+    # explicit arguments win either way.
+    overrides = _conf.pipeline_defaults() if config is None else {}
+    overrides.update({k: v for k, v in {"deblender": deblender, **params}.items() if v is not None})
     m = mosaic if isinstance(mosaic, Mosaic) else open_mosaic(mosaic)
-    cfg = _config_from(config, {"deblender": deblender, **params})
+    cfg = _config_from(config, overrides)
     if cfg.detection_band is not None:
         m.band_index(cfg.detection_band)  # raises for an unknown band
     grid = make_tiles((m.ny, m.nx), tile, halo, origin=origin)

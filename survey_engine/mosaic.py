@@ -152,6 +152,26 @@ class Mosaic:
             if plane not in group:
                 msg = f"mosaic {self.path} has no '{plane}' array"
                 raise ValueError(msg)
+        shapes = {}
+        for plane in PLANES:
+            arr = group[plane]
+            if not isinstance(arr, zarr.Array):
+                msg = f"mosaic {self.path}: '{plane}' is a group, not an array"
+                raise ValueError(msg)
+            want = np.dtype(_DTYPES[plane])
+            if arr.dtype != want:
+                msg = (
+                    f"mosaic {self.path}: array '{plane}' has dtype {arr.dtype}, expected {want} "
+                    "(see docs/mosaic_format.md; convert the array or re-ingest)"
+                )
+                raise ValueError(msg)
+            if arr.ndim != 3:
+                msg = f"mosaic {self.path}: array '{plane}' must be (band, y, x), got {arr.ndim}-D"
+                raise ValueError(msg)
+            shapes[plane] = tuple(arr.shape)
+        if len(set(shapes.values())) != 1:
+            msg = f"mosaic {self.path}: image, variance and mask shapes differ: {shapes}"
+            raise ValueError(msg)
         self.attrs = attrs
         self.image = group["image"]
         self.variance = group["variance"]
@@ -266,10 +286,19 @@ class Mosaic:
         out = {}
         for plane in PLANES:
             arr = self.group[plane]
-            if isinstance(bsel, slice):
-                data = arr[bsel, y0:y1, x0:x1]
-            else:
-                data = np.stack([arr[i, y0:y1, x0:x1] for i in bsel])
+            try:
+                if isinstance(bsel, slice):
+                    data = arr[bsel, y0:y1, x0:x1]
+                else:
+                    data = np.stack([arr[i, y0:y1, x0:x1] for i in bsel])
+            except Exception as err:
+                # A missing shard, a corrupt chunk, a failing object store: say where.
+                msg = (
+                    f"mosaic {self.path}: reading {plane}[bands {','.join(names)}, "
+                    f"y {y0}:{y1}, x {x0}:{x1}] failed (chunks {self.chunks[1:]}): "
+                    f"{type(err).__name__}: {err}"
+                )
+                raise OSError(msg) from err
             out[plane] = np.ascontiguousarray(data, dtype=_DTYPES[plane])
         return MosaicRegion(y0=y0, x0=x0, bands=names, **out)
 

@@ -187,6 +187,9 @@ def analyse_window(
         & np.isfinite(region.variance)
         & (region.variance > 0)
     )
+    # Non-finite pixels and non-positive variances are no data, exactly as if masked so:
+    # the object flags (MASKED) then do not depend on how the gap was written.
+    masks = np.where(usable, region.mask, region.mask | np.uint16(MaskBit.NO_DATA))
     images = np.where(usable, region.image - backgrounds, 0.0).astype(np.float32)
     variances = np.where(usable, region.variance, np.inf).astype(np.float32)
     if cfg.detection_band is not None:
@@ -216,7 +219,7 @@ def analyse_window(
         det_bad,
         images,
         variances,
-        region.mask,
+        masks,
         res.labels,
         region.bands,
         cfg.measure,

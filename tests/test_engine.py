@@ -12,6 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 import sep
 import zarr
+from _util import assert_same_catalog as _assert_same_catalog
 from distributed import Client, LocalCluster
 
 from survey_engine import create_mosaic, open_mosaic, read_catalog, run
@@ -51,15 +52,6 @@ def reference(mosaic, client, tmp_path_factory):
 
 def _seg(res):
     return zarr.open_group(str(res.segmentation_path), mode="r")["segmentation"][:]
-
-
-def _assert_same_catalog(a, b):
-    assert a.colnames == b.colnames
-    assert len(a) == len(b)
-    for name in a.colnames:
-        x = np.asarray(getattr(a[name], "value", a[name]))
-        y = np.asarray(getattr(b[name], "value", b[name]))
-        assert np.array_equal(x, y, equal_nan=True), f"column {name} differs"
 
 
 def test_reference_catalog_is_sane(reference):
