@@ -217,8 +217,12 @@ def describe_mosaic(m) -> str:
 @click.option("--scheduler", default=None, help="Address of an existing Dask scheduler.")
 @click.option("--resume", is_flag=True, help="Continue the run in OUTDIR, skipping finished tiles.")
 @click.option("--overwrite", is_flag=True, help="Delete what OUTDIR holds first.")
+@click.option(
+    "--format", "fmt", default="parquet", show_default=True, type=click.Choice(["parquet", "hats"]),
+    help="hats: also write OUTDIR/hats/survey_engine, a HATS catalog for LSDB.",
+)  # fmt: skip
 def run_cmd(mosaic, outdir, tile, halo, origin, deblender, unet_model, device, thresh, minarea,
-            detection_band, workers, scheduler, resume, overwrite):  # fmt: skip
+            detection_band, workers, scheduler, resume, overwrite, fmt):  # fmt: skip
     """Detect, deblend and measure MOSAIC; write OUTDIR/catalog.parquet and segmentation.zarr.
 
     Options not given take their value from the Dask configuration (survey_engine.*: a YAML
@@ -237,6 +241,16 @@ def run_cmd(mosaic, outdir, tile, halo, origin, deblender, unet_model, device, t
     except (RunError, ValueError, KeyError, FileNotFoundError) as err:
         _fail(err)
     click.echo(summarise_run(res))
+    if fmt == "hats":
+        from .export import export_hats
+
+        try:
+            path = export_hats(
+                res.catalog_path, res.outdir / "hats", workers=workers, scheduler=scheduler
+            )
+        except (ValueError, ImportError) as err:
+            _fail(err)
+        click.echo(f"hats          {path}")
 
 
 def summarise_run(res) -> str:
@@ -458,6 +472,36 @@ def train(out, samples, epochs, batch_size, device, init, dataset, seed, max_min
         f"wrote {out}: {len(history)} epochs, validation IoU {last['val_iou']:.3f}, "
         f"centre F1 {last['val_centre_f1']:.3f}, blend recall {last['val_blend_recall']:.3f}"
     )
+
+
+# -- export-hats ---------------------------------------------------------------------------
+@main.command("export-hats")
+@click.argument("catalog", type=click.Path())
+@click.argument("output_path", type=click.Path())
+@click.option("--name", default="survey_engine", show_default=True, help="HATS catalog name.")
+@click.option(
+    "--pixel-threshold",
+    default=1_000_000,
+    show_default=True,
+    type=int,
+    help="Rows per partition at most.",
+)
+@click.option(
+    "--workers", type=int, default=None, help="LocalCluster workers (default: one per core)."
+)
+@click.option("--scheduler", default=None, help="Address of an existing Dask scheduler.")
+def export_hats_cmd(catalog, output_path, name, pixel_threshold, workers, scheduler):
+    """Write CATALOG (catalog.parquet) as a HATS catalog OUTPUT_PATH/NAME, readable by LSDB."""
+    from .export import export_hats
+
+    try:
+        path = export_hats(
+            catalog, output_path, name=name, pixel_threshold=pixel_threshold, workers=workers,
+            scheduler=scheduler,
+        )  # fmt: skip
+    except (ValueError, FileNotFoundError, ImportError) as err:
+        _fail(err)
+    click.echo(f"HATS catalog: {path}  (lsdb.open_catalog({str(path)!r}))")
 
 
 if __name__ == "__main__":
