@@ -1,0 +1,543 @@
+"""Measurement of labelled sources in torch, batched over windows (CPU and CUDA, same code).
+
+The building block of GPU measurement (issue 6): the footprint and aperture quantities
+of :func:`~survey_engine.kernels.measure.measure_sources`, computed as segment reductions
+(``index_add_`` / ``scatter_reduce`` over one global object index) on a batch of
+equally-sized windows. There is no Python loop over objects: per-object pixel
+neighbourhoods (Kron ellipse, apertures, windowed-centroid disc) are ragged boxes built
+by index arithmetic around each object's centre, concatenated object after object.
+
+Agreement with the numpy/sep reference on the same segmentation (see
+``tests/test_torch_measure.py`` for the measured figures):
+
+* footprint quantities (peak and peak pixel, area, isophotal fluxes and errors,
+  barycentre, second moments, a, b, theta, e1, e2, barycentre errors): the same sums in
+  the same pixel order, equal to rounding (~1e-12 relative in float64);
+* windowed centroid (:func:`windowed_centroid_batch`, same iteration as
+  :func:`~survey_engine.kernels.measure.windowed_centroid`): equal to rounding given the
+  same window sigma;
+* Kron radius: sep's own rule (pixel centres within ``kron_max_radius``, neighbours and
+  unusable pixels skipped), equal to rounding;
+* Kron flux: sep is called with ``subpix=1``, which is pixel-centre sampling too, with
+  the same masked-area correction (``flux × total / unmasked``): equal to rounding
+  given the same Kron radius;
+* circular apertures: **pixel-centre sampling** (a pixel counts if its centre is strictly
+  inside the circle) where the reference uses sep's 5×5 sub-pixel sampling of the
+  boundary pixels (``subpix=5``). Measured on Gaussian blobs (σ 1.2–3.5 px): median
+  relative difference 1.0–1.8 % for the 3 px radius (99th percentile ~9 %), 0.15–0.25 %
+  for 6 px, 0.08–0.16 % for 12 px; the difference is a boundary effect, ~(perimeter
+  pixels × surface brightness there) / flux, so it shrinks with the radius;
+* half-light radius: pixel-centre cumulative profile in the circle of radius
+  ``max(2.5 r_kron, 3.5) a``, linearly interpolated between consecutive pixel radii,
+  where sep bins the profile: median 1–2 %, 99th percentile ~8 %. It sets the window
+  sigma of the windowed centroid, so the windowed positions returned by
+  :func:`measure_batch` differ from the reference by ~1e-4 px median, ~0.01 px at the
+  99th percentile (with the reference's sigma, :func:`windowed_centroid_batch` agrees to
+  ~1e-15 px).
+
+Batched results equal one-window results bit for bit on CPU: every per-object sum
+(``index_add_`` and per-row ``cumsum``, sequential on CPU) sees the object's own pixels in
+the same order, and transcendental functions go through :func:`_pw`. On CUDA the sums use
+atomics, so results match the CPU ones to rounding (float64: ~1e-13 relative;
+float32: ~1e-6 typical, 1e-4 worst on angles and large apertures), not bit for bit.
+
+Host synchronisations: one per ragged gather (its total size), one per windowed-centroid
+iteration (early stop) and one per size bucket of the half-light profile.
+
+Not computed here: mask-plane flags (MASKED, SATURATED), aperture-truncation and
+window-failure flags as catalog bits (``window_failed`` is returned as a bool), footprint
+bounding boxes and extents, mosaic-origin offsets (positions are window pixels).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .measure import MeasureConfig, _aper_tag
+
+__all__ = ["measure_batch", "measure_window", "windowed_centroid_batch"]
+
+
+def _check_inputs(det, det_var, filtered, images, variances, labels):
+    for name, t in (("det", det), ("det_var", det_var), ("filtered", filtered)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 3:
+            msg = f"{name} must be a (B, H, W) tensor, got shape {tuple(getattr(t, 'shape', ()))}"
+            raise ValueError(msg)
+    shape = tuple(det.shape)
+    for name, t in (("det_var", det_var), ("filtered", filtered), ("labels", labels)):
+        if tuple(t.shape) != shape:
+            msg = f"{name} has shape {tuple(t.shape)}, det has shape {shape}"
+            raise ValueError(msg)
+    if images.dim() != 4 or tuple(images.shape[:1] + images.shape[2:]) != shape:
+        msg = f"images must have shape (B, nb, H, W) with (B, H, W) = {shape}, got {tuple(images.shape)}"
+        raise ValueError(msg)
+    if tuple(variances.shape) != tuple(images.shape):
+        msg = (
+            f"variances has shape {tuple(variances.shape)}, images has shape {tuple(images.shape)}"
+        )
+        raise ValueError(msg)
+    if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
+        msg = f"labels must be an integer tensor, got dtype {labels.dtype}"
+        raise TypeError(msg)
+    devs = {t.device for t in (det, det_var, filtered, images, variances, labels)}
+    if len(devs) != 1:
+        msg = f"all inputs must be on one device, got {sorted(map(str, devs))}"
+        raise ValueError(msg)
+
+
+def _pw(fn, *args):
+    """Element-wise ``fn`` whose result per element does not depend on its position.
+
+    On CPU, torch evaluates transcendental functions of contiguous tensors with SIMD
+    (SLEEF) kernels and the leftover tail elements with the scalar libm routine; the two
+    can differ in the last bit, so an object's value would depend on where it sits in
+    the batch. Strided (non-contiguous) inputs take the scalar path for every element,
+    which keeps a batched run bit-identical to a one-by-one run. On CUDA every element
+    runs the same code anyway; the copy is cheap.
+    """
+    return fn(*(torch.stack((t, t), -1)[..., 0] for t in args))
+
+
+def _segsum(values, index, n):
+    """Per-object sums of ``values`` (last axis) by ``index``, in element order."""
+    out = values.new_zeros((*values.shape[:-1], n))
+    return out.index_add_(values.dim() - 1, index, values)
+
+
+def _boxes(cy, cx, half, h, w):
+    """Ragged square boxes of half-size ``half`` around integer centres, clipped to the window.
+
+    Returns, per element, the object index, its pixel (y, x) and the offset from the
+    centre, object after object, each box in raster order.
+    """
+    side = 2 * half + 1
+    cnt = side * side
+    n_el = int(cnt.sum())
+    obj = torch.repeat_interleave(torch.arange(len(cy), device=cy.device), cnt, output_size=n_el)
+    start = torch.cumsum(cnt, 0) - cnt
+    k = torch.arange(n_el, device=cy.device) - start[obj]
+    s = side[obj]
+    hh = half[obj]
+    dy = torch.div(k, s, rounding_mode="floor") - hh
+    dx = k - (dy + hh) * s - hh
+    yy = cy[obj] + dy
+    xx = cx[obj] + dx
+    keep = (yy >= 0) & (yy < h) & (xx >= 0) & (xx < w)
+    return obj[keep], yy[keep], xx[keep], dy[keep], dx[keep]
+
+
+def windowed_centroid_batch(
+    image: torch.Tensor,
+    variance: torch.Tensor,
+    labels: torch.Tensor,
+    win: torch.Tensor,
+    own: torch.Tensor,
+    py: torch.Tensor,
+    px: torch.Tensor,
+    u0: torch.Tensor,
+    v0: torch.Tensor,
+    sig: torch.Tensor,
+    *,
+    max_iter: int = 16,
+    tol: float = 2e-4,
+):
+    """Gaussian-windowed centroids of every object of a batch (SExtractor's XWIN/YWIN).
+
+    Same iteration, pixel selection (disc of radius ``half − 0.5``, ``half = clip(ceil(4σ) + 2,
+    2, 32)``, neighbours excluded) and per-object summation order as
+    :func:`survey_engine.kernels.measure.windowed_centroid`.
+
+    Parameters
+    ----------
+    image, variance : torch.Tensor
+        ``(B, H, W)`` detection image and variance (0 where unusable), in the working dtype.
+    labels : torch.Tensor
+        ``(B, H, W)`` integer per-window labels.
+    win, own : torch.Tensor
+        Per object: its window and its label in that window.
+    py, px : torch.Tensor
+        Integer peak pixel per object.
+    u0, v0, sig : torch.Tensor
+        Starting offsets (x, y) from the peak and window sigma per object.
+
+    Returns
+    -------
+    u, v, u_err, v_err, failed : torch.Tensor
+    """
+    n = len(py)
+    _, h, w = image.shape
+    dt = image.dtype
+    half = (torch.ceil(4.0 * sig).to(torch.int64) + 2).clamp(2, 32)
+    obj, yy, xx, dy, dx = _boxes(py, px, half, h, w)
+    hv = half[obj].to(dt)
+    disc = (dy * dy + dx * dx).to(dt) <= (hv - 0.5) ** 2
+    obj, yy, xx, dy, dx = obj[disc], yy[disc], xx[disc], dy[disc], dx[disc]
+    flat = (win[obj] * h + yy) * w + xx
+    lab = labels.reshape(-1)[flat]
+    keep = (lab == 0) | (lab == own[obj])
+    obj, dy, dx, flat = obj[keep], dy[keep], dx[keep], flat[keep]
+    val = image.reshape(-1)[flat]
+    var = variance.reshape(-1)[flat]
+    dxf = dx.to(dt)
+    dyf = dy.to(dt)
+    u = u0.to(dt).clone()
+    v = v0.to(dt).clone()
+    inv2s2 = 1.0 / (2.0 * sig.to(dt) ** 2)
+    r2max = (4.0 * sig.to(dt)) ** 2
+    active = torch.ones(n, dtype=torch.bool, device=u.device)
+    converged = torch.zeros(n, dtype=torch.bool, device=u.device)
+    e_k = inv2s2[obj]
+    for _ in range(max_iter):
+        ex = dxf - u[obj]
+        ey = dyf - v[obj]
+        arg = (ex * ex + ey * ey) * e_k
+        wgt = torch.where(arg >= 8.0, 0.0, _pw(torch.exp, -arg)) * val
+        s0 = _segsum(wgt, obj, n)
+        sx = _segsum(ex * wgt, obj, n)
+        sy = _segsum(ey * wgt, obj, n)
+        ok = active & (s0 > 0)
+        safe0 = torch.where(s0 > 0, s0, 1.0)
+        step_u = torch.where(ok, 2.0 * sx / safe0, 0.0)
+        step_v = torch.where(ok, 2.0 * sy / safe0, 0.0)
+        u = u + step_u
+        v = v + step_v
+        done = ok & (step_u * step_u + step_v * step_v < tol * tol)
+        converged |= done
+        active &= ok & ~done
+        if not bool(active.any()):
+            break
+    ex = dxf - u[obj]
+    ey = dyf - v[obj]
+    r2 = ex * ex + ey * ey
+    wn = torch.where(r2 < r2max[obj], _pw(torch.exp, -r2 * inv2s2[obj]), 0.0)
+    s0 = _segsum(wn * val, obj, n)
+    safe = torch.where(s0 > 0, s0, 1.0)
+    u_err = 2.0 * torch.sqrt(_segsum(wn * wn * var * ex * ex, obj, n)) / safe
+    v_err = 2.0 * torch.sqrt(_segsum(wn * wn * var * ey * ey, obj, n)) / safe
+    failed = ~converged | (s0 <= 0) | (u * u + v * v > (4.0 * sig.to(dt)) ** 2)
+    return u, v, u_err, v_err, failed
+
+
+def _half_light_radius(obj, r, val, norm, n):
+    """Radius enclosing half of ``norm``: pixel-centre cumulative profile, interpolated."""
+    order = torch.argsort(r, stable=True)
+    order = order[torch.argsort(obj[order], stable=True)]
+    o, rs, vs = obj[order], r[order], val[order]
+    cnt = torch.bincount(o, minlength=n)
+    start = torch.cumsum(cnt, 0) - cnt
+    # Per-object running sums, each started from zero (a global cumsum minus an offset would
+    # depend on the objects before): objects bucketed by the next power of two of their pixel
+    # count, one zero-padded (objects, length) cumsum per bucket.
+    k = torch.arange(len(o), device=o.device) - start[o]
+    bucket = torch.ceil(torch.log2(cnt.clamp(min=1).to(torch.float64))).to(torch.int64)
+    cum = torch.zeros_like(vs)
+    for bk in torch.unique(bucket[cnt > 0]).tolist():
+        member = (bucket == bk) & (cnt > 0)
+        row = torch.cumsum(member.to(torch.int64), 0) - 1
+        el = member[o]
+        mat = vs.new_zeros((int(member.sum()), 1 << bk))
+        r_el, k_el = row[o[el]], k[el]
+        mat[r_el, k_el] = vs[el]
+        cum[el] = mat.cumsum(1)[r_el, k_el]
+    target = 0.5 * norm[o]
+    reached = cum >= target
+    big = len(o)
+    idx = torch.arange(big, device=o.device)
+    first = torch.full((n,), big, dtype=torch.int64, device=o.device)
+    first.scatter_reduce_(0, o[reached], idx[reached], reduce="amin")
+    found = first < big
+    fi = first.clamp(max=max(big - 1, 0))
+    prev_ok = found & (fi > start)
+    pi = (fi - 1).clamp(min=0)
+    r1, c1, v1 = rs[fi], cum[fi], vs[fi]
+    r0 = torch.where(prev_ok, rs[pi], 0.0)
+    c0 = c1 - v1
+    frac = torch.where(v1 != 0, (target[fi] - c0) / torch.where(v1 != 0, v1, 1.0), 1.0)
+    hlr = r0 + frac.clamp(0.0, 1.0) * (r1 - r0)
+    return torch.where(found, hlr, torch.nan)
+
+
+def measure_batch(
+    det: torch.Tensor,
+    det_var: torch.Tensor,
+    filtered: torch.Tensor,
+    images: torch.Tensor,
+    variances: torch.Tensor,
+    labels: torch.Tensor,
+    cfg: MeasureConfig | None = None,
+    *,
+    dtype: torch.dtype = torch.float64,
+) -> dict[str, torch.Tensor]:
+    """Measure every labelled object of a batch of equally-sized windows.
+
+    Parameters
+    ----------
+    det, det_var, filtered : torch.Tensor
+        ``(B, H, W)`` background-subtracted detection image, its variance (inf or NaN
+        where unusable) and the matched-filtered image that weights the moments
+        (:func:`~survey_engine.kernels.detect.matched_filter`).
+    images, variances : torch.Tensor
+        ``(B, nb, H, W)`` band images and variances (variance not finite where unusable).
+    labels : torch.Tensor
+        ``(B, H, W)`` integer labels, ``1..n_b`` in window ``b`` (0 = no object).
+    cfg : MeasureConfig, optional
+        Apertures, Kron and window parameters (defaults as the reference).
+    dtype : torch.dtype
+        Working dtype of the sums: float64 (default, required for agreement with the
+        reference to rounding) or float32 (faster on CUDA). Images are rounded to float32
+        first, as the reference does.
+
+    Returns
+    -------
+    dict of str to torch.Tensor
+        Per object (window after window, label order within a window): ``window``,
+        ``label``, positions in window pixel coordinates (``x_peak``, ``y_peak``, ``x_iso``,
+        ``y_iso``, ``x``, ``y`` — windowed, falling back to isophotal — and errors),
+        ``peak``, ``area``, ``a``, ``b``, ``theta``, ``e1``, ``e2``, ``kron_radius``,
+        ``half_light_radius``, ``window_failed``, ``det_iso_flux(_err)``,
+        ``det_kron_flux(_err)``; per band, shape ``(n, nb)``: ``iso_flux(_err)``,
+        ``kron_flux(_err)``, ``aper_flux_{r}(_err)``.
+    """
+    cfg = cfg or MeasureConfig()
+    _check_inputs(det, det_var, filtered, images, variances, labels)
+    bsz, h, w = det.shape
+    nb = images.shape[1]
+    dev = det.device
+    dt = dtype
+    labels = labels.to(torch.int64)
+
+    # --- inputs as the reference sees them ---------------------------------------------------
+    det_var = det_var.to(dt)
+    det_bad = ~torch.isfinite(det_var)
+    d = torch.where(det_bad, 0.0, det.to(torch.float32)).to(dt)
+    dvar = torch.where(det_bad, 0.0, det_var)  # isophotal error: variance as given
+    dvar32 = dvar.to(torch.float32).to(dt)  # apertures: float32, as sep reads it
+    bvar_in = variances.to(dt)
+    b_bad = ~torch.isfinite(bvar_in)
+    bimg = images.to(torch.float32).to(dt)
+    bvar = torch.where(b_bad, 0.0, bvar_in).to(torch.float32).to(dt)
+
+    # --- one global object index -------------------------------------------------------------
+    n_per = labels.reshape(bsz, -1).amax(dim=1).clamp(min=0)
+    offset = torch.cumsum(n_per, 0) - n_per
+    n = int(n_per.sum())
+    flat_all = torch.nonzero(labels.reshape(-1) > 0).squeeze(1)  # raster order, window-major
+    win_pix = torch.div(flat_all, h * w, rounding_mode="floor")
+    local = flat_all - win_pix * (h * w)
+    lab_pix = labels.reshape(-1)[flat_all]
+    seg = offset[win_pix] + lab_pix - 1
+    win = torch.repeat_interleave(torch.arange(bsz, device=dev), n_per, output_size=n)
+    own = torch.arange(n, device=dev) - offset[win] + 1
+
+    # --- peaks: brightest pixel, lowest flat index on ties -----------------------------------
+    val = d.reshape(-1)[flat_all]
+    peak = torch.full((n,), -torch.inf, dtype=dt, device=dev)
+    peak.scatter_reduce_(0, seg, val, reduce="amax")
+    cand = val == peak[seg]
+    big = torch.iinfo(torch.int64).max
+    pidx = torch.full((n,), big, dtype=torch.int64, device=dev)
+    pidx.scatter_reduce_(0, seg[cand], local[cand], reduce="amin")
+    py = torch.div(pidx, w, rounding_mode="floor")
+    px = pidx - py * w
+    yy = torch.div(local, w, rounding_mode="floor")
+    xx = local - yy * w
+
+    # --- footprint sums ----------------------------------------------------------------------
+    area = torch.bincount(seg, minlength=n)
+    iso = _segsum(val, seg, n)
+    iso_var = _segsum(dvar.reshape(-1)[flat_all], seg, n)
+    wgt = filtered.to(dt).reshape(-1)[flat_all]
+    wsum = _segsum(wgt, seg, n)
+    dx = (xx - px[seg]).to(dt)
+    dy = (yy - py[seg]).to(dt)
+    safe_w = torch.where(wsum > 0, wsum, 1.0)
+    mx = _segsum(wgt * dx, seg, n) / safe_w
+    my = _segsum(wgt * dy, seg, n) / safe_w
+    x2 = _segsum(wgt * dx * dx, seg, n) / safe_w - mx**2
+    y2 = _segsum(wgt * dy * dy, seg, n) / safe_w - my**2
+    xy = _segsum(wgt * dx * dy, seg, n) / safe_w - mx * my
+    singular = x2 * y2 - xy**2 < 1.0 / 144.0
+    x2 = torch.where(singular, x2 + 1.0 / 12.0, x2)
+    y2 = torch.where(singular, y2 + 1.0 / 12.0, y2)
+    vpix = dvar.reshape(-1)[flat_all]
+    ex = dx - mx[seg]
+    ey = dy - my[seg]
+    x_err = torch.sqrt(_segsum(vpix * ex * ex, seg, n)) / safe_w
+    y_err = torch.sqrt(_segsum(vpix * ey * ey, seg, n)) / safe_w
+    xb = px.to(dt) + mx
+    yb = py.to(dt) + my
+    t1 = 0.5 * (x2 + y2)
+    t2 = torch.sqrt(0.25 * (x2 - y2) ** 2 + xy**2)
+    a = torch.sqrt(torch.clamp(t1 + t2, min=1e-6))
+    b = torch.sqrt(torch.clamp(t1 - t2, min=1e-6))
+    theta = 0.5 * _pw(torch.atan2, 2.0 * xy, x2 - y2)
+    e1 = (x2 - y2) / (x2 + y2)
+    e2 = 2.0 * xy / (x2 + y2)
+
+    # --- ellipse coefficients (sep_ellipse_coeffs) -------------------------------------------
+    ct, st = _pw(torch.cos, theta), _pw(torch.sin, theta)
+    cxx = ct * ct / (a * a) + st * st / (b * b)
+    cyy = st * st / (a * a) + ct * ct / (b * b)
+    cxy = 2.0 * ct * st * (1.0 / (a * a) - 1.0 / (b * b))
+    cyi = torch.round(yb).to(torch.int64)
+    cxi = torch.round(xb).to(torch.int64)
+    lab_flat = labels.reshape(-1)
+
+    def gather(radius):
+        """Pixels of a box covering a disc of ``radius`` around the barycentre."""
+        half = torch.ceil(radius).to(torch.int64) + 1
+        o, gy, gx, _, _ = _boxes(cyi, cxi, half, h, w)
+        fl = (win[o] * h + gy) * w + gx
+        ddx = gx.to(dt) - xb[o]
+        ddy = gy.to(dt) - yb[o]
+        lab = lab_flat[fl]
+        neighbour = (lab > 0) & (lab != own[o])
+        return o, fl, ddx, ddy, neighbour
+
+    def ellipse_r2(o, ddx, ddy):
+        return cxx[o] * ddx * ddx + cyy[o] * ddy * ddy + cxy[o] * ddx * ddy
+
+    # --- Kron radius (sep.kron_radius: pixel centres, masked pixels skipped) -----------------
+    o, fl, ddx, ddy, nbr = gather(cfg.kron_max_radius * a)
+    rp2 = ellipse_r2(o, ddx, ddy)
+    use = (rp2 <= cfg.kron_max_radius**2) & ~nbr & ~det_bad.reshape(-1)[fl]
+    o, rp2, fl = o[use], rp2[use], fl[use]
+    pix = d.reshape(-1)[fl]
+    r1 = _segsum(torch.sqrt(rp2) * pix, o, n)
+    v1 = _segsum(pix, o, n)
+    cnt = torch.bincount(o, minlength=n)
+    kron = torch.where((cnt > 0) & (r1 > 0) & (v1 > 0), r1 / torch.where(v1 > 0, v1, 1.0), 0.0)
+    kron = torch.where(torch.isfinite(kron) & (kron > 0), kron, 0.0)
+    rk = torch.clamp(cfg.kron_factor * kron, min=cfg.kron_min)
+
+    # --- Kron ellipse (sep.sum_ellipse, subpix=1 = pixel centres) and half-light radius ------
+    rmax = rk * a
+    o, fl, ddx, ddy, nbr = gather(rmax)
+    rp2 = ellipse_r2(o, ddx, ddy)
+    inside = rp2 < (rk * rk)[o]
+
+    def aperture_sums(sel, masked, img, var, oo):
+        """sep's aperture sum with its masked-area correction, for (nb?, E) values."""
+        good = sel & ~masked
+        tv = _segsum(torch.where(good, img, 0.0), oo, n)
+        sv = _segsum(torch.where(good, var, 0.0), oo, n)
+        tot = _segsum(sel.to(dt), oo, n)
+        msk = _segsum((sel & masked).to(dt), oo, n)
+        corr = tot / (tot - msk)
+        return tv * corr, torch.sqrt(sv * corr)
+
+    det_masked = nbr | det_bad.reshape(-1)[fl]
+    kflux, kerr = aperture_sums(inside, det_masked, d.reshape(-1)[fl], dvar32.reshape(-1)[fl], o)
+    # Bands: values (nb, E) gathered at the same pixels.
+    wi = torch.div(fl, h * w, rounding_mode="floor")
+    pos = fl - wi * (h * w)
+    bidx = (wi[None, :] * nb + torch.arange(nb, device=dev)[:, None]) * (h * w) + pos[None, :]
+    bkf, bke = aperture_sums(
+        inside[None, :],
+        nbr[None, :] | b_bad.reshape(-1)[bidx],
+        bimg.reshape(-1)[bidx],
+        bvar.reshape(-1)[bidx],
+        o,
+    )
+    # Half-light radius in the circle of radius rk·a (sep.flux_radius: unusable pixels masked,
+    # neighbours included), normalised by the Kron flux (the isophotal flux if not positive).
+    rr = torch.sqrt(ddx * ddx + ddy * ddy)
+    sel = (rr < rmax[o]) & ~det_bad.reshape(-1)[fl]
+    norm = torch.where(kflux > 0, kflux, torch.clamp(iso, min=1e-30))
+    hlr = _half_light_radius(o[sel], rr[sel], d.reshape(-1)[fl[sel]], norm, n)
+    hlr = torch.where(torch.isfinite(hlr) & (hlr > 0), hlr, torch.sqrt(a * b))
+
+    # --- circular apertures (pixel centres, neighbours and unusable pixels masked) -----------
+    o, fl, ddx, ddy, nbr = gather(torch.full_like(a, cfg.max_aperture))
+    rr2 = ddx * ddx + ddy * ddy
+    wi = torch.div(fl, h * w, rounding_mode="floor")
+    pos = fl - wi * (h * w)
+    bidx = (wi[None, :] * nb + torch.arange(nb, device=dev)[:, None]) * (h * w) + pos[None, :]
+    bmask = nbr[None, :] | b_bad.reshape(-1)[bidx]
+    bi_v = bimg.reshape(-1)[bidx]
+    bv_v = bvar.reshape(-1)[bidx]
+    out_bands: dict[str, torch.Tensor] = {
+        "iso_flux": _segsum(
+            bimg.reshape(bsz, nb, -1).transpose(0, 1).reshape(nb, -1)[:, flat_all], seg, n
+        ).T,
+        "iso_flux_err": torch.sqrt(
+            _segsum(bvar.reshape(bsz, nb, -1).transpose(0, 1).reshape(nb, -1)[:, flat_all], seg, n)
+        ).T,
+        "kron_flux": bkf.T,
+        "kron_flux_err": bke.T,
+    }
+    for r in cfg.apertures:
+        f, fe = aperture_sums((rr2 < r * r)[None, :], bmask, bi_v, bv_v, o)
+        tag = _aper_tag(r)
+        out_bands[f"aper_flux_{tag}"] = f.T
+        out_bands[f"aper_flux_{tag}_err"] = fe.T
+
+    # --- windowed centroid -------------------------------------------------------------------
+    sig = torch.clamp(2.0 * hlr / 2.3548, min=0.5)
+    uw, vw, uw_err, vw_err, wfail = windowed_centroid_batch(
+        d.reshape(bsz, h, w),
+        dvar32.reshape(bsz, h, w),
+        labels,
+        win,
+        own,
+        py,
+        px,
+        mx,
+        my,
+        sig,
+        max_iter=cfg.window_iterations,
+    )
+
+    out = {
+        "window": win,
+        "label": own,
+        "x": torch.where(wfail, xb, px.to(dt) + uw),
+        "y": torch.where(wfail, yb, py.to(dt) + vw),
+        "x_err": torch.where(wfail, x_err, uw_err),
+        "y_err": torch.where(wfail, y_err, vw_err),
+        "x_iso": xb,
+        "y_iso": yb,
+        "x_iso_err": x_err,
+        "y_iso_err": y_err,
+        "x_peak": px,
+        "y_peak": py,
+        "peak": peak,
+        "area": area,
+        "a": a,
+        "b": b,
+        "theta": theta,
+        "e1": e1,
+        "e2": e2,
+        "kron_radius": kron,
+        "half_light_radius": hlr,
+        "window_failed": wfail,
+        "det_iso_flux": iso,
+        "det_iso_flux_err": torch.sqrt(iso_var),
+        "det_kron_flux": kflux,
+        "det_kron_flux_err": kerr,
+    }
+    out.update(out_bands)
+    return out
+
+
+def measure_window(
+    det: torch.Tensor,
+    det_var: torch.Tensor,
+    filtered: torch.Tensor,
+    images: torch.Tensor,
+    variances: torch.Tensor,
+    labels: torch.Tensor,
+    cfg: MeasureConfig | None = None,
+    **kwargs,
+) -> dict[str, torch.Tensor]:
+    """:func:`measure_batch` for one window: ``(H, W)`` and ``(nb, H, W)`` inputs."""
+    return measure_batch(
+        det[None],
+        det_var[None],
+        filtered[None],
+        images[None],
+        variances[None],
+        labels[None],
+        cfg,
+        **kwargs,
+    )
