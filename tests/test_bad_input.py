@@ -11,24 +11,12 @@ import numpy as np
 import pytest
 import zarr
 from _util import assert_same_catalog, blob_mosaic, blob_pixels
-from distributed import Client, LocalCluster
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from survey_engine import MaskBit, open_mosaic, read_catalog, run
 
 SIZE = 256
-
-
-@pytest.fixture(scope="module")
-def client():
-    with (
-        LocalCluster(
-            n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None
-        ) as cluster,
-        Client(cluster) as c,
-    ):
-        yield c
 
 
 def _run(mosaic, out, client, **kw):

@@ -7,23 +7,11 @@ import pytest
 import yaml
 from _util import blob_mosaic
 from click.testing import CliRunner
-from distributed import Client, LocalCluster
 
 from survey_engine import read_catalog, run
 from survey_engine.cli import main
 from survey_engine.config import CONFIG_FILE, PIPELINE_KEYS
 from survey_engine.pipeline import PipelineConfig
-
-
-@pytest.fixture(scope="module")
-def client():
-    with (
-        LocalCluster(
-            n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None
-        ) as cluster,
-        Client(cluster) as c,
-    ):
-        yield c
 
 
 @pytest.fixture(scope="module")

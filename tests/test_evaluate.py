@@ -9,7 +9,6 @@ import pyarrow.parquet as pq
 import pytest
 from astropy.table import QTable
 from click.testing import CliRunner
-from distributed import Client, LocalCluster
 from scipy.optimize import linear_sum_assignment
 from scipy.spatial.distance import cdist
 
@@ -337,15 +336,6 @@ def test_cli_evaluate(truth, tmp_path):
 
 
 # -- end to end on a simulated mosaic --------------------------------------------------------
-@pytest.fixture(scope="module")
-def client():
-    with (
-        LocalCluster(
-            n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None
-        ) as cluster,
-        Client(cluster) as c,
-    ):
-        yield c
 
 
 def test_end_to_end_on_a_simulation(client, tmp_path):

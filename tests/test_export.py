@@ -5,22 +5,10 @@ import numpy as np
 import pytest
 from _util import blob_mosaic
 from click.testing import CliRunner
-from distributed import Client, LocalCluster
 
 from survey_engine import read_catalog, run
 from survey_engine.cli import main
 from survey_engine.export import export_hats
-
-
-@pytest.fixture(scope="module")
-def client():
-    with (
-        LocalCluster(
-            n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None
-        ) as c,
-        Client(c) as cl,
-    ):
-        yield cl
 
 
 @pytest.fixture(scope="module")

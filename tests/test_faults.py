@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 from _util import assert_same_catalog, blob_mosaic
-from distributed import Client, LocalCluster
 
 import survey_engine.engine as engine
 from survey_engine import read_catalog, run
@@ -20,18 +19,6 @@ from survey_engine.tiling import make_tiles
 
 SIZE = 256
 TILE, HALO = 64, 16
-
-
-@pytest.fixture(scope="module")
-def client():
-    # Worker threads in this process, so that a test can make one tile's kernel raise.
-    with (
-        LocalCluster(
-            n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None
-        ) as cluster,
-        Client(cluster) as c,
-    ):
-        yield c
 
 
 @pytest.fixture(scope="module")
