@@ -256,6 +256,7 @@ def run_cmd(mosaic, outdir, tile, halo, origin, deblender, unet_model, device, t
 def summarise_run(res) -> str:
     """Text summary of a :class:`~survey_engine.engine.RunResult`."""
     from .catalog import read_catalog
+    from .schema import Flag
 
     cat = read_catalog(res.catalog_path)
     t = res.timings
@@ -267,7 +268,8 @@ def summarise_run(res) -> str:
     ]
     if len(cat):
         flags = np.asarray(cat["flags"])
-        lines.append(f"blended       {np.mean((flags & 8) != 0) * 100:.1f}% of objects")
+        blended = (flags & int(Flag.BLENDED)) != 0
+        lines.append(f"blended       {np.mean(blended) * 100:.1f}% of objects")
         for b in cat.meta.get("bands", []):
             mag = np.asarray(
                 cat[f"{b}_mag"].value if hasattr(cat[f"{b}_mag"], "value") else cat[f"{b}_mag"]

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["ColumnSpec", "Flag", "catalog_columns", "flag_descriptions"]
+__all__ = ["ColumnSpec", "Flag", "aper_tag", "catalog_columns", "flag_descriptions"]
 
 
 class Flag(enum.IntFlag):
@@ -58,7 +58,8 @@ class ColumnSpec:
     description: str
 
 
-def _aper_tag(r: float) -> str:
+def aper_tag(r: float) -> str:
+    """Column suffix of a circular aperture of radius ``r`` pixels (``3`` → ``3``, ``2.5`` → ``2p5``)."""
     return f"{r:g}".replace(".", "p")
 
 
@@ -184,7 +185,7 @@ def catalog_columns(
             ),
         ]
         for r in apertures:
-            t = _aper_tag(r)
+            t = aper_tag(r)
             cols += [
                 ColumnSpec(
                     f"{b}_aper_flux_{t}", "float64", u, f"{b}: flux in a circle of radius {r:g} pix"

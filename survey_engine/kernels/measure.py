@@ -22,7 +22,7 @@ import numpy as np
 import sep
 from scipy import ndimage
 
-from ..schema import Flag
+from ..schema import Flag, aper_tag
 
 __all__ = ["MeasureConfig", "measure_sources"]
 
@@ -300,7 +300,7 @@ def measure_sources(
             f, fe, fl = sep.sum_circle(
                 img, xb, yb, r, var=var, mask=bmask, segmap=labels, seg_id=ids, subpix=5
             )
-            tag = _aper_tag(r)
+            tag = aper_tag(r)
             col[f"aper_flux_{tag}"], col[f"aper_flux_{tag}_err"] = f, fe
         col["flags"] = bflags
         m.bands[band] = col
@@ -428,7 +428,3 @@ def windowed_centroid(
     v_err = 2.0 * np.sqrt(np.bincount(obj, weights=win * win * var * ey * ey, minlength=n)) / safe
     failed = ~converged | (s0 <= 0) | (u * u + v * v > (4.0 * sig) ** 2)
     return u, v, u_err, v_err, failed
-
-
-def _aper_tag(r: float) -> str:
-    return f"{r:g}".replace(".", "p")

@@ -53,7 +53,8 @@ from __future__ import annotations
 
 import torch
 
-from .measure import MeasureConfig, _aper_tag
+from ..schema import aper_tag
+from .measure import MeasureConfig
 
 __all__ = ["measure_batch", "measure_window", "windowed_centroid_batch"]
 
@@ -468,7 +469,7 @@ def measure_batch(
     }
     for r in cfg.apertures:
         f, fe = aperture_sums((rr2 < r * r)[None, :], bmask, bi_v, bv_v, o)
-        tag = _aper_tag(r)
+        tag = aper_tag(r)
         out_bands[f"aper_flux_{tag}"] = f.T
         out_bands[f"aper_flux_{tag}_err"] = fe.T
 
