@@ -1,4 +1,4 @@
-"""Command-line interface: ``survey-engine demo | simulate | ingest | info | run``."""
+"""Command-line interface: ``survey-engine demo | simulate | ingest | info | run | bench``."""
 
 from __future__ import annotations
 
@@ -221,8 +221,16 @@ def describe_mosaic(m) -> str:
     "--format", "fmt", default="parquet", show_default=True, type=click.Choice(["parquet", "hats"]),
     help="hats: also write OUTDIR/hats/survey_engine, a HATS catalog for LSDB.",
 )  # fmt: skip
+@click.option(
+    "--gpu", is_flag=True,
+    help="Every per-tile stage in torch on CUDA (unet deblender) on a Dask-CUDA cluster.",
+)  # fmt: skip
+@click.option(
+    "--backend", default=None, type=click.Choice(["numpy", "torch"]),
+    help="Per-tile kernels: numpy (sep/scipy, default) or torch (needs --deblender unet).",
+)  # fmt: skip
 def run_cmd(mosaic, outdir, tile, halo, origin, deblender, unet_model, device, thresh, minarea,
-            detection_band, workers, scheduler, resume, overwrite, fmt):  # fmt: skip
+            detection_band, workers, scheduler, resume, overwrite, fmt, gpu, backend):  # fmt: skip
     """Detect, deblend and measure MOSAIC; write OUTDIR/catalog.parquet and segmentation.zarr.
 
     Options not given take their value from the Dask configuration (survey_engine.*: a YAML
@@ -236,7 +244,7 @@ def run_cmd(mosaic, outdir, tile, halo, origin, deblender, unet_model, device, t
             mosaic, outdir, tile=tile, halo=halo, origin=origin, deblender=deblender,
             unet_model=unet_model, device=device, thresh=thresh,
             minarea=minarea, detection_band=detection_band, workers=workers, scheduler=scheduler,
-            resume=resume, overwrite=overwrite,
+            resume=resume, overwrite=overwrite, gpu=gpu, backend=backend,
         )  # fmt: skip
     except (RunError, ValueError, KeyError, FileNotFoundError) as err:
         _fail(err)
@@ -281,6 +289,51 @@ def summarise_run(res) -> str:
                     f"{np.percentile(mag[good], 90):.2f} ({good.sum()} with positive flux)"
                 )
     return "\n".join(lines)
+
+
+# -- bench ---------------------------------------------------------------------------------
+@main.command()
+@click.option(
+    "--size", default=4096, show_default=True, type=int, help="Synthetic mosaic side (px)."
+)
+@click.option(
+    "--workers", type=int, default=None,
+    help="Workers of the cluster started here (default: one per core, or per GPU with --gpu).",
+)  # fmt: skip
+@click.option("--gpu", is_flag=True, help="Run the GPU path (torch on CUDA, unet deblender).")
+@click.option("--scheduler", default=None, help="Address of an existing Dask scheduler.")
+@click.option(
+    "--backend", default=None, type=click.Choice(["numpy", "torch"]), help="Per-tile kernels."
+)
+@click.option(
+    "--deblender", default=None, type=click.Choice(["sep", "unet"]),
+    help="Default: sep with numpy, unet with torch or --gpu.",
+)  # fmt: skip
+@click.option("--tile", default=None, type=int, help="Tile core size (px; default: the engine's).")
+@click.option(
+    "--workdir", default=None, type=click.Path(),
+    help="Keep (and reuse) the synthetic mosaic and the run here (default: a temporary directory).",
+)  # fmt: skip
+@click.option("--repeat", default=1, show_default=True, type=int, help="Runs; the best is shown.")
+@click.option("--json", "json_out", default=None, type=click.Path(), help="Write the figures here.")
+def bench(size, workers, gpu, scheduler, backend, deblender, tile, workdir, repeat, json_out):
+    """Time the engine on a synthetic mosaic (made without GalSim) and print Mpx/s per stage."""
+    import json
+
+    from .bench import run_benchmark
+    from .engine import RunError
+
+    try:
+        res = run_benchmark(
+            size, workers=workers, gpu=gpu, scheduler=scheduler, backend=backend,
+            deblender=deblender, tile=tile, workdir=workdir, repeat=repeat,
+        )  # fmt: skip
+    except (RunError, ValueError, KeyError, FileNotFoundError, ImportError) as err:
+        _fail(err)
+    click.echo(res.table())
+    if json_out:
+        Path(json_out).write_text(json.dumps(res.to_dict(), indent=2))
+        click.echo(f"figures written to {json_out}")
 
 
 # -- demo ----------------------------------------------------------------------------------

@@ -22,6 +22,7 @@ where it stopped and a run with failed tiles retries only those.
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import logging
 import os
@@ -49,7 +50,14 @@ from .kernels.background import (
     mesh_statistics,
 )
 from .mosaic import Mosaic, open_mosaic
-from .parallel import TaskFailure, dask_client, map_tasks
+from .parallel import (
+    GPUUnavailable,
+    TaskFailure,
+    TaskResults,
+    dask_client,
+    map_tasks,
+    workers_with,
+)
 from .pipeline import PipelineConfig, WindowResult, analyse_window, catalog_rows
 from .schema import Flag, flag_descriptions
 from .tiling import Box, Tile, TileGrid, make_tiles
@@ -89,6 +97,11 @@ class RunResult:
     n_tiles: int
     n_retried: int
     timings: dict[str, float] = field(default_factory=dict)
+    stages: dict[str, float] = field(default_factory=dict)
+    pixels: int = 0
+    gpu_memory: int | None = None
+    backend: str = "numpy"
+    device: str = "cpu"
 
 
 # ----------------------------------------------------------------------------------------
@@ -114,13 +127,57 @@ def _background_block(box: Box, *, mosaic_path: str, cfg: PipelineConfig):
 
 
 def _window(
-    m: Mosaic, box: Box, meshes: Sequence[BackgroundMesh], cfg: PipelineConfig
+    m: Mosaic,
+    box: Box,
+    meshes: Sequence[BackgroundMesh],
+    cfg: PipelineConfig,
+    times: dict[str, float] | None = None,
 ) -> WindowResult:
+    times = times if times is not None else {}
+    t0 = time.perf_counter()
     reg = m.read((box.y0, box.y1), (box.x0, box.x1))
+    times["read"] = times.get("read", 0.0) + time.perf_counter() - t0
+    if cfg.backend == "torch":
+        from .torch_pipeline import analyse_windows
+
+        st = _stage_times(cfg, times)
+        (wr,) = analyse_windows(
+            [reg], cfg, mosaic=Box(0, m.ny, 0, m.nx), splines=_splines(meshes), times=st
+        )
+        times.update(st)
+        return wr
+    t0 = time.perf_counter()
     bkg = np.stack(
         [interpolate_background(mesh, box.y0, box.y1, box.x0, box.x1) for mesh in meshes]
     )
-    return analyse_window(reg, bkg, cfg, mosaic=Box(0, m.ny, 0, m.nx))
+    times["background"] = times.get("background", 0.0) + time.perf_counter() - t0
+    return analyse_window(reg, bkg, cfg, mosaic=Box(0, m.ny, 0, m.nx), times=times)
+
+
+def _stage_times(cfg: PipelineConfig, times: Mapping[str, float]):
+    from .torch_pipeline import StageTimes
+
+    st = StageTimes(cfg.device)
+    st.update(times)
+    return st
+
+
+_SPLINES: dict[tuple, Any] = {}
+
+
+def _splines(meshes: Sequence[BackgroundMesh]) -> list:
+    """Device-evaluable background splines of the meshes (fitted once per process and mesh)."""
+    from .kernels.torch_background import background_spline
+
+    out = []
+    for mesh in meshes:
+        key = (mesh.box, tuple(mesh.shape), hashlib.sha1(mesh.level.tobytes()).hexdigest())
+        if key not in _SPLINES:
+            if len(_SPLINES) > 32:
+                _SPLINES.clear()
+            _SPLINES[key] = background_spline(mesh)
+        out.append(_SPLINES[key])
+    return out
 
 
 def _rows(
@@ -196,7 +253,25 @@ def _process_tile_inner(
     meta: Mapping[str, Any],
 ) -> dict[str, int]:
     m = _mosaic(mosaic_path)
-    wr = _window(m, tile.read, meshes, cfg)
+    times: dict[str, float] = {}
+    wr = _window(m, tile.read, meshes, cfg, times)
+    out = _tile_part(tile, wr, m=m, cfg=cfg, outdir=outdir, meta=meta, times=times)
+    out["times"] = times
+    return out
+
+
+def _tile_part(
+    tile: Tile,
+    wr: WindowResult,
+    *,
+    m: Mosaic,
+    cfg: PipelineConfig,
+    outdir: str,
+    meta: Mapping[str, Any],
+    times: dict[str, float],
+) -> dict[str, Any]:
+    """Keep a tile's owned objects and write its part (catalog rows, core labels, footprints)."""
+    t0 = time.perf_counter()
     specs = cfg.columns(m.bands, m.units.get("image", "count"))
     owned = tile.owns(wr.peak_y, wr.peak_x)
     done = owned & wr.safe
@@ -234,7 +309,97 @@ def _process_tile_inner(
             },
         },
     )
+    times["write"] = times.get("write", 0.0) + time.perf_counter() - t0
     return {"objects": int(done.sum()), "pending": len(pending)}
+
+
+def _process_tile_batch(batch: Sequence[Tile], **kwargs: Any) -> dict[str, Any]:
+    """Torch backend: process several tiles per task, batched on the device.
+
+    Windows of equal shape are stacked into sub-batches sized from the device's free
+    memory; a reader thread reads (and pins) the next sub-batch from the store while
+    the device works on the current one. A sub-batch that raises is redone tile by
+    tile, so one bad tile is reported by name and does not sink the others.
+    """
+    import concurrent.futures as cf
+
+    import torch
+
+    from .torch_pipeline import StageTimes, batch_capacity, stack_regions
+
+    mosaic_path, meshes, cfg = kwargs["mosaic_path"], kwargs["meshes"], kwargs["cfg"]
+    outdir, meta = kwargs["outdir"], kwargs["meta"]
+    m = _mosaic(mosaic_path)
+    dev = torch.device(cfg.device)
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            msg = f"worker has no CUDA GPU (device {cfg.device!r} requested)"
+            raise RuntimeError(msg)
+        torch.cuda.reset_peak_memory_stats(dev)
+    splines = _splines(meshes)
+    times = StageTimes(dev)
+    results: dict[str, Any] = {}
+    failed: dict[str, str] = {}
+    by_shape: dict[tuple[int, int], list[Tile]] = {}
+    for t in batch:
+        by_shape.setdefault(t.read.shape, []).append(t)
+    groups: list[list[Tile]] = []
+    for shape, tiles in by_shape.items():
+        cap = batch_capacity(shape, len(m.bands), dev, cpu_default=kwargs.get("cpu_batch", 2))
+        groups += [tiles[i : i + cap] for i in range(0, len(tiles), cap)]
+
+    def read(group: list[Tile]):
+        t0 = time.perf_counter()
+        try:
+            regs = [m.read((t.read.y0, t.read.y1), (t.read.x0, t.read.x1)) for t in group]
+            host = stack_regions(regs, pin=dev.type == "cuda")
+            return regs, host, None, time.perf_counter() - t0
+        except Exception as err:  # reported per tile below
+            return None, None, err, time.perf_counter() - t0
+
+    mosaic_box = Box(0, m.ny, 0, m.nx)
+    with cf.ThreadPoolExecutor(1, thread_name_prefix="survey_engine-reader") as pool:
+        nxt = pool.submit(read, groups[0]) if groups else None
+        for gi, group in enumerate(groups):
+            regs, host, err, dt = nxt.result()
+            times["read"] = times.get("read", 0.0) + dt
+            nxt = pool.submit(read, groups[gi + 1]) if gi + 1 < len(groups) else None
+            wrs = None
+            if err is None:
+                try:
+                    wrs = analyse_windows_batch(regs, cfg, mosaic_box, splines, times, host)
+                except Exception as e:  # redo one by one below
+                    logger.warning(
+                        "batch of %d tiles failed (%s); redoing them one by one", len(group), e
+                    )
+            for k, t in enumerate(group):
+                try:
+                    if wrs is None:
+                        tt: dict[str, float] = {}
+                        wr = _window(m, t.read, meshes, cfg, tt)
+                        for key, v in tt.items():
+                            times[key] = times.get(key, 0.0) + v
+                    else:
+                        wr = wrs[k]
+                    results[t.name] = _tile_part(
+                        t, wr, m=m, cfg=cfg, outdir=outdir, meta=meta, times=times
+                    )
+                except Exception as e:
+                    c, r = t.core, t.read
+                    failed[t.name] = (
+                        f"tile {t.name} (core y {c.y0}:{c.y1}, x {c.x0}:{c.x1}; read window "
+                        f"y {r.y0}:{r.y1}, x {r.x0}:{r.x1}): {type(e).__name__}: {e}"
+                    )
+                    logger.error("%s", failed[t.name])
+    gpu_mem = int(torch.cuda.max_memory_allocated(dev)) if dev.type == "cuda" else None
+    return {"tiles": results, "failed": failed, "times": dict(times), "gpu_memory": gpu_mem}
+
+
+def analyse_windows_batch(regs, cfg, mosaic_box, splines, times, host):
+    """:func:`survey_engine.torch_pipeline.analyse_windows` (kept importable for tests)."""
+    from .torch_pipeline import analyse_windows
+
+    return analyse_windows(regs, cfg, mosaic=mosaic_box, splines=splines, times=times, host=host)
 
 
 def _box_tuple(b: Box) -> tuple[int, int, int, int]:
@@ -476,6 +641,10 @@ def run(
     resume: bool = False,
     overwrite: bool = False,
     progress: bool = True,
+    gpu: bool = False,
+    backend: str | None = None,
+    tile_batch: int | None = None,
+    worker_resources: Mapping[str, float] | None = None,
     **params: Any,
 ) -> RunResult:
     """Produce the catalog and segmentation map of a mosaic on a Dask cluster.
@@ -519,6 +688,19 @@ def run(
         Delete whatever ``outdir`` holds first.
     progress : bool
         Show progress bars.
+    gpu : bool
+        Run every per-tile stage on GPUs: the ``torch`` backend on ``cuda`` with the
+        ``unet`` deblender, on a ``dask_cuda.LocalCUDACluster`` (one worker per GPU), or,
+        with ``scheduler``/``client``, on the workers that declare the Dask resource
+        ``GPU`` (``dask worker … --resources GPU=1``).
+    backend : {"numpy", "torch"}, optional
+        Kernels of the per-tile stages (see :class:`~survey_engine.pipeline.PipelineConfig`);
+        ``torch`` batches several tiles per task.
+    tile_batch : int, optional
+        Torch backend: tiles per task (default: from the free GPU memory of the
+        workers on CUDA, 2 on CPU).
+    worker_resources : dict, optional
+        Dask resources every tile task needs (``gpu`` implies ``{"GPU": 1}``).
     **params
         Overrides of :class:`~survey_engine.pipeline.PipelineConfig` fields.
 
@@ -530,7 +712,8 @@ def run(
     ------
     RunError
         When tiles failed (named in the message; finished parts are kept so
-        ``resume=True`` retries only the failures), or ``outdir`` holds another run.
+        ``resume=True`` retries only the failures), or ``outdir`` holds another run,
+        or ``gpu`` was asked for where no GPU (or no GPU worker) is available.
     """
     t_start = time.perf_counter()
     tile, halo, origin = (
@@ -544,7 +727,21 @@ def run(
     # The configured pipeline parameters apply unless a full ``config`` is given;
     # explicit arguments win either way.
     overrides = _conf.pipeline_defaults() if config is None else {}
-    overrides.update({k: v for k, v in {"deblender": deblender, **params}.items() if v is not None})
+    extra = {"deblender": deblender, "backend": backend, **params}
+    overrides.update({k: v for k, v in extra.items() if v is not None})
+    if gpu:
+        dev = params.get("device") or "cuda"
+        if str(dev).split(":")[0] != "cuda":
+            msg = f"gpu=True runs on CUDA; got device={dev!r}"
+            raise ValueError(msg)
+        overrides["device"] = dev
+        if backend not in (None, "torch"):
+            msg = f"gpu=True runs the torch backend; got backend={backend!r}"
+            raise ValueError(msg)
+        overrides["backend"] = "torch"
+        if deblender is None and overrides.get("deblender") != "unet":
+            overrides["deblender"] = "unet"
+        worker_resources = dict(worker_resources or {}) or {"GPU": 1}
     m = mosaic if isinstance(mosaic, Mosaic) else open_mosaic(mosaic)
     cfg = _config_from(config, overrides)
     if cfg.detection_band is not None:
@@ -578,7 +775,17 @@ def run(
         "id": "y_peak * mosaic_width + x_peak",
     }
     timings: dict[str, float] = {}
-    with dask_client(workers=workers, scheduler=scheduler, client=client) as c:
+    stages: dict[str, float] = {}
+    gpu_memory: list[int] = []
+    local_gpu = gpu and client is None and scheduler is None
+    try:
+        cluster = dask_client(workers=workers, scheduler=scheduler, client=client, gpu=local_gpu)
+        c = cluster.__enter__()
+    except GPUUnavailable as err:
+        raise RunError(str(err)) from err
+    try:
+        if worker_resources:
+            _check_resources(c, worker_resources, scheduler)
         t0 = time.perf_counter()
         meshes = _background(c, m, cfg, outdir, progress)
         timings["background"] = time.perf_counter() - t0
@@ -587,12 +794,18 @@ def run(
         todo = [t for t in grid if not (parts / t.name).exists()]
         logger.info("%d tiles, %d to process", len(grid), len(todo))
         t0 = time.perf_counter()
-        res = map_tasks(
-            c, _process_tile, todo, keys=[t.name for t in todo], desc="tiles", progress=progress,
-            mosaic_path=m.path, meshes=meshes, cfg=cfg, outdir=str(outdir), meta=meta,
+        res = _run_tiles(
+            c, todo, cfg=cfg, progress=progress, tile_batch=tile_batch, n_bands=len(m.bands),
+            resources=worker_resources, mosaic_path=m.path, meshes=meshes, outdir=str(outdir),
+            meta=meta,
         )  # fmt: skip
         timings["tiles"] = time.perf_counter() - t0
         failures = list(res.failures)
+        for r in res.results.values():
+            for k, v in r.get("times", {}).items():
+                stages[k] = stages.get(k, 0.0) + v
+            if r.get("gpu_memory") is not None:
+                gpu_memory.append(r["gpu_memory"])
 
         pending = []
         for t in grid:
@@ -604,6 +817,7 @@ def run(
         res2 = map_tasks(
             c, _retry, retry_todo, keys=[p["key"] for p in retry_todo], desc="retry", progress=progress,
             mosaic_path=m.path, meshes=meshes, cfg=cfg, grid=grid, outdir=str(outdir), meta=meta,
+            resources=worker_resources or None,
         )  # fmt: skip
         timings["retry"] = time.perf_counter() - t0
         failures += res2.failures
@@ -621,6 +835,8 @@ def run(
         seg_path = outdir / "segmentation.zarr"
         _segmentation(c, m, grid, outdir, seg_path, pending, progress)
         timings["segmentation"] = time.perf_counter() - t0
+    finally:
+        cluster.__exit__(None, None, None)
 
     t0 = time.perf_counter()
     cat_path = outdir / "catalog.parquet"
@@ -628,7 +844,84 @@ def run(
     timings["catalog"] = time.perf_counter() - t0
     timings["total"] = time.perf_counter() - t_start
     logger.info("catalog %s: %d objects (%d retried)", cat_path, n, len(pending))
-    return RunResult(outdir, cat_path, seg_path, n, len(grid), len(pending), timings)
+    return RunResult(
+        outdir, cat_path, seg_path, n, len(grid), len(pending), timings,
+        stages=stages, pixels=m.ny * m.nx, gpu_memory=max(gpu_memory) if gpu_memory else None,
+        backend=cfg.backend, device=cfg.device,
+    )  # fmt: skip
+
+
+def _check_resources(client, resources: Mapping[str, float], scheduler: str | None) -> None:
+    for name in resources:
+        if not workers_with(client, name):
+            where = f"the cluster at {scheduler}" if scheduler else "the cluster"
+            msg = (
+                f"no worker of {where} declares the Dask resource {name!r} that the tile tasks "
+                f"need; start GPU workers with `dask worker <scheduler> --resources {name}=1` "
+                f"(or `dask cuda worker <scheduler> --resources {name}=1`)"
+            )
+            raise RunError(msg)
+
+
+def _run_tiles(client, todo: Sequence[Tile], *, cfg, progress, tile_batch, n_bands, resources,
+               **kwargs):  # fmt: skip
+    """Map the tile stage: one task per tile (numpy), or per batch of tiles (torch)."""
+    if cfg.backend != "torch":
+        return map_tasks(
+            client, _process_tile, todo, keys=[t.name for t in todo], desc="tiles",
+            progress=progress, cfg=cfg, resources=resources or None, **kwargs,
+        )  # fmt: skip
+    per_task = _tiles_per_task(client, todo, cfg, tile_batch, n_bands)
+    # Equal read shapes next to each other, so that a task's tiles stack into one batch.
+    ordered = sorted(todo, key=lambda t: (t.read.shape, t.index))
+    batches = [ordered[i : i + per_task] for i in range(0, len(ordered), per_task)]
+    keys = [f"{b[0].name}+{len(b) - 1}" if len(b) > 1 else b[0].name for b in batches]
+    logger.info("torch backend: %d tiles in %d tasks of ≤%d", len(todo), len(batches), per_task)
+    res = map_tasks(
+        client, _process_tile_batch, batches, keys=keys, desc="tiles", progress=progress,
+        cfg=cfg, resources=resources or None, cpu_batch=tile_batch or 2, **kwargs,
+    )  # fmt: skip
+    out = TaskResults()
+    for f in res.failures:  # the whole task died: name its tiles
+        batch = batches[keys.index(f.key)]
+        names = ", ".join(t.name for t in batch)
+        out.failures.append(TaskFailure(f.key, f"tiles {names}: {f.error}"))
+    for key, r in res.results.items():
+        out.results[key] = r
+        for name, err in r["failed"].items():
+            out.failures.append(TaskFailure(name, err))
+    return out
+
+
+def _tiles_per_task(client, todo, cfg, tile_batch, n_bands) -> int:
+    if tile_batch is not None:
+        if int(tile_batch) != tile_batch or tile_batch < 1:
+            msg = f"tile_batch must be a positive integer, got {tile_batch!r}"
+            raise ValueError(msg)
+        return int(tile_batch)
+    if not todo or not cfg.device.startswith("cuda"):
+        return 2
+    # From the free memory of the GPU workers: each task fills its device once.
+    free = client.run(_free_gpu_memory)
+    free = [v for v in free.values() if v]
+    if not free:
+        return 4
+    from .torch_pipeline import BYTES_PER_PIXEL
+
+    shape = todo[0].read.shape
+    per_window = BYTES_PER_PIXEL * (n_bands + 2) / 5 * shape[0] * shape[1]
+    return int(min(32, max(1, 0.6 * min(free) // per_window)))
+
+
+def _free_gpu_memory() -> int:
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            return int(torch.cuda.mem_get_info()[0])
+    except Exception:  # a worker without a usable GPU
+        pass
+    return 0
 
 
 def _segmentation(

@@ -17,7 +17,14 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["TaskFailure", "dask_client", "default_workers", "map_tasks"]
+__all__ = [
+    "GPUUnavailable",
+    "TaskFailure",
+    "dask_client",
+    "default_workers",
+    "map_tasks",
+    "workers_with",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -39,6 +46,7 @@ def dask_client(
     threads_per_worker: int = 1,
     memory_limit: str | float | None = "auto",
     processes: bool = True,
+    gpu: bool = False,
 ) -> Iterator[Any]:
     """Yield a ``distributed.Client``: the given one, one connected to ``scheduler``, or a new LocalCluster.
 
@@ -57,6 +65,10 @@ def dask_client(
         Per-worker memory limit of a new LocalCluster.
     processes : bool
         Use worker processes (default) rather than threads.
+    gpu : bool
+        Start a ``dask_cuda.LocalCUDACluster`` (one worker per visible GPU, each
+        declaring the Dask resource ``GPU=1``) instead of a LocalCluster; ``workers``
+        then limits the number of GPUs used. dask-cuda is imported only here.
 
     Yields
     ------
@@ -70,6 +82,10 @@ def dask_client(
     if scheduler is not None:
         logger.info("connecting to Dask scheduler %s", scheduler)
         with Client(scheduler, timeout="30s") as c:
+            yield c
+        return
+    if gpu:
+        with _cuda_cluster(workers, memory_limit) as c:
             yield c
         return
     n = default_workers() if workers is None else int(workers)
@@ -89,6 +105,67 @@ def dask_client(
         Client(cluster) as c,
     ):
         yield c
+
+
+class GPUUnavailable(RuntimeError):
+    """A GPU cluster was asked for where none can be started."""
+
+
+@contextlib.contextmanager
+def _cuda_cluster(workers: int | None, memory_limit) -> Iterator[Any]:
+    import torch
+    from distributed import Client
+
+    if not torch.cuda.is_available():
+        msg = (
+            "--gpu: no CUDA GPU is visible on this machine (torch.cuda.is_available() is "
+            f"False; torch {torch.__version__}). Run without --gpu, or pass the address of a "
+            "cluster whose workers have GPUs (--scheduler; workers started with --resources GPU=1)."
+        )
+        raise GPUUnavailable(msg)
+    try:
+        from dask_cuda import LocalCUDACluster
+    except ImportError as err:
+        msg = (
+            "--gpu needs dask-cuda to start a local GPU cluster: pip install 'survey_engine[gpu]' "
+            f"({type(err).__name__}: {err}); or pass --scheduler with GPU workers "
+            "started with --resources GPU=1"
+        )
+        raise GPUUnavailable(msg) from err
+    n = (
+        torch.cuda.device_count()
+        if workers is None
+        else min(int(workers), torch.cuda.device_count())
+    )
+    logger.info("starting LocalCUDACluster with %d GPU worker(s)", n)
+    with (
+        LocalCUDACluster(
+            n_workers=max(1, n),
+            threads_per_worker=1,
+            memory_limit=memory_limit,
+            resources={"GPU": 1},
+            dashboard_address=":0",
+            silence_logs=logging.WARNING,
+        ) as cluster,
+        Client(cluster) as c,
+    ):
+        yield c
+
+
+def workers_with(client: Any, resource: str) -> list[str]:
+    """Addresses of the cluster's workers that declare the Dask resource ``resource``."""
+    info = (
+        client.scheduler_info(n_workers=-1)
+        if _accepts_n_workers(client)
+        else client.scheduler_info()
+    )
+    return [a for a, w in info.get("workers", {}).items() if w.get("resources", {}).get(resource)]
+
+
+def _accepts_n_workers(client: Any) -> bool:
+    import inspect
+
+    return "n_workers" in inspect.signature(client.scheduler_info).parameters
 
 
 @dataclass
@@ -125,6 +202,7 @@ def map_tasks(
     progress: bool = True,
     on_result: Callable[[Any, Any], None] | None = None,
     retries: int = 0,
+    resources: dict[str, float] | None = None,
     **kwargs: Any,
 ) -> TaskResults:
     """Run ``func(item, **kwargs)`` for every item on the cluster, streaming results.
@@ -147,6 +225,9 @@ def map_tasks(
         Called as ``on_result(key, result)`` in the driver as each result arrives.
     retries : int
         Times the scheduler retries an item whose function raised.
+    resources : dict, optional
+        Dask worker resources each task needs (e.g. ``{"GPU": 1}``): tasks then run only
+        on workers that declare them, one per unit.
     **kwargs
         Shared keyword arguments (scattered once, e.g. a background mesh).
 
@@ -172,6 +253,7 @@ def map_tasks(
         items,
         pure=False,
         retries=retries,
+        resources=resources,
         key=f"{desc}-{uuid.uuid4().hex[:8]}",
         **shared,
     )

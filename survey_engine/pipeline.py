@@ -10,6 +10,7 @@ re-processed by the engine in a larger window.
 from __future__ import annotations
 
 import functools
+import time
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -28,7 +29,7 @@ from .mosaic import MosaicRegion
 from .schema import ColumnSpec, Flag, catalog_columns, empty_columns
 from .tiling import Box
 
-__all__ = ["PipelineConfig", "WindowResult", "analyse_window", "catalog_rows"]
+__all__ = ["PipelineConfig", "WindowResult", "analyse_window", "catalog_rows", "finish_window"]
 
 
 @dataclass(frozen=True)
@@ -59,6 +60,11 @@ class PipelineConfig:
     unet_batch_size : int or None
         Patches per forward pass of the ``unet`` deblender (None: 1 on CPU, where it is
         fastest, 32 on CUDA).
+    backend : {"numpy", "torch"}
+        ``numpy``: sep/scipy/numpy kernels, one window at a time;
+        ``torch``: every per-tile stage (background subtraction, detection image, U-Net,
+        instances, matched filter, measurement) in torch on ``device``, batched over
+        several tiles (:mod:`survey_engine.torch_pipeline`); needs ``deblender="unet"``.
     """
 
     detection: DetectionConfig = field(default_factory=DetectionConfig)
@@ -71,10 +77,23 @@ class PipelineConfig:
     unet_model: str | None = None
     device: str = "cpu"
     unet_batch_size: int | None = None
+    backend: str = "numpy"
 
     def __post_init__(self):
         if self.deblender not in DEBLENDERS:
             msg = f"unknown deblender {self.deblender!r}; available: {', '.join(map(repr, DEBLENDERS))}"
+            raise ValueError(msg)
+        if self.backend not in BACKENDS:
+            msg = f"unknown backend {self.backend!r}; available: {', '.join(map(repr, BACKENDS))}"
+            raise ValueError(msg)
+        if self.backend == "torch" and self.deblender != "unet":
+            msg = (
+                "the torch backend (and --gpu) runs the unet deblender; got "
+                f"deblender={self.deblender!r} (sep runs on the numpy backend only)"
+            )
+            raise ValueError(msg)
+        if str(self.device).split(":")[0] not in ("cpu", "cuda"):
+            msg = f"device must be 'cpu' or 'cuda' (or 'cuda:N'), got {self.device!r}"
             raise ValueError(msg)
         if self.combine not in ("ivar", "chi2"):
             msg = f"combine must be 'ivar' or 'chi2', got {self.combine!r}"
@@ -93,7 +112,8 @@ class PipelineConfig:
         if self.deblender == "unet":
             from .unet import model_pad
 
-            pad = max(pad, model_pad(_unet_model(self.unet_model, self.device)))
+            # The architecture alone sets the pad: load on the CPU (the driver may have no GPU).
+            pad = max(pad, model_pad(_unet_model(self.unet_model, "cpu")))
         return pad + int(self.detection.minarea)
 
     def unet(self):
@@ -131,6 +151,7 @@ class PipelineConfig:
 
 
 DEBLENDERS = ("sep", "unet")
+BACKENDS = ("numpy", "torch")
 
 
 @functools.lru_cache(maxsize=4)
@@ -160,7 +181,12 @@ class WindowResult:
 
 
 def analyse_window(
-    region: MosaicRegion, backgrounds: np.ndarray, cfg: PipelineConfig, *, mosaic: Box
+    region: MosaicRegion,
+    backgrounds: np.ndarray,
+    cfg: PipelineConfig,
+    *,
+    mosaic: Box,
+    times: dict[str, float] | None = None,
 ) -> WindowResult:
     """Detect, deblend and measure every object of one window.
 
@@ -174,11 +200,16 @@ def analyse_window(
         Parameters.
     mosaic : Box
         The whole mosaic (sides of the window at the mosaic edge need no margin).
+    times : dict, optional
+        Accumulates seconds per stage (``background``, ``network`` — sep extraction or
+        the U-Net —, ``instances``, ``measure``).
 
     Returns
     -------
     WindowResult
     """
+    times = times if times is not None else {}
+    clock = _Clock(times)
     h, w = region.shape
     window = Box(region.y0, region.y0 + h, region.x0, region.x0 + w)
     usable = (
@@ -200,19 +231,32 @@ def analyse_window(
     else:
         det, det_var = detection_image(images, variances, usable, cfg.combine)
     det_bad = ~np.isfinite(det_var)
+    clock.lap("background")
     if cfg.deblender == "unet":
-        from .unet import UNetConfig, unet_detect
+        from .unet import UNetConfig
+        from .unet.infer import extract_instances, predict_window, significance
 
         ucfg = UNetConfig(
             minarea=int(cfg.detection.minarea),
             device=cfg.device,
             batch_size=cfg.unet_batch_size or (1 if cfg.device == "cpu" else 32),
         )
-        res = unet_detect(
-            det, det_var, det_bad, model=cfg.unet(), cfg=ucfg, origin=(window.y0, window.x0)
+        net = cfg.unet()
+        inf = net.config.get("inference", {})
+        _, bad = significance(det, det_var, det_bad)
+        maps = predict_window(net, det, det_var, bad, origin=(window.y0, window.x0), cfg=ucfg)
+        clock.lap("network")
+        res = extract_instances(
+            maps,
+            bad,
+            foreground_threshold=float(inf.get("foreground_threshold", 0.5)),
+            centre_threshold=float(inf.get("centre_threshold", 0.3)),
+            minarea=ucfg.minarea,
         )
+        clock.lap("instances")
     else:
         res = detect_sources(det, det_var, det_bad, cfg.detection)
+        clock.lap("network")
     meas = measure_sources(
         det,
         det_var,
@@ -228,6 +272,51 @@ def analyse_window(
         origin=(window.y0, window.x0),
         filtered=matched_filter(det, det_var, cfg.detection),
     )
+    clock.lap("measure")
+    return finish_window(window, res, meas, cfg, mosaic=mosaic)
+
+
+class _Clock:
+    """Adds the seconds since the previous lap to ``times[stage]``."""
+
+    def __init__(self, times: dict[str, float]):
+        self.times = times
+        self.t = time.perf_counter()
+
+    def lap(self, stage: str) -> None:
+        now = time.perf_counter()
+        self.times[stage] = self.times.get(stage, 0.0) + now - self.t
+        self.t = now
+
+
+def finish_window(
+    window: Box,
+    res: DetectionResult,
+    meas: Measurements,
+    cfg: PipelineConfig,
+    *,
+    mosaic: Box,
+) -> WindowResult:
+    """Safety, mosaic-edge/blend flags and parent IDs of one measured window (both backends).
+
+    Parameters
+    ----------
+    window : Box
+        The window in mosaic pixels.
+    res : DetectionResult
+        Labels and parents of the window.
+    meas : Measurements
+        Measurements (mosaic coordinates; ``bbox`` and ``extent`` set).
+    cfg : PipelineConfig
+        Parameters (the guard band).
+    mosaic : Box
+        The whole mosaic.
+
+    Returns
+    -------
+    WindowResult
+    """
+    h, w = window.shape
     n = res.n_objects
     if n == 0:
         empty = np.zeros(0, dtype=np.int64)

@@ -44,9 +44,12 @@ float32: ~1e-6 typical, 1e-4 worst on angles and large apertures), not bit for b
 Host synchronisations: one per ragged gather (its total size), one per windowed-centroid
 iteration (early stop) and one per size bucket of the half-light profile.
 
-Not computed here: mask-plane flags (MASKED, SATURATED), aperture-truncation and
-window-failure flags as catalog bits (``window_failed`` is returned as a bool), footprint
-bounding boxes and extents, mosaic-origin offsets (positions are window pixels).
+Flags: sep's ``APER_TRUNC`` of the Kron ellipse (its pixel box leaves the window) and
+``APER_HASMASKED`` per band are reproduced (``kron_truncated``, ``kron_masked``), and with
+the mask planes the footprint's MASKED / SATURATED bits. With ``origin`` the barycentre is
+formed in mosaic coordinates, so results do not depend on where the window starts.
+Left to the caller: footprint bounding boxes and extents (host), mosaic-origin offsets of
+the returned positions.
 """
 
 from __future__ import annotations
@@ -268,6 +271,10 @@ def measure_batch(
     cfg: MeasureConfig | None = None,
     *,
     dtype: torch.dtype = torch.float64,
+    origin: torch.Tensor | None = None,
+    masks: torch.Tensor | None = None,
+    usable_bits: int = 0,
+    sat_bit: int = 0,
 ) -> dict[str, torch.Tensor]:
     """Measure every labelled object of a batch of equally-sized windows.
 
@@ -287,6 +294,16 @@ def measure_batch(
         Working dtype of the sums: float64 (default, required for agreement with the
         reference to rounding) or float32 (faster on CUDA). Images are rounded to float32
         first, as the reference does.
+    origin : torch.Tensor, optional
+        ``(B, 2)`` integer mosaic pixel (y0, x0) of each window's first pixel. The
+        barycentre is then formed in mosaic coordinates and shifted back by the exact
+        integer origin (as the reference does), so every pixel offset the apertures see
+        (and hence every result) is the same in any window that holds the object.
+    masks : torch.Tensor, optional
+        ``(B, nb, H, W)`` integer mask planes; with them the ``masked`` and ``saturated``
+        footprint flags are returned.
+    usable_bits, sat_bit : int
+        Mask bits that make a pixel unusable, and the saturation bit.
 
     Returns
     -------
@@ -298,6 +315,13 @@ def measure_batch(
         ``half_light_radius``, ``window_failed``, ``det_iso_flux(_err)``,
         ``det_kron_flux(_err)``; per band, shape ``(n, nb)``: ``iso_flux(_err)``,
         ``kron_flux(_err)``, ``aper_flux_{r}(_err)``.
+        Also: ``dx_iso``, ``dy_iso``, ``dx``, ``dy`` (the positions as offsets from the peak
+        pixel), ``kron_aperture`` (the Kron ellipse's scale in units of a, b),
+        ``window_sigma``, ``kron_truncated`` (the Kron ellipse's pixel box leaves the window:
+        sep's ``APER_TRUNC``), ``kron_masked`` ``(n, nb)`` (an unusable or a neighbour's
+        pixel among those sep visits for the Kron ellipse: sep's ``APER_HASMASKED``), and with ``masks``:
+        ``masked`` / ``saturated`` (a footprint pixel carries an unusable / the saturation
+        bit in any band).
     """
     cfg = cfg or MeasureConfig()
     _check_inputs(det, det_var, filtered, images, variances, labels)
@@ -365,8 +389,15 @@ def measure_batch(
     ey = dy - my[seg]
     x_err = torch.sqrt(_segsum(vpix * ex * ex, seg, n)) / safe_w
     y_err = torch.sqrt(_segsum(vpix * ey * ey, seg, n)) / safe_w
-    xb = px.to(dt) + mx
-    yb = py.to(dt) + my
+    if origin is None:
+        xb = px.to(dt) + mx
+        yb = py.to(dt) + my
+    else:
+        org = origin.to(device=dev, dtype=torch.int64)
+        oy_o, ox_o = org[win, 0], org[win, 1]
+        # Mosaic coordinates first, then the exact integer origin subtracted (see origin).
+        xb = ((px + ox_o).to(dt) + mx) - ox_o.to(dt)
+        yb = ((py + oy_o).to(dt) + my) - oy_o.to(dt)
     t1 = 0.5 * (x2 + y2)
     t2 = torch.sqrt(0.25 * (x2 - y2) ** 2 + xy**2)
     a = torch.sqrt(torch.clamp(t1 + t2, min=1e-6))
@@ -393,13 +424,13 @@ def measure_batch(
         ddy = gy.to(dt) - yb[o]
         lab = lab_flat[fl]
         neighbour = (lab > 0) & (lab != own[o])
-        return o, fl, ddx, ddy, neighbour
+        return o, fl, ddx, ddy, neighbour, gy, gx
 
     def ellipse_r2(o, ddx, ddy):
         return cxx[o] * ddx * ddx + cyy[o] * ddy * ddy + cxy[o] * ddx * ddy
 
     # --- Kron radius (sep.kron_radius: pixel centres, masked pixels skipped) -----------------
-    o, fl, ddx, ddy, nbr = gather(cfg.kron_max_radius * a)
+    o, fl, ddx, ddy, nbr, _, _ = gather(cfg.kron_max_radius * a)
     rp2 = ellipse_r2(o, ddx, ddy)
     use = (rp2 <= cfg.kron_max_radius**2) & ~nbr & ~det_bad.reshape(-1)[fl]
     o, rp2, fl = o[use], rp2[use], fl[use]
@@ -413,7 +444,7 @@ def measure_batch(
 
     # --- Kron ellipse (sep.sum_ellipse, subpix=1 = pixel centres) and half-light radius ------
     rmax = rk * a
-    o, fl, ddx, ddy, nbr = gather(rmax)
+    o, fl, ddx, ddy, nbr, gy, gx = gather(rmax)
     rp2 = ellipse_r2(o, ddx, ddy)
     inside = rp2 < (rk * rk)[o]
 
@@ -429,6 +460,18 @@ def measure_batch(
 
     det_masked = nbr | det_bad.reshape(-1)[fl]
     kflux, kerr = aperture_sums(inside, det_masked, d.reshape(-1)[fl], dvar32.reshape(-1)[fl], o)
+    # sep's APER_TRUNC: the ellipse's pixel box (boxextent_ellipse, C truncation) leaves
+    # the window.
+    rx = cxx - cxy * cxy / (4.0 * cyy)
+    rx = torch.where(rx > 0, rk / torch.sqrt(torch.where(rx > 0, rx, 1.0)), 0.0)
+    ry = cyy - cxy * cxy / (4.0 * cxx)
+    ry = torch.where(ry > 0, rk / torch.sqrt(torch.where(ry > 0, ry, 1.0)), 0.0)
+    kron_trunc = (
+        (torch.trunc(xb - rx + 0.5) < 0)
+        | (torch.trunc(xb + rx + 1.4999999) > w)
+        | (torch.trunc(yb - ry + 0.5) < 0)
+        | (torch.trunc(yb + ry + 1.4999999) > h)
+    )
     # Bands: values (nb, E) gathered at the same pixels.
     wi = torch.div(fl, h * w, rounding_mode="floor")
     pos = fl - wi * (h * w)
@@ -440,6 +483,20 @@ def measure_batch(
         bvar.reshape(-1)[bidx],
         o,
     )
+    # sep's APER_HASMASKED: an unusable pixel or a neighbour's pixel (sep counts the pixels
+    # its segmap excludes as masked) that sep visits: inside the ellipse's pixel box and
+    # within its outer oversampling radius r + 0.7072 / b, whether or not it overlaps.
+    xg, yg = gx.to(dt), gy.to(dt)
+    in_box = (
+        (xg >= torch.trunc(xb - rx + 0.5)[o])
+        & (xg < torch.trunc(xb + rx + 1.4999999)[o])
+        & (yg >= torch.trunc(yb - ry + 0.5)[o])
+        & (yg < torch.trunc(yb + ry + 1.4999999)[o])
+    )
+    visited = in_box & (rp2 < ((rk + 0.7072 / b) ** 2)[o])
+    kron_masked = (
+        _segsum((visited[None, :] & (nbr[None, :] | b_bad.reshape(-1)[bidx])).to(dt), o, n) > 0
+    )
     # Half-light radius in the circle of radius rk·a (sep.flux_radius: unusable pixels masked,
     # neighbours included), normalised by the Kron flux (the isophotal flux if not positive).
     rr = torch.sqrt(ddx * ddx + ddy * ddy)
@@ -449,7 +506,7 @@ def measure_batch(
     hlr = torch.where(torch.isfinite(hlr) & (hlr > 0), hlr, torch.sqrt(a * b))
 
     # --- circular apertures (pixel centres, neighbours and unusable pixels masked) -----------
-    o, fl, ddx, ddy, nbr = gather(torch.full_like(a, cfg.max_aperture))
+    o, fl, ddx, ddy, nbr, _, _ = gather(torch.full_like(a, cfg.max_aperture))
     rr2 = ddx * ddx + ddy * ddy
     wi = torch.div(fl, h * w, rounding_mode="floor")
     pos = fl - wi * (h * w)
@@ -516,7 +573,25 @@ def measure_batch(
         "det_iso_flux_err": torch.sqrt(iso_var),
         "det_kron_flux": kflux,
         "det_kron_flux_err": kerr,
+        "dx_iso": mx,
+        "dy_iso": my,
+        "dx": torch.where(wfail, mx, uw),
+        "dy": torch.where(wfail, my, vw),
+        "kron_aperture": rk,
+        "window_sigma": sig,
+        "kron_truncated": kron_trunc,
+        "kron_masked": kron_masked.T,
     }
+    if masks is not None:
+        if tuple(masks.shape) != tuple(images.shape):
+            msg = f"masks has shape {tuple(masks.shape)}, images has shape {tuple(images.shape)}"
+            raise ValueError(msg)
+        mk = masks.to(torch.int64)
+        fp_bits = mk[:, 0].reshape(-1)[flat_all]
+        for bi in range(1, nb):
+            fp_bits = fp_bits | mk[:, bi].reshape(-1)[flat_all]
+        out["masked"] = _segsum(((fp_bits & int(usable_bits)) != 0).to(dt), seg, n) > 0
+        out["saturated"] = _segsum(((fp_bits & int(sat_bit)) != 0).to(dt), seg, n) > 0
     out.update(out_bands)
     return out
 

@@ -1,0 +1,276 @@
+"""The torch backend (issue 6): same objects as the numpy backend, batched == one by one,
+tiling-invariant catalogs, GPU selection errors, resource routing, failures named per tile.
+
+Everything runs on CPU torch here; the ``gpu`` tests compare CUDA with CPU where a GPU exists.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from _util import assert_same_catalog, blob_mosaic
+from distributed import Client
+
+import survey_engine.engine as engine
+from survey_engine import open_mosaic, read_catalog, run
+from survey_engine.engine import RunError
+from survey_engine.kernels.background import filter_mesh, interpolate_background, mesh_statistics
+from survey_engine.kernels.torch_background import background_spline
+from survey_engine.pipeline import PipelineConfig, analyse_window
+from survey_engine.tiling import Box, make_tiles
+from survey_engine.torch_pipeline import analyse_windows
+
+SIZE = 320
+HALO = 72
+NUMPY = PipelineConfig(deblender="unet")
+TORCH = PipelineConfig(deblender="unet", backend="torch")
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.fixture(scope="module")
+def mosaic(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tm") / "m.zarr"
+    return blob_mosaic(path, (SIZE, SIZE), n=140, seed=5, chunks=64)
+
+
+@pytest.fixture(scope="module")
+def meshes(mosaic):
+    m = open_mosaic(mosaic)
+    reg = m.read((0, m.ny), (0, m.nx))
+    out = []
+    for b in range(len(m.bands)):
+        lvl, rms = mesh_statistics(reg.image[b], None, 64)
+        out.append(filter_mesh(lvl, rms, 64, (m.ny, m.nx)))
+    return out
+
+
+def _numpy_window(m, box, meshes):
+    reg = m.read((box.y0, box.y1), (box.x0, box.x1))
+    bkg = np.stack([interpolate_background(me, box.y0, box.y1, box.x0, box.x1) for me in meshes])
+    return analyse_window(reg, bkg, NUMPY, mosaic=Box(0, m.ny, 0, m.nx))
+
+
+def _torch_windows(m, boxes, meshes, cfg=TORCH):
+    regs = [m.read((b.y0, b.y1), (b.x0, b.x1)) for b in boxes]
+    splines = [background_spline(me) for me in meshes]
+    return analyse_windows(regs, cfg, mosaic=Box(0, m.ny, 0, m.nx), splines=splines)
+
+
+def test_torch_window_has_the_numpy_objects_and_measurements(mosaic, meshes):
+    m = open_mosaic(mosaic)
+    box = Box(20, 300, 10, 290)
+    ref = _numpy_window(m, box, meshes)
+    (got,) = _torch_windows(m, [box], meshes)
+    assert ref.n > 60
+    # Same detection image, network maps and instances: identical labels and parents.
+    np.testing.assert_array_equal(got.detection.labels, ref.detection.labels)
+    np.testing.assert_array_equal(got.detection.parent, ref.detection.parent)
+    np.testing.assert_array_equal(got.detection.n_children, ref.detection.n_children)
+    np.testing.assert_array_equal(got.peak_y, ref.peak_y)
+    np.testing.assert_array_equal(got.peak_x, ref.peak_x)
+    np.testing.assert_array_equal(got.meas.bbox, ref.meas.bbox)
+    c, r = got.meas.columns, ref.meas.columns
+    for k in ("x_peak", "y_peak", "area"):
+        np.testing.assert_array_equal(c[k], r[k], err_msg=k)
+    # Footprint sums and moments: the same numbers in the same order (rounding only).
+    for k in ("peak", "det_iso_flux", "det_iso_flux_err", "x_iso", "y_iso", "a", "b", "e1", "e2"):
+        np.testing.assert_allclose(c[k], r[k], rtol=1e-9, atol=1e-9, err_msg=k)
+    np.testing.assert_allclose(c["kron_radius"], r["kron_radius"], rtol=1e-7, err_msg="kron")
+    for band in m.bands:
+        g, rb = got.meas.bands[band], ref.meas.bands[band]
+        np.testing.assert_allclose(g["iso_flux"], rb["iso_flux"], rtol=1e-9, atol=1e-6)
+        np.testing.assert_allclose(g["kron_flux"], rb["kron_flux"], rtol=1e-6, atol=1e-6)
+        np.testing.assert_array_equal(g["flags"], rb["flags"])
+        # 3-px apertures: pixel centres vs sep's 5x5 sub-pixels (boundary effect).
+        rel = np.abs(g["aper_flux_3"] / rb["aper_flux_3"] - 1)
+        assert np.median(rel) < 0.03, np.median(rel)
+        rel12 = np.abs(g["aper_flux_12"] / rb["aper_flux_12"] - 1)
+        assert np.median(rel12) < 0.005, np.median(rel12)
+    # Windowed positions: the window sigma comes from a half-light radius measured slightly
+    # differently (pixel centres vs sep's binned profile).
+    dpos = np.hypot(c["x"] - r["x"], c["y"] - r["y"])
+    assert np.median(dpos) < 2e-3 and np.percentile(dpos, 95) < 0.05, dpos.max()
+    hlr = np.abs(c["half_light_radius"] / r["half_light_radius"] - 1)
+    assert np.median(hlr) < 0.03
+    same_flags = np.mean(c["flags"] == r["flags"])
+    assert same_flags > 0.97, same_flags
+    assert np.mean(got.safe == ref.safe) > 0.97
+
+
+def test_batched_windows_equal_one_by_one(mosaic, meshes):
+    m = open_mosaic(mosaic)
+    boxes = [Box(0, 200, 0, 200), Box(100, 300, 57, 257), Box(120, 320, 120, 320)]
+    together = _torch_windows(m, boxes, meshes)
+    for box, wr in zip(boxes, together, strict=True):
+        (alone,) = _torch_windows(m, [box], meshes)
+        np.testing.assert_array_equal(wr.detection.labels, alone.detection.labels)
+        for k, v in alone.meas.columns.items():
+            np.testing.assert_array_equal(wr.meas.columns[k], v, err_msg=k)
+        for band, cols in alone.meas.bands.items():
+            for k, v in cols.items():
+                np.testing.assert_array_equal(wr.meas.bands[band][k], v, err_msg=f"{band} {k}")
+
+
+def test_the_same_object_measures_the_same_in_any_window(mosaic, meshes):
+    """Background, network, instances and measurement are anchored to the mosaic."""
+    m = open_mosaic(mosaic)
+    a, b = _torch_windows(m, [Box(0, 320, 0, 261), Box(0, 320, 37, 298)], meshes)
+    ida = dict(zip(a.peak_y * SIZE + a.peak_x, range(a.n), strict=True))
+    idb = dict(zip(b.peak_y * SIZE + b.peak_x, range(b.n), strict=True))
+    both = [k for k in ida if k in idb and a.safe[ida[k]] and b.safe[idb[k]]]
+    assert len(both) > 15
+    ia = np.array([ida[k] for k in both])
+    ib = np.array([idb[k] for k in both])
+    for k in ("x", "y", "x_iso", "a", "theta", "kron_radius", "half_light_radius", "flags"):
+        np.testing.assert_array_equal(a.meas.columns[k][ia], b.meas.columns[k][ib], err_msg=k)
+    for k in ("kron_flux", "aper_flux_3", "iso_flux"):
+        np.testing.assert_array_equal(a.meas.bands["r"][k][ia], b.meas.bands["r"][k][ib])
+
+
+@pytest.fixture(scope="module")
+def torch_reference(mosaic, client, tmp_path_factory):
+    res = run(mosaic, tmp_path_factory.mktemp("tref"), tile=SIZE, halo=HALO, client=client,
+              backend="torch", deblender="unet", progress=False)  # fmt: skip
+    return res
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("tile", "origin", "batch"), [(128, 0, 2), (100, 50, 3)])
+def test_torch_backend_catalog_is_tiling_invariant(
+    mosaic, client, torch_reference, tmp_path, tile, origin, batch
+):
+    res = run(mosaic, tmp_path, tile=tile, halo=HALO, origin=origin, client=client,
+              backend="torch", deblender="unet", tile_batch=batch, progress=False)  # fmt: skip
+    ref = read_catalog(torch_reference.catalog_path)
+    assert len(ref) > 80
+    assert_same_catalog(ref, read_catalog(res.catalog_path))
+    import zarr
+
+    seg_a = zarr.open_group(str(torch_reference.segmentation_path), mode="r")["segmentation"][:]
+    seg_b = zarr.open_group(str(res.segmentation_path), mode="r")["segmentation"][:]
+    np.testing.assert_array_equal(seg_a, seg_b)
+    # Stage timings and the backend are reported.
+    assert res.backend == "torch" and res.device == "cpu"
+    assert {"read", "background", "network", "instances", "measure", "write"} <= set(res.stages)
+    assert res.pixels == SIZE * SIZE and res.gpu_memory is None
+
+
+@pytest.mark.slow
+def test_torch_and_numpy_backends_find_the_same_objects(mosaic, client, torch_reference, tmp_path):
+    res = run(mosaic, tmp_path, tile=SIZE, halo=HALO, client=client, deblender="unet",
+              progress=False)  # fmt: skip
+    a = read_catalog(res.catalog_path)
+    b = read_catalog(torch_reference.catalog_path)
+    np.testing.assert_array_equal(a["id"], b["id"])
+    np.testing.assert_array_equal(a["parent_id"], b["parent_id"])
+    np.testing.assert_allclose(a["r_flux"].value, b["r_flux"].value, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(a["x_iso"].value, b["x_iso"].value, atol=1e-9)
+    assert np.median(np.abs(a["x"].value - b["x"].value)) < 2e-3
+
+
+def test_gpu_without_cuda_is_a_clear_error(mosaic, tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA GPU")
+    with pytest.raises(RunError, match=r"--gpu: no CUDA GPU is visible on this machine"):
+        run(mosaic, tmp_path, gpu=True, progress=False)
+    assert not (tmp_path / "catalog.parquet").exists()
+
+
+def test_gpu_on_a_cluster_without_gpu_workers_is_a_clear_error(mosaic, client, tmp_path):
+    with pytest.raises(RunError, match=r"declares the Dask resource 'GPU'.*--resources GPU=1"):
+        run(mosaic, tmp_path, gpu=True, client=client, progress=False)
+
+
+def test_gpu_conflicting_options_are_refused(mosaic, client, tmp_path):
+    with pytest.raises(ValueError, match=r"torch backend \(and --gpu\) runs the unet deblender"):
+        run(mosaic, tmp_path / "a", gpu=True, deblender="sep", client=client, progress=False)
+    with pytest.raises(ValueError, match=r"gpu=True runs on CUDA; got device='cpu'"):
+        run(mosaic, tmp_path / "b", gpu=True, device="cpu", client=client, progress=False)
+    with pytest.raises(ValueError, match=r"torch backend \(and --gpu\) runs the unet"):
+        run(mosaic, tmp_path / "c", backend="torch", client=client, progress=False)
+    with pytest.raises(ValueError, match=r"unknown backend 'jax'"):
+        run(mosaic, tmp_path / "d", backend="jax", client=client, progress=False)
+
+
+@pytest.mark.slow
+def test_tile_tasks_run_only_on_workers_with_the_resource(mosaic, torch_reference, tmp_path):
+    from distributed import Scheduler, SpecCluster, Worker, get_task_stream
+
+    spec = {
+        "plain": {"cls": Worker, "options": {"nthreads": 1}},
+        "gpu": {"cls": Worker, "options": {"nthreads": 1, "resources": {"GPU": 1}}},
+    }
+    sched = {"cls": Scheduler, "options": {"dashboard_address": None}}
+    with SpecCluster(workers=spec, scheduler=sched) as cluster, Client(cluster) as c:
+        c.wait_for_workers(2)
+        gpu_addr = [a for a, w in c.scheduler_info()["workers"].items() if w["resources"]]
+        assert len(gpu_addr) == 1
+        with get_task_stream(client=c) as ts:
+            res = run(mosaic, tmp_path, tile=160, halo=HALO, client=c, backend="torch",
+                      deblender="unet", worker_resources={"GPU": 1}, progress=False)  # fmt: skip
+        tile_tasks = [t for t in ts.data if str(t["key"]).startswith("tiles-")]
+        assert len(tile_tasks) == 2  # 4 tiles, 2 per task
+        assert {t["worker"] for t in tile_tasks} == set(gpu_addr)
+    assert_same_catalog(read_catalog(torch_reference.catalog_path), read_catalog(res.catalog_path))
+
+
+@pytest.mark.slow
+def test_a_failing_tile_in_a_batch_is_named_and_the_others_finish(
+    mosaic, client, torch_reference, tmp_path, monkeypatch
+):
+    grid = make_tiles((SIZE, SIZE), 160, HALO)
+    bad = grid[1]
+    real_batch, real_window = engine.analyse_windows_batch, engine._window
+
+    def failing_batch(regs, *args):
+        if any((r.y0, r.x0) == (bad.read.y0, bad.read.x0) for r in regs):
+            raise FloatingPointError("device kernel blew up")
+        return real_batch(regs, *args)
+
+    def failing_window(m, box, *args, **kwargs):
+        if box == bad.read:
+            raise FloatingPointError("device kernel blew up")
+        return real_window(m, box, *args, **kwargs)
+
+    monkeypatch.setattr(engine, "analyse_windows_batch", failing_batch)
+    monkeypatch.setattr(engine, "_window", failing_window)
+    with pytest.raises(RunError) as info:
+        run(mosaic, tmp_path, tile=160, halo=HALO, client=client, backend="torch",
+            deblender="unet", tile_batch=4, progress=False)  # fmt: skip
+    msg = str(info.value)
+    assert f"1 task(s) failed: {bad.name}" in msg
+    assert "FloatingPointError: device kernel blew up" in msg
+    assert f"tile {bad.name} (core y 0:160, x 160:320" in msg
+    parts = {p.name for p in (tmp_path / "parts").iterdir() if p.name.startswith("tile-")}
+    assert parts == {t.name for t in grid} - {bad.name}
+
+    monkeypatch.setattr(engine, "analyse_windows_batch", real_batch)
+    monkeypatch.setattr(engine, "_window", real_window)
+    res = run(mosaic, tmp_path, tile=160, halo=HALO, client=client, backend="torch",
+              deblender="unet", tile_batch=4, progress=False, resume=True)  # fmt: skip
+    assert_same_catalog(read_catalog(torch_reference.catalog_path), read_catalog(res.catalog_path))
+
+
+@cuda
+@pytest.mark.gpu
+def test_cuda_and_cpu_torch_backends_give_the_same_catalog(mosaic, meshes):
+    m = open_mosaic(mosaic)
+    box = Box(0, SIZE, 0, SIZE)
+    (cpu,) = _torch_windows(m, [box], meshes)
+    gpu_cfg = PipelineConfig(deblender="unet", backend="torch", device="cuda", unet_batch_size=1)
+    (gpu,) = _torch_windows(m, [box], meshes, gpu_cfg)
+    # bf16 autocast on CUDA: the maps differ slightly; objects must still be the same.
+    assert abs(gpu.n - cpu.n) <= max(2, 0.02 * cpu.n)
+    ic = dict(zip(cpu.peak_y * SIZE + cpu.peak_x, range(cpu.n), strict=True))
+    common = [(ic[k], j) for j, k in enumerate(gpu.peak_y * SIZE + gpu.peak_x) if k in ic]
+    assert len(common) >= 0.97 * cpu.n
+    i, j = np.array(common).T
+    same_fp = cpu.meas.columns["area"][i] == gpu.meas.columns["area"][j]
+    assert same_fp.mean() > 0.8
+    for k in ("x", "y"):
+        d = np.abs(cpu.meas.columns[k][i][same_fp] - gpu.meas.columns[k][j][same_fp])
+        assert np.median(d) < 1e-3
+    f_c = cpu.meas.bands["r"]["kron_flux"][i][same_fp]
+    f_g = gpu.meas.bands["r"]["kron_flux"][j][same_fp]
+    assert np.median(np.abs(f_g / f_c - 1)) < 1e-3
