@@ -223,11 +223,13 @@ def describe_mosaic(m) -> str:
 )  # fmt: skip
 @click.option(
     "--gpu", is_flag=True,
-    help="Every per-tile stage in torch on CUDA (unet deblender) on a Dask-CUDA cluster.",
+    help="Every per-tile stage in torch on CUDA (unet deblender): a local Dask-CUDA cluster, "
+    "or with --scheduler the workers started with --resources GPU=1.",
 )  # fmt: skip
 @click.option(
     "--backend", default=None, type=click.Choice(["numpy", "torch"]),
-    help="Per-tile kernels: numpy (sep/scipy, default) or torch (needs --deblender unet).",
+    help="Per-tile kernels: numpy (sep/scipy, default) or torch (batched tiles; implies "
+    "--deblender unet).",
 )  # fmt: skip
 def run_cmd(mosaic, outdir, tile, halo, origin, deblender, unet_model, device, thresh, minarea,
             detection_band, workers, scheduler, resume, overwrite, fmt, gpu, backend):  # fmt: skip

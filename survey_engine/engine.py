@@ -318,8 +318,9 @@ def _process_tile_batch(batch: Sequence[Tile], **kwargs: Any) -> dict[str, Any]:
 
     Windows of equal shape are stacked into sub-batches sized from the device's free
     memory; a reader thread reads (and pins) the next sub-batch from the store while
-    the device works on the current one. A sub-batch that raises is redone tile by
-    tile, so one bad tile is reported by name and does not sink the others.
+    the device works on the current one, and a writer thread writes the parts of the
+    previous one. A sub-batch that raises is redone tile by tile, so one bad tile is
+    reported by name and does not sink the others.
     """
     import concurrent.futures as cf
 
@@ -357,13 +358,32 @@ def _process_tile_batch(batch: Sequence[Tile], **kwargs: Any) -> dict[str, Any]:
         except Exception as err:  # reported per tile below
             return None, None, err, time.perf_counter() - t0
 
+    def describe(t: Tile, e: Exception) -> str:
+        c, r = t.core, t.read
+        return (
+            f"tile {t.name} (core y {c.y0}:{c.y1}, x {c.x0}:{c.x1}; read window "
+            f"y {r.y0}:{r.y1}, x {r.x0}:{r.x1}): {type(e).__name__}: {e}"
+        )
+
+    def write(t: Tile, wr: WindowResult):
+        tt: dict[str, float] = {}
+        out = _tile_part(t, wr, m=m, cfg=cfg, outdir=outdir, meta=meta, times=tt)
+        return out, tt
+
     mosaic_box = Box(0, m.ny, 0, m.nx)
-    with cf.ThreadPoolExecutor(1, thread_name_prefix="survey_engine-reader") as pool:
-        nxt = pool.submit(read, groups[0]) if groups else None
+    writes: list[tuple[Tile, cf.Future]] = []
+    # Three overlapping streams: the reader thread reads batch k + 1, this thread runs batch k
+    # on the device, a writer thread writes the parts of batch k - 1 (rows, labels, Parquet;
+    # one thread: astropy WCS objects are not safe to share between threads).
+    with (
+        cf.ThreadPoolExecutor(1, thread_name_prefix="survey_engine-reader") as reader,
+        cf.ThreadPoolExecutor(1, thread_name_prefix="survey_engine-writer") as writer,
+    ):
+        nxt = reader.submit(read, groups[0]) if groups else None
         for gi, group in enumerate(groups):
             regs, host, err, dt = nxt.result()
             times["read"] = times.get("read", 0.0) + dt
-            nxt = pool.submit(read, groups[gi + 1]) if gi + 1 < len(groups) else None
+            nxt = reader.submit(read, groups[gi + 1]) if gi + 1 < len(groups) else None
             wrs = None
             if err is None:
                 try:
@@ -372,6 +392,7 @@ def _process_tile_batch(batch: Sequence[Tile], **kwargs: Any) -> dict[str, Any]:
                     logger.warning(
                         "batch of %d tiles failed (%s); redoing them one by one", len(group), e
                     )
+            del regs, host
             for k, t in enumerate(group):
                 try:
                     if wrs is None:
@@ -381,16 +402,19 @@ def _process_tile_batch(batch: Sequence[Tile], **kwargs: Any) -> dict[str, Any]:
                             times[key] = times.get(key, 0.0) + v
                     else:
                         wr = wrs[k]
-                    results[t.name] = _tile_part(
-                        t, wr, m=m, cfg=cfg, outdir=outdir, meta=meta, times=times
-                    )
                 except Exception as e:
-                    c, r = t.core, t.read
-                    failed[t.name] = (
-                        f"tile {t.name} (core y {c.y0}:{c.y1}, x {c.x0}:{c.x1}; read window "
-                        f"y {r.y0}:{r.y1}, x {r.x0}:{r.x1}): {type(e).__name__}: {e}"
-                    )
+                    failed[t.name] = describe(t, e)
                     logger.error("%s", failed[t.name])
+                    continue
+                writes.append((t, writer.submit(write, t, wr)))
+            del wrs
+        for t, fut in writes:
+            try:
+                results[t.name], tt = fut.result()
+                times["write"] = times.get("write", 0.0) + tt.get("write", 0.0)
+            except Exception as e:
+                failed[t.name] = describe(t, e)
+                logger.error("%s", failed[t.name])
     gpu_mem = int(torch.cuda.max_memory_allocated(dev)) if dev.type == "cuda" else None
     return {"tiles": results, "failed": failed, "times": dict(times), "gpu_memory": gpu_mem}
 
@@ -729,6 +753,9 @@ def run(
     overrides = _conf.pipeline_defaults() if config is None else {}
     extra = {"deblender": deblender, "backend": backend, **params}
     overrides.update({k: v for k, v in extra.items() if v is not None})
+    tile_batch = _conf.get("tile_batch", tile_batch)
+    if overrides.get("backend") == "torch" and deblender is None:
+        overrides["deblender"] = "unet"  # the torch backend's deblender
     if gpu:
         dev = params.get("device") or "cuda"
         if str(dev).split(":")[0] != "cuda":

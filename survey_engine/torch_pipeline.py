@@ -54,9 +54,12 @@ __all__ = ["StageTimes", "analyse_windows", "batch_capacity", "stack_regions"]
 
 logger = logging.getLogger(__name__)
 
-#: Device bytes per window pixel (3 bands) budgeted by :func:`batch_capacity`: the
-#: inputs, background, working float64 copies, maps and labels, plus the ragged
-#: aperture gathers of a crowded field (measured peak ≈ 0.4 kB/px on CPU, doubled).
+#: Device bytes per window pixel (3 bands) budgeted by :func:`batch_capacity`. The arrays
+#: a batch allocates add up to ~46 B × bands + 80 B per pixel (inputs, background, float64
+#: working copies, network maps, labels), ~220 B for 3 bands, plus the ragged aperture
+#: gathers (a few % of that in a normal field, more around bright stars); the U-Net's
+#: activations depend on its batch of patches, not on the tiles. 800 leaves a margin of ~3.
+#: (An estimate from the allocations, not a measured peak: no GPU was available to measure.)
 BYTES_PER_PIXEL = 800
 
 

@@ -188,7 +188,8 @@ def test_gpu_conflicting_options_are_refused(mosaic, client, tmp_path):
     with pytest.raises(ValueError, match=r"gpu=True runs on CUDA; got device='cpu'"):
         run(mosaic, tmp_path / "b", gpu=True, device="cpu", client=client, progress=False)
     with pytest.raises(ValueError, match=r"torch backend \(and --gpu\) runs the unet"):
-        run(mosaic, tmp_path / "c", backend="torch", client=client, progress=False)
+        run(mosaic, tmp_path / "c", backend="torch", deblender="sep", client=client,
+            progress=False)  # fmt: skip
     with pytest.raises(ValueError, match=r"unknown backend 'jax'"):
         run(mosaic, tmp_path / "d", backend="jax", client=client, progress=False)
 
@@ -274,3 +275,12 @@ def test_cuda_and_cpu_torch_backends_give_the_same_catalog(mosaic, meshes):
     f_c = cpu.meas.bands["r"]["kron_flux"][i][same_fp]
     f_g = gpu.meas.bands["r"]["kron_flux"][j][same_fp]
     assert np.median(np.abs(f_g / f_c - 1)) < 1e-3
+
+
+def test_backend_from_the_dask_config_implies_the_unet(mosaic, client, torch_reference, tmp_path):
+    import dask
+
+    with dask.config.set({"survey_engine.backend": "torch", "survey_engine.tile_batch": 3}):
+        res = run(mosaic, tmp_path, tile=SIZE, halo=HALO, client=client, progress=False)
+    assert res.backend == "torch"
+    assert_same_catalog(read_catalog(torch_reference.catalog_path), read_catalog(res.catalog_path))

@@ -8,8 +8,9 @@ directory must be on a filesystem every node sees (or an object-store URL). A ru
     pip install dask-jobqueue
     python deploy/slurm/run_slurm.py /shared/mosaic.zarr /shared/run --jobs 8 --resume
 
-GPU partitions: give ``--deblender unet --device cuda`` and, in ``jobqueue.yaml``, a GPU queue with
-``job-extra-directives: ["--gres=gpu:1"]`` and ``processes: 1`` per GPU.
+GPU partitions: give ``--gpu`` (driver flag passed to the run) and, in ``jobqueue.yaml``, a GPU
+queue with ``job-extra-directives: ["--gres=gpu:1"]``, ``processes: 1`` per GPU and
+``worker-extra-args: ["--resources", "GPU=1"]``.
 """
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--halo", type=int, default=None)
     p.add_argument("--deblender", choices=["sep", "unet"], default=None)
     p.add_argument("--device", choices=["cpu", "cuda"], default=None)
+    p.add_argument("--gpu", action="store_true",
+                   help="torch backend on the workers declaring the GPU resource")  # fmt: skip
     p.add_argument("--resume", action="store_true", help="continue the run in OUTDIR")
     p.add_argument("--print-job-script", action="store_true",
                    help="print the sbatch script dask-jobqueue would submit and exit")  # fmt: skip
@@ -59,6 +62,7 @@ def main(argv=None) -> int:
             res = survey_engine.run(
                 args.mosaic, args.outdir, tile=args.tile, halo=args.halo,
                 deblender=args.deblender, device=args.device, resume=args.resume, client=client,
+                gpu=args.gpu,
             )  # fmt: skip
     print(f"catalog {res.catalog_path}: {res.n_objects} objects from {res.n_tiles} tiles")
     print("timings " + ", ".join(f"{k} {v:.1f}s" for k, v in res.timings.items()))
