@@ -231,8 +231,14 @@ def describe_mosaic(m) -> str:
     help="Per-tile kernels: numpy (sep/scipy, default) or torch (batched tiles; implies "
     "--deblender unet).",
 )  # fmt: skip
+@click.option(
+    "--amp/--no-amp", "unet_amp", default=None,
+    help="bfloat16 autocast of the U-Net (default: on CUDA only); --no-amp on a GPU gives maps "
+    "within float32 rounding of the CPU ones.",
+)  # fmt: skip
 def run_cmd(mosaic, outdir, tile, halo, origin, deblender, unet_model, device, thresh, minarea,
-            detection_band, workers, scheduler, resume, overwrite, fmt, gpu, backend):  # fmt: skip
+            detection_band, workers, scheduler, resume, overwrite, fmt, gpu, backend,
+            unet_amp):  # fmt: skip
     """Detect, deblend and measure MOSAIC; write OUTDIR/catalog.parquet and segmentation.zarr.
 
     Options not given take their value from the Dask configuration (survey_engine.*: a YAML
@@ -246,7 +252,7 @@ def run_cmd(mosaic, outdir, tile, halo, origin, deblender, unet_model, device, t
             mosaic, outdir, tile=tile, halo=halo, origin=origin, deblender=deblender,
             unet_model=unet_model, device=device, thresh=thresh,
             minarea=minarea, detection_band=detection_band, workers=workers, scheduler=scheduler,
-            resume=resume, overwrite=overwrite, gpu=gpu, backend=backend,
+            resume=resume, overwrite=overwrite, gpu=gpu, backend=backend, unet_amp=unet_amp,
         )  # fmt: skip
     except (RunError, ValueError, KeyError, FileNotFoundError) as err:
         _fail(err)

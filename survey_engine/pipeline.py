@@ -60,6 +60,10 @@ class PipelineConfig:
     unet_batch_size : int or None
         Patches per forward pass of the ``unet`` deblender (None: 1 on CPU, where it is
         fastest, 32 on CUDA).
+    unet_amp : bool or None
+        bfloat16 autocast of the U-Net; None: on for CUDA, off on CPU. ``False`` on CUDA
+        runs the network in float32 with TF32 off, for maps within float32 rounding of the
+        CPU ones (bf16 maps differ by ~1e-2, enough to move a few marginal objects).
     backend : {"numpy", "torch"}
         ``numpy``: sep/scipy/numpy kernels, one window at a time;
         ``torch``: every per-tile stage (background subtraction, detection image, U-Net,
@@ -77,6 +81,7 @@ class PipelineConfig:
     unet_model: str | None = None
     device: str = "cpu"
     unet_batch_size: int | None = None
+    unet_amp: bool | None = None
     backend: str = "numpy"
 
     def __post_init__(self):
@@ -240,6 +245,7 @@ def analyse_window(
             minarea=int(cfg.detection.minarea),
             device=cfg.device,
             batch_size=cfg.unet_batch_size or (1 if cfg.device == "cpu" else 32),
+            amp=cfg.unet_amp,
         )
         net = cfg.unet()
         inf = net.config.get("inference", {})

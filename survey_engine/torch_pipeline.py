@@ -254,7 +254,7 @@ def _network_maps(model, sig, origins, *, patch: int, batch_size: int, amp: bool
         model = model.to(memory_format=torch.channels_last)
     model.eval()
     cores = torch.empty((len(allp), 4, core, core), dtype=torch.float32, device=dev)
-    with torch.inference_mode():
+    with torch.inference_mode(), _no_tf32(dev.type == "cuda" and not amp):
         for a in range(0, len(allp), batch_size):
             xb = allp[a : a + batch_size].contiguous(memory_format=torch.channels_last)
             with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):
@@ -277,6 +277,21 @@ def _network_maps(model, sig, origins, *, patch: int, batch_size: int, amp: bool
         off[b] = (raw[:, 2:4] * scale)[0]
         start += ny * nx
     return fg, cen, off
+
+
+@contextmanager
+def _no_tf32(active: bool):
+    """float32 convolutions and matmuls in true float32 (TF32 off) while active."""
+    if not active:
+        yield
+        return
+    saved = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
 
 
 def analyse_windows(
@@ -357,7 +372,9 @@ def analyse_windows(
         det_bad = ~torch.isfinite(det_var)
         sig, bad = _significance(det, det_var, det_bad)
         bs = cfg.unet_batch_size or (1 if dev.type == "cpu" else 32)
-        fg, cen, off = _network_maps(model, sig, origins, patch=512, batch_size=bs, amp=None)
+        fg, cen, off = _network_maps(
+            model, sig, origins, patch=512, batch_size=bs, amp=cfg.unet_amp
+        )
 
     with times.stage("instances"):
         inst = extract_instances_batch(
