@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # The GPU check, one command on a GPU host without network (finishes in < 8 minutes):
 #   bash benchmarks/gpu_check.sh
-# Run from the repository root with .whl/ present (../shared/tools/device-wheels.sh; carry it).
+# Run from the repository root with .whl/ present (carry it):
+#   bash ../shared/tools/device-wheels.sh tqdm   # + tqdm (progress bars), in case the image lacks it
+# zarr must stay 3.1.x for a Python without msgspec (zarr 3.4 needs it): replace a newer zarr
+# wheel in .whl/ by `pip download --no-deps zarr==3.1.6 -d .whl`.
 # The host needs python3 with torch (CUDA), numpy, scipy, pyarrow, pytest; GalSim is not needed.
 # Steps, each under `timeout` and within an overall deadline: install the wheels into /tmp/site,
 # `nvidia-smi -L`, the GPU-marked tests, then benchmarks/throughput.py: the GPU path

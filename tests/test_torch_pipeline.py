@@ -162,6 +162,13 @@ def test_torch_and_numpy_backends_find_the_same_objects(mosaic, client, torch_re
               progress=False)  # fmt: skip
     a = read_catalog(res.catalog_path)
     b = read_catalog(torch_reference.catalog_path)
+    # The background mesh statistics (numpy vs torch) are the same numbers.
+    with (
+        np.load(res.outdir / "background.npz") as na,
+        np.load(torch_reference.outdir / "background.npz") as tb,
+    ):
+        np.testing.assert_array_equal(na["level"], tb["level"])
+        np.testing.assert_array_equal(na["rms"], tb["rms"])
     np.testing.assert_array_equal(a["id"], b["id"])
     np.testing.assert_array_equal(a["parent_id"], b["parent_id"])
     np.testing.assert_allclose(a["r_flux"].value, b["r_flux"].value, rtol=1e-5, atol=1e-6)
