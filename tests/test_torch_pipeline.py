@@ -319,3 +319,35 @@ def test_backend_from_the_dask_config_implies_the_unet(mosaic, client, torch_ref
         res = run(mosaic, tmp_path, tile=SIZE, halo=HALO, client=client, progress=False)
     assert res.backend == "torch"
     assert_same_catalog(read_catalog(torch_reference.catalog_path), read_catalog(res.catalog_path))
+
+
+@pytest.mark.slow
+def test_torch_backend_with_gaps_masks_and_blank_tiles(client, tmp_path):
+    from _util import blob_pixels
+
+    from survey_engine.flags import MaskBit
+
+    shape = (256, 256)
+    img, var = blob_pixels(shape, n=60, seed=9)
+    img[:, 20:60, 150:200] = np.nan  # a gap written as NaN
+    var[:, 100:130, 10:40] = 0.0  # non-positive variance
+    mask = np.zeros(img.shape, np.uint16)
+    mask[:, 180:256, 0:128] = MaskBit.BAD  # a fully masked quarter
+    yy, xx = np.mgrid[:256, :256]
+    img += (3000 / (2 * np.pi * 4) * np.exp(-((yy - 92) ** 2 + (xx - 202) ** 2) / 8.0))[None]
+    mask[0, 91:94, 201:204] = MaskBit.SAT  # the star's core, saturated in g
+    path = blob_mosaic(tmp_path / "gaps.zarr", shape, image=img, variance=var, mask=mask)
+    runs = [
+        run(path, tmp_path / f"o{t}", tile=t, halo=HALO, client=client, backend="torch",
+            progress=False)  # fmt: skip
+        for t in (256, 96)
+    ]
+    a, b = (read_catalog(r.catalog_path) for r in runs)
+    assert len(a) > 20
+    assert_same_catalog(a, b)
+    x, y = np.asarray(a["x_peak"].value), np.asarray(a["y_peak"].value)
+    assert not np.any((y >= 180) & (x < 128)), "objects found in the fully masked quarter"
+    assert not np.any((y >= 20) & (y < 60) & (x >= 150) & (x < 200)), "objects in the NaN gap"
+    star = np.flatnonzero((np.abs(y - 92) <= 1) & (np.abs(x - 202) <= 1))
+    assert len(star) == 1
+    assert a["flags"][star[0]] & 4, "the saturated star is not flagged SATURATED"
