@@ -67,6 +67,8 @@ __all__ = ["RunError", "RunResult", "TileError", "run"]
 logger = logging.getLogger(__name__)
 
 RUN_FILE = "run.json"
+#: Torch backend: windows of a batch read concurrently (Zarr decompression releases the GIL).
+READ_THREADS = 4
 _BLOSC = numcodecs.Blosc(cname="zstd", clevel=3, shuffle=numcodecs.Blosc.SHUFFLE)
 
 
@@ -371,7 +373,12 @@ def _process_tile_batch(batch: Sequence[Tile], **kwargs: Any) -> dict[str, Any]:
     def read(group: list[Tile]):
         t0 = time.perf_counter()
         try:
-            regs = [m.read((t.read.y0, t.read.y1), (t.read.x0, t.read.x1)) for t in group]
+            with cf.ThreadPoolExecutor(min(len(group), READ_THREADS)) as pool:
+                regs = list(
+                    pool.map(
+                        lambda t: m.read((t.read.y0, t.read.y1), (t.read.x0, t.read.x1)), group
+                    )
+                )
             host = stack_regions(regs, pin=dev.type == "cuda")
             return regs, host, None, time.perf_counter() - t0
         except Exception as err:  # reported per tile below
