@@ -282,6 +282,16 @@ def summarise_run(res) -> str:
         f"tiles         {res.n_tiles} ({res.n_retried} object group(s) re-measured in a larger window)",
         "time          " + ", ".join(f"{k} {v:.1f}s" for k, v in t.items()),
     ]
+    backend = getattr(res, "backend", "numpy")
+    stages = getattr(res, "stages", {}) or {}
+    if stages:
+        total = sum(stages.values()) or 1.0
+        lines.append(
+            f"kernels       {backend} on {getattr(res, 'device', 'cpu')}; worker time "
+            + ", ".join(f"{k} {100 * v / total:.0f}%" for k, v in stages.items())
+        )
+    if getattr(res, "gpu_memory", None):
+        lines.append(f"gpu memory    {res.gpu_memory / 2**30:.2f} GiB peak per GPU worker")
     if len(cat):
         flags = np.asarray(cat["flags"])
         blended = (flags & int(Flag.BLENDED)) != 0

@@ -47,6 +47,7 @@ def test_run_writes_a_catalog(tmp_path):
     assert len(cat) == 1
     assert abs(cat["x"][0].value - 100) < 0.05
     assert "(1 objects)" in res.output
+    assert "kernels       numpy on cpu; worker time read " in res.output
 
 
 def test_run_errors_exit_1_with_the_reason(tmp_path):

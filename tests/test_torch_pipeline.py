@@ -337,11 +337,8 @@ def test_torch_backend_with_gaps_masks_and_blank_tiles(client, tmp_path):
     img += (3000 / (2 * np.pi * 4) * np.exp(-((yy - 92) ** 2 + (xx - 202) ** 2) / 8.0))[None]
     mask[0, 91:94, 201:204] = MaskBit.SAT  # the star's core, saturated in g
     path = blob_mosaic(tmp_path / "gaps.zarr", shape, image=img, variance=var, mask=mask)
-    runs = [
-        run(path, tmp_path / f"o{t}", tile=t, halo=HALO, client=client, backend="torch",
-            progress=False)  # fmt: skip
-        for t in (256, 96)
-    ]
+    kw = {"halo": HALO, "client": client, "backend": "torch", "progress": False}
+    runs = [run(path, tmp_path / f"o{t}", tile=t, **kw) for t in (256, 96)]
     a, b = (read_catalog(r.catalog_path) for r in runs)
     assert len(a) > 20
     assert_same_catalog(a, b)
