@@ -348,3 +348,22 @@ def test_torch_backend_with_gaps_masks_and_blank_tiles(client, tmp_path):
     star = np.flatnonzero((np.abs(y - 92) <= 1) & (np.abs(x - 202) <= 1))
     assert len(star) == 1
     assert a["flags"][star[0]] & 4, "the saturated star is not flagged SATURATED"
+
+
+def test_tile_batch_must_be_a_positive_integer(mosaic, client, tmp_path):
+    with pytest.raises(ValueError, match=r"tile_batch must be a positive integer, got 0"):
+        run(mosaic, tmp_path, backend="torch", tile_batch=0, client=client, progress=False)
+
+
+def test_batch_capacity_on_cpu_is_the_configured_size():
+    from survey_engine.torch_pipeline import batch_capacity
+
+    assert batch_capacity((2304, 2304), 3, "cpu") == 2
+    assert batch_capacity((2304, 2304), 3, "cpu", cpu_default=5) == 5
+    assert batch_capacity((100, 100), 1, "cpu", cpu_default=0) == 1
+
+
+def test_windows_of_one_batch_must_share_a_shape(mosaic, meshes):
+    m = open_mosaic(mosaic)
+    with pytest.raises(ValueError, match=r"windows of one batch must have the same shape"):
+        _torch_windows(m, [Box(0, 100, 0, 100), Box(0, 120, 0, 100)], meshes)
