@@ -418,6 +418,8 @@ def _process_tile_batch(batch: Sequence[Tile], **kwargs: Any) -> dict[str, Any]:
                     logger.warning(
                         "batch of %d tiles failed (%s); redoing them one by one", len(group), e
                     )
+                    if dev.type == "cuda":  # e.g. out of memory: hand the cache back first
+                        torch.cuda.empty_cache()
             del regs, host
             for k, t in enumerate(group):
                 try:
