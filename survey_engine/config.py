@@ -23,7 +23,7 @@ CONFIG_FILE = os.path.join(os.path.dirname(__file__), "survey_engine.yaml")
 #: Keys that are fields of :class:`~survey_engine.pipeline.PipelineConfig` (or of its detection
 #: parameters): applied only when no explicit ``config=`` is given to :func:`~survey_engine.run`.
 PIPELINE_KEYS = (
-    "deblender", "device", "backend", "thresh", "minarea", "deblend_nthresh", "deblend_cont",
+    "deblender", "device", "backend", "measure_dtype", "thresh", "minarea", "deblend_nthresh", "deblend_cont",
     "detection_band", "background_box",
 )  # fmt: skip
 

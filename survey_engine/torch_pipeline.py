@@ -392,9 +392,10 @@ def analyse_windows(
             res = measure_batch(
                 det, det_var, filtered, images, variances, inst.labels, cfg.measure,
                 origin=origins.to(dev), masks=masks, usable_bits=int(UNUSABLE),
-                sat_bit=int(MaskBit.SAT),
+                sat_bit=int(MaskBit.SAT), dtype=getattr(torch, cfg.measure_dtype),
             )  # fmt: skip
             res = {k: v.cpu().numpy() for k, v in res.items()}
+            res = {k: v.astype(np.float64) if v.dtype == np.float32 else v for k, v in res.items()}
         else:
             res = None
         out = []

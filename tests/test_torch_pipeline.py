@@ -367,3 +367,20 @@ def test_windows_of_one_batch_must_share_a_shape(mosaic, meshes):
     m = open_mosaic(mosaic)
     with pytest.raises(ValueError, match=r"windows of one batch must have the same shape"):
         _torch_windows(m, [Box(0, 100, 0, 100), Box(0, 120, 0, 100)], meshes)
+
+
+def test_float32_measurement_is_close_to_float64(mosaic, meshes):
+    m = open_mosaic(mosaic)
+    box = Box(0, SIZE, 0, SIZE)
+    (ref,) = _torch_windows(m, [box], meshes)
+    cfg32 = PipelineConfig(deblender="unet", backend="torch", measure_dtype="float32")
+    (got,) = _torch_windows(m, [box], meshes, cfg32)
+    np.testing.assert_array_equal(got.detection.labels, ref.detection.labels)
+    for k in ("x", "y", "x_iso", "y_iso"):
+        assert np.abs(got.meas.columns[k] - ref.meas.columns[k]).max() < 1e-4, k
+    for band in m.bands:
+        g, r = got.meas.bands[band]["kron_flux"], ref.meas.bands[band]["kron_flux"]
+        rel = np.abs(g - r) / np.maximum(np.abs(r), 1.0)
+        assert np.median(rel) < 1e-6 and rel.max() < 1e-5, (np.median(rel), rel.max())
+    with pytest.raises(ValueError, match=r"measure_dtype must be 'float64' or 'float32'"):
+        PipelineConfig(measure_dtype="float16")
