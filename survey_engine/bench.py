@@ -31,6 +31,7 @@ import numpy as np
 
 from .flags import MaskBit
 from .mosaic import Mosaic, create_mosaic, open_mosaic
+from .parallel import GPUUnavailable, cluster_workers, local_cluster
 
 __all__ = ["STAGES", "BenchResult", "machine_info", "run_benchmark", "synthesize_mosaic"]
 
@@ -563,34 +564,6 @@ def _worker_gpu() -> tuple[str, str] | None:
     return torch.cuda.get_device_name(0), torch.__version__
 
 
-def _start_cluster(workers: int | None, gpu: bool):
-    """A cluster for the benchmark: LocalCUDACluster (or LocalCluster with GPU=1) or LocalCluster."""
-    from distributed import LocalCluster
-
-    from .parallel import default_workers
-
-    common = {"threads_per_worker": 1, "dashboard_address": ":0", "silence_logs": logging.WARNING}
-    if not gpu:
-        return LocalCluster(n_workers=workers or default_workers(), processes=True, **common)
-    import torch
-
-    n_gpus = torch.cuda.device_count()
-    try:
-        from dask_cuda import LocalCUDACluster
-    except ImportError as err:  # dask-cuda or one of its dependencies (pynvml, numba …)
-        logger.warning(
-            "dask-cuda does not import (%s: %s): the GPU workers run in a LocalCluster "
-            "declaring the resource GPU=1",
-            type(err).__name__,
-            err,
-        )
-        return LocalCluster(
-            n_workers=workers or n_gpus, processes=True, resources={"GPU": 1}, **common
-        )
-    devices = ",".join(str(i) for i in range(min(workers or n_gpus, n_gpus)))
-    return LocalCUDACluster(CUDA_VISIBLE_DEVICES=devices, resources={"GPU": 1}, **common)
-
-
 def run_benchmark(
     size: int | tuple[int, int] = 4096,
     *,
@@ -672,14 +645,29 @@ def run_benchmark(
     if workers is not None and workers < 1:
         msg = f"workers must be a positive integer, got {workers!r}"
         raise ValueError(msg)
-    if gpu and scheduler is None:  # with a scheduler, the GPUs are the workers' business
-        import torch
+    cluster = None
+    if scheduler is None:  # started first: a GPU run without a GPU stops before any work
+        try:
+            cluster = local_cluster(workers, gpu=gpu, without_dask_cuda=True)
+        except GPUUnavailable as err:
+            raise engine.RunError(str(err)) from err
+        scheduler = cluster.scheduler_address
+    try:
+        return _run_benchmark(
+            scheduler, size, gpu=gpu, backend=backend, deblender=deblender, tile=tile,
+            workdir=workdir, repeat=repeat, progress=progress, bands=bands, seed=seed, extra=extra,
+        )  # fmt: skip
+    finally:
+        if cluster is not None:
+            cluster.close()
 
-        if not torch.cuda.is_available():
-            msg = (
-                "gpu=True but no CUDA GPU is visible to torch (torch.cuda.is_available() is False)"
-            )
-            raise engine.RunError(msg)
+
+def _run_benchmark(
+    scheduler, size, *, gpu, backend, deblender, tile, workdir, repeat, progress, bands, seed, extra
+):  # fmt: skip
+    from distributed import Client
+
+    from . import engine
 
     work = Path(workdir) if workdir is not None else Path(tempfile.mkdtemp(prefix="se_bench_"))
     work.mkdir(parents=True, exist_ok=True)
@@ -695,38 +683,22 @@ def run_benchmark(
     read_seconds = _time_reads(m)
     machine = machine_info()
 
-    cluster = None
-    if scheduler is None:
-        cluster = _start_cluster(workers, gpu)
-        scheduler = cluster.scheduler_address
-    try:
-        from distributed import Client
-
-        with Client(scheduler, timeout="30s") as c:
-            try:
-                info = c.scheduler_info(n_workers=-1)
-            except TypeError:  # distributed before 2025.4 lists every worker anyway
-                info = c.scheduler_info()
-            n_workers = len(info["workers"])
-            if gpu:  # the GPU as the workers see it (the driver may have none)
-                names = [v for v in c.run(_worker_gpu).values() if v is not None]
-                if names:
-                    machine["gpu"], machine["torch"] = names[0]
-        runs = []
-        for i in range(repeat):
-            t0 = time.perf_counter()
-            res = engine.run(
-                m, work / "run", tile=tile, deblender=deblender, scheduler=scheduler,
-                overwrite=True, progress=progress, **extra,
-            )  # fmt: skip
-            wall = time.perf_counter() - t0
-            logger.info(
-                "benchmark run %d/%d: %.2f s, %d objects", i + 1, repeat, wall, res.n_objects
-            )
-            runs.append((wall, res))
-    finally:
-        if cluster is not None:
-            cluster.close()
+    with Client(scheduler, timeout="30s") as c:
+        n_workers = len(cluster_workers(c))
+        if gpu:  # the GPU as the workers see it (the driver may have none)
+            names = [v for v in c.run(_worker_gpu).values() if v is not None]
+            if names:
+                machine["gpu"], machine["torch"] = names[0]
+    runs = []
+    for i in range(repeat):
+        t0 = time.perf_counter()
+        res = engine.run(
+            m, work / "run", tile=tile, deblender=deblender, scheduler=scheduler,
+            overwrite=True, progress=progress, **extra,
+        )  # fmt: skip
+        wall = time.perf_counter() - t0
+        logger.info("benchmark run %d/%d: %.2f s, %d objects", i + 1, repeat, wall, res.n_objects)
+        runs.append((wall, res))
     wall, res = min(runs, key=lambda r: r[0])
     return BenchResult(
         shape=(m.ny, m.nx),

@@ -21,6 +21,7 @@ where it stopped and a run with failed tiles retries only those.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
@@ -334,7 +335,16 @@ def _tile_part(
     return {"objects": int(done.sum()), "pending": len(pending)}
 
 
-def _process_tile_batch(batch: Sequence[Tile], **kwargs: Any) -> dict[str, Any]:
+def _process_tile_batch(
+    batch: Sequence[Tile],
+    *,
+    mosaic_path: str,
+    meshes: Sequence[BackgroundMesh],
+    cfg: PipelineConfig,
+    outdir: str,
+    meta: Mapping[str, Any],
+    cpu_batch: int | None = None,
+) -> dict[str, Any]:
     """Torch backend: process several tiles per task, batched on the device.
 
     Windows of equal shape are stacked into sub-batches sized from the device's free
@@ -347,10 +357,8 @@ def _process_tile_batch(batch: Sequence[Tile], **kwargs: Any) -> dict[str, Any]:
 
     import torch
 
-    from .torch_pipeline import StageTimes, batch_capacity, stack_regions
+    from .torch_pipeline import CPU_BATCH, StageTimes, batch_capacity, stack_regions
 
-    mosaic_path, meshes, cfg = kwargs["mosaic_path"], kwargs["meshes"], kwargs["cfg"]
-    outdir, meta = kwargs["outdir"], kwargs["meta"]
     m = _mosaic(mosaic_path)
     dev = torch.device(cfg.device)
     if dev.type == "cuda":
@@ -367,7 +375,7 @@ def _process_tile_batch(batch: Sequence[Tile], **kwargs: Any) -> dict[str, Any]:
         by_shape.setdefault(t.read.shape, []).append(t)
     groups: list[list[Tile]] = []
     for shape, tiles in by_shape.items():
-        cap = batch_capacity(shape, len(m.bands), dev, cpu_default=kwargs.get("cpu_batch", 2))
+        cap = batch_capacity(shape, len(m.bands), dev, cpu_default=cpu_batch or CPU_BATCH)
         groups += [tiles[i : i + cap] for i in range(0, len(tiles), cap)]
 
     def read(group: list[Tile]):
@@ -833,12 +841,13 @@ def run(
     stages: dict[str, float] = {}
     gpu_memory: list[int] = []
     local_gpu = gpu and client is None and scheduler is None
-    try:
-        cluster = dask_client(workers=workers, scheduler=scheduler, client=client, gpu=local_gpu)
-        c = cluster.__enter__()
-    except GPUUnavailable as err:
-        raise RunError(str(err)) from err
-    try:
+    with contextlib.ExitStack() as stack:
+        try:
+            c = stack.enter_context(
+                dask_client(workers=workers, scheduler=scheduler, client=client, gpu=local_gpu)
+            )
+        except GPUUnavailable as err:
+            raise RunError(str(err)) from err
         if worker_resources:
             _check_resources(c, worker_resources, scheduler)
         t0 = time.perf_counter()
@@ -890,8 +899,6 @@ def run(
         seg_path = outdir / "segmentation.zarr"
         _segmentation(c, m, grid, outdir, seg_path, pending, progress)
         timings["segmentation"] = time.perf_counter() - t0
-    finally:
-        cluster.__exit__(None, None, None)
 
     t0 = time.perf_counter()
     cat_path = outdir / "catalog.parquet"
@@ -934,12 +941,12 @@ def _run_tiles(client, todo: Sequence[Tile], *, cfg, progress, tile_batch, n_ban
     logger.info("torch backend: %d tiles in %d tasks of ≤%d", len(todo), len(batches), per_task)
     res = map_tasks(
         client, _process_tile_batch, batches, keys=keys, desc="tiles", progress=progress,
-        cfg=cfg, resources=resources or None, cpu_batch=tile_batch or 2, **kwargs,
+        cfg=cfg, resources=resources or None, cpu_batch=tile_batch, **kwargs,
     )  # fmt: skip
+    by_key = dict(zip(keys, batches, strict=True))
     out = TaskResults()
     for f in res.failures:  # the whole task died: name its tiles
-        batch = batches[keys.index(f.key)]
-        names = ", ".join(t.name for t in batch)
+        names = ", ".join(t.name for t in by_key[f.key])
         out.failures.append(TaskFailure(f.key, f"tiles {names}: {f.error}"))
     for key, r in res.results.items():
         out.results[key] = r
@@ -954,18 +961,15 @@ def _tiles_per_task(client, todo, cfg, tile_batch, n_bands) -> int:
             msg = f"tile_batch must be a positive integer, got {tile_batch!r}"
             raise ValueError(msg)
         return int(tile_batch)
-    if not todo or not cfg.device.startswith("cuda"):
-        return 2
-    # From the free memory of the GPU workers: each task fills its device once.
-    free = client.run(_free_gpu_memory)
-    free = [v for v in free.values() if v]
-    if not free:
-        return 4
-    from .torch_pipeline import BYTES_PER_PIXEL
+    from .torch_pipeline import CPU_BATCH, windows_fitting
 
-    shape = todo[0].read.shape
-    per_window = BYTES_PER_PIXEL * (n_bands + 2) / 5 * shape[0] * shape[1]
-    return int(min(32, max(1, 0.6 * min(free) // per_window)))
+    if not todo or not cfg.device.startswith("cuda"):
+        return CPU_BATCH
+    # From the free memory of the GPU workers: each task fills its device once.
+    free = [v for v in client.run(_free_gpu_memory).values() if v]
+    if not free:  # no worker reported a GPU (yet): tasks re-size their batches themselves
+        return 2 * CPU_BATCH
+    return windows_fitting(todo[0].read.shape, n_bands, min(free))
 
 
 def _free_gpu_memory() -> int:

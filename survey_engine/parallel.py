@@ -20,8 +20,10 @@ from typing import Any
 __all__ = [
     "GPUUnavailable",
     "TaskFailure",
+    "cluster_workers",
     "dask_client",
     "default_workers",
+    "local_cluster",
     "map_tasks",
     "workers_with",
 ]
@@ -74,7 +76,7 @@ def dask_client(
     ------
     distributed.Client
     """
-    from distributed import Client, LocalCluster
+    from distributed import Client
 
     if client is not None:
         yield client
@@ -84,26 +86,11 @@ def dask_client(
         with Client(scheduler, timeout="30s") as c:
             yield c
         return
-    if gpu:
-        with _cuda_cluster(workers, memory_limit) as c:
-            yield c
-        return
-    n = default_workers() if workers is None else int(workers)
-    if n < 1:
-        msg = f"workers must be a positive integer, got {workers!r}"
-        raise ValueError(msg)
-    logger.info("starting LocalCluster with %d worker(s)", n)
-    with (
-        LocalCluster(
-            n_workers=n,
-            threads_per_worker=threads_per_worker,
-            processes=processes,
-            memory_limit=memory_limit,
-            dashboard_address=":0",
-            silence_logs=logging.WARNING,
-        ) as cluster,
-        Client(cluster) as c,
-    ):
+    cluster = local_cluster(
+        workers, gpu=gpu, threads_per_worker=threads_per_worker, memory_limit=memory_limit,
+        processes=processes,
+    )  # fmt: skip
+    with cluster, Client(cluster) as c:
         yield c
 
 
@@ -111,10 +98,56 @@ class GPUUnavailable(RuntimeError):
     """A GPU cluster was asked for where none can be started."""
 
 
-@contextlib.contextmanager
-def _cuda_cluster(workers: int | None, memory_limit) -> Iterator[Any]:
+def local_cluster(
+    workers: int | None = None,
+    *,
+    gpu: bool = False,
+    threads_per_worker: int = 1,
+    memory_limit: str | float | None = "auto",
+    processes: bool = True,
+    without_dask_cuda: bool = False,
+):
+    """Start a cluster on this machine (the caller closes it, e.g. ``with local_cluster() as c``).
+
+    Parameters
+    ----------
+    workers : int, optional
+        Worker processes (default: one per core); with ``gpu``, at most one per GPU
+        (default: every visible GPU).
+    gpu : bool
+        A ``dask_cuda.LocalCUDACluster`` whose workers declare the Dask resource ``GPU=1``.
+    threads_per_worker, memory_limit, processes
+        As for ``distributed.LocalCluster`` (``processes`` is ignored with ``gpu``).
+    without_dask_cuda : bool
+        With ``gpu`` and no importable dask-cuda, start a plain LocalCluster of GPU=1
+        workers instead of failing (they all see the default device; for benchmarks on a
+        one-GPU host without dask-cuda).
+
+    Returns
+    -------
+    distributed.LocalCluster
+
+    Raises
+    ------
+    GPUUnavailable
+        ``gpu`` without a visible CUDA device, or without dask-cuda.
+    """
+    from distributed import LocalCluster
+
+    common = {
+        "threads_per_worker": threads_per_worker,
+        "memory_limit": memory_limit,
+        "dashboard_address": ":0",
+        "silence_logs": logging.WARNING,
+    }
+    if not gpu:
+        n = default_workers() if workers is None else int(workers)
+        if n < 1:
+            msg = f"workers must be a positive integer, got {workers!r}"
+            raise ValueError(msg)
+        logger.info("starting LocalCluster with %d worker(s)", n)
+        return LocalCluster(n_workers=n, processes=processes, **common)
     import torch
-    from distributed import Client
 
     if not torch.cuda.is_available():
         msg = (
@@ -123,49 +156,39 @@ def _cuda_cluster(workers: int | None, memory_limit) -> Iterator[Any]:
             "cluster whose workers have GPUs (--scheduler; workers started with --resources GPU=1)."
         )
         raise GPUUnavailable(msg)
+    n_gpus = torch.cuda.device_count()
+    n = max(1, n_gpus if workers is None else min(int(workers), n_gpus))
     try:
         from dask_cuda import LocalCUDACluster
-    except ImportError as err:
-        msg = (
-            "--gpu needs dask-cuda to start a local GPU cluster: pip install 'survey_engine[gpu]' "
-            f"({type(err).__name__}: {err}); or pass --scheduler with GPU workers "
-            "started with --resources GPU=1"
-        )
-        raise GPUUnavailable(msg) from err
-    n = (
-        torch.cuda.device_count()
-        if workers is None
-        else min(int(workers), torch.cuda.device_count())
-    )
+    except ImportError as err:  # dask-cuda or one of its dependencies (pynvml, numba …)
+        if not without_dask_cuda:
+            msg = (
+                "--gpu needs dask-cuda to start a local GPU cluster: pip install "
+                f"'survey_engine[gpu]' ({type(err).__name__}: {err}); or pass --scheduler with "
+                "GPU workers started with --resources GPU=1"
+            )
+            raise GPUUnavailable(msg) from err
+        logger.warning(
+            "dask-cuda does not import (%s: %s): %d GPU=1 worker(s) in a plain LocalCluster",
+            type(err).__name__, err, n,
+        )  # fmt: skip
+        return LocalCluster(n_workers=n, processes=True, resources={"GPU": 1}, **common)
     logger.info("starting LocalCUDACluster with %d GPU worker(s)", n)
-    with (
-        LocalCUDACluster(
-            n_workers=max(1, n),
-            threads_per_worker=1,
-            memory_limit=memory_limit,
-            resources={"GPU": 1},
-            dashboard_address=":0",
-            silence_logs=logging.WARNING,
-        ) as cluster,
-        Client(cluster) as c,
-    ):
-        yield c
+    return LocalCUDACluster(n_workers=n, resources={"GPU": 1}, **common)
+
+
+def cluster_workers(client: Any) -> dict[str, dict]:
+    """Every worker of the client's cluster: address → scheduler info (resources …)."""
+    try:
+        info = client.scheduler_info(n_workers=-1)
+    except TypeError:  # distributed before 2025.4 lists every worker anyway
+        info = client.scheduler_info()
+    return dict(info.get("workers", {}))
 
 
 def workers_with(client: Any, resource: str) -> list[str]:
     """Addresses of the cluster's workers that declare the Dask resource ``resource``."""
-    info = (
-        client.scheduler_info(n_workers=-1)
-        if _accepts_n_workers(client)
-        else client.scheduler_info()
-    )
-    return [a for a, w in info.get("workers", {}).items() if w.get("resources", {}).get(resource)]
-
-
-def _accepts_n_workers(client: Any) -> bool:
-    import inspect
-
-    return "n_workers" in inspect.signature(client.scheduler_info).parameters
+    return [a for a, w in cluster_workers(client).items() if w.get("resources", {}).get(resource)]
 
 
 @dataclass

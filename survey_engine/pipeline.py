@@ -247,7 +247,12 @@ def analyse_window(
     clock.lap("background")
     if cfg.deblender == "unet":
         from .unet import UNetConfig
-        from .unet.infer import extract_instances, predict_window, significance
+        from .unet.infer import (
+            extract_instances,
+            inference_thresholds,
+            predict_window,
+            significance,
+        )
 
         ucfg = UNetConfig(
             minarea=int(cfg.detection.minarea),
@@ -256,16 +261,12 @@ def analyse_window(
             amp=cfg.unet_amp,
         )
         net = cfg.unet()
-        inf = net.config.get("inference", {})
+        fg_t, c_t = inference_thresholds(net, ucfg)
         _, bad = significance(det, det_var, det_bad)
         maps = predict_window(net, det, det_var, bad, origin=(window.y0, window.x0), cfg=ucfg)
         clock.lap("network")
         res = extract_instances(
-            maps,
-            bad,
-            foreground_threshold=float(inf.get("foreground_threshold", 0.5)),
-            centre_threshold=float(inf.get("centre_threshold", 0.3)),
-            minarea=ucfg.minarea,
+            maps, bad, foreground_threshold=fg_t, centre_threshold=c_t, minarea=ucfg.minarea
         )
         clock.lap("instances")
     else:

@@ -88,8 +88,22 @@ class StageTimes(dict):
             self[name] = self.get(name, 0.0) + time.perf_counter() - t0
 
 
+#: Windows per batch on CPU (the worker's memory is not sized here).
+CPU_BATCH = 2
+
+
+def windows_fitting(shape: tuple[int, int], n_bands: int, free_bytes: int) -> int:
+    """How many windows of ``shape`` fit in 60 % of ``free_bytes`` of device memory (1–32)."""
+    per_window = BYTES_PER_PIXEL * (n_bands + 2) / 5 * shape[0] * shape[1]
+    return int(min(32, max(1, (0.6 * free_bytes) // per_window)))
+
+
 def batch_capacity(
-    shape: tuple[int, int], n_bands: int, device: str | torch.device, *, cpu_default: int = 2
+    shape: tuple[int, int],
+    n_bands: int,
+    device: str | torch.device,
+    *,
+    cpu_default: int = CPU_BATCH,
 ) -> int:
     """Windows of ``shape`` processed together: from free device memory on CUDA.
 
@@ -107,14 +121,12 @@ def batch_capacity(
     Returns
     -------
     int
-        Between 1 and 32.
+        Between 1 and 32 on CUDA (:func:`windows_fitting`).
     """
     dev = torch.device(device)
     if dev.type != "cuda":
         return max(1, int(cpu_default))
-    free, _ = torch.cuda.mem_get_info(dev)
-    per_window = BYTES_PER_PIXEL * (n_bands + 2) / 5 * shape[0] * shape[1]
-    return int(min(32, max(1, (0.6 * free) // per_window)))
+    return windows_fitting(shape, n_bands, torch.cuda.mem_get_info(dev)[0])
 
 
 def stack_regions(regions: Sequence[MosaicRegion], *, pin: bool = False):
@@ -149,27 +161,25 @@ def _detection_image(images, variances, usable, weights: str):
     The band sums run band after band, as numpy reduces the leading axis, so the
     result is bit-identical to the numpy function on CPU.
     """
+
+    def band_sum(t):  # (B, nb, H, W) -> (B, H, W), band after band
+        acc = t[:, 0]
+        for b in range(1, t.shape[1]):
+            acc = acc + t[:, b]
+        return acc
+
     ok = usable & (variances > 0) & torch.isfinite(variances)
     w = torch.where(ok, 1.0 / variances, torch.zeros((), dtype=variances.dtype, device=ok.device))
-    nb = images.shape[1]
-    wsum = w[:, 0].clone()
-    for b in range(1, nb):
-        wsum = wsum + w[:, b]
+    wsum = band_sum(w)
     zero = torch.zeros((), dtype=torch.float32, device=images.device)
     if weights == "ivar":
-        term = w * torch.where(usable, images, zero)
-        acc = term[:, 0].clone()
-        for b in range(1, nb):
-            acc = acc + term[:, b]
+        acc = band_sum(w * torch.where(usable, images, zero))
         img = torch.where(wsum > 0, acc / wsum, zero)
         var = torch.where(wsum > 0, 1.0 / wsum, torch.full((), math.inf, device=images.device))
         return img.float(), var.float()
     pos = w > 0
     n = pos.sum(dim=1)
-    term = torch.where(pos, images, zero) ** 2 * w
-    chi2 = term[:, 0].clone()
-    for b in range(1, nb):
-        chi2 = chi2 + term[:, b]
+    chi2 = band_sum(torch.where(pos, images, zero) ** 2 * w)
     stat = torch.sqrt(chi2).double() - torch.sqrt(torch.clamp(n.double() - 0.5, min=0.0))
     img = torch.where(n > 0, stat, 0.0).float()
     var = torch.where(n > 0, 1.0, math.inf).float()
@@ -329,6 +339,7 @@ def analyse_windows(
     from .kernels.torch_background import background_windows
     from .kernels.torch_instances import extract_instances_batch
     from .kernels.torch_measure import measure_batch
+    from .unet.infer import inference_thresholds
 
     if not regions:
         return []
@@ -343,7 +354,7 @@ def analyse_windows(
     windows = [Box(r.y0, r.y0 + h, r.x0, r.x0 + w) for r in regions]
     origins = torch.tensor([[b.y0, b.x0] for b in windows], dtype=torch.int64)
     model = cfg.unet()
-    inf = model.config.get("inference", {})
+    fg_t, c_t = inference_thresholds(model)
     minarea = int(cfg.detection.minarea)
 
     with times.stage("background"):
@@ -379,8 +390,7 @@ def analyse_windows(
     with times.stage("instances"):
         inst = extract_instances_batch(
             fg, cen, off, bad,
-            foreground_threshold=float(inf.get("foreground_threshold", 0.5)),
-            centre_threshold=float(inf.get("centre_threshold", 0.3)),
+            foreground_threshold=fg_t, centre_threshold=c_t,
             minarea=minarea,
         )  # fmt: skip
         del fg, cen, off

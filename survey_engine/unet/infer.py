@@ -135,6 +135,16 @@ class UNetOutput:
     offset: np.ndarray
 
 
+def inference_thresholds(model: UNet, cfg: UNetConfig | None = None) -> tuple[float, float]:
+    """(foreground, centre) probability thresholds: ``cfg``'s, else the model's own defaults."""
+    inf = model.config.get("inference", {})
+    cfg = cfg or UNetConfig()
+    return (
+        cfg.foreground_threshold or float(inf.get("foreground_threshold", 0.5)),
+        cfg.centre_threshold or float(inf.get("centre_threshold", 0.3)),
+    )
+
+
 def _resolve_model(model) -> UNet:
     if isinstance(model, UNet):
         return model
@@ -538,9 +548,7 @@ def unet_detect(
         msg = f"cfg must be a UNetConfig or DetectionConfig, got {type(cfg).__name__}"
         raise TypeError(msg)
     net = _resolve_model(model)
-    inf = net.config.get("inference", {})
-    fg_t = cfg.foreground_threshold or float(inf.get("foreground_threshold", 0.5))
-    c_t = cfg.centre_threshold or float(inf.get("centre_threshold", 0.3))
+    fg_t, c_t = inference_thresholds(net, cfg)
     if det.size == 0:
         z = np.zeros(det.shape, np.int32)
         return DetectionResult(z, np.zeros(0, np.int32), z.copy(), np.zeros(0, np.int32), False)
