@@ -43,6 +43,7 @@ import torch.nn.functional as F
 from scipy import ndimage
 
 from .flags import UNUSABLE, MaskBit
+from .kernels._torchmath import sqrt
 from .kernels.detect import DetectionResult
 from .kernels.measure import Measurements
 from .mosaic import MosaicRegion
@@ -180,7 +181,7 @@ def _detection_image(images, variances, usable, weights: str):
     pos = w > 0
     n = pos.sum(dim=1)
     chi2 = band_sum(torch.where(pos, images, zero) ** 2 * w)
-    stat = torch.sqrt(chi2).double() - torch.sqrt(torch.clamp(n.double() - 0.5, min=0.0))
+    stat = sqrt(chi2).double() - sqrt(torch.clamp(n.double() - 0.5, min=0.0))
     img = torch.where(n > 0, stat, 0.0).float()
     var = torch.where(n > 0, 1.0, math.inf).float()
     return img, var
@@ -190,7 +191,7 @@ def _significance(det, det_var, det_bad):
     """Torch twin of :func:`survey_engine.unet.infer.significance`."""
     bad = det_bad | ~torch.isfinite(det_var) | ~(det_var > 0) | ~torch.isfinite(det)
     one = torch.ones((), dtype=det_var.dtype, device=det.device)
-    sig = torch.where(bad, 0.0, det / torch.sqrt(torch.where(bad, one, det_var)))
+    sig = torch.where(bad, 0.0, det / sqrt(torch.where(bad, one, det_var)))
     return sig.float(), bad
 
 
@@ -208,7 +209,7 @@ def _matched_filter(det, det_var, kernel):
         torch.zeros((), dtype=det_var.dtype, device=det.device),
     )
     if kernel is None:
-        return torch.where(ivar > 0, det * torch.sqrt(ivar), 0.0)
+        return torch.where(ivar > 0, det * sqrt(ivar), 0.0)
     k = np.asarray(kernel, np.float64)
     kh, kw = k.shape
     h, w = det.shape[-2:]
@@ -225,7 +226,7 @@ def _matched_filter(det, det_var, kernel):
 
     num = corr(det * ivar, k)
     den = corr(ivar, k * k)
-    return torch.where(den > 0, num / torch.sqrt(torch.where(den > 0, den, 1.0)), 0.0)
+    return torch.where(den > 0, num / sqrt(torch.where(den > 0, den, 1.0)), 0.0)
 
 
 def _network_maps(model, sig, origins, *, patch: int, batch_size: int, amp: bool | None):

@@ -384,3 +384,31 @@ def test_float32_measurement_is_close_to_float64(mosaic, meshes):
         assert np.median(rel) < 1e-6 and rel.max() < 1e-5, (np.median(rel), rel.max())
     with pytest.raises(ValueError, match=r"measure_dtype must be 'float64' or 'float32'"):
         PipelineConfig(measure_dtype="float16")
+
+
+@pytest.mark.parametrize("weights", ["ivar", "chi2"])
+def test_torch_detection_image_equals_numpy(weights):
+    from survey_engine.kernels.detect import detection_image
+    from survey_engine.torch_pipeline import _detection_image
+
+    rng = np.random.default_rng(3)
+    images = rng.normal(0, 3, (3, 64, 80)).astype(np.float32)
+    variances = rng.uniform(0.5, 4, images.shape).astype(np.float32)
+    usable = rng.random(images.shape) > 0.1
+    variances[~usable] = np.inf
+    variances[1, :5] = 0.0  # non-positive variance in one band
+    ref_img, ref_var = detection_image(images, variances, usable, weights)
+    img, var = _detection_image(
+        torch.from_numpy(images)[None], torch.from_numpy(variances)[None],
+        torch.from_numpy(usable)[None], weights,
+    )  # fmt: skip
+    np.testing.assert_array_equal(img[0].numpy(), ref_img)
+    np.testing.assert_array_equal(var[0].numpy(), ref_var)
+    # The U-Net's input from it: numpy's bits too (square roots correctly rounded).
+    from survey_engine.torch_pipeline import _significance
+    from survey_engine.unet.infer import significance
+
+    ref_sig, ref_bad = significance(ref_img, ref_var, ~np.isfinite(ref_var))
+    sig, bad = _significance(img, var, ~torch.isfinite(var))
+    np.testing.assert_array_equal(sig[0].numpy(), ref_sig)
+    np.testing.assert_array_equal(bad[0].numpy(), ref_bad)

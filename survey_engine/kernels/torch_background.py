@@ -49,6 +49,7 @@ import numpy as np
 import torch
 from scipy import interpolate
 
+from ._torchmath import sqrt
 from .background import MIN_VALID_FRACTION, BackgroundMesh, _cell_area
 
 __all__ = [
@@ -166,7 +167,7 @@ def mesh_statistics_torch(
         s = csum.gather(1, hi[:, None])[:, 0] - csum.gather(1, lo[:, None])[:, 0]
         q = csq.gather(1, hi[:, None])[:, 0] - csq.gather(1, lo[:, None])[:, 0]
         mean = s / cnt
-        std = _sqrt(torch.clamp(q / cnt - mean**2, min=0.0))
+        std = sqrt(torch.clamp(q / cnt - mean**2, min=0.0))
         return mean, std
 
     lo = torch.zeros_like(n)
@@ -201,18 +202,6 @@ def _sort_rows(cells: torch.Tensor) -> torch.Tensor:
     if cells.device.type == "cpu":
         return torch.from_numpy(np.sort(cells.detach().numpy(), axis=1))
     return torch.sort(cells, dim=1).values
-
-
-def _sqrt(x: torch.Tensor) -> torch.Tensor:
-    """Correctly rounded float64 square root on every device.
-
-    ``torch.sqrt`` on CPU goes through SLEEF's vectorised ``sqrt`` (AVX2/AVX-512 builds),
-    which is off by one ulp for about 1 % of float64 inputs; numpy uses the hardware
-    instruction, as CUDA's ``sqrt`` is correctly rounded too.
-    """
-    if x.device.type == "cpu":
-        return torch.from_numpy(np.sqrt(x.detach().numpy()))
-    return torch.sqrt(x)
 
 
 def _sorted_median(cells: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
