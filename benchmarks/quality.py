@@ -59,9 +59,10 @@ from distributed import Client, LocalCluster
 
 import survey_engine
 from survey_engine import open_mosaic, read_catalog, run
+from survey_engine.config import ScienceConfig
+from survey_engine.deblend import deblender_class
 from survey_engine.evaluate import evaluate, match_positions
 from survey_engine.kernels.detect import DetectionConfig
-from survey_engine.pipeline import PipelineConfig
 from survey_engine.schema import Flag
 from survey_engine.simulate import simulate
 
@@ -258,7 +259,7 @@ def matched_settings(
 def available_deblender(name: str) -> str | None:
     """None if survey_engine knows deblender ``name``, else the reason it does not."""
     try:
-        PipelineConfig(deblender=name)
+        deblender_class(name)
     except ValueError as err:
         return str(err)
     return None
@@ -267,14 +268,13 @@ def available_deblender(name: str) -> str | None:
 def engine_background(outdir: Path, m) -> np.ndarray:
     """The background survey_engine subtracted in a run (rebuilt from its ``background.npz``)."""
     from survey_engine.kernels.background import filter_mesh, interpolate_background
+    from survey_engine.store import PartStore
 
-    cfg = PipelineConfig()
+    cfg = ScienceConfig()
     b = m.band_index(BAND)
-    with np.load(outdir / "background.npz") as z:
-        mesh = filter_mesh(
-            z["level"][b], z["rms"][b], cfg.background_box, (m.ny, m.nx),
-            filter_size=cfg.background_filter,
-        )  # fmt: skip
+    level, rms = PartStore(outdir).load_background()
+    mesh = filter_mesh(level[b], rms[b], cfg.background_box, (m.ny, m.nx),
+                       filter_size=cfg.background_filter)  # fmt: skip
     return interpolate_background(mesh, 0, m.ny, 0, m.nx)
 
 

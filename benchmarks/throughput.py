@@ -8,10 +8,10 @@ Usage::
                                     [--json OUT.json]
 
 Synthesises a g,r,i mosaic with numpy (``survey_engine.bench.synthesize_mosaic``; reused
-from ``--workdir``), then for each path times the raw Zarr reads and ``engine.run`` on a
+from ``--workdir``), then for each path times the raw Zarr reads and ``survey_engine.run`` on a
 cluster started beforehand (its start-up is not counted):
 
-* **GPU** first (``--gpu``, or ``--gpu auto`` where CUDA is available): ``engine.run(gpu=True)``,
+* **GPU** first (``--gpu``, or ``--gpu auto`` where CUDA is available): ``survey_engine.run(gpu=True)``,
   the torch backend with the unet deblender on a Dask-CUDA cluster (a LocalCluster whose
   workers declare ``GPU=1`` when dask-cuda is missing), ``--gpu-workers`` (default one per GPU);
 * **CPU**: ``--backend`` (default numpy: sep/scipy kernels) with ``--deblender`` (default sep)
@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 
 from survey_engine.bench import machine_info, run_benchmark
-from survey_engine.engine import RunError
+from survey_engine.driver import RunError
 
 
 def _cuda_available() -> bool:

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from .catalog import read_catalog
-from .engine import RunError, RunResult, run
+from .config import ExecutionConfig, ScienceConfig
+from .driver import RunError, RunResult, run
 from .evaluate import EvaluationResult, evaluate
 from .flags import MASK_BITS, MaskBit
 from .ingest import ingest_fits
@@ -15,11 +16,13 @@ __version__ = "0.1.0"
 __all__ = [
     "MASK_BITS",
     "EvaluationResult",
+    "ExecutionConfig",
     "MaskBit",
     "Mosaic",
     "MosaicRegion",
     "RunError",
     "RunResult",
+    "ScienceConfig",
     "__version__",
     "create_mosaic",
     "evaluate",

@@ -5,11 +5,11 @@ galaxies, Moffat stars, close pairs, sky noise with a variance plane, a bad
 column, hot and saturated pixels) with numpy in a few seconds and writes it with
 the package's own mosaic writer; it needs no GalSim, so it runs on GPU hosts
 that lack it. :func:`run_benchmark` times the raw Zarr reads of that mosaic and a
-full :func:`survey_engine.engine.run`, and reports pixel and object rates per
+full :func:`survey_engine.run`, and reports pixel and object rates per
 run and per stage in a :class:`BenchResult`.
 
 Rates are in mosaic pixels per band (``ny × nx``): *end to end* is pixels over
-the wall time of ``engine.run`` (cluster already started); a *stage* rate is
+the wall time of ``survey_engine.run`` (cluster already started); a *stage* rate is
 pixels over the worker-seconds that stage took summed over all tile tasks, i.e.
 the rate of one worker (tile halos included).
 """
@@ -406,7 +406,7 @@ class BenchResult:
     read_seconds : float
         Raw read of every band and plane of the mosaic, in this process.
     wall : float
-        Wall seconds of the best ``engine.run`` (cluster already started).
+        Wall seconds of the best ``survey_engine.run`` (cluster already started).
     walls : list of float
         Wall seconds of every repetition.
     timings : dict
@@ -497,7 +497,7 @@ class BenchResult:
             f"{'measure':<34s}{'seconds':>9s}{'Mpx/s':>10s}",
             f"{'zarr read + decompress (1 proc.)':<34s}{self.read_seconds:9.2f}"
             f"{self.read_mpx_s:10.2f}",
-            f"{'end to end (engine.run wall)':<34s}{self.wall:9.2f}{self.mpx_s:10.2f}   ({rep} s)",
+            f"{'end to end (run wall)':<34s}{self.wall:9.2f}{self.mpx_s:10.2f}   ({rep} s)",
             f"{'objects per second':<34s}{'':9s}{self.objects_s:10.0f}",
             "",
             f"{'stage (summed over tile tasks)':<34s}{'worker-s':>9s}{'Mpx/s/wkr':>10s}{'share':>8s}",
@@ -589,7 +589,7 @@ def run_benchmark(
         Workers of the cluster started here (CPU: one per core; GPU: one per GPU).
         Ignored with ``scheduler``.
     gpu : bool
-        Run every per-tile stage in torch on CUDA (``engine.run(gpu=True)``) on a
+        Run every per-tile stage in torch on CUDA (``survey_engine.run(gpu=True)``) on a
         ``dask_cuda.LocalCUDACluster`` whose workers declare the resource ``GPU=1``,
         or on a plain LocalCluster declaring it when dask-cuda is missing.
     scheduler : str, optional
@@ -620,12 +620,13 @@ def run_benchmark(
 
     Raises
     ------
-    survey_engine.engine.RunError
+    survey_engine.driver.RunError
         ``gpu`` without a CUDA device, or a failed run.
     ValueError
         Bad arguments (a torch backend with the sep deblender, repeat < 1 …).
     """
-    from . import engine
+    from . import driver
+    from .deblend import check_backend
 
     if repeat < 1:
         msg = f"repeat must be ≥ 1, got {repeat!r}"
@@ -636,9 +637,7 @@ def run_benchmark(
     torch_path = gpu or backend == "torch"
     if deblender is None:
         deblender = "unet" if torch_path else "sep"
-    if torch_path and deblender != "unet":
-        msg = f"the torch backend (and gpu=True) needs deblender='unet', got {deblender!r}"
-        raise ValueError(msg)
+    check_backend(deblender, "torch" if torch_path else "numpy")
     extra: dict[str, Any] = {"gpu": gpu, "backend": backend}
     if gpu:  # explicit, so that a configured ``survey_engine.device: cpu`` does not conflict
         extra["device"] = "cuda"
@@ -650,7 +649,7 @@ def run_benchmark(
         try:
             cluster = local_cluster(workers, gpu=gpu, without_dask_cuda=True)
         except GPUUnavailable as err:
-            raise engine.RunError(str(err)) from err
+            raise driver.RunError(str(err)) from err
         scheduler = cluster.scheduler_address
     try:
         return _run_benchmark(
@@ -667,7 +666,7 @@ def _run_benchmark(
 ):  # fmt: skip
     from distributed import Client
 
-    from . import engine
+    from .driver import run
 
     work = Path(workdir) if workdir is not None else Path(tempfile.mkdtemp(prefix="se_bench_"))
     work.mkdir(parents=True, exist_ok=True)
@@ -692,7 +691,7 @@ def _run_benchmark(
     runs = []
     for i in range(repeat):
         t0 = time.perf_counter()
-        res = engine.run(
+        res = run(
             m, work / "run", tile=tile, deblender=deblender, scheduler=scheduler,
             overwrite=True, progress=progress, **extra,
         )  # fmt: skip

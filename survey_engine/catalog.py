@@ -1,10 +1,11 @@
-"""Catalog I/O: Parquet with units and descriptions in the metadata; astropy QTable out."""
+"""Catalog rows and I/O: the schema's columns from measurements; Parquet with units; QTable out."""
 
 from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -12,9 +13,142 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .schema import ColumnSpec
+from .schema import BAND_INHERITED_FLAGS, ColumnSpec, catalog_columns, empty_columns, object_ids
 
-__all__ = ["catalog_metadata", "read_catalog", "to_arrow", "write_parquet_atomic"]
+__all__ = [
+    "CatalogLayout",
+    "catalog_metadata",
+    "read_catalog",
+    "reference_band",
+    "to_arrow",
+    "write_parquet_atomic",
+]
+
+#: Detection-image columns copied from the measurements unchanged.
+_COPIED = (
+    "x", "y", "x_iso", "y_iso", "x_err", "y_err", "a", "b", "theta", "e1", "e2",
+    "half_light_radius", "kron_radius", "area", "peak", "flags",
+)  # fmt: skip
+
+
+def reference_band(bands: tuple[str, ...], detection_band: str | None) -> str:
+    """Band behind the unprefixed ``flux`` column: the detection band, else the last (reddest)."""
+    return detection_band if detection_band is not None else bands[-1]
+
+
+@dataclass(frozen=True)
+class CatalogLayout:
+    """How measured objects of one mosaic become catalog rows (the schema, applied).
+
+    Attributes
+    ----------
+    specs : list of ColumnSpec
+        The columns, in order (:func:`~survey_engine.schema.catalog_columns`).
+    bands : tuple of str
+        Band order of the mosaic.
+    reference_band : str
+        Band behind ``flux``/``flux_err``.
+    zero_points : mapping
+        AB zero point per band (None if unknown: nJy and magnitudes are NaN).
+    width : int
+        Mosaic width, for the IDs (:func:`~survey_engine.schema.object_ids`).
+    pixel_to_sky : callable or None
+        ``(x, y) -> (ra, dec)`` for 0-based mosaic pixels; None gives NaN.
+    """
+
+    specs: list[ColumnSpec]
+    bands: tuple[str, ...]
+    reference_band: str
+    zero_points: Mapping[str, float | None]
+    width: int
+    pixel_to_sky: Callable | None = None
+
+    @classmethod
+    def for_mosaic(cls, m, apertures: tuple[float, ...], detection_band: str | None):
+        """The layout of a catalog of mosaic ``m`` (a :class:`~survey_engine.mosaic.Mosaic`)."""
+        ref = reference_band(m.bands, detection_band)
+        specs = catalog_columns(
+            m.bands, apertures, image_unit=m.units.get("image", "count"), reference_band=ref
+        )
+        sky = m.pixel_to_sky if m.has_wcs else None
+        return cls(specs, tuple(m.bands), ref, dict(m.zero_points), m.nx, sky)
+
+    def rows(
+        self, meas, idx: np.ndarray, *, origin: tuple[int, int], parent_index: np.ndarray,
+        n_children: np.ndarray,
+    ) -> dict[str, np.ndarray]:  # fmt: skip
+        """Catalog columns of objects ``idx`` of one measured window.
+
+        Parameters
+        ----------
+        meas : Measurements
+            Per-object measurements of the window (window pixel coordinates for the peaks,
+            mosaic coordinates for the positions; per-band columns in ``meas.bands``).
+        idx : numpy.ndarray of int
+            Objects to output.
+        origin : (int, int)
+            Mosaic pixel (y, x) of the window's first pixel.
+        parent_index : numpy.ndarray
+            Per object of the window: index of its parent's brightest child (its ID is the
+            parent ID).
+        n_children : numpy.ndarray
+            Per object of the window: children of its parent.
+
+        Returns
+        -------
+        dict of numpy.ndarray
+            Exactly the schema's columns.
+        """
+        idx = np.asarray(idx, dtype=np.int64)
+        if len(idx) == 0:
+            return empty_columns(self.specs)
+        c = meas.columns
+        ids = object_ids(c["y_peak"] + origin[0], c["x_peak"] + origin[1], self.width)
+        out: dict[str, np.ndarray] = {
+            "id": ids[idx],
+            "parent_id": ids[parent_index[idx]],
+            "n_children": n_children[idx],
+            "x_peak": c["x_peak"][idx] + origin[1],
+            "y_peak": c["y_peak"][idx] + origin[0],
+        }
+        out.update({k: c[k][idx] for k in _COPIED})
+        if self.pixel_to_sky is not None:
+            out["ra"], out["dec"] = self.pixel_to_sky(out["x"], out["y"])
+        else:
+            out["ra"] = out["dec"] = np.full(len(idx), np.nan)
+        for b in self.bands:
+            out.update(self._band_columns(b, {k: v[idx] for k, v in meas.bands[b].items()}))
+            out[f"{b}_flags"] = out[f"{b}_flags"] | (out["flags"] & BAND_INHERITED_FLAGS)
+        out["flux"] = out[f"{self.reference_band}_flux"]
+        out["flux_err"] = out[f"{self.reference_band}_flux_err"]
+        return {s.name: out[s.name] for s in self.specs}
+
+    def _band_columns(self, b: str, bc: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        f, fe = bc["kron_flux"], bc["kron_flux_err"]
+        out = {
+            f"{b}_flux": f, f"{b}_flux_err": fe, f"{b}_iso_flux": bc["iso_flux"],
+            f"{b}_iso_flux_err": bc["iso_flux_err"], f"{b}_flags": bc["flags"],
+        }  # fmt: skip
+        out.update({f"{b}_{k}": v for k, v in bc.items() if k.startswith("aper_flux_")})
+        zp = self.zero_points.get(b)
+        if zp is None:
+            nan = np.full(len(f), np.nan)
+            out.update({f"{b}_flux_njy": nan, f"{b}_flux_njy_err": nan, f"{b}_mag": nan,
+                        f"{b}_mag_err": nan})  # fmt: skip
+            return out
+        scale = 10.0 ** (-0.4 * (zp - 31.4))  # one image unit in nJy
+        pos = f > 0
+        safe = np.where(pos, f, 1.0)
+        out[f"{b}_flux_njy"] = f * scale
+        out[f"{b}_flux_njy_err"] = fe * scale
+        with np.errstate(divide="ignore", invalid="ignore"):
+            out[f"{b}_mag"] = np.where(pos, zp - 2.5 * np.log10(safe), np.nan)
+            out[f"{b}_mag_err"] = np.where(pos, 2.5 / np.log(10) * fe / safe, np.nan)
+        return out
+
+    def table(self, rows: Mapping[str, np.ndarray] | None = None, meta=None) -> pa.Table:
+        """An Arrow table of ``rows`` (None: an empty catalog) in schema order."""
+        return to_arrow(empty_columns(self.specs) if rows is None else rows, self.specs, meta)
 
 _META_KEY = b"survey_engine"
 

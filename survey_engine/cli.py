@@ -244,8 +244,8 @@ def run_cmd(mosaic, outdir, tile, halo, origin, deblender, unet_model, device, t
     Options not given take their value from the Dask configuration (survey_engine.*: a YAML
     file in ~/.config/dask/ or DASK_SURVEY_ENGINE__TILE=… environment variables).
     """
-    from .engine import RunError
-    from .engine import run as _run
+    from .driver import RunError
+    from .driver import run as _run
 
     try:
         res = _run(
@@ -270,7 +270,7 @@ def run_cmd(mosaic, outdir, tile, halo, origin, deblender, unet_model, device, t
 
 
 def summarise_run(res) -> str:
-    """Text summary of a :class:`~survey_engine.engine.RunResult`."""
+    """Text summary of a :class:`~survey_engine.driver.RunResult`."""
     from .catalog import read_catalog
     from .schema import Flag
 
@@ -339,7 +339,7 @@ def bench(size, workers, gpu, scheduler, backend, deblender, tile, workdir, repe
     import json
 
     from .bench import run_benchmark
-    from .engine import RunError
+    from .driver import RunError
 
     try:
         res = run_benchmark(
@@ -367,7 +367,7 @@ def bench(size, workers, gpu, scheduler, backend, deblender, tile, workdir, repe
 @click.option("--deblender", default="sep", show_default=True, type=click.Choice(["sep", "unet"]))
 def demo(outdir, size, bands, tile, workers, seed, deblender):
     """Simulate a small mosaic, run the pipeline on a LocalCluster, summarise the catalog vs truth."""
-    from .engine import run as _run
+    from .driver import run as _run
     from .mosaic import open_mosaic
     from .simulate import simulate as _simulate
 

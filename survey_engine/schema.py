@@ -19,33 +19,63 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["ColumnSpec", "Flag", "aper_tag", "catalog_columns", "flag_descriptions"]
+__all__ = [
+    "BAND_INHERITED_FLAGS",
+    "FLAG_DESCRIPTIONS",
+    "ID_SCHEME",
+    "ColumnSpec",
+    "Flag",
+    "aper_tag",
+    "catalog_columns",
+    "flag_descriptions",
+    "object_ids",
+]
 
 
 class Flag(enum.IntFlag):
-    """Per-object bit flags (column ``flags``; per band ``<band>_flags``)."""
+    """Per-object bit flags (column ``flags``; per band ``<band>_flags``).
+
+    Each member's description is :data:`FLAG_DESCRIPTIONS` ``[name]`` (stored in every
+    catalog's metadata by :func:`flag_descriptions`).
+    """
 
     EDGE = 1
-    """Footprint touches the mosaic edge."""
     MASKED = 2
-    """Footprint (or, per band, the Kron aperture) contains masked / no-data pixels."""
     SATURATED = 4
-    """Footprint contains saturated pixels."""
     BLENDED = 8
-    """The object's parent was split into several children."""
     DEBLEND_OVERFLOW = 16
-    """sep's deblending limits were hit: deblending was reduced or skipped."""
     TRUNCATED = 32
-    """The object could not be measured whole (larger than the largest window tried)."""
     APERTURE_TRUNCATED = 64
-    """The Kron aperture extends beyond the mosaic."""
     WINDOW_FAILED = 128
-    """The windowed centroid did not converge; x, y are the isophotal barycentre."""
+
+
+#: One line per flag: what it means for the object.
+FLAG_DESCRIPTIONS: dict[str, str] = {
+    "EDGE": "footprint touches the mosaic edge",
+    "MASKED": "footprint (or, per band, the Kron aperture) contains masked / no-data pixels",
+    "SATURATED": "footprint contains saturated pixels",
+    "BLENDED": "the object's parent was split into several children",
+    "DEBLEND_OVERFLOW": "sep's deblending limits were hit: deblending was reduced or skipped",
+    "TRUNCATED": "the object could not be measured whole (larger than the largest window tried)",
+    "APERTURE_TRUNCATED": "the Kron aperture extends beyond the mosaic",
+    "WINDOW_FAILED": "the windowed centroid did not converge; x, y are the isophotal barycentre",
+}
+
+#: Catalog-level flags that every band's ``<band>_flags`` inherits.
+BAND_INHERITED_FLAGS = int(Flag.EDGE | Flag.SATURATED | Flag.BLENDED)
+
+#: How ``id`` is formed (stored in the catalog metadata).
+ID_SCHEME = "y_peak * mosaic_width + x_peak"
+
+
+def object_ids(y_peak, x_peak, width: int):
+    """Object IDs from integer peak pixels (mosaic coordinates): :data:`ID_SCHEME`."""
+    return y_peak * width + x_peak
 
 
 def flag_descriptions() -> dict[str, tuple[int, str]]:
     """``{name: (bit value, description)}`` for every flag."""
-    return {f.name: (int(f.value), (f.__doc__ or "").strip()) for f in Flag}
+    return {f.name: (int(f.value), FLAG_DESCRIPTIONS[f.name]) for f in Flag}
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ from _util import assert_same_catalog as _assert_same_catalog
 from distributed import Client, LocalCluster
 
 from survey_engine import create_mosaic, open_mosaic, read_catalog, run
-from survey_engine.engine import RunError
+from survey_engine.driver import RunError
 from survey_engine.simulate import simulate
 from survey_engine.tiling import make_tiles
 
@@ -198,8 +198,13 @@ def test_parquet_metadata_holds_units_and_config(reference):
     assert field.metadata[b"unit"] == b"count"
     assert b"description" in field.metadata
     meta = read_catalog(res.catalog_path).meta
-    assert meta["config"]["detection"]["thresh"] == 1.5
+    assert meta["science"]["detection"]["thresh"] == 1.5
     assert meta["tile"] == [SIZE, SIZE]
+    # Each flag carries its own description (not the Flag class docstring for all of them).
+    flags = meta["flags"]
+    assert flags["SATURATED"] == [4, "footprint contains saturated pixels"]
+    assert flags["EDGE"][1] == "footprint touches the mosaic edge"
+    assert len({desc for _, desc in flags.values()}) == len(flags) == 8
 
 
 @pytest.mark.parametrize(

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 from _util import assert_same_catalog, blob_mosaic
 
-import survey_engine.engine as engine
+import survey_engine.stages as stages
 from survey_engine import read_catalog, run
-from survey_engine.engine import RunError
+from survey_engine.driver import RunError
 from survey_engine.tiling import make_tiles
 
 SIZE = 256
@@ -42,14 +42,14 @@ def test_tile_whose_kernel_raises_is_named_and_resume_retries_only_it(
 ):
     grid = make_tiles((SIZE, SIZE), TILE, HALO)
     bad = grid[5]
-    real_window = engine._window
+    real = stages.analyse_windows
 
-    def failing_window(m, box, *args, **kwargs):
-        if box == bad.read:
+    def failing(host, windows, *args, **kwargs):
+        if bad.read in windows:
             raise FloatingPointError("kernel blew up")
-        return real_window(m, box, *args, **kwargs)
+        return real(host, windows, *args, **kwargs)
 
-    monkeypatch.setattr(engine, "_window", failing_window)
+    monkeypatch.setattr(stages, "analyse_windows", failing)
     with pytest.raises(RunError) as info:
         run(mosaic, tmp_path, tile=TILE, halo=HALO, client=client, progress=False)
     msg = str(info.value)
@@ -64,7 +64,7 @@ def test_tile_whose_kernel_raises_is_named_and_resume_retries_only_it(
     assert {n for n in stamps if n.startswith("tile-")} == names - {bad.name}
     assert not (tmp_path / "catalog.parquet").exists()
 
-    monkeypatch.setattr(engine, "_window", real_window)
+    monkeypatch.setattr(stages, "analyse_windows", real)
     res = run(mosaic, tmp_path, tile=TILE, halo=HALO, client=client, progress=False, resume=True)
     after = _part_stamps(tmp_path)
     assert {k: after[k] for k in stamps} == stamps  # finished parts were not rewritten

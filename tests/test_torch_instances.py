@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import _reference
 import numpy as np
 import pytest
 import torch
+from _reference import extract_instances_reference
 from numpy.testing import assert_array_equal
 from scipy import ndimage
 
@@ -14,7 +16,7 @@ from survey_engine.kernels.torch_instances import (
     connected_components,
     extract_instances_batch,
 )
-from survey_engine.unet.infer import UNetConfig, UNetOutput, extract_instances, predict_window
+from survey_engine.unet.infer import UNetConfig, UNetOutput, predict_window
 from survey_engine.unet.model import DEFAULT_WEIGHTS
 
 EIGHT = np.ones((3, 3), dtype=bool)
@@ -164,7 +166,7 @@ def _assert_same(res: DetectionResult, ref: DetectionResult) -> None:
 
 
 def _check_batch(fg, cen, off, bad=None, **kw) -> InstanceBatch:
-    """Batched result on CPU, checked window by window against ``extract_instances``."""
+    """Batched result on CPU, checked window by window against the reference (tests/_reference.py)."""
     out = extract_instances_batch(
         torch.from_numpy(fg),
         torch.from_numpy(cen),
@@ -178,7 +180,7 @@ def _check_batch(fg, cen, off, bad=None, **kw) -> InstanceBatch:
     assert len(out.parent) == len(out.n_children) == int(out.n_objects.sum())
     for b in range(fg.shape[0]):
         maps = UNetOutput(fg[b], cen[b], off[b])
-        ref = extract_instances(maps, None if bad is None else bad[b], **kw)
+        ref = extract_instances_reference(maps, None if bad is None else bad[b], **kw)
         _assert_same(out.window(b), ref)
         assert int(out.n_objects[b]) == ref.n_objects
     return out
@@ -239,10 +241,9 @@ def test_batch_exact_ties_go_to_the_first_peak():
 def test_batch_equals_reference_with_small_chunks(blob_batch, monkeypatch, max_pairs):
     # 2: single pixels with more candidate peaks than a chunk holds; 97: many chunks.
     import survey_engine.kernels.torch_instances as ti
-    import survey_engine.unet.infer as infer
 
     monkeypatch.setattr(ti, "_MAX_PAIRS", max_pairs)
-    monkeypatch.setattr(infer, "_MAX_PAIRS", max_pairs)
+    monkeypatch.setattr(_reference, "_MAX_PAIRS", max_pairs)
     if max_pairs == 2:
         _check_batch(*_tie_maps())
     else:

@@ -64,7 +64,7 @@ def windows():
         det, det_var, img, var = _scene(seed)
         bad = ~np.isfinite(det_var)
         labels = detect_sources(det, det_var, bad, dcfg).labels
-        filt = matched_filter(det, det_var, dcfg)
+        filt = matched_filter(det, det_var, dcfg.kernel)
         ref = measure_sources(
             det,
             det_var,

@@ -26,6 +26,8 @@ import numpy as np
 import sep
 from scipy import ndimage
 
+from .arrays import INF, as_dtype, clip_min, namespace, quiet, sqrt
+
 __all__ = [
     "DetectionConfig",
     "DetectionResult",
@@ -149,17 +151,27 @@ class DetectionResult:
         return len(self.parent)
 
 
-def detection_image(
-    images: np.ndarray, variances: np.ndarray, usable: np.ndarray, weights: str = "ivar"
-) -> tuple[np.ndarray, np.ndarray]:
-    """Combine background-subtracted bands into one detection image.
+def _band_sum(t, axis: int):
+    """Sum over the band axis, band after band (numpy's order for an outer axis)."""
+    idx = [slice(None)] * t.ndim
+    idx[axis] = 0
+    acc = t[tuple(idx)]
+    for b in range(1, t.shape[axis]):
+        idx[axis] = b
+        acc = acc + t[tuple(idx)]
+    return acc
+
+
+def detection_image(images, variances, usable, weights: str = "ivar"):
+    """Combine background-subtracted bands into one detection image (numpy or torch).
 
     Parameters
     ----------
-    images, variances : numpy.ndarray
-        ``(band, y, x)`` background-subtracted images and their variances.
-    usable : numpy.ndarray of bool
-        ``(band, y, x)``: pixels with valid data.
+    images, variances : numpy.ndarray or torch.Tensor
+        ``(band, y, x)`` or ``(window, band, y, x)`` background-subtracted images and
+        their variances.
+    usable : numpy.ndarray or torch.Tensor of bool
+        Same shape: pixels with valid data.
     weights : {"ivar", "chi2"}
         ``ivar``: inverse-variance weighted mean (variance ``1 / Σ w``);
         ``chi2``: ``Σ I² / V`` per pixel transformed to a unit-variance
@@ -167,27 +179,33 @@ def detection_image(
 
     Returns
     -------
-    image, variance : numpy.ndarray
-        float32 2-D detection image and its variance (inf where no band is usable).
+    image, variance
+        float32 detection image and its variance (inf where no band is usable), without
+        the band axis. The same float32 operations in the same order for both array
+        libraries, so torch on CPU gives numpy's bits.
     """
-    with np.errstate(divide="ignore", invalid="ignore"):
-        w = np.where(usable & (variances > 0) & np.isfinite(variances), 1.0 / variances, 0.0)
-        wsum = w.sum(axis=0)
+    if weights not in ("ivar", "chi2"):
+        msg = f"weights must be 'ivar' or 'chi2', got {weights!r}"
+        raise ValueError(msg)
+    xp = namespace(images)
+    axis = images.ndim - 3
+    with quiet(xp):
+        w = xp.where(usable & (variances > 0) & xp.isfinite(variances), 1.0 / variances, 0.0)
         if weights == "ivar":
-            img = np.where(wsum > 0, (w * np.where(usable, images, 0.0)).sum(axis=0) / wsum, 0.0)
-            var = np.where(wsum > 0, 1.0 / wsum, np.inf)
-        elif weights == "chi2":
-            nb = (w > 0).sum(axis=0)
-            chi2 = (np.where(w > 0, images, 0.0) ** 2 * w).sum(axis=0)
-            img = np.where(nb > 0, np.sqrt(chi2) - np.sqrt(np.maximum(nb - 0.5, 0)), 0.0)
-            var = np.where(nb > 0, 1.0, np.inf)
+            wsum = _band_sum(w, axis)
+            img = xp.where(wsum > 0, _band_sum(w * xp.where(usable, images, 0.0), axis) / wsum, 0.0)
+            var = xp.where(wsum > 0, 1.0 / wsum, INF)
         else:
-            msg = f"weights must be 'ivar' or 'chi2', got {weights!r}"
-            raise ValueError(msg)
-    return img.astype(np.float32), var.astype(np.float32)
+            pos = w > 0
+            nb = _band_sum(as_dtype(pos, "int64"), axis)
+            chi2 = _band_sum(xp.where(pos, images, 0.0) ** 2 * w, axis)
+            stat = as_dtype(sqrt(chi2), "float64") - sqrt(clip_min(as_dtype(nb, "float64") - 0.5, 0.0))
+            img = xp.where(nb > 0, stat, 0.0)
+            var = xp.where(nb > 0, 1.0, INF)
+    return as_dtype(img, "float32"), as_dtype(var, "float32")
 
 
-def matched_filter(data: np.ndarray, variance: np.ndarray, cfg: DetectionConfig) -> np.ndarray:
+def matched_filter(data, variance, kernel: np.ndarray | None):
     """The filtered image sep thresholds: ``Σ k d / V`` over ``sqrt(Σ k² / V)`` (S/N per pixel).
 
     Same formula as sep's ``filter_type="matched"`` with a variance array; used to
@@ -196,25 +214,50 @@ def matched_filter(data: np.ndarray, variance: np.ndarray, cfg: DetectionConfig)
 
     Parameters
     ----------
-    data, variance : numpy.ndarray
-        Detection image and its variance (inf where unusable).
-    cfg : DetectionConfig
-        Holds the kernel (None: the image divided by its noise).
+    data, variance : numpy.ndarray or torch.Tensor
+        Detection image and its variance (inf where unusable); a tensor may carry leading
+        (window) axes.
+    kernel : numpy.ndarray or None
+        The detection filter (:attr:`DetectionConfig.kernel`); None: the image divided by
+        its noise.
 
     Returns
     -------
-    numpy.ndarray
-        float64 filtered image.
+    numpy.ndarray or torch.Tensor
+        The filtered image (float32). numpy correlates with ``scipy.ndimage``; torch sums
+        the shifted images over the kernel elements in row-major order, accumulated in
+        float64, as ``ndimage.correlate`` does, so every pixel is computed the same way in
+        any window (a convolution routine, blocked and chosen by size, would not be).
     """
-    with np.errstate(divide="ignore", invalid="ignore"):
-        ivar = np.where(np.isfinite(variance) & (variance > 0), 1.0 / variance, 0.0)
-        k = cfg.kernel
-        if k is None:
-            return np.where(ivar > 0, data * np.sqrt(ivar), 0.0)
-        k = k.astype(np.float64)
-        num = ndimage.correlate(data * ivar, k, mode="constant", cval=0.0)
-        den = ndimage.correlate(ivar, k * k, mode="constant", cval=0.0)
-        return np.where(den > 0, num / np.sqrt(den), 0.0)
+    xp = namespace(data)
+    with quiet(xp):
+        ok = xp.isfinite(variance) & (variance > 0)
+        ivar = xp.where(ok, 1.0 / variance, 0.0)
+        if kernel is None:
+            return xp.where(ivar > 0, data * sqrt(ivar), 0.0)
+        k = np.asarray(kernel, dtype=np.float64)
+        if xp is np:
+            num = ndimage.correlate(data * ivar, k, mode="constant", cval=0.0)
+            den = ndimage.correlate(ivar, k * k, mode="constant", cval=0.0)
+        else:
+            num, den = _correlate_torch(data * ivar, k), _correlate_torch(ivar, k * k)
+        return xp.where(den > 0, num / sqrt(xp.where(den > 0, den, 1.0)), 0.0)
+
+
+def _correlate_torch(x, k: np.ndarray):
+    """``ndimage.correlate(x, k, mode="constant")`` over the last two axes, in its order."""
+    import torch.nn.functional as F
+
+    kh, kw = k.shape
+    h, w = x.shape[-2:]
+    cy, cx = kh // 2, kw // 2
+    xp_ = F.pad(x.double(), (cx, kw - 1 - cx, cy, kh - 1 - cy))
+    acc = x.new_zeros(x.shape, dtype=xp_.dtype)
+    for i in range(kh):
+        for j in range(kw):
+            if k[i, j] != 0.0:
+                acc = acc + xp_[..., i : i + h, j : j + w] * float(k[i, j])
+    return acc.float()
 
 
 def _extract(data, var, mask, cfg: DetectionConfig, deblend_cont: float):

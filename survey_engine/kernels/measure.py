@@ -24,7 +24,7 @@ from scipy import ndimage
 
 from ..schema import Flag, aper_tag
 
-__all__ = ["MeasureConfig", "measure_sources"]
+__all__ = ["MeasureConfig", "Measurements", "measure_sources", "measurements_from", "windowed_centroid"]
 
 
 @dataclass(frozen=True)
@@ -141,11 +141,8 @@ def measure_sources(
     Measurements
     """
     n = int(labels.max()) if labels.size else 0
-    m = Measurements()
     if n == 0:
-        m.bbox = np.zeros((0, 4), dtype=np.int64)
-        m.extent = np.zeros(0)
-        return m
+        return measurements_from({"area": np.zeros(0)}, labels, bands, cfg, origin)
     oy, ox = origin
     labels = np.ascontiguousarray(labels, dtype=np.int32)
     det = np.ascontiguousarray(np.where(det_bad, 0.0, det), dtype=np.float32)
@@ -200,12 +197,6 @@ def measure_sources(
     e1 = (x2 - y2) / (x2 + y2)
     e2 = 2.0 * xy / (x2 + y2)
 
-    # Footprint bounding boxes (window coordinates).
-    slices = ndimage.find_objects(labels, max_label=n)
-    bbox = np.array(
-        [[s[0].start, s[0].stop, s[1].start, s[1].stop] for s in slices], dtype=np.int64
-    )
-
     det_mask = np.ascontiguousarray(det_bad, dtype=np.uint8)
     var_det = det_var_clean.astype(np.float32)
     kron, _ = sep.kron_radius(
@@ -214,19 +205,9 @@ def measure_sources(
     kron = np.where(np.isfinite(kron) & (kron > 0), kron, 0.0)
     rk = np.maximum(cfg.kron_factor * kron, cfg.kron_min)
     kflux, kerr, kapflag = sep.sum_ellipse(
-        det,
-        xb,
-        yb,
-        a,
-        b,
-        theta,
-        rk,
-        var=var_det,
-        mask=det_mask,
-        segmap=labels,
-        seg_id=ids,
+        det, xb, yb, a, b, theta, rk, var=var_det, mask=det_mask, segmap=labels, seg_id=ids,
         subpix=1,
-    )
+    )  # fmt: skip
     rmax = rk * a
     norm = np.where(kflux > 0, kflux, np.maximum(iso, 1e-30))
     hlr, _ = sep.flux_radius(det, xb, yb, rmax, 0.5, normflux=norm, mask=det_mask, subpix=1)
@@ -237,72 +218,131 @@ def measure_sources(
         det, var_det, labels, py, px, mx, my, sig, max_iter=cfg.window_iterations
     )
 
-    # Pixels read by the measurement, as a radius around the barycentre.
-    extent = (
-        np.maximum.reduce(
-            [cfg.kron_max_radius * a, rk * a, np.full(n, cfg.max_aperture), np.ceil(4 * sig) + 3]
-        )
-        + 2.0
-    )
-
-    flags = np.zeros(n, dtype=np.int64)
-    flags |= np.where(wfail, int(Flag.WINDOW_FAILED), 0)
-    flags |= np.where((kapflag & sep.APER_TRUNC) != 0, int(Flag.APERTURE_TRUNCATED), 0)
+    raw = {
+        "x_peak": px, "y_peak": py, "peak": peak, "area": area,
+        "dx_iso": mx, "dy_iso": my,
+        "dx": np.where(wfail, mx, uw), "dy": np.where(wfail, my, vw),
+        "x_err": np.where(wfail, x_err, uw_err), "y_err": np.where(wfail, y_err, vw_err),
+        "a": a, "b": b, "theta": theta, "e1": e1, "e2": e2,
+        "half_light_radius": hlr, "kron_radius": kron, "kron_aperture": rk,
+        "window_sigma": sig, "window_failed": wfail,
+        "det_iso_flux": iso, "det_iso_flux_err": np.sqrt(iso_var),
+        "det_kron_flux": kflux, "det_kron_flux_err": kerr,
+        "kron_truncated": (kapflag & sep.APER_TRUNC) != 0,
+    }  # fmt: skip
     # Mask bits of the footprint pixels, OR-ed over bands.
     fp_bits = np.bitwise_or.reduce(masks.reshape(masks.shape[0], -1)[:, flat], axis=0)
-    masked_in = bsum(((fp_bits & usable_bits) != 0).astype(float)) > 0
-    sat_in = bsum(((fp_bits & sat_bit) != 0).astype(float)) > 0
-    flags |= np.where(masked_in, int(Flag.MASKED), 0)
-    flags |= np.where(sat_in, int(Flag.SATURATED), 0)
+    raw["masked"] = bsum(((fp_bits & usable_bits) != 0).astype(float)) > 0
+    raw["saturated"] = bsum(((fp_bits & sat_bit) != 0).astype(float)) > 0
 
-    m.columns = {
-        "x": np.where(wfail, xm, (px + ox) + uw),
-        "y": np.where(wfail, ym, (py + oy) + vw),
-        "x_err": np.where(wfail, x_err, uw_err),
-        "y_err": np.where(wfail, y_err, vw_err),
-        "x_iso": xm,
-        "y_iso": ym,
-        "x_peak": px.astype(np.int64),
-        "y_peak": py.astype(np.int64),
-        "peak": peak,
-        "area": area,
-        "a": a,
-        "b": b,
-        "theta": theta,
-        "e1": e1,
-        "e2": e2,
-        "half_light_radius": hlr,
-        "kron_radius": kron,
-        "det_iso_flux": iso,
-        "det_iso_flux_err": np.sqrt(iso_var),
-        "det_kron_flux": kflux,
-        "det_kron_flux_err": kerr,
-        "flags": flags,
-    }
-    m.bbox = bbox
-    m.extent = extent
-
-    for bi, band in enumerate(bands):
+    per_band: dict[str, list[np.ndarray]] = {}
+    for bi in range(len(bands)):
         # Unusable pixels carry image 0 and variance inf (the caller's contract).
         bad = ~np.isfinite(variances[bi])
         img = np.ascontiguousarray(images[bi], dtype=np.float32)
         var = np.where(bad, np.float32(0.0), variances[bi]).astype(np.float32, copy=False)
         bmask = bad.view(np.uint8)
-        col: dict[str, np.ndarray] = {}
-        col["iso_flux"] = bsum(img.ravel()[flat].astype(np.float64))
-        col["iso_flux_err"] = np.sqrt(bsum(var.ravel()[flat].astype(np.float64)))
+        col = {
+            "iso_flux": bsum(img.ravel()[flat].astype(np.float64)),
+            "iso_flux_err": np.sqrt(bsum(var.ravel()[flat].astype(np.float64))),
+        }
         f, fe, fl = sep.sum_ellipse(
             img, xb, yb, a, b, theta, rk, var=var, mask=bmask, segmap=labels, seg_id=ids, subpix=1
         )
         col["kron_flux"], col["kron_flux_err"] = f, fe
-        bflags = np.where((fl & sep.APER_HASMASKED) != 0, int(Flag.MASKED), 0).astype(np.int64)
+        col["kron_masked"] = (fl & sep.APER_HASMASKED) != 0
         for r in cfg.apertures:
             f, fe, fl = sep.sum_circle(
                 img, xb, yb, r, var=var, mask=bmask, segmap=labels, seg_id=ids, subpix=5
             )
             tag = aper_tag(r)
             col[f"aper_flux_{tag}"], col[f"aper_flux_{tag}_err"] = f, fe
-        col["flags"] = bflags
+        for k, v in col.items():
+            per_band.setdefault(k, []).append(v)
+    raw.update({k: np.stack(v, axis=1) for k, v in per_band.items()})
+    return measurements_from(raw, labels, bands, cfg, origin)
+
+
+def measurements_from(
+    raw: dict[str, np.ndarray],
+    labels: np.ndarray,
+    bands: tuple[str, ...],
+    cfg: MeasureConfig,
+    origin: tuple[int, int],
+) -> Measurements:
+    """:class:`Measurements` of one window from a measurement kernel's per-object arrays.
+
+    The one place where measured quantities become catalog-ready columns, whichever
+    kernel measured them (:func:`measure_sources` or
+    :func:`~survey_engine.kernels.torch_measure.measure_batch`): positions in mosaic
+    coordinates, the object flags, each band's flags, footprint boxes and the extent the
+    measurement read.
+
+    Parameters
+    ----------
+    raw : dict of numpy.ndarray
+        Per object (label order): the keys of
+        :func:`~survey_engine.kernels.torch_measure.measure_batch` (window coordinates;
+        positions as offsets ``dx``, ``dy``, ``dx_iso``, ``dy_iso`` from the integer peak
+        pixel; per-band quantities as ``(n, n_bands)`` arrays).
+    labels : numpy.ndarray
+        The window's label image (objects ``1..n``).
+    bands : tuple of str
+        Band names, in the order of the per-band arrays' second axis.
+    cfg : MeasureConfig
+        Parameters (Kron and aperture radii for the extent).
+    origin : (int, int)
+        Mosaic pixel (y, x) of the window's first pixel.
+
+    Returns
+    -------
+    Measurements
+    """
+    m = Measurements()
+    n = len(raw["area"])
+    m.bbox = np.zeros((0, 4), dtype=np.int64)
+    m.extent = np.zeros(0)
+    if n == 0:
+        return m
+    oy, ox = origin
+    px = raw["x_peak"].astype(np.int64)
+    py = raw["y_peak"].astype(np.int64)
+    flags = np.zeros(n, dtype=np.int64)
+    for key, flag in (
+        ("window_failed", Flag.WINDOW_FAILED),
+        ("kron_truncated", Flag.APERTURE_TRUNCATED),
+        ("masked", Flag.MASKED),
+        ("saturated", Flag.SATURATED),
+    ):
+        flags |= np.where(raw[key], int(flag), 0)
+    m.columns = {
+        "x": (px + ox) + raw["dx"], "y": (py + oy) + raw["dy"],
+        "x_err": raw["x_err"], "y_err": raw["y_err"],
+        "x_iso": (px + ox) + raw["dx_iso"], "y_iso": (py + oy) + raw["dy_iso"],
+        "x_peak": px, "y_peak": py,
+        "peak": raw["peak"].astype(np.float64), "area": raw["area"].astype(np.int64),
+        "flags": flags,
+    }  # fmt: skip
+    for k in ("a", "b", "theta", "e1", "e2", "half_light_radius", "kron_radius", "det_iso_flux",
+              "det_iso_flux_err", "det_kron_flux", "det_kron_flux_err"):  # fmt: skip
+        m.columns[k] = raw[k]
+    slices = ndimage.find_objects(labels, max_label=n)
+    m.bbox = np.array(
+        [[s[0].start, s[0].stop, s[1].start, s[1].stop] for s in slices], dtype=np.int64
+    )
+    # Pixels read by the measurement, as a radius around the barycentre.
+    a, sig = raw["a"], raw["window_sigma"]
+    m.extent = (
+        np.maximum.reduce(
+            [cfg.kron_max_radius * a, raw["kron_aperture"] * a, np.full(n, cfg.max_aperture),
+             np.ceil(4 * sig) + 3]
+        )
+        + 2.0
+    )  # fmt: skip
+    band_keys = [k for k in raw if k.startswith(("iso_flux", "kron_flux", "aper_flux_"))]
+    for bi, band in enumerate(bands):
+        col = {k: raw[k][:, bi] for k in band_keys}
+        col["flags"] = np.where(raw["kron_masked"][:, bi], int(Flag.MASKED), 0).astype(np.int64)
         m.bands[band] = col
     return m
 

@@ -49,7 +49,7 @@ import numpy as np
 import torch
 from scipy import interpolate
 
-from ._torchmath import sqrt
+from .arrays import sqrt
 from .background import MIN_VALID_FRACTION, BackgroundMesh, _cell_area
 
 __all__ = [

@@ -70,11 +70,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..unet.infer import _MAX_PAIRS
 from .detect import DetectionResult
 
 __all__ = ["InstanceBatch", "connected_components", "extract_instances_batch"]
 
+#: Largest number of pixel × candidate-peak pairs handled at once in the assignment.
+_MAX_PAIRS = 1 << 22
 #: Merging rounds between two convergence checks (host synchronisations).
 _CHECK_EVERY = 4
 

@@ -1,9 +1,10 @@
-"""Tiled, batched U-Net inference and instance extraction: the ``unet`` deblender.
+"""U-Net inference on windows of the mosaic: network maps on the mosaic-anchored patch grid.
 
-:func:`unet_detect` has the contract of :func:`~survey_engine.kernels.detect.detect_sources`:
-a window of the detection image in, a :class:`~survey_engine.kernels.detect.DetectionResult`
-out (children = instances, parents = 8-connected components of the foreground), so
-the measurement kernel and the ownership rules of the sep path apply unchanged.
+:func:`network_maps` runs the network on a batch of windows (torch, any device);
+:mod:`survey_engine.deblend.unet` turns the maps into objects with
+:func:`~survey_engine.kernels.torch_instances.extract_instances_batch`. The one-window
+helpers :func:`predict_window`, :func:`extract_instances` and :func:`unet_detect`
+(numpy in, numpy out) are thin wrappers over the same code.
 
 Window independence
 -------------------
@@ -17,59 +18,47 @@ mosaic pixel (0, 0); the network runs on each core grown by a margin ``M ≥ R``
 core of each patch is kept. Every patch starts at a multiple of ``A`` in mosaic
 coordinates, so the output at a mosaic pixel is a function of the input within ``R``
 pixels of it alone, whichever window, patch or batch computes it — for every pixel at
-least ``R`` pixels inside the window. The caller passes the window's mosaic origin
-(``origin=(y0, x0)``). Instance extraction then only looks at 3×3 neighbourhoods
-(peaks), whole connected components, and exact integer coordinate differences, so a
-component whose bounding box lies ``model_pad(model) + 1`` pixels inside the window
-is found identically (same pixels, same children) in every window.
-
-Instances
----------
-Foreground = probability > ``foreground_threshold``, unmasked. Peaks = 3×3 local
-maxima of the centre probability above ``centre_threshold`` on foreground pixels
-(plateaus: the first pixel in raster order). Components = 8-connected foreground
-components (``scipy.ndimage.label``); those without a peak or smaller than
-``minarea`` are dropped. Each pixel of a component goes to the peak of that component
-nearest to the centre its offset vector points at (ties: the first peak in raster
-order) — computed for all pixels at once in torch, in bounded chunks of
-pixel × candidate-peak pairs, with no loop over objects.
+least ``R`` pixels inside the window. Every forward pass gets exactly ``batch_size``
+patches (the last batch is padded): oneDNN/cuDNN may pick other kernels for other
+batch sizes, which would change the last bit with the window. Instance extraction then
+only looks at 3×3 neighbourhoods (peaks), whole connected components and exact integer
+coordinate differences, so a component whose bounding box lies ``model_pad(model) + 1``
+pixels inside the window is found identically in every window.
 """
 
 from __future__ import annotations
 
-import logging
+import functools
 import math
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from scipy import ndimage
 
+from ..kernels.arrays import as_dtype, namespace, sqrt
 from ..kernels.detect import DetectionConfig, DetectionResult
+from ..kernels.torch_instances import extract_instances_batch
 from .model import UNet, load_model, normalise_input, receptive_radius
 
 __all__ = [
     "UNetConfig",
     "UNetOutput",
+    "cached_model",
     "extract_instances",
+    "inference_thresholds",
+    "network_maps",
     "predict",
     "predict_window",
+    "significance",
     "unet_detect",
 ]
-
-logger = logging.getLogger(__name__)
-
-_EIGHT = np.ones((3, 3), dtype=bool)
-#: Largest number of pixel × peak pairs handled at once in the assignment.
-_MAX_PAIRS = 1 << 22
-_DEFAULT_MODELS: dict[tuple[str, str], UNet] = {}
 
 
 @dataclass(frozen=True)
 class UNetConfig:
-    """Parameters of the ``unet`` deblender.
+    """Parameters of one-window U-Net inference (:func:`unet_detect`, :func:`predict_window`).
 
     Attributes
     ----------
@@ -107,13 +96,16 @@ class UNetConfig:
                 msg = f"{name} must be a probability in (0, 1), got {v!r}"
                 raise ValueError(msg)
         for name in ("minarea", "patch", "batch_size"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or int(v) != v or v < 1:
-                msg = f"{name} must be a positive integer, got {v!r}"
-                raise ValueError(msg)
+            _check_positive(name, getattr(self, name))
         if str(self.device).split(":")[0] not in ("cpu", "cuda"):
             msg = f"device must be 'cpu' or 'cuda', got {self.device!r}"
             raise ValueError(msg)
+
+
+def _check_positive(name: str, v) -> None:
+    if isinstance(v, bool) or int(v) != v or v < 1:
+        msg = f"{name} must be a positive integer, got {v!r}"
+        raise ValueError(msg)
 
 
 @dataclass
@@ -122,11 +114,11 @@ class UNetOutput:
 
     Attributes
     ----------
-    foreground : numpy.ndarray
+    foreground : numpy.ndarray or torch.Tensor
         Foreground probability, ``(..., H, W)`` float32.
-    centre : numpy.ndarray
+    centre : numpy.ndarray or torch.Tensor
         Centre probability, ``(..., H, W)`` float32.
-    offset : numpy.ndarray
+    offset : numpy.ndarray or torch.Tensor
         ``(..., 2, H, W)`` float32 vector (dy, dx) in pixels to the owning object's centre.
     """
 
@@ -145,68 +137,78 @@ def inference_thresholds(model: UNet, cfg: UNetConfig | None = None) -> tuple[fl
     )
 
 
+@functools.lru_cache(maxsize=4)
+def cached_model(path: str | None, device: str = "cpu") -> UNet:
+    """The checkpoint ``path`` (None: the shipped model) on ``device``, loaded once per process."""
+    return load_model(path, device=device)
+
+
 def _resolve_model(model) -> UNet:
     if isinstance(model, UNet):
         return model
     if model is None or isinstance(model, (str, os.PathLike)):
-        key = (str(model), "cpu")
-        if key not in _DEFAULT_MODELS:
-            _DEFAULT_MODELS[key] = load_model(model)
-        return _DEFAULT_MODELS[key]
+        return cached_model(None if model is None else str(model))
     msg = f"model must be a UNet, a checkpoint path or None, got {type(model).__name__}"
     raise TypeError(msg)
 
 
-def _forward_batches(
-    model: UNet, x: torch.Tensor, *, batch_size: int, device: str | torch.device, amp: bool | None
-):
-    """Yield ``(start, raw outputs)`` of ``x`` (N, C, H, W), ``batch_size`` at a time.
+@contextmanager
+def _no_tf32(active: bool):
+    """float32 convolutions and matmuls in true float32 (TF32 off) while active."""
+    if not active:
+        yield
+        return
+    saved = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
 
-    The outputs are float32 CPU tensors ``(b, 4, H, W)``.
-    """
+
+def _device(device) -> torch.device:
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         msg = f"device {str(device)!r} requested but CUDA is not available"
         raise ValueError(msg)
+    return dev
+
+
+def _forward(model: UNet, x: torch.Tensor, *, batch_size: int, device, amp: bool | None,
+             crop: int = 0) -> torch.Tensor:  # fmt: skip
+    """Raw outputs ``(N, 4, H - 2 crop, W - 2 crop)`` float32 on ``device``, batch after batch.
+
+    The network runs in NHWC (several times faster for these narrow convolutions on CPU,
+    suited to tensor cores on GPU), with bfloat16 autocast when ``amp`` (default: on CUDA
+    only) and TF32 off otherwise; ``x`` moves to ``device`` one batch at a time.
+    """
+    dev = _device(device)
     amp = dev.type == "cuda" if amp is None else bool(amp)
     if next(model.parameters()).device != dev:
         model = model.to(dev)
-    # NHWC is several times faster for these narrow convolutions on CPU (oneDNN) and
-    # suits tensor cores on GPU; converted once (the weights' values do not change).
-    probe = model.bottleneck[0].weight  # a 3x3 convolution with several input channels
-    if not probe.is_contiguous(memory_format=torch.channels_last):
-        model = model.to(memory_format=torch.channels_last)
+    if not model.bottleneck[0].weight.is_contiguous(memory_format=torch.channels_last):
+        model = model.to(memory_format=torch.channels_last)  # converted once per model
     was_training = model.training
     model.eval()
+    n, _, h, w = x.shape
+    out = torch.empty((n, 4, h - 2 * crop, w - 2 * crop), dtype=torch.float32, device=dev)
     try:
-        with torch.inference_mode():
-            for a in range(0, x.shape[0], batch_size):
+        with torch.inference_mode(), _no_tf32(dev.type == "cuda" and not amp):
+            for a in range(0, n, batch_size):
                 xb = x[a : a + batch_size].to(dev, torch.float32, non_blocking=True)
-                xb = xb.contiguous(memory_format=torch.channels_last)
                 with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):
-                    yb = model(xb)
-                yield a, yb.float().cpu()
+                    yb = model(xb.contiguous(memory_format=torch.channels_last))
+                out[a : a + batch_size] = yb.float()[:, :, crop : h - crop, crop : w - crop]
     finally:
         if was_training:
             model.train()
-
-
-def _forward(
-    model: UNet, x: torch.Tensor, *, batch_size: int, device: str | torch.device, amp: bool | None
-) -> torch.Tensor:
-    """Raw outputs for ``x`` (N, C, H, W) on CPU float32, ``batch_size`` at a time."""
-    out = torch.empty((x.shape[0], 4, *x.shape[2:]), dtype=torch.float32)
-    for a, yb in _forward_batches(model, x, batch_size=batch_size, device=device, amp=amp):
-        out[a : a + len(yb)] = yb
     return out
 
 
-def _to_output(raw: torch.Tensor, offset_scale: float) -> UNetOutput:
-    return UNetOutput(
-        foreground=torch.sigmoid(raw[:, 0]).numpy(),
-        centre=torch.sigmoid(raw[:, 1]).numpy(),
-        offset=(raw[:, 2:4] * offset_scale).numpy(),
-    )
+def _maps(raw: torch.Tensor, offset_scale: float) -> UNetOutput:
+    """Probabilities and offsets from raw outputs ``(B, 4, H, W)``, element-wise per window."""
+    return UNetOutput(torch.sigmoid(raw[:, 0]), torch.sigmoid(raw[:, 1]), raw[:, 2:4] * offset_scale)
 
 
 def predict(
@@ -236,7 +238,7 @@ def predict(
     Returns
     -------
     UNetOutput
-        ``(B, H, W)`` probabilities and ``(B, 2, H, W)`` offsets.
+        ``(B, H, W)`` probabilities and ``(B, 2, H, W)`` offsets (numpy).
     """
     if not isinstance(model, UNet):
         msg = f"model must be a survey_engine.unet.UNet, got {type(model).__name__}"
@@ -249,45 +251,99 @@ def predict(
     if x.shape[2] % a or x.shape[3] % a:
         msg = f"image sides must be multiples of {a} (2^levels), got {tuple(x.shape[2:])}"
         raise ValueError(msg)
-    if isinstance(batch_size, bool) or int(batch_size) != batch_size or batch_size < 1:
-        msg = f"batch_size must be a positive integer, got {batch_size!r}"
-        raise ValueError(msg)
-    raw = _forward(model, x.float(), batch_size=int(batch_size), device=device, amp=amp)
-    return _to_output(raw, model.config["offset_scale"])
+    _check_positive("batch_size", batch_size)
+    raw = _forward(model, x.float(), batch_size=int(batch_size), device=device, amp=amp).cpu()
+    out = _maps(raw, model.config["offset_scale"])
+    return UNetOutput(out.foreground.numpy(), out.centre.numpy(), out.offset.numpy())
 
 
-def _geometry(model: UNet, patch: int) -> tuple[int, int]:
+def patch_geometry(model: UNet, patch: int) -> tuple[int, int]:
     """(margin, core) of the patch grid: margin ≥ receptive radius, both multiples of A."""
     a = model.alignment
     margin = math.ceil(receptive_radius(model.config) / a) * a
-    side = (int(patch) // a) * a
-    core = side - 2 * margin
+    core = (int(patch) // a) * a - 2 * margin
     if core < a:
         msg = f"patch {patch!r} too small for this model: need at least {2 * margin + a} pixels"
         raise ValueError(msg)
     return margin, core
 
 
-def significance(det_image: np.ndarray, det_var: np.ndarray, det_bad: np.ndarray):
-    """Significance image (``image / sqrt(var)``, 0 where bad) and the full bad mask."""
-    det = np.asarray(det_image, dtype=np.float32)
-    var = np.asarray(det_var, dtype=np.float32)
-    bad = np.asarray(det_bad, dtype=bool) | ~np.isfinite(var) | ~(var > 0) | ~np.isfinite(det)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        sig = np.where(bad, 0.0, det / np.sqrt(np.where(bad, 1.0, var))).astype(np.float32)
-    return sig, bad
+def significance(det_image, det_var, det_bad):
+    """Significance image (``image / sqrt(var)``, 0 where bad) and the full bad mask.
+
+    numpy arrays or torch tensors (any leading axes); the same float32 operations for both.
+    """
+    xp = namespace(det_image)
+    bad = det_bad | ~xp.isfinite(det_var) | ~(det_var > 0) | ~xp.isfinite(det_image)
+    sig = xp.where(bad, 0.0, det_image / sqrt(xp.where(bad, 1.0, det_var)))
+    return as_dtype(sig, "float32"), bad
+
+
+def network_maps(
+    model: UNet, sig: torch.Tensor, origins, *, patch: int = 512, batch_size: int = 1,
+    amp: bool | None = None,
+) -> UNetOutput:  # fmt: skip
+    """U-Net maps of a batch of windows on the mosaic-anchored patch grid, all patches batched.
+
+    Parameters
+    ----------
+    model : UNet
+        The network (moved to ``sig``'s device).
+    sig : torch.Tensor
+        ``(B, H, W)`` significance images (:func:`significance`), on the device to use.
+    origins : sequence of (int, int)
+        Mosaic pixel (y0, x0) of each window's first pixel.
+    patch, batch_size, amp
+        Patch side, patches per forward pass, bfloat16 autocast (None: on CUDA only).
+
+    Returns
+    -------
+    UNetOutput
+        ``(B, H, W)`` foreground and centre probabilities and ``(B, 2, H, W)`` offsets, on
+        ``sig``'s device.
+    """
+    if model.config["in_channels"] != 1:
+        msg = "the unet deblender needs a model with in_channels=1 (the detection image)"
+        raise ValueError(msg)
+    dev = sig.device
+    bsz, h, w = sig.shape
+    margin, core = patch_geometry(model, patch)
+    side = core + 2 * margin
+    geo, patches = [], []
+    for b in range(bsz):
+        y0, x0 = (int(v) for v in origins[b])
+        ky0, kx0 = y0 // core, x0 // core
+        ny, nx = (y0 + h - 1) // core + 1 - ky0, (x0 + w - 1) // core + 1 - kx0
+        # Canvas covering mosaic rows [ky0 core - margin, (ky0 + ny) core + margin).
+        canvas = torch.zeros((ny * core + 2 * margin, nx * core + 2 * margin), device=dev)
+        oy, ox = y0 - (ky0 * core - margin), x0 - (kx0 * core - margin)
+        canvas[oy : oy + h, ox : ox + w] = sig[b]
+        x = normalise_input(canvas, model.config)
+        patches.append(x.unfold(0, side, core).unfold(1, side, core).reshape(ny * nx, 1, side, side))
+        geo.append((ny, nx, y0 - ky0 * core, x0 - kx0 * core))
+    allp = torch.cat(patches)
+    if len(allp) % batch_size:  # every forward pass gets exactly batch_size patches
+        pad = allp.new_zeros((batch_size - len(allp) % batch_size, 1, side, side))
+        allp = torch.cat([allp, pad])
+    cores = _forward(model, allp, batch_size=batch_size, device=dev, amp=amp, crop=margin)
+    raw = torch.empty((bsz, 4, h, w), dtype=torch.float32, device=dev)
+    start = 0
+    for b, (ny, nx, sy, sx) in enumerate(geo):
+        c = cores[start : start + ny * nx].reshape(ny, nx, 4, core, core)
+        full = c.permute(2, 0, 3, 1, 4).reshape(4, ny * core, nx * core)
+        raw[b] = full[:, sy : sy + h, sx : sx + w]
+        start += ny * nx
+    # Per window, so that every window's maps are the same element-wise kernels on the same
+    # (1, H, W) layout: the same bits whatever the batch.
+    maps = [_maps(raw[b : b + 1].contiguous(), float(model.config["offset_scale"])) for b in range(bsz)]
+    return UNetOutput(*(torch.cat([getattr(m, k) for m in maps]) for k in ("foreground", "centre", "offset")))
 
 
 def predict_window(
-    model: UNet,
-    det_image: np.ndarray,
-    det_var: np.ndarray,
-    det_bad: np.ndarray,
-    *,
-    origin: tuple[int, int] = (0, 0),
-    cfg: UNetConfig | None = None,
-) -> UNetOutput:
-    """Network maps of one window, computed on the mosaic-anchored patch grid.
+    model: UNet, det_image: np.ndarray, det_var: np.ndarray, det_bad: np.ndarray, *,
+    origin: tuple[int, int] = (0, 0), cfg: UNetConfig | None = None,
+) -> UNetOutput:  # fmt: skip
+    """Network maps of one window (numpy), computed on the mosaic-anchored patch grid.
 
     Parameters
     ----------
@@ -306,72 +362,28 @@ def predict_window(
         ``(H, W)`` maps of the window.
     """
     cfg = cfg or UNetConfig()
-    if model.config["in_channels"] != 1:
-        msg = "the unet deblender needs a model with in_channels=1 (the detection image)"
-        raise ValueError(msg)
-    sig, _ = significance(det_image, det_var, det_bad)
-    h, w = sig.shape
-    y0, x0 = (int(v) for v in origin)
-    margin, core = _geometry(model, cfg.patch)
-    side = core + 2 * margin
-    ky0, kx0 = y0 // core, x0 // core
-    ky1, kx1 = (y0 + h - 1) // core + 1, (x0 + w - 1) // core + 1
-    ny, nx = ky1 - ky0, kx1 - kx0
-    # Padded canvas covering mosaic rows [ky0*core - margin, ky1*core + margin).
-    pad = np.zeros((ny * core + 2 * margin, nx * core + 2 * margin), np.float32)
-    oy, ox = y0 - (ky0 * core - margin), x0 - (kx0 * core - margin)
-    pad[oy : oy + h, ox : ox + w] = sig
-    x = normalise_input(torch.from_numpy(pad), model.config)
-    patches = x.unfold(0, side, core).unfold(1, side, core)  # (ny, nx, side, side)
-    patches = patches.reshape(ny * nx, 1, side, side)
-    # Every forward pass gets exactly batch_size patches (the last batch is padded):
-    # oneDNN/cuDNN may pick other kernels for other batch sizes, which changes the
-    # results in the last bit and would make them depend on the window.
-    n = ny * nx
-    bs = cfg.batch_size
-    if n % bs:
-        patches = torch.cat([patches, patches.new_zeros((bs - n % bs, 1, side, side))])
-    full = torch.empty((4, ny * core, nx * core), dtype=torch.float32)
-    batches = _forward_batches(model, patches, batch_size=bs, device=cfg.device, amp=cfg.amp)
-    for a, yb in batches:
-        for k in range(min(len(yb), n - a)):
-            iy, ix = divmod(a + k, nx)
-            full[:, iy * core : (iy + 1) * core, ix * core : (ix + 1) * core] = yb[
-                k, :, margin : margin + core, margin : margin + core
-            ]
-    sy, sx = y0 - ky0 * core, x0 - kx0 * core
-    win = full[:, sy : sy + h, sx : sx + w].contiguous()
-    out = _to_output(win[None], model.config["offset_scale"])
-    return UNetOutput(out.foreground[0], out.centre[0], out.offset[0])
-
-
-def _shift(a: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
-    """``out[y, x] = a[y - dy, x - dx]`` (False outside)."""
-    h, w = a.shape
-    out = torch.zeros_like(a)
-    out[max(dy, 0) : h + min(dy, 0), max(dx, 0) : w + min(dx, 0)] = a[
-        max(-dy, 0) : h - max(dy, 0), max(-dx, 0) : w - max(dx, 0)
-    ]
-    return out
-
-
-def _find_peaks(centre: torch.Tensor, fg: torch.Tensor, threshold: float) -> torch.Tensor:
-    """3×3 local maxima above ``threshold`` on foreground; plateaus keep the first pixel."""
-    mx = F.max_pool2d(centre[None, None], 3, stride=1, padding=1)[0, 0]
-    cand = (centre >= mx) & (centre > threshold) & fg
-    earlier = _shift(cand, 1, 1) | _shift(cand, 1, 0) | _shift(cand, 1, -1) | _shift(cand, 0, 1)
-    return cand & ~earlier
+    sig, _ = significance(
+        torch.as_tensor(np.asarray(det_image, np.float32)),
+        torch.as_tensor(np.asarray(det_var, np.float32)),
+        torch.as_tensor(np.asarray(det_bad, bool)),
+    )
+    sig = sig.to(_device(cfg.device))
+    maps = network_maps(model, sig[None], [origin], patch=cfg.patch, batch_size=cfg.batch_size,
+                        amp=cfg.amp)  # fmt: skip
+    return UNetOutput(*(getattr(maps, k)[0].cpu().numpy() for k in ("foreground", "centre", "offset")))
 
 
 def extract_instances(
-    maps: UNetOutput,
-    bad: np.ndarray | None = None,
-    *,
-    foreground_threshold: float = 0.5,
-    centre_threshold: float = 0.3,
-    minarea: int = 5,
-) -> DetectionResult:
-    """Turn the maps of one window into labelled objects (children) and parents.
+    maps: UNetOutput, bad: np.ndarray | None = None, *, foreground_threshold: float = 0.5,
+    centre_threshold: float = 0.3, minarea: int = 5,
+) -> DetectionResult:  # fmt: skip
+    """Objects (children) and parents of one window from its maps (numpy in and out).
+
+    :func:`~survey_engine.kernels.torch_instances.extract_instances_batch` on a batch of
+    one window: foreground = probability above ``foreground_threshold`` and not ``bad``;
+    peaks = 3×3 maxima of the centre map above ``centre_threshold``; 8-connected
+    components without a peak or smaller than ``minarea`` dropped; each pixel goes to
+    the peak of its component nearest to where its offset points.
 
     Parameters
     ----------
@@ -388,121 +400,31 @@ def extract_instances(
     -------
     DetectionResult
     """
-    fgp = torch.as_tensor(np.asarray(maps.foreground, dtype=np.float32))
-    cen = torch.as_tensor(np.asarray(maps.centre, dtype=np.float32))
-    off = torch.as_tensor(np.asarray(maps.offset, dtype=np.float32))
-    if fgp.ndim != 2 or cen.shape != fgp.shape or off.shape != (2, *fgp.shape):
+    fg, cen, off = (torch.as_tensor(np.asarray(getattr(maps, k), dtype=np.float32))
+                    for k in ("foreground", "centre", "offset"))  # fmt: skip
+    if fg.ndim != 2 or cen.shape != fg.shape or off.shape != (2, *fg.shape):
         msg = (
             "maps must hold (H, W) foreground and centre maps and (2, H, W) offsets, got "
-            f"{tuple(fgp.shape)}, {tuple(cen.shape)}, {tuple(off.shape)}"
+            f"{tuple(fg.shape)}, {tuple(cen.shape)}, {tuple(off.shape)}"
         )
         raise ValueError(msg)
-    h, w = fgp.shape
-    fg = fgp > foreground_threshold
     if bad is not None:
         bad = np.asarray(bad, dtype=bool)
-        if bad.shape != (h, w):
-            msg = f"bad must have the maps' shape {(h, w)}, got {bad.shape}"
+        if bad.shape != tuple(fg.shape):
+            msg = f"bad must have the maps' shape {tuple(fg.shape)}, got {bad.shape}"
             raise ValueError(msg)
-        fg &= ~torch.from_numpy(bad)
-    empty = DetectionResult(
-        np.zeros((h, w), np.int32),
-        np.zeros(0, np.int32),
-        np.zeros((h, w), np.int32),
-        np.zeros(0, np.int32),
-        False,
-    )
-    peaks = _find_peaks(cen, fg, centre_threshold)
-    comp_np, n_comp = ndimage.label(fg.numpy(), structure=_EIGHT)
-    if n_comp == 0 or not bool(peaks.any()):
-        return empty
-    comp = torch.from_numpy(comp_np.astype(np.int64))
-    area = torch.bincount(comp.ravel(), minlength=n_comp + 1)
-    pk_flat = torch.nonzero(peaks.ravel()).ravel()  # raster order
-    pk_comp = comp.ravel()[pk_flat]
-    npk = torch.bincount(pk_comp, minlength=n_comp + 1)
-    keep = (npk > 0) & (area >= minarea)
-    keep[0] = False
-    if not bool(keep.any()):
-        return empty
-    # Peaks of kept components, sorted by (component, raster position).
-    sel = keep[pk_comp]
-    pk_flat, pk_comp = pk_flat[sel], pk_comp[sel]
-    order = torch.argsort(pk_comp, stable=True)
-    pk_flat, pk_comp = pk_flat[order], pk_comp[order]
-    n_pk = len(pk_flat)
-    pk_y, pk_x = pk_flat // w, pk_flat % w
-    npk = torch.bincount(pk_comp, minlength=n_comp + 1)
-    first = torch.cumsum(npk, 0) - npk  # index of each component's first peak
-
-    pix = torch.nonzero((comp > 0).ravel() & keep[comp.ravel()]).ravel()
-    pc = comp.ravel()[pix]
-    assign = first[pc].clone()  # single-peak components: their peak
-    multi = npk[pc] > 1
-    if bool(multi.any()):
-        mp = pix[multi]
-        mc = pc[multi]
-        py, px = mp // w, mp % w
-        dy, dx = off[0].ravel()[mp], off[1].ravel()[mp]
-        counts = npk[mc]
-        best = torch.empty(len(mp), dtype=torch.long)
-        # Chunks of pixels with a bounded number of (pixel, candidate peak) pairs.
-        csum = torch.cumsum(counts, 0)
-        a = 0
-        while a < len(mp):
-            base = int(csum[a - 1]) if a else 0
-            b = int(torch.searchsorted(csum, base + _MAX_PAIRS, right=True))
-            b = max(b, a + 1)
-            cnt = counts[a:b]
-            owner = torch.repeat_interleave(torch.arange(a, b), cnt)
-            within = torch.arange(len(owner)) - torch.repeat_interleave(
-                torch.cumsum(cnt, 0) - cnt, cnt
-            )
-            cand = first[mc[owner]] + within
-            # Exact integer differences first, then the float offset: window-independent.
-            ey = (pk_y[cand] - py[owner]).float() - dy[owner]
-            ex = (pk_x[cand] - px[owner]).float() - dx[owner]
-            d2 = ey * ey + ex * ex
-            local = owner - a
-            dmin = torch.full((b - a,), math.inf).scatter_reduce(0, local, d2, "amin")
-            is_min = d2 <= dmin[local]
-            big = torch.full((b - a,), n_pk, dtype=torch.long)
-            best[a:b] = big.scatter_reduce(0, local[is_min], cand[is_min], "amin")
-            a = b
-        assign[multi] = best
-
-    # Instances = peaks with at least one pixel; labels 1..n in (component, raster) order.
-    counts = torch.bincount(assign, minlength=n_pk)
-    alive = counts > 0
-    lut = torch.zeros(n_pk, dtype=torch.long)
-    lut[alive] = torch.arange(1, int(alive.sum()) + 1)
-    labels = torch.zeros(h * w, dtype=torch.int32)
-    labels[pix] = lut[assign].to(torch.int32)
-    # Parents: kept components renumbered 1..n (raster order of their first pixel).
-    plut = torch.zeros(n_comp + 1, dtype=torch.long)
-    plut[keep] = torch.arange(1, int(keep.sum()) + 1)
-    parents = torch.zeros(h * w, dtype=torch.int32)
-    parents[pix] = plut[pc].to(torch.int32)
-    obj_comp = pk_comp[alive]
-    kids = torch.bincount(obj_comp, minlength=n_comp + 1)
-    return DetectionResult(
-        labels.reshape(h, w).numpy(),
-        plut[obj_comp].to(torch.int32).numpy(),
-        parents.reshape(h, w).numpy(),
-        kids[obj_comp].to(torch.int32).numpy(),
-        False,
-    )
+        bad = torch.from_numpy(bad)[None]
+    return extract_instances_batch(
+        fg[None], cen[None], off[None], bad, foreground_threshold=foreground_threshold,
+        centre_threshold=centre_threshold, minarea=minarea,
+    ).window(0)  # fmt: skip
 
 
 def unet_detect(
-    det_image: np.ndarray,
-    det_var: np.ndarray,
-    det_bad: np.ndarray,
-    *,
-    model: UNet | str | os.PathLike | None = None,
-    cfg: UNetConfig | DetectionConfig | None = None,
+    det_image: np.ndarray, det_var: np.ndarray, det_bad: np.ndarray, *,
+    model: UNet | str | os.PathLike | None = None, cfg: UNetConfig | DetectionConfig | None = None,
     origin: tuple[int, int] = (0, 0),
-) -> DetectionResult:
+) -> DetectionResult:  # fmt: skip
     """Detect and deblend the sources of one window with the U-Net.
 
     Parameters
@@ -552,8 +474,9 @@ def unet_detect(
     if det.size == 0:
         z = np.zeros(det.shape, np.int32)
         return DetectionResult(z, np.zeros(0, np.int32), z.copy(), np.zeros(0, np.int32), False)
-    _, bad = significance(det, det_var, det_bad)
-    maps = predict_window(net, det, det_var, bad, origin=origin, cfg=cfg)
-    return extract_instances(
-        maps, bad, foreground_threshold=fg_t, centre_threshold=c_t, minarea=cfg.minarea
+    _, bad = significance(
+        det.astype(np.float32), np.asarray(det_var, np.float32), np.asarray(det_bad, bool)
     )
+    maps = predict_window(net, det, det_var, bad, origin=origin, cfg=cfg)
+    return extract_instances(maps, bad, foreground_threshold=fg_t, centre_threshold=c_t,
+                             minarea=cfg.minarea)  # fmt: skip

@@ -1,5 +1,5 @@
-"""The torch backend (issue 6): same objects as the numpy backend, batched == one by one,
-tiling-invariant catalogs, GPU selection errors, resource routing, failures named per tile.
+"""The two array backends: same objects, batched == one by one, tiling-invariant catalogs for
+both, GPU selection errors, resource routing, failures named per tile.
 
 Everything runs on CPU torch here; the ``gpu`` tests compare CUDA with CPU where a GPU exists.
 """
@@ -12,19 +12,19 @@ import torch
 from _util import assert_same_catalog, blob_mosaic
 from distributed import Client
 
-import survey_engine.engine as engine
+import survey_engine.stages as stages
 from survey_engine import open_mosaic, read_catalog, run
-from survey_engine.engine import RunError
-from survey_engine.kernels.background import filter_mesh, interpolate_background, mesh_statistics
-from survey_engine.kernels.torch_background import background_spline
-from survey_engine.pipeline import PipelineConfig, analyse_window
+from survey_engine.backends import TorchBackend
+from survey_engine.config import ExecutionConfig, ScienceConfig
+from survey_engine.driver import RunError
+from survey_engine.kernels.background import filter_mesh, mesh_statistics
+from survey_engine.stages import WindowPlan, analyse_regions
 from survey_engine.tiling import Box, make_tiles
-from survey_engine.torch_pipeline import analyse_windows
 
 SIZE = 320
 HALO = 72
-NUMPY = PipelineConfig(deblender="unet")
-TORCH = PipelineConfig(deblender="unet", backend="torch")
+BACKENDS = ["numpy", "torch"]
+UNET = ScienceConfig(deblender="unet")
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
@@ -45,23 +45,21 @@ def meshes(mosaic):
     return out
 
 
-def _numpy_window(m, box, meshes):
-    reg = m.read((box.y0, box.y1), (box.x0, box.x1))
-    bkg = np.stack([interpolate_background(me, box.y0, box.y1, box.x0, box.x1) for me in meshes])
-    return analyse_window(reg, bkg, NUMPY, mosaic=Box(0, m.ny, 0, m.nx))
-
-
-def _torch_windows(m, boxes, meshes, cfg=TORCH):
+def _windows(m, boxes, meshes, backend="torch", **execution):
+    """Analyse windows: numpy one by one, torch as one batch."""
+    plan = WindowPlan.build(UNET, ExecutionConfig(backend=backend, **execution), (m.ny, m.nx),
+                            m.bands, meshes)  # fmt: skip
     regs = [m.read((b.y0, b.y1), (b.x0, b.x1)) for b in boxes]
-    splines = [background_spline(me) for me in meshes]
-    return analyse_windows(regs, cfg, mosaic=Box(0, m.ny, 0, m.nx), splines=splines)
+    if backend == "numpy":
+        return [analyse_regions([r], plan)[0] for r in regs]
+    return analyse_regions(regs, plan)
 
 
 def test_torch_window_has_the_numpy_objects_and_measurements(mosaic, meshes):
     m = open_mosaic(mosaic)
     box = Box(20, 300, 10, 290)
-    ref = _numpy_window(m, box, meshes)
-    (got,) = _torch_windows(m, [box], meshes)
+    (ref,) = _windows(m, [box], meshes, "numpy")
+    (got,) = _windows(m, [box], meshes)
     assert ref.n > 60
     # Same detection image, network maps and instances: identical labels and parents.
     np.testing.assert_array_equal(got.detection.labels, ref.detection.labels)
@@ -101,9 +99,9 @@ def test_torch_window_has_the_numpy_objects_and_measurements(mosaic, meshes):
 def test_batched_windows_equal_one_by_one(mosaic, meshes):
     m = open_mosaic(mosaic)
     boxes = [Box(0, 200, 0, 200), Box(100, 300, 57, 257), Box(120, 320, 120, 320)]
-    together = _torch_windows(m, boxes, meshes)
+    together = _windows(m, boxes, meshes)
     for box, wr in zip(boxes, together, strict=True):
-        (alone,) = _torch_windows(m, [box], meshes)
+        (alone,) = _windows(m, [box], meshes)
         np.testing.assert_array_equal(wr.detection.labels, alone.detection.labels)
         for k, v in alone.meas.columns.items():
             np.testing.assert_array_equal(wr.meas.columns[k], v, err_msg=k)
@@ -112,10 +110,11 @@ def test_batched_windows_equal_one_by_one(mosaic, meshes):
                 np.testing.assert_array_equal(wr.meas.bands[band][k], v, err_msg=f"{band} {k}")
 
 
-def test_the_same_object_measures_the_same_in_any_window(mosaic, meshes):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_the_same_object_measures_the_same_in_any_window(mosaic, meshes, backend):
     """Background, network, instances and measurement are anchored to the mosaic."""
     m = open_mosaic(mosaic)
-    a, b = _torch_windows(m, [Box(0, 320, 0, 261), Box(0, 320, 37, 298)], meshes)
+    a, b = _windows(m, [Box(0, 320, 0, 261), Box(0, 320, 37, 298)], meshes, backend)
     ida = dict(zip(a.peak_y * SIZE + a.peak_x, range(a.n), strict=True))
     idb = dict(zip(b.peak_y * SIZE + b.peak_x, range(b.n), strict=True))
     both = [k for k in ida if k in idb and a.safe[ida[k]] and b.safe[idb[k]]]
@@ -129,37 +128,45 @@ def test_the_same_object_measures_the_same_in_any_window(mosaic, meshes):
 
 
 @pytest.fixture(scope="module")
-def torch_reference(mosaic, client, tmp_path_factory):
-    res = run(mosaic, tmp_path_factory.mktemp("tref"), tile=SIZE, halo=HALO, client=client,
-              backend="torch", deblender="unet", progress=False)  # fmt: skip
-    return res
+def references(mosaic, client, tmp_path_factory):
+    """The untiled unet catalog of each backend."""
+    return {
+        b: run(mosaic, tmp_path_factory.mktemp(f"ref-{b}"), tile=SIZE, halo=HALO, client=client,
+               backend=b, deblender="unet", progress=False)
+        for b in BACKENDS
+    }  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def torch_reference(references):
+    return references["torch"]
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize(("tile", "origin", "batch"), [(128, 0, 2), (100, 50, 3)])
-def test_torch_backend_catalog_is_tiling_invariant(
-    mosaic, client, torch_reference, tmp_path, tile, origin, batch
+def test_unet_catalog_is_tiling_invariant_on_both_backends(
+    mosaic, client, references, tmp_path, tile, origin, batch, backend
 ):
     res = run(mosaic, tmp_path, tile=tile, halo=HALO, origin=origin, client=client,
-              backend="torch", deblender="unet", tile_batch=batch, progress=False)  # fmt: skip
-    ref = read_catalog(torch_reference.catalog_path)
+              backend=backend, deblender="unet", tile_batch=batch, progress=False)  # fmt: skip
+    ref = read_catalog(references[backend].catalog_path)
     assert len(ref) > 80
     assert_same_catalog(ref, read_catalog(res.catalog_path))
     import zarr
 
-    seg_a = zarr.open_group(str(torch_reference.segmentation_path), mode="r")["segmentation"][:]
+    seg_a = zarr.open_group(str(references[backend].segmentation_path), mode="r")["segmentation"][:]
     seg_b = zarr.open_group(str(res.segmentation_path), mode="r")["segmentation"][:]
     np.testing.assert_array_equal(seg_a, seg_b)
     # Stage timings and the backend are reported.
-    assert res.backend == "torch" and res.device == "cpu"
+    assert res.backend == backend and res.device == "cpu"
     assert {"read", "background", "network", "instances", "measure", "write"} <= set(res.stages)
     assert res.pixels == SIZE * SIZE and res.gpu_memory is None
 
 
 @pytest.mark.slow
-def test_torch_and_numpy_backends_find_the_same_objects(mosaic, client, torch_reference, tmp_path):
-    res = run(mosaic, tmp_path, tile=SIZE, halo=HALO, client=client, deblender="unet",
-              progress=False)  # fmt: skip
+def test_torch_and_numpy_backends_find_the_same_objects(references):
+    res, torch_reference = references["numpy"], references["torch"]
     a = read_catalog(res.catalog_path)
     b = read_catalog(torch_reference.catalog_path)
     # The background mesh statistics (numpy vs torch) are the same numbers.
@@ -216,7 +223,7 @@ def test_tile_tasks_run_only_on_workers_with_the_resource(mosaic, torch_referenc
         assert len(gpu_addr) == 1
         with get_task_stream(client=c) as ts:
             res = run(mosaic, tmp_path, tile=160, halo=HALO, client=c, backend="torch",
-                      deblender="unet", worker_resources={"GPU": 1}, progress=False)  # fmt: skip
+                      deblender="unet", resources={"GPU": 1}, progress=False)  # fmt: skip
         tile_tasks = [t for t in ts.data if str(t["key"]).startswith("tiles-")]
         assert len(tile_tasks) == 2  # 4 tiles, 2 per task
         assert {t["worker"] for t in tile_tasks} == set(gpu_addr)
@@ -229,20 +236,14 @@ def test_a_failing_tile_in_a_batch_is_named_and_the_others_finish(
 ):
     grid = make_tiles((SIZE, SIZE), 160, HALO)
     bad = grid[1]
-    real_batch, real_window = engine.analyse_windows_batch, engine._window
+    real = stages.analyse_windows
 
-    def failing_batch(regs, *args):
-        if any((r.y0, r.x0) == (bad.read.y0, bad.read.x0) for r in regs):
+    def failing(host, windows, *args, **kwargs):  # the batch with the tile, and the tile alone
+        if bad.read in windows:
             raise FloatingPointError("device kernel blew up")
-        return real_batch(regs, *args)
+        return real(host, windows, *args, **kwargs)
 
-    def failing_window(m, box, *args, **kwargs):
-        if box == bad.read:
-            raise FloatingPointError("device kernel blew up")
-        return real_window(m, box, *args, **kwargs)
-
-    monkeypatch.setattr(engine, "analyse_windows_batch", failing_batch)
-    monkeypatch.setattr(engine, "_window", failing_window)
+    monkeypatch.setattr(stages, "analyse_windows", failing)
     with pytest.raises(RunError) as info:
         run(mosaic, tmp_path, tile=160, halo=HALO, client=client, backend="torch",
             deblender="unet", tile_batch=4, progress=False)  # fmt: skip
@@ -253,8 +254,7 @@ def test_a_failing_tile_in_a_batch_is_named_and_the_others_finish(
     parts = {p.name for p in (tmp_path / "parts").iterdir() if p.name.startswith("tile-")}
     assert parts == {t.name for t in grid} - {bad.name}
 
-    monkeypatch.setattr(engine, "analyse_windows_batch", real_batch)
-    monkeypatch.setattr(engine, "_window", real_window)
+    monkeypatch.setattr(stages, "analyse_windows", real)
     res = run(mosaic, tmp_path, tile=160, halo=HALO, client=client, backend="torch",
               deblender="unet", tile_batch=4, progress=False, resume=True)  # fmt: skip
     assert_same_catalog(read_catalog(torch_reference.catalog_path), read_catalog(res.catalog_path))
@@ -272,11 +272,8 @@ def test_cuda_fp32_and_cpu_torch_backends_give_the_same_catalog(mosaic, meshes):
     """Network in float32 (TF32 off) on CUDA: same objects, numbers within float tolerance."""
     m = open_mosaic(mosaic)
     box = Box(0, SIZE, 0, SIZE)
-    (cpu,) = _torch_windows(m, [box], meshes)
-    gpu_cfg = PipelineConfig(
-        deblender="unet", backend="torch", device="cuda", unet_batch_size=1, unet_amp=False
-    )
-    (gpu,) = _torch_windows(m, [box], meshes, gpu_cfg)
+    (cpu,) = _windows(m, [box], meshes)
+    (gpu,) = _windows(m, [box], meshes, device="cuda", unet_batch_size=1, unet_amp=False)
     np.testing.assert_array_equal(np.sort(gpu.peak_y * SIZE + gpu.peak_x),
                                   np.sort(cpu.peak_y * SIZE + cpu.peak_x))  # fmt: skip
     i, j = _match(cpu, gpu)
@@ -296,9 +293,8 @@ def test_cuda_fp32_and_cpu_torch_backends_give_the_same_catalog(mosaic, meshes):
 def test_cuda_bf16_and_cpu_torch_backends_find_the_same_objects(mosaic, meshes):
     m = open_mosaic(mosaic)
     box = Box(0, SIZE, 0, SIZE)
-    (cpu,) = _torch_windows(m, [box], meshes)
-    gpu_cfg = PipelineConfig(deblender="unet", backend="torch", device="cuda")
-    (gpu,) = _torch_windows(m, [box], meshes, gpu_cfg)
+    (cpu,) = _windows(m, [box], meshes)
+    (gpu,) = _windows(m, [box], meshes, device="cuda")
     # bf16 autocast: maps differ by ~1e-2; a few marginal objects may change.
     assert abs(gpu.n - cpu.n) <= max(2, 0.02 * cpu.n)
     i, j = _match(cpu, gpu)
@@ -322,7 +318,8 @@ def test_backend_from_the_dask_config_implies_the_unet(mosaic, client, torch_ref
 
 
 @pytest.mark.slow
-def test_torch_backend_with_gaps_masks_and_blank_tiles(client, tmp_path):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_unet_with_gaps_masks_and_blank_tiles_on_both_backends(client, tmp_path, backend):
     from _util import blob_pixels
 
     from survey_engine.flags import MaskBit
@@ -337,7 +334,7 @@ def test_torch_backend_with_gaps_masks_and_blank_tiles(client, tmp_path):
     img += (3000 / (2 * np.pi * 4) * np.exp(-((yy - 92) ** 2 + (xx - 202) ** 2) / 8.0))[None]
     mask[0, 91:94, 201:204] = MaskBit.SAT  # the star's core, saturated in g
     path = blob_mosaic(tmp_path / "gaps.zarr", shape, image=img, variance=var, mask=mask)
-    kw = {"halo": HALO, "client": client, "backend": "torch", "progress": False}
+    kw = {"halo": HALO, "client": client, "backend": backend, "deblender": "unet", "progress": False}
     runs = [run(path, tmp_path / f"o{t}", tile=t, **kw) for t in (256, 96)]
     a, b = (read_catalog(r.catalog_path) for r in runs)
     assert len(a) > 20
@@ -356,25 +353,28 @@ def test_tile_batch_must_be_a_positive_integer(mosaic, client, tmp_path):
 
 
 def test_batch_capacity_on_cpu_is_the_configured_size():
-    from survey_engine.torch_pipeline import batch_capacity
+    from survey_engine.backends import NumpyBackend, windows_fitting
 
-    assert batch_capacity((2304, 2304), 3, "cpu") == 2
-    assert batch_capacity((2304, 2304), 3, "cpu", cpu_default=5) == 5
-    assert batch_capacity((100, 100), 1, "cpu", cpu_default=0) == 1
+    assert TorchBackend(ExecutionConfig(backend="torch")).capacity((2304, 2304), 3) == 2
+    assert TorchBackend(ExecutionConfig(backend="torch", tile_batch=5)).capacity((2304, 2304), 3) == 5
+    assert NumpyBackend(ExecutionConfig(tile_batch=5)).capacity((2304, 2304), 3) == 1
+    # On a GPU: 60 % of the free memory at BYTES_PER_PIXEL, between 1 and 32 windows.
+    assert windows_fitting((2304, 2304), 3, 80 * 2**30) == 12  # 0.6 × 80 GiB / 4.2 GB
+    assert windows_fitting((2304, 2304), 3, 2**20) == 1
+    assert windows_fitting((512, 512), 3, 80 * 2**30) == 32
 
 
 def test_windows_of_one_batch_must_share_a_shape(mosaic, meshes):
     m = open_mosaic(mosaic)
     with pytest.raises(ValueError, match=r"windows of one batch must have the same shape"):
-        _torch_windows(m, [Box(0, 100, 0, 100), Box(0, 120, 0, 100)], meshes)
+        _windows(m, [Box(0, 100, 0, 100), Box(0, 120, 0, 100)], meshes)
 
 
 def test_float32_measurement_is_close_to_float64(mosaic, meshes):
     m = open_mosaic(mosaic)
     box = Box(0, SIZE, 0, SIZE)
-    (ref,) = _torch_windows(m, [box], meshes)
-    cfg32 = PipelineConfig(deblender="unet", backend="torch", measure_dtype="float32")
-    (got,) = _torch_windows(m, [box], meshes, cfg32)
+    (ref,) = _windows(m, [box], meshes)
+    (got,) = _windows(m, [box], meshes, measure_dtype="float32")
     np.testing.assert_array_equal(got.detection.labels, ref.detection.labels)
     for k in ("x", "y", "x_iso", "y_iso"):
         assert np.abs(got.meas.columns[k] - ref.meas.columns[k]).max() < 1e-4, k
@@ -383,13 +383,14 @@ def test_float32_measurement_is_close_to_float64(mosaic, meshes):
         rel = np.abs(g - r) / np.maximum(np.abs(r), 1.0)
         assert np.median(rel) < 1e-6 and rel.max() < 1e-5, (np.median(rel), rel.max())
     with pytest.raises(ValueError, match=r"measure_dtype must be 'float64' or 'float32'"):
-        PipelineConfig(measure_dtype="float16")
+        ExecutionConfig(measure_dtype="float16")
 
 
 @pytest.mark.parametrize("weights", ["ivar", "chi2"])
-def test_torch_detection_image_equals_numpy(weights):
-    from survey_engine.kernels.detect import detection_image
-    from survey_engine.torch_pipeline import _detection_image
+def test_detection_and_significance_images_have_the_same_bits_for_numpy_and_torch(weights):
+    """One implementation, dispatched on the array type: torch on CPU gives numpy's bits."""
+    from survey_engine.kernels.detect import detection_image, matched_filter
+    from survey_engine.unet.infer import significance
 
     rng = np.random.default_rng(3)
     images = rng.normal(0, 3, (3, 64, 80)).astype(np.float32)
@@ -398,17 +399,20 @@ def test_torch_detection_image_equals_numpy(weights):
     variances[~usable] = np.inf
     variances[1, :5] = 0.0  # non-positive variance in one band
     ref_img, ref_var = detection_image(images, variances, usable, weights)
-    img, var = _detection_image(
-        torch.from_numpy(images)[None], torch.from_numpy(variances)[None],
-        torch.from_numpy(usable)[None], weights,
-    )  # fmt: skip
+    img, var = detection_image(*(torch.from_numpy(a)[None] for a in (images, variances, usable)), weights)
     np.testing.assert_array_equal(img[0].numpy(), ref_img)
     np.testing.assert_array_equal(var[0].numpy(), ref_var)
-    # The U-Net's input from it: numpy's bits too (square roots correctly rounded).
-    from survey_engine.torch_pipeline import _significance
-    from survey_engine.unet.infer import significance
-
+    assert img.dtype == torch.float32 and ref_img.dtype == np.float32
+    # numpy's band sum (axis 0) is the same as the explicit band-after-band sum.
+    with np.errstate(divide="ignore"):
+        w = np.where(usable & (variances > 0) & np.isfinite(variances), 1 / variances, 0)
+        if weights == "ivar":
+            np.testing.assert_array_equal(ref_var, np.where(w.sum(0) > 0, 1 / w.sum(0), np.inf))
+    # The U-Net's input from it, and the matched filter: numpy's bits too.
     ref_sig, ref_bad = significance(ref_img, ref_var, ~np.isfinite(ref_var))
-    sig, bad = _significance(img, var, ~torch.isfinite(var))
+    sig, bad = significance(img, var, ~torch.isfinite(var))
     np.testing.assert_array_equal(sig[0].numpy(), ref_sig)
     np.testing.assert_array_equal(bad[0].numpy(), ref_bad)
+    kernel = np.array([[1, 2, 1], [2, 4, 2], [1, 2, 1]], np.float32)
+    np.testing.assert_array_equal(matched_filter(img, var, kernel)[0].numpy(),
+                                  matched_filter(ref_img, ref_var, kernel))  # fmt: skip

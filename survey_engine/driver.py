@@ -1,0 +1,475 @@
+"""The driver: resolves a run's configuration once, then lays out its stages on the cluster.
+
+A run is five stages, each a stream of small tasks (:func:`survey_engine.parallel.map_tasks`)
+of :mod:`survey_engine.tasks`; pixel arrays never travel through the scheduler:
+
+1. **background** — mesh statistics of aligned blocks → one global mesh per band;
+2. **tiles** — each tile reads core + halo, runs the stage sequence, keeps the objects
+   whose peak lies in its core and whose result is *safe*, and writes its part;
+3. **retry** — every owned object that was not safe is measured again in a window grown
+   around it until it is (doubling the margin, up to the whole mosaic);
+4. **segmentation** — each chunk of the output segmentation map is written by exactly one
+   task from the parts' core labels and footprints;
+5. **catalog** — parts concatenated, sorted by ID, written as Parquet.
+
+``resume`` skips every part already written (:class:`~survey_engine.store.PartStore`), so a
+crashed run continues where it stopped and a run with failed tiles retries only those.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import os
+import time
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import zarr
+
+from . import config as _conf
+from .backends import BACKENDS
+from .catalog import CatalogLayout, write_parquet_atomic
+from .config import ExecutionConfig, ScienceConfig
+from .deblend import check_backend
+from .kernels.background import filter_mesh
+from .mosaic import Mosaic, open_mosaic
+from .parallel import GPUUnavailable, TaskFailure, TaskResults, dask_client, map_tasks, workers_with
+from .schema import ID_SCHEME, flag_descriptions
+from .stages import WindowPlan, guard_band
+from .store import PartStore, StoreError, retry_part
+from .tasks import TaskContext, background_block, process_tiles, retry, segmentation_chunk
+from .tiling import Box, TileGrid, make_tiles
+
+__all__ = ["RunError", "RunResult", "RunSettings", "resolve_run", "run"]
+
+logger = logging.getLogger(__name__)
+
+
+class RunError(RuntimeError):
+    """A run that could not complete; ``failures`` names the tiles/objects that failed."""
+
+    def __init__(self, message: str, failures: Sequence[TaskFailure] = ()):
+        super().__init__(message)
+        self.failures = list(failures)
+
+
+@dataclass
+class RunResult:
+    """What a run produced."""
+
+    outdir: Path
+    catalog_path: Path
+    segmentation_path: Path
+    n_objects: int
+    n_tiles: int
+    n_retried: int
+    timings: dict[str, float] = field(default_factory=dict)
+    stages: dict[str, float] = field(default_factory=dict)
+    pixels: int = 0
+    gpu_memory: int | None = None
+    backend: str = "numpy"
+    device: str = "cpu"
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """A run's configuration, resolved once (:func:`resolve_run`).
+
+    Attributes
+    ----------
+    science, execution : ScienceConfig, ExecutionConfig
+        The two parts of the parameters.
+    grid : TileGrid
+        The tiling.
+    deblender : object
+        The deblender strategy.
+    guard : int
+        Pixels between a footprint and a cut window edge for a result to be safe.
+    """
+
+    science: ScienceConfig
+    execution: ExecutionConfig
+    grid: TileGrid
+    deblender: Any
+    guard: int
+
+    def run_info(self, m: Mosaic) -> dict[str, Any]:
+        """What identifies the run (``run.json``; a resumed run must match it)."""
+        return {
+            "mosaic": os.path.abspath(m.path) if "://" not in m.path else m.path,
+            "shape": [m.ny, m.nx], "bands": list(m.bands), "tile": list(self.grid.tile),
+            "halo": self.grid.halo, "origin": list(self.grid.origin),
+            "science": self.science.to_dict(), "kernels": self.execution.kernel_settings(),
+        }  # fmt: skip
+
+
+_EXECUTION_FIELDS = {f.name for f in dataclasses.fields(ExecutionConfig)}
+
+
+def resolve_run(
+    m: Mosaic, *, science: ScienceConfig | None = None, execution: ExecutionConfig | None = None,
+    tile=None, halo=None, origin=None, deblender: str | None = None, gpu: bool = False,
+    external_cluster: bool = False, **params: Any,
+) -> RunSettings:  # fmt: skip
+    """Resolve a run's parameters from its arguments and the Dask configuration, once.
+
+    Explicit arguments win over the Dask configuration (``survey_engine.*``), which wins
+    over the built-in defaults; a full ``science`` (or ``execution``) object replaces the
+    configured values of its part (``params`` still override its fields). ``params`` are
+    fields of :class:`~survey_engine.config.ExecutionConfig`, or science parameters by
+    name (``thresh``, ``minarea``, ``apertures``, ``detection_band`` …). The torch
+    backend implies the unet deblender unless ``deblender`` is given; ``gpu`` implies the
+    torch backend on CUDA.
+
+    Raises
+    ------
+    ValueError
+        An invalid value or combination, naming the parameter.
+    TypeError
+        An unknown parameter.
+    """
+    unknown = set(params) - _EXECUTION_FIELDS - ScienceConfig.parameter_names()
+    if unknown:
+        msg = (
+            f"unknown run parameter {sorted(unknown)[0]!r}: neither an execution parameter "
+            f"({', '.join(sorted(_EXECUTION_FIELDS))}) nor a science parameter "
+            f"({', '.join(sorted(ScienceConfig.parameter_names()))})"
+        )
+        raise TypeError(msg)
+    ex_params = {k: params.pop(k) for k in list(params) if k in _EXECUTION_FIELDS}
+    ex_params = {k: v for k, v in ex_params.items() if v is not None}
+    if execution is None:
+        keys = _conf.EXECUTION_KEYS
+        if external_cluster:
+            keys = tuple(k for k in keys if k not in ("workers", "scheduler"))
+        execution = ExecutionConfig(**_conf.configured(keys))
+    sci = dict(_conf.configured(_conf.SCIENCE_KEYS)) if science is None else {}
+    sci.update({k: v for k, v in params.items() if v is not None})
+    if deblender is not None:
+        sci["deblender"] = deblender
+    elif ex_params.get("backend", execution.backend) == "torch" or gpu:
+        sci["deblender"] = "unet"  # the torch backend's deblender
+    if gpu:
+        dev = ex_params.get("device") or "cuda"
+        if str(dev).split(":")[0] != "cuda":
+            msg = f"gpu=True runs on CUDA; got device={dev!r}"
+            raise ValueError(msg)
+        if ex_params.get("backend", "torch") != "torch":
+            msg = f"gpu=True runs the torch backend; got backend={ex_params['backend']!r}"
+            raise ValueError(msg)
+        ex_params.update(device=dev, backend="torch", gpu=True,
+                         resources=dict(ex_params.get("resources") or {}) or {"GPU": 1})  # fmt: skip
+    execution = dataclasses.replace(execution, **ex_params)
+    science = (science or ScienceConfig()).with_params(**sci)
+    strategy = check_backend(science.deblender, execution.backend).from_science(science)
+    if science.detection_band is not None:
+        m.band_index(science.detection_band)  # raises for an unknown band
+    grid = make_tiles((m.ny, m.nx), _conf.get("tile", tile), _conf.get("halo", halo),
+                      origin=_conf.get("origin", origin))  # fmt: skip
+    guard = guard_band(science, strategy)
+    need = strategy.required_halo(guard)
+    if grid.halo < need:
+        msg = (
+            f"halo must be ≥ {need} pixels for the {science.deblender} deblender (its receptive "
+            f"field, {guard - science.detection.minarea} px, plus margin), got {grid.halo}"
+        )
+        raise ValueError(msg)
+    return RunSettings(science, execution, grid, strategy, guard)
+
+
+def run(
+    mosaic: str | os.PathLike | Mosaic,
+    outdir: str | os.PathLike,
+    *,
+    tile: int | tuple[int, int] | None = None,
+    halo: int | None = None,
+    origin: int | tuple[int, int] | None = None,
+    deblender: str | None = None,
+    science: ScienceConfig | None = None,
+    execution: ExecutionConfig | None = None,
+    client: Any | None = None,
+    resume: bool = False,
+    overwrite: bool = False,
+    progress: bool = True,
+    gpu: bool = False,
+    **params: Any,
+) -> RunResult:
+    """Produce the catalog and segmentation map of a mosaic on a Dask cluster.
+
+    Every parameter left as None takes its value from the Dask configuration
+    (``survey_engine.tile``, ``survey_engine.thresh`` … ; defaults in
+    ``survey_engine/survey_engine.yaml``: tile 2048, halo 128, origin 0, deblender sep,
+    thresh 1.5, minarea 5). Explicit arguments win; see :func:`resolve_run`.
+
+    Parameters
+    ----------
+    mosaic : str, path or Mosaic
+        The mosaic store.
+    outdir : str or path
+        Output directory: ``catalog.parquet``, ``segmentation.zarr``, ``run.json``,
+        ``parts/`` (per-tile results, kept for ``resume``).
+    tile : int or (int, int)
+        Tile core size in pixels (any size ≥ 32; odd sizes work).
+    halo : int
+        Halo read around each core (≥ 16). Objects larger than the halo are
+        re-measured whole in a larger window, so the halo affects speed only.
+    origin : int or (int, int)
+        Offset of the tile grid (e.g. ``tile // 2``).
+    deblender : str
+        ``"sep"`` or ``"unet"`` (:data:`survey_engine.deblend.DEBLENDERS`).
+    science : ScienceConfig, optional
+        Full science parameters (replacing the configured ones; ``params`` still override
+        its fields).
+    execution : ExecutionConfig, optional
+        Full execution parameters (``params`` still override its fields).
+    client : distributed.Client, optional
+        An existing client (else one from ``scheduler``, else a new local cluster of
+        ``workers`` processes).
+    resume : bool
+        Continue a run in ``outdir``, skipping finished tiles.
+    overwrite : bool
+        Delete whatever ``outdir`` holds first.
+    progress : bool
+        Show progress bars.
+    gpu : bool
+        Run every per-tile stage on GPUs: the ``torch`` backend on ``cuda`` with the
+        ``unet`` deblender, on a ``dask_cuda.LocalCUDACluster`` (one worker per GPU), or,
+        with ``scheduler``/``client``, on the workers that declare the Dask resource
+        ``GPU`` (``dask worker … --resources GPU=1``).
+    **params
+        Execution parameters (``backend``, ``device``, ``workers``, ``scheduler``,
+        ``tile_batch``, ``unet_amp``, ``unet_batch_size``, ``measure_dtype``, ``resources``)
+        and science parameters by name (``thresh``, ``minarea``, ``deblend_cont``,
+        ``apertures``, ``detection_band``, ``background_box``, ``unet_model`` …).
+
+    Returns
+    -------
+    RunResult
+
+    Raises
+    ------
+    RunError
+        When tiles failed (named in the message; finished parts are kept so
+        ``resume=True`` retries only the failures), or ``outdir`` holds another run,
+        or ``gpu`` was asked for where no GPU (or no GPU worker) is available.
+    """
+    t_start = time.perf_counter()
+    m = mosaic if isinstance(mosaic, Mosaic) else open_mosaic(mosaic)
+    external = client is not None or params.get("scheduler") is not None
+    s = resolve_run(m, science=science, execution=execution, tile=tile, halo=halo, origin=origin,
+                    deblender=deblender, gpu=gpu, external_cluster=external, **params)  # fmt: skip
+    store = PartStore(outdir)
+    try:
+        store.prepare(s.run_info(m), resume=resume, overwrite=overwrite)
+    except StoreError as err:
+        raise RunError(str(err)) from err
+    meta = _catalog_meta(s, m)
+    timings: dict[str, float] = {}
+    ex = s.execution
+    with contextlib.ExitStack() as stack:
+        local_gpu = ex.gpu and client is None and ex.scheduler is None
+        try:
+            c = stack.enter_context(dask_client(workers=ex.workers, scheduler=ex.scheduler,
+                                                client=client, gpu=local_gpu))  # fmt: skip
+        except GPUUnavailable as err:
+            raise RunError(str(err)) from err
+        _check_resources(c, ex.resources, ex.scheduler)
+        clock = _Clock(timings)
+        plan = WindowPlan(s.science, ex, s.deblender, s.guard, Box(0, m.ny, 0, m.nx), tuple(m.bands))
+        plan = dataclasses.replace(plan, meshes=_background_stage(c, m, plan, store, progress))
+        clock.lap("background")
+        ctx = TaskContext(m.path, plan, store, s.grid)
+        tiles = _tile_stage(c, ctx, progress)
+        clock.lap("tiles")
+        pending, retried = _retry_stage(c, ctx, progress)
+        clock.lap("retry")
+        _raise_failures([*tiles.failures, *retried.failures], store)
+        seg_path = store.root / "segmentation.zarr"
+        _segmentation_stage(c, m, s.grid, store, pending, seg_path, progress)
+        clock.lap("segmentation")
+    cat_path = store.root / "catalog.parquet"
+    n = _catalog_stage(store, s.grid, pending, cat_path, _layout(m, s.science), meta)
+    clock.lap("catalog")
+    timings["total"] = time.perf_counter() - t_start
+    logger.info("catalog %s: %d objects (%d retried)", cat_path, n, len(pending))
+    gpu_memory = [r["gpu_memory"] for r in tiles.results.values() if r.get("gpu_memory")]
+    return RunResult(
+        store.root, cat_path, seg_path, n, len(s.grid), len(pending), timings,
+        stages=_stage_seconds(tiles), pixels=m.ny * m.nx,
+        gpu_memory=max(gpu_memory) if gpu_memory else None, backend=ex.backend, device=ex.device,
+    )  # fmt: skip
+
+
+class _Clock:
+    """Adds the seconds since the previous lap to ``timings[stage]``."""
+
+    def __init__(self, timings: dict[str, float]):
+        self.timings, self.t = timings, time.perf_counter()
+
+    def lap(self, stage: str) -> None:
+        now = time.perf_counter()
+        self.timings[stage] = now - self.t
+        self.t = now
+
+
+def _catalog_meta(s: RunSettings, m: Mosaic) -> dict[str, Any]:
+    from . import __version__
+
+    return {
+        **s.run_info(m), "execution": s.execution.to_dict(),
+        "software": f"survey_engine {__version__}", "reference_band": _layout(m, s.science).reference_band,
+        "zero_points": m.zero_points, "flags": flag_descriptions(), "id": ID_SCHEME,
+    }  # fmt: skip
+
+
+def _layout(m: Mosaic, science: ScienceConfig) -> CatalogLayout:
+    return CatalogLayout.for_mosaic(m, science.measure.apertures, science.detection_band)
+
+
+def _check_resources(client, resources: Mapping[str, float], scheduler: str | None) -> None:
+    for name in resources:
+        if not workers_with(client, name):
+            where = f"the cluster at {scheduler}" if scheduler else "the cluster"
+            msg = (
+                f"no worker of {where} declares the Dask resource {name!r} that the tile tasks "
+                f"need; start GPU workers with `dask worker <scheduler> --resources {name}=1` "
+                f"(or `dask cuda worker <scheduler> --resources {name}=1`)"
+            )
+            raise RunError(msg)
+
+
+def _background_stage(client, m: Mosaic, plan: WindowPlan, store: PartStore, progress: bool):
+    """Stage 1: the mesh statistics of aligned blocks, assembled and filtered per band."""
+    box = plan.science.background_box
+    saved = store.load_background()
+    if saved is not None:
+        levels, rmss = saved
+    else:
+        step = box * max(1, 1024 // box)
+        blocks = [Box(y, min(y + step, m.ny), x, min(x + step, m.nx))
+                  for y in range(0, m.ny, step) for x in range(0, m.nx, step)]  # fmt: skip
+        ncy, ncx = -(-m.ny // box), -(-m.nx // box)
+        levels = np.full((len(m.bands), ncy, ncx), np.nan)
+        rmss = np.full((len(m.bands), ncy, ncx), np.nan)
+        res = map_tasks(client, background_block, blocks, desc="background", progress=progress,
+                        mosaic_path=m.path, plan=plan, retries=1)  # fmt: skip
+        if res.failures:
+            msg = f"background failed for {len(res.failures)} block(s): {res.failures[0].error}"
+            raise RunError(msg, res.failures)
+        for bbox, per_band in res.results.values():
+            cy0, cx0 = bbox.y0 // box, bbox.x0 // box
+            for b, (lvl, rms) in enumerate(per_band):
+                levels[b, cy0 : cy0 + lvl.shape[0], cx0 : cx0 + lvl.shape[1]] = lvl
+                rmss[b, cy0 : cy0 + lvl.shape[0], cx0 : cx0 + lvl.shape[1]] = rms
+        store.save_background(levels, rmss)
+    return [filter_mesh(levels[b], rmss[b], box, (m.ny, m.nx), filter_size=plan.science.background_filter)
+            for b in range(len(m.bands))]  # fmt: skip
+
+
+def _tile_stage(client, ctx: TaskContext, progress: bool) -> TaskResults:
+    """Stage 2: the unfinished tiles in tasks of one or several tiles (equal read shapes together)."""
+    grid, ex = ctx.grid, ctx.plan.execution
+    done = ctx.store.finished(t.name for t in grid)
+    todo = [t for t in grid if t.name not in done]
+    logger.info("%d tiles, %d to process", len(grid), len(todo))
+    per_task = 1
+    if todo:
+        per_task = BACKENDS[ex.backend].tiles_per_task(client, todo[0].read.shape, len(ctx.plan.bands), ex)
+    ordered = sorted(todo, key=lambda t: (t.read.shape, t.index)) if per_task > 1 else todo
+    batches = [ordered[i : i + per_task] for i in range(0, len(ordered), per_task)]
+    keys = [f"{b[0].name}+{len(b) - 1}" if len(b) > 1 else b[0].name for b in batches]
+    res = map_tasks(client, process_tiles, batches, keys=keys, desc="tiles", progress=progress,
+                    resources=ex.resources or None, ctx=ctx)  # fmt: skip
+    by_key = dict(zip(keys, batches, strict=True))
+    out = TaskResults(results=res.results)
+    for f in res.failures:  # the whole task died: name its tiles
+        names = ", ".join(t.name for t in by_key[f.key])
+        out.failures.append(TaskFailure(f.key, f"tiles {names}: {f.error}" if len(by_key[f.key]) > 1 else f.error))
+    for r in res.results.values():
+        out.failures += [TaskFailure(name, err) for name, err in r["failed"].items()]
+    return out
+
+
+def _retry_stage(client, ctx: TaskContext, progress: bool) -> tuple[list[dict], TaskResults]:
+    """Stage 3: every retry item of the tiles' parts whose own part is not written yet."""
+    pending = ctx.store.pending(t.name for t in ctx.grid)
+    done = ctx.store.finished_retries(p["key"] for p in pending)
+    todo = [p for p in pending if p["key"] not in done]
+    res = map_tasks(client, retry, todo, keys=[p["key"] for p in todo], desc="retry",
+                    progress=progress, ctx=ctx, resources=ctx.plan.execution.resources or None)  # fmt: skip
+    return pending, res
+
+
+def _raise_failures(failures: list[TaskFailure], store: PartStore) -> None:
+    if not failures:
+        return
+    names = ", ".join(str(f.key) for f in failures[:10])
+    more = f" and {len(failures) - 10} more" if len(failures) > 10 else ""
+    msg = (
+        f"{len(failures)} task(s) failed: {names}{more}; first error: {failures[0].error}. "
+        f"Finished parts are kept in {store.parts}: rerun with resume=True (--resume) to retry "
+        "only the failures."
+    )
+    raise RunError(msg, failures)
+
+
+def _segmentation_stage(client, m: Mosaic, grid: TileGrid, store: PartStore, pending, seg_path: Path,
+                        progress: bool) -> None:  # fmt: skip
+    """Stage 4: each chunk of the map written by one task from the core labels and footprints."""
+    cy, cx = m.chunks[1], m.chunks[2]
+    group = zarr.open_group(str(seg_path), mode="w", zarr_format=3)
+    group.attrs.update({"wcs": m.wcs_cards, "description": "object ID per pixel (0 = none)"})
+    group.create_array(
+        "segmentation", shape=(m.ny, m.nx), chunks=(cy, cx), dtype=np.int64, fill_value=0,
+        dimension_names=("y", "x"), attributes={"description": "catalog id of the object owning the pixel"},
+    )  # fmt: skip
+    # Footprints that leave their owner's core, and every retried object's footprint.
+    boxes = store.footprint_boxes([t.name for t in grid] + [retry_part(p["key"]) for p in pending])
+    items = []
+    for y in range(0, m.ny, cy):
+        for x in range(0, m.nx, cx):
+            ch = Box(y, min(y + cy, m.ny), x, min(x + cx, m.nx))
+            tiles = [(t.name, (t.core.y0, t.core.y1, t.core.x0, t.core.x1)) for t in grid.overlapping(ch)]
+            fps = [name for name, b in boxes.items()
+                   if np.any((b[:, 0] < ch.y1) & (b[:, 1] > ch.y0) & (b[:, 2] < ch.x1) & (b[:, 3] > ch.x0))]  # fmt: skip
+            items.append((ch, tiles, fps))
+    res = map_tasks(client, segmentation_chunk, items, desc="segmentation", progress=progress,
+                    store=store, seg_path=str(seg_path), retries=1)  # fmt: skip
+    if res.failures:
+        msg = f"writing the segmentation map failed for {len(res.failures)} chunk(s): {res.failures[0].error}"
+        raise RunError(msg, res.failures)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # consolidated metadata is a zarr-python extension to v3
+        zarr.consolidate_metadata(str(seg_path))
+
+
+def _catalog_stage(store: PartStore, grid: TileGrid, pending, path: Path, layout: CatalogLayout,
+                   meta) -> int:  # fmt: skip
+    """Stage 5: the parts' rows concatenated, sorted by ID, written as one Parquet file."""
+    names = [t.name for t in grid] + [retry_part(p["key"]) for p in pending]
+    empty = layout.table(meta=meta)
+    tables = list(store.catalog_tables(names))
+    table = pa.concat_tables(tables) if tables else empty
+    table = table.sort_by("id")
+    ids = table.column("id").to_numpy()
+    dup = ids[1:][ids[1:] == ids[:-1]]
+    if len(dup):
+        msg = f"internal error: {len(dup)} duplicate object IDs after stitching (first {dup[0]})"
+        raise RunError(msg)
+    write_parquet_atomic(table.replace_schema_metadata(empty.schema.metadata), path)
+    return table.num_rows
+
+
+def _stage_seconds(tiles: TaskResults) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for r in tiles.results.values():
+        for k, v in r.get("times", {}).items():
+            out[k] = out.get(k, 0.0) + v
+    return out

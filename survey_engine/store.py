@@ -1,0 +1,233 @@
+"""The part store: the one place that knows the on-disk layout of a run directory.
+
+A run directory (``OUTDIR``) holds::
+
+    run.json                  what the run is (mosaic, tiling, parameters): checked on resume
+    background.npz            the global background mesh statistics (reused on resume)
+    parts/<tile>/             one directory per finished tile, written atomically:
+        catalog.parquet         the rows of the objects it owns (the catalog schema)
+        labels.bin              its core's object IDs per pixel (int64, blosc-zstd)
+        footprints.npz          footprints of its objects that leave the core
+        pending.json            owned objects to measure again in a larger window
+        info.json               tile index, core, object count
+    parts/retry-<key>/        one per re-measured object group: catalog, footprints, info
+    catalog.parquet, segmentation.zarr   the stitched results
+
+Writers (workers), resume (the driver) and the segmentation and catalog stages all go
+through :class:`PartStore`; nothing else lists or opens part files, so the format can
+change here alone (the catalog can be read as a partitioned dataset straight from the
+parts' ``catalog.parquet``: :meth:`PartStore.catalog_tables`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numcodecs
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+__all__ = ["Footprints", "PartStore", "StoreError"]
+
+RUN_FILE = "run.json"
+_BLOSC = numcodecs.Blosc(cname="zstd", clevel=3, shuffle=numcodecs.Blosc.SHUFFLE)
+
+
+class StoreError(RuntimeError):
+    """An output directory that cannot hold (or continue) this run."""
+
+
+@dataclass
+class Footprints:
+    """Footprints of some objects as mosaic boxes and flattened boolean crops.
+
+    Attributes
+    ----------
+    ids : numpy.ndarray
+        int64 object IDs.
+    boxes : numpy.ndarray
+        ``(n, 4)`` int64 mosaic boxes ``y0, y1, x0, x1``.
+    pixels : numpy.ndarray
+        bool, the crops (each ``(y1 - y0) × (x1 - x0)``, row-major) one after the other.
+    """
+
+    ids: np.ndarray
+    boxes: np.ndarray
+    pixels: np.ndarray
+
+    def paint(self, out: np.ndarray, y0: int, x0: int) -> None:
+        """Write each object's ID on its pixels into ``out``, whose first pixel is mosaic (y0, x0)."""
+        h, w = out.shape
+        offset = 0
+        for oid, (by0, by1, bx0, bx1) in zip(self.ids, self.boxes, strict=True):
+            n = (by1 - by0) * (bx1 - bx0)
+            iy0, iy1, ix0, ix1 = max(by0, y0), min(by1, y0 + h), max(bx0, x0), min(bx1, x0 + w)
+            if iy0 < iy1 and ix0 < ix1:
+                crop = self.pixels[offset : offset + n].reshape(by1 - by0, bx1 - bx0)
+                crop = crop[iy0 - by0 : iy1 - by0, ix0 - bx0 : ix1 - bx0]
+                out[iy0 - y0 : iy1 - y0, ix0 - x0 : ix1 - x0][crop] = oid
+            offset += n
+
+
+class PartStore:
+    """A run directory: its run description, background, per-tile and retry parts.
+
+    Parameters
+    ----------
+    root : path-like
+        The run's output directory.
+    """
+
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root)
+        self.parts = self.root / "parts"
+
+    def __repr__(self) -> str:
+        return f"PartStore({str(self.root)!r})"
+
+    # -- the run -----------------------------------------------------------------------
+    def prepare(self, run_info: dict[str, Any], *, resume: bool, overwrite: bool) -> None:
+        """Make the directory ready for a run described by ``run_info``.
+
+        An empty or missing directory is set up; ``overwrite`` clears one that is not;
+        ``resume`` continues one that holds the same run (same ``run.json``).
+
+        Raises
+        ------
+        StoreError
+            The directory holds another run, or something that is not a run, without
+            ``overwrite``; or holds a run and neither flag is given.
+        """
+        run_file = self.root / RUN_FILE
+        run_info = json.loads(json.dumps(run_info))  # compare as stored (tuples become lists)
+        if self.root.exists() and any(self.root.iterdir()):
+            if overwrite:
+                shutil.rmtree(self.root)
+            elif resume:
+                if not run_file.exists():
+                    msg = f"cannot resume: {self.root} holds no {RUN_FILE} (not a survey_engine run)"
+                    raise StoreError(msg)
+                previous = json.loads(run_file.read_text())
+                if previous != run_info:
+                    diff = sorted(k for k in run_info if previous.get(k) != run_info[k])
+                    msg = (
+                        f"cannot resume: {self.root} holds a different run (differs in "
+                        f"{', '.join(diff)}); use another output directory or overwrite=True"
+                    )
+                    raise StoreError(msg)
+                return
+            else:
+                msg = (
+                    f"output directory {self.root} is not empty (it holds an earlier run); "
+                    "pass resume=True (--resume) to continue it or overwrite=True (--overwrite)"
+                )
+                raise StoreError(msg)
+        self.parts.mkdir(parents=True, exist_ok=True)
+        run_file.write_text(json.dumps(run_info, indent=2))
+
+    def load_background(self) -> tuple[np.ndarray, np.ndarray] | None:
+        """The saved mesh statistics ``(level, rms)``, or None."""
+        path = self.root / "background.npz"
+        if not path.exists():
+            return None
+        with np.load(path) as f:
+            return f["level"], f["rms"]
+
+    def save_background(self, level: np.ndarray, rms: np.ndarray) -> None:
+        """Keep the mesh statistics for a resumed run."""
+        np.savez(self.root / "background.npz", level=level, rms=rms)
+
+    # -- writing parts (workers) ---------------------------------------------------------
+    def write_tile(
+        self, name: str, *, table: pa.Table, core_labels: np.ndarray, footprints: Footprints,
+        pending: list[dict], info: dict,
+    ) -> None:  # fmt: skip
+        """Write a tile's part atomically (see the module docstring for what it holds)."""
+        self._write(name, {
+            "catalog.parquet": table, "labels.bin": _BLOSC.encode(np.ascontiguousarray(core_labels)),
+            "footprints.npz": footprints, "pending.json": pending, "info.json": info,
+        })  # fmt: skip
+
+    def write_retry(self, key: str, *, table: pa.Table, footprints: Footprints, info: dict) -> None:
+        """Write the part of a re-measured object group atomically."""
+        self._write(_retry_name(key), {
+            "catalog.parquet": table, "footprints.npz": footprints, "info.json": info,
+        })  # fmt: skip
+
+    def _write(self, name: str, files: dict[str, Any]) -> None:
+        """All files into a temporary directory, then one rename: a part is whole or absent."""
+        final = self.parts / name
+        tmp = self.parts / f".{name}.tmp-{os.getpid()}-{time.monotonic_ns()}"
+        tmp.mkdir(parents=True)
+        for fname, content in files.items():
+            path = tmp / fname
+            if isinstance(content, pa.Table):
+                pq.write_table(content, path, compression="zstd")
+            elif isinstance(content, bytes):
+                path.write_bytes(content)
+            elif isinstance(content, Footprints):
+                np.savez(path, ids=content.ids, boxes=content.boxes, pixels=content.pixels)
+            else:
+                path.write_text(json.dumps(content))
+        if final.exists():  # a previous attempt of the same item finished meanwhile
+            shutil.rmtree(tmp)
+            return
+        os.rename(tmp, final)
+
+    # -- reading parts ---------------------------------------------------------------------
+    def finished(self, names: Iterable[str]) -> set[str]:
+        """The tiles among ``names`` whose part is written."""
+        return {n for n in names if (self.parts / n).exists()}
+
+    def finished_retries(self, keys: Iterable[str]) -> set[str]:
+        """The retry keys among ``keys`` whose part is written."""
+        return {k for k in keys if (self.parts / _retry_name(k)).exists()}
+
+    def pending(self, names: Iterable[str]) -> list[dict]:
+        """Every retry item of the tiles ``names`` (in their order)."""
+        out: list[dict] = []
+        for n in names:
+            path = self.parts / n / "pending.json"
+            if path.exists():
+                out += json.loads(path.read_text())
+        return out
+
+    def core_labels(self, name: str, shape: tuple[int, int]) -> np.ndarray:
+        """The object IDs of tile ``name``'s core pixels."""
+        raw = (self.parts / name / "labels.bin").read_bytes()
+        return np.frombuffer(_BLOSC.decode(raw), dtype=np.int64).reshape(shape)
+
+    def footprints(self, name: str) -> Footprints:
+        """The footprints written with part ``name`` (a tile name or ``retry_part(key)``)."""
+        with np.load(self.parts / name / "footprints.npz") as fp:
+            return Footprints(fp["ids"], fp["boxes"], fp["pixels"])
+
+    def footprint_boxes(self, names: Iterable[str]) -> dict[str, np.ndarray]:
+        """The footprint boxes ``(n, 4)`` of each part that has any."""
+        out = {}
+        for n in names:
+            with np.load(self.parts / n / "footprints.npz") as fp:
+                if len(fp["ids"]):
+                    out[n] = fp["boxes"]
+        return out
+
+    def catalog_tables(self, names: Sequence[str]) -> Iterator[pa.Table]:
+        """The catalog rows of parts ``names``, one table each."""
+        for n in names:
+            yield pq.read_table(self.parts / n / "catalog.parquet")
+
+
+def _retry_name(key: str) -> str:
+    return f"retry-{key}"
+
+
+#: The part name of a retry item (for :meth:`PartStore.footprints` and ``catalog_tables``).
+retry_part = _retry_name

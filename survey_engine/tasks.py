@@ -1,0 +1,381 @@
+"""Worker tasks of a run: what one Dask task does, reading its own pixels and writing its part.
+
+* :func:`background_block` — mesh statistics of one block of the mosaic;
+* :func:`process_tiles` — the tile stage: analyse tiles, keep the objects each owns,
+  write their parts;
+* :func:`retry` — measure an owned object group whole in a window grown around it;
+* :func:`segmentation_chunk` — one chunk of the segmentation map from the parts.
+
+Pixel arrays never travel through the scheduler: every task reads its window from the
+Zarr store and writes through the :class:`~survey_engine.store.PartStore`.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import functools
+import logging
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import zarr
+
+from . import stages
+from .catalog import CatalogLayout
+from .mosaic import Mosaic, open_mosaic
+from .schema import Flag, object_ids
+from .stages import WindowPlan, WindowResult, usable_pixels
+from .store import Footprints, PartStore
+from .tiling import Box, Tile, TileGrid
+
+__all__ = ["TaskContext", "TileError", "background_block", "process_tiles", "retry", "segmentation_chunk"]
+
+logger = logging.getLogger(__name__)
+
+#: Windows of a batch read concurrently (Zarr decompression releases the GIL).
+READ_THREADS = 4
+
+
+class TileError(RuntimeError):
+    """A tile (or retry window) whose processing raised; the message names it and its pixels."""
+
+
+@dataclass(frozen=True)
+class TaskContext:
+    """What every task of a run needs (small: sent with each task).
+
+    Attributes
+    ----------
+    mosaic_path : str
+        The mosaic (each worker opens it once).
+    plan : WindowPlan
+        The resolved parameters, deblender and background.
+    store : PartStore
+        Where parts go.
+    grid : TileGrid
+        The tiling (ownership of retried objects).
+    """
+
+    mosaic_path: str
+    plan: WindowPlan
+    store: PartStore
+    grid: TileGrid
+
+
+@functools.lru_cache(maxsize=4)
+def _mosaic(path: str) -> Mosaic:
+    return open_mosaic(path)
+
+
+_POOLS: dict[str, cf.ThreadPoolExecutor] = {}
+
+
+def _pool(name: str, threads: int = 1) -> cf.ThreadPoolExecutor:
+    """A thread pool kept for the life of the worker process.
+
+    Threads are never torn down between tasks: besides the cost, Dask's profiler samples
+    every thread's frames (``sys._current_frames``), which can crash CPython 3.11 when
+    it races with a thread that is exiting (seen here: tasks that each started and
+    stopped their own pools segfaulted an in-process worker).
+    """
+    if name not in _POOLS:
+        _POOLS[name] = cf.ThreadPoolExecutor(threads, thread_name_prefix=f"survey_engine-{name}")
+    return _POOLS[name]
+
+
+def _describe(tile: Tile) -> str:
+    c, r = tile.core, tile.read
+    return (f"tile {tile.name} (core y {c.y0}:{c.y1}, x {c.x0}:{c.x1}; "
+            f"read window y {r.y0}:{r.y1}, x {r.x0}:{r.x1})")  # fmt: skip
+
+
+def _failure(what: str, err: Exception) -> str:
+    return f"{what}: {type(err).__name__}: {err}"
+
+
+def background_block(box: Box, *, mosaic_path: str, plan: WindowPlan):
+    """Mesh statistics of every band of one block: ``(box, [(level, rms) per band])``."""
+    m = _mosaic(mosaic_path)
+    try:
+        reg = m.read((box.y0, box.y1), (box.x0, box.x1))
+    except Exception as err:
+        what = f"background block y {box.y0}:{box.y1}, x {box.x0}:{box.x1}"
+        raise TileError(_failure(what, err)) from err
+    bad = ~usable_pixels(reg.image, reg.variance, reg.mask)
+    return box, plan.backend.mesh_statistics(reg.image, bad, plan.science.background_box)
+
+
+def process_tiles(tiles: Sequence[Tile], *, ctx: TaskContext) -> dict[str, Any]:
+    """One task of the tile stage: analyse ``tiles`` and write a part for each.
+
+    1. **batches** — tiles of equal read shape, as many together as the device holds;
+    2. **read** — a reader thread reads the next batch from the store while the current
+       one is analysed (pinned host memory on CUDA);
+    3. **analyse** — the stage sequence (:func:`survey_engine.stages.analyse_windows`); a
+       batch that raises is analysed again tile by tile, so a bad tile is named and does
+       not sink the others;
+    4. **keep and write** — each tile keeps the objects whose peak lies in its core and
+       writes its part (a writer thread, overlapping the next batch).
+
+    Returns
+    -------
+    dict
+        ``tiles`` (name → objects and pending groups), ``failed`` (name → message),
+        ``times`` (seconds per stage), ``gpu_memory`` (peak bytes, None on CPU).
+    """
+    run = _TileRun(ctx)
+    groups = run.batches(tiles)
+    # One writer thread: astropy WCS objects (sky positions) are not safe to share.
+    reader, writer = _pool("reader"), _pool("writer")
+    writes: list[tuple[Tile, cf.Future]] = []
+    nxt = reader.submit(run.read, groups[0]) if groups else None
+    for i, group in enumerate(groups):
+        host = nxt.result()
+        nxt = reader.submit(run.read, groups[i + 1]) if i + 1 < len(groups) else None
+        for tile, wr in run.analyse(group, host):
+            writes.append((tile, writer.submit(run.write, tile, wr)))
+        del host
+    for tile, fut in writes:
+        run.collect(tile, fut)
+    return run.report()
+
+
+class _TileRun:
+    """State of one :func:`process_tiles` task: timings, results and failures per tile."""
+
+    def __init__(self, ctx: TaskContext):
+        self.ctx = ctx
+        self.plan = ctx.plan
+        self.backend = ctx.plan.backend
+        self.backend.check_device()
+        self.backend.reset_peak_memory()
+        self.m = _mosaic(ctx.mosaic_path)
+        self.layout = _layout(self.m, self.plan)
+        self.times = self.backend.stage_times()
+        self.results: dict[str, dict[str, int]] = {}
+        self.failed: dict[str, str] = {}
+
+    def batches(self, tiles: Sequence[Tile]) -> list[list[Tile]]:
+        by_shape: dict[tuple[int, int], list[Tile]] = {}
+        for t in tiles:
+            by_shape.setdefault(t.read.shape, []).append(t)
+        out = []
+        for shape, group in by_shape.items():
+            cap = self.backend.capacity(shape, len(self.m.bands))
+            out += [group[i : i + cap] for i in range(0, len(group), cap)]
+        return out
+
+    def read(self, group: list[Tile]):
+        """The batch's pixels, stacked (or the exception, reported per tile later)."""
+        with self.times.stage("read"):
+            try:
+                pool = _pool("read", READ_THREADS)
+                regs = list(pool.map(lambda t: _read(self.m, t.read), group))
+                return self.backend.stack(regs)
+            except Exception as err:
+                return err
+
+    def analyse(self, group: list[Tile], host) -> Iterator[tuple[Tile, WindowResult]]:
+        results = None
+        if not isinstance(host, Exception):
+            try:
+                results = stages.analyse_windows(host, [t.read for t in group], self.plan, self.times)
+            except Exception as err:  # redo one by one below
+                if len(group) > 1:
+                    logger.warning("batch of %d tiles failed (%s); redoing them one by one", len(group), err)
+                self.backend.release_memory()  # e.g. out of memory: hand the cache back first
+        for k, tile in enumerate(group):
+            try:
+                wr = results[k] if results is not None else self.analyse_one(tile)
+            except Exception as err:
+                self.fail(tile, err)
+                continue
+            yield tile, wr
+
+    def analyse_one(self, tile: Tile) -> WindowResult:
+        with self.times.stage("read"):
+            reg = _read(self.m, tile.read)
+        (wr,) = stages.analyse_regions([reg], self.plan, self.times)
+        return wr
+
+    def write(self, tile: Tile, wr: WindowResult) -> tuple[dict[str, int], float]:
+        times = self.backend.stage_times()
+        with times.stage("write"):
+            out = write_tile_part(tile, wr, self.ctx.store, self.layout)
+        return out, times["write"]
+
+    def collect(self, tile: Tile, fut: cf.Future) -> None:
+        try:
+            self.results[tile.name], seconds = fut.result()
+            self.times.add("write", seconds)
+        except Exception as err:
+            self.fail(tile, err)
+
+    def fail(self, tile: Tile, err: Exception) -> None:
+        self.failed[tile.name] = _failure(_describe(tile), err)
+        logger.error("%s", self.failed[tile.name])
+
+    def report(self) -> dict[str, Any]:
+        return {"tiles": self.results, "failed": self.failed, "times": dict(self.times),
+                "gpu_memory": self.backend.peak_memory()}  # fmt: skip
+
+
+def _read(m: Mosaic, box: Box):
+    return m.read((box.y0, box.y1), (box.x0, box.x1))
+
+
+def _layout(m: Mosaic, plan: WindowPlan) -> CatalogLayout:
+    return CatalogLayout.for_mosaic(m, plan.science.measure.apertures, plan.science.detection_band)
+
+
+def _rows(layout: CatalogLayout, wr: WindowResult, idx: np.ndarray):
+    rows = layout.rows(wr.meas, idx, origin=(wr.window.y0, wr.window.x0),
+                       parent_index=wr.parent_peak_index, n_children=wr.detection.n_children)  # fmt: skip
+    return layout.table(rows)
+
+
+def footprints_of(wr: WindowResult, idx: np.ndarray, width: int) -> Footprints:
+    """Footprints of objects ``idx`` of a window as mosaic boxes + flattened boolean crops."""
+    boxes, crops = [], []
+    for i in idx:
+        y0, y1, x0, x1 = wr.meas.bbox[i]
+        crops.append((wr.detection.labels[y0:y1, x0:x1] == i + 1).ravel())
+        boxes.append([y0 + wr.window.y0, y1 + wr.window.y0, x0 + wr.window.x0, x1 + wr.window.x0])
+    return Footprints(
+        np.asarray(object_ids(wr.peak_y[idx], wr.peak_x[idx], width), dtype=np.int64),
+        np.asarray(boxes, dtype=np.int64).reshape(-1, 4),
+        np.concatenate(crops) if crops else np.zeros(0, bool),
+    )
+
+
+def write_tile_part(tile: Tile, wr: WindowResult, store: PartStore, layout: CatalogLayout) -> dict[str, int]:
+    """Keep a tile's owned objects and write its part (rows, core labels, footprints, pending).
+
+    An object is the tile's when its peak lies in the core; it is finished when its result
+    is safe (:func:`~survey_engine.stages.finish_window`), else it becomes a retry item.
+    """
+    owned = tile.owns(wr.peak_y, wr.peak_x)
+    done = owned & wr.safe
+    ids = object_ids(wr.peak_y, wr.peak_x, layout.width)
+    # Core labels: IDs of the owned, finished objects on the core pixels.
+    cy, cx = tile.core.slices((tile.read.y0, tile.read.x0))
+    lut = np.zeros(wr.n + 1, dtype=np.int64)
+    lut[1:][done] = ids[done]
+    core = lut[wr.detection.labels[cy, cx]]
+    # Footprints of finished objects that leave the core (painted into other cores later).
+    bb = wr.meas.bbox
+    leaves = done & (
+        (bb[:, 0] + tile.read.y0 < tile.core.y0)
+        | (bb[:, 1] + tile.read.y0 > tile.core.y1)
+        | (bb[:, 2] + tile.read.x0 < tile.core.x0)
+        | (bb[:, 3] + tile.read.x0 > tile.core.x1)
+    )
+    pending = pending_items(tile, wr, np.flatnonzero(owned & ~wr.safe))
+    n = int(done.sum())
+    store.write_tile(
+        tile.name, table=_rows(layout, wr, np.flatnonzero(done)), core_labels=core,
+        footprints=footprints_of(wr, np.flatnonzero(leaves), layout.width), pending=pending,
+        info={"tile": tile.index, "core": [tile.core.y0, tile.core.y1, tile.core.x0, tile.core.x1], "n": n},
+    )  # fmt: skip
+    return {"objects": n, "pending": len(pending)}
+
+
+def pending_items(tile: Tile, wr: WindowResult, idx: np.ndarray) -> list[dict]:
+    """Group owned-but-unsafe objects by parent into retry items."""
+    if len(idx) == 0:
+        return []
+    det = wr.detection
+    c = wr.meas.columns
+    oy, ox = wr.window.y0, wr.window.x0
+    items = []
+    for p in np.unique(det.parent[idx]):
+        members = idx[det.parent[idx] == p]
+        siblings = np.flatnonzero(det.parent == p)
+        r = wr.meas.extent[siblings]
+        bb = wr.meas.bbox[siblings]
+        box = [
+            int(min(bb[:, 0].min() + oy, np.floor(c["y"][siblings] - r).min())),
+            int(max(bb[:, 1].max() + oy, np.ceil(c["y"][siblings] + r).max() + 1)),
+            int(min(bb[:, 2].min() + ox, np.floor(c["x"][siblings] - r).min())),
+            int(max(bb[:, 3].max() + ox, np.ceil(c["x"][siblings] + r).max() + 1)),
+        ]
+        seed = [int(wr.peak_y[members[0]]), int(wr.peak_x[members[0]])]
+        items.append({
+            "tile": tile.index,
+            "key": f"{tile.name}-y{seed[0]}-x{seed[1]}",
+            "mode": "objects" if wr.parent_safe[members[0]] else "parent",
+            "seed": seed,
+            "peaks": [[int(wr.peak_y[i]), int(wr.peak_x[i])] for i in members],
+            "box": box,
+        })  # fmt: skip
+    return items
+
+
+def retry(item: dict[str, Any], *, ctx: TaskContext) -> dict[str, int]:
+    """Measure a retry item's objects whole: its window doubles its margin until they are safe.
+
+    ``mode`` ``parent``: the parent itself was cut, so every owned child of the parent
+    found around the seed pixel is kept; ``objects``: only the listed peaks. Objects still
+    unsafe in the whole mosaic are flagged TRUNCATED.
+    """
+    try:
+        return _retry(item, ctx)
+    except Exception as err:
+        raise TileError(_failure(f"retry {item['key']} (objects near box {item['box']})", err)) from err
+
+
+def _retry(item: dict[str, Any], ctx: TaskContext) -> dict[str, int]:
+    m = _mosaic(ctx.mosaic_path)
+    tile = ctx.grid[item["tile"]]
+    bounds = Box(0, m.ny, 0, m.nx)
+    box = Box(*item["box"]).intersect(bounds) or bounds
+    margin = ctx.grid.halo
+    seed_y, seed_x = item["seed"]
+    peaks = {tuple(p) for p in item["peaks"]}
+    while True:
+        win = box.grow(margin, bounds)
+        (wr,) = stages.analyse_regions([_read(m, win)], ctx.plan)
+        lab = int(wr.detection.labels[seed_y - win.y0, seed_x - win.x0])
+        if lab == 0:
+            logger.warning("retry %s: seed pixel holds no object; nothing to add", item["key"])
+            sel = np.zeros(wr.n, dtype=bool)
+            break
+        p = wr.detection.parent[lab - 1]
+        if item["mode"] == "parent":
+            sel = (wr.detection.parent == p) & tile.owns(wr.peak_y, wr.peak_x)
+        else:
+            sel = np.array([(int(y), int(x)) in peaks for y, x in zip(wr.peak_y, wr.peak_x, strict=True)])
+        if wr.safe[sel].all() or win == bounds:
+            break
+        margin *= 2
+    wr.meas.columns["flags"][sel & ~wr.safe] |= int(Flag.TRUNCATED)
+    idx = np.flatnonzero(sel)
+    layout = _layout(m, ctx.plan)
+    ctx.store.write_retry(
+        item["key"], table=_rows(layout, wr, idx), footprints=footprints_of(wr, idx, m.nx),
+        info={"window": [win.y0, win.y1, win.x0, win.x1], "n": len(idx)},
+    )  # fmt: skip
+    return {"objects": len(idx), "window_pixels": win.size}
+
+
+def segmentation_chunk(item, *, store: PartStore, seg_path: str) -> int:
+    """Write one chunk of the segmentation map: core labels, then footprints painted over.
+
+    ``item`` is ``(chunk box, [(tile name, core box) overlapping it], [parts whose
+    footprints touch it])``; returns the number of labelled pixels.
+    """
+    chunk, tiles, footprint_parts = item
+    out = np.zeros(chunk.shape, dtype=np.int64)
+    for name, core in tiles:
+        cbox = Box(*core)
+        inter = cbox.intersect(chunk)
+        if inter is not None:
+            labels = store.core_labels(name, cbox.shape)
+            out[inter.slices((chunk.y0, chunk.x0))] = labels[inter.slices((cbox.y0, cbox.x0))]
+    for name in footprint_parts:
+        store.footprints(name).paint(out, chunk.y0, chunk.x0)
+    arr = zarr.open_group(seg_path, mode="r+", zarr_format=3)["segmentation"]
+    arr[chunk.y0 : chunk.y1, chunk.x0 : chunk.x1] = out
+    return int(np.count_nonzero(out))
