@@ -131,10 +131,10 @@ def info(mosaic):
     from .mosaic import open_mosaic
 
     try:
-        m = open_mosaic(mosaic)
-    except (ValueError, FileNotFoundError) as err:
+        text = describe_mosaic(open_mosaic(mosaic))
+    except (ValueError, FileNotFoundError, OSError) as err:  # OSError: an unreadable chunk
         _fail(err)
-    click.echo(describe_mosaic(m))
+    click.echo(text)
 
 
 def describe_mosaic(m) -> str:
@@ -346,7 +346,7 @@ def bench(size, workers, gpu, scheduler, backend, deblender, tile, workdir, repe
             size, workers=workers, gpu=gpu, scheduler=scheduler, backend=backend,
             deblender=deblender, tile=tile, workdir=workdir, repeat=repeat,
         )  # fmt: skip
-    except (RunError, ValueError, KeyError, FileNotFoundError, ImportError) as err:
+    except (RunError, ValueError, KeyError, FileNotFoundError, ImportError, OSError) as err:
         _fail(err)
     click.echo(res.table())
     if json_out:
