@@ -101,10 +101,29 @@ def simulate(
 @click.option(
     "--mask", "masks", multiple=True, help="Mask image per image (repeat); nonzero = BAD."
 )
+@click.option(
+    "--hdu", "hdus", multiple=True,
+    help="HDU to read (index or EXTNAME), per image (repeat) or one for all; needed for files "
+    "with several image HDUs (DECam, HSC). IMAGE.fits[EXT] works too.",
+)  # fmt: skip
+@click.option(
+    "--zero-point", "zero_points", multiple=True, type=float,
+    help="AB zero point per image (repeat) or one for all. Default: header MAGZERO, MAGZPT, "
+    "MAGZP, ZP or FLUXMAG0; 22.5 for BUNIT nanomaggy.",
+)  # fmt: skip
+@click.option(
+    "--psf-fwhm", "psf_fwhm", multiple=True, type=float,
+    help="PSF FWHM (arcsec) per image (repeat) or one for all.",
+)  # fmt: skip
 @click.option("--chunks", default=1024, show_default=True, type=int)
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
-def ingest(paths, bands, weights, variances, masks, chunks, overwrite):
-    """Ingest FITS images IMAGE.fits [IMAGE2.fits …] into the mosaic store OUT.zarr (last argument)."""
+def ingest(paths, bands, weights, variances, masks, hdus, zero_points, psf_fwhm, chunks,
+           overwrite):  # fmt: skip
+    """Ingest FITS images IMAGE.fits [IMAGE2.fits …] into the mosaic store OUT.zarr (last argument).
+
+    Images without --weight or --variance get a variance estimated from the image (sky noise,
+    plus image/GAIN when the header has GAIN); .fz, .gz and .bz2 files are read as they are.
+    """
     from .ingest import ingest_fits
 
     if len(paths) < 2:
@@ -113,14 +132,31 @@ def ingest(paths, bands, weights, variances, masks, chunks, overwrite):
     try:
         m = ingest_fits(
             list(images), out, bands=list(bands) or None, weights=list(weights) or None,
-            variances=list(variances) or None, masks=list(masks) or None, chunks=chunks,
-            overwrite=overwrite,
+            variances=list(variances) or None, masks=list(masks) or None,
+            hdu=_one_or_per_image(
+                tuple(int(h) if h.strip().isdigit() else h.strip() for h in hdus), len(images),
+                "--hdu",
+            ),
+            zero_points=_one_or_per_image(zero_points, len(images), "--zero-point"),
+            psf_fwhm=_one_or_per_image(psf_fwhm, len(images), "--psf-fwhm"),
+            chunks=chunks, overwrite=overwrite,
         )  # fmt: skip
-    except (ValueError, KeyError, FileExistsError, FileNotFoundError, OSError) as err:
+    except (ValueError, KeyError, TypeError, FileExistsError, FileNotFoundError, OSError) as err:
         _fail(err)
     click.echo(
         f"ingested {len(images)} image(s) into {out}: {m.ny}×{m.nx} px, bands {','.join(m.bands)}"
     )
+
+
+def _one_or_per_image(values: tuple, n: int, option: str) -> list | None:
+    """A repeatable option's values: none, one for every image, or one per image."""
+    if not values:
+        return None
+    if len(values) == 1:
+        return list(values) * n
+    if len(values) != n:
+        _fail(ValueError(f"{option} given {len(values)} times for {n} image(s): give it once per image or once for all"))  # fmt: skip
+    return list(values)
 
 
 # -- info ----------------------------------------------------------------------------------
