@@ -603,7 +603,8 @@ def run_benchmark(
         Tile core size (engine default when None).
     workdir : str or path, optional
         Keeps the mosaic (reused by later calls with the same size, bands and seed)
-        and the run's output. Default: a new temporary directory.
+        and the run's output. Default: a new temporary directory, removed before
+        returning (also when the benchmark fails).
     repeat : int
         Engine runs on the same cluster; the fastest is reported (later runs have
         warm workers: imports, model, CUDA context).
@@ -668,7 +669,15 @@ def _run_benchmark(
 
     from .driver import run
 
-    work = Path(workdir) if workdir is not None else Path(tempfile.mkdtemp(prefix="se_bench_"))
+    if workdir is None:  # removed afterwards, also when the run fails
+        with tempfile.TemporaryDirectory(prefix="se_bench_", ignore_cleanup_errors=True) as tmp:
+            res = _run_benchmark(
+                scheduler, size, gpu=gpu, backend=backend, deblender=deblender, tile=tile,
+                workdir=tmp, repeat=repeat, progress=progress, bands=bands, seed=seed, extra=extra,
+            )  # fmt: skip
+        res.mosaic = f"{res.mosaic} (temporary, removed)"
+        return res
+    work = Path(workdir)
     work.mkdir(parents=True, exist_ok=True)
     shape = (int(size), int(size)) if np.isscalar(size) else (int(size[0]), int(size[1]))
     bands = tuple(bands)

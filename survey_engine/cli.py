@@ -101,10 +101,29 @@ def simulate(
 @click.option(
     "--mask", "masks", multiple=True, help="Mask image per image (repeat); nonzero = BAD."
 )
+@click.option(
+    "--hdu", "hdus", multiple=True,
+    help="HDU to read (index or EXTNAME), per image (repeat) or one for all; needed for files "
+    "with several image HDUs (DECam, HSC). IMAGE.fits[EXT] works too.",
+)  # fmt: skip
+@click.option(
+    "--zero-point", "zero_points", multiple=True, type=float,
+    help="AB zero point per image (repeat) or one for all. Default: header MAGZERO, MAGZPT, "
+    "MAGZP, ZP or FLUXMAG0; 22.5 for BUNIT nanomaggy.",
+)  # fmt: skip
+@click.option(
+    "--psf-fwhm", "psf_fwhm", multiple=True, type=float,
+    help="PSF FWHM (arcsec) per image (repeat) or one for all.",
+)  # fmt: skip
 @click.option("--chunks", default=1024, show_default=True, type=int)
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
-def ingest(paths, bands, weights, variances, masks, chunks, overwrite):
-    """Ingest FITS images IMAGE.fits [IMAGE2.fits …] into the mosaic store OUT.zarr (last argument)."""
+def ingest(paths, bands, weights, variances, masks, hdus, zero_points, psf_fwhm, chunks,
+           overwrite):  # fmt: skip
+    """Ingest FITS images IMAGE.fits [IMAGE2.fits …] into the mosaic store OUT.zarr (last argument).
+
+    Images without --weight or --variance get a variance estimated from the image (sky noise,
+    plus image/GAIN when the header has GAIN); .fz, .gz and .bz2 files are read as they are.
+    """
     from .ingest import ingest_fits
 
     if len(paths) < 2:
@@ -113,14 +132,31 @@ def ingest(paths, bands, weights, variances, masks, chunks, overwrite):
     try:
         m = ingest_fits(
             list(images), out, bands=list(bands) or None, weights=list(weights) or None,
-            variances=list(variances) or None, masks=list(masks) or None, chunks=chunks,
-            overwrite=overwrite,
+            variances=list(variances) or None, masks=list(masks) or None,
+            hdu=_one_or_per_image(
+                tuple(int(h) if h.strip().isdigit() else h.strip() for h in hdus), len(images),
+                "--hdu",
+            ),
+            zero_points=_one_or_per_image(zero_points, len(images), "--zero-point"),
+            psf_fwhm=_one_or_per_image(psf_fwhm, len(images), "--psf-fwhm"),
+            chunks=chunks, overwrite=overwrite,
         )  # fmt: skip
-    except (ValueError, KeyError, FileExistsError, FileNotFoundError, OSError) as err:
+    except (ValueError, KeyError, TypeError, FileExistsError, FileNotFoundError, OSError) as err:
         _fail(err)
     click.echo(
         f"ingested {len(images)} image(s) into {out}: {m.ny}×{m.nx} px, bands {','.join(m.bands)}"
     )
+
+
+def _one_or_per_image(values: tuple, n: int, option: str) -> list | None:
+    """A repeatable option's values: none, one for every image, or one per image."""
+    if not values:
+        return None
+    if len(values) == 1:
+        return list(values) * n
+    if len(values) != n:
+        _fail(ValueError(f"{option} given {len(values)} times for {n} image(s): give it once per image or once for all"))  # fmt: skip
+    return list(values)
 
 
 # -- info ----------------------------------------------------------------------------------
@@ -131,10 +167,10 @@ def info(mosaic):
     from .mosaic import open_mosaic
 
     try:
-        m = open_mosaic(mosaic)
-    except (ValueError, FileNotFoundError) as err:
+        text = describe_mosaic(open_mosaic(mosaic))
+    except (ValueError, FileNotFoundError, OSError) as err:  # OSError: an unreadable chunk
         _fail(err)
-    click.echo(describe_mosaic(m))
+    click.echo(text)
 
 
 def describe_mosaic(m) -> str:
@@ -346,7 +382,7 @@ def bench(size, workers, gpu, scheduler, backend, deblender, tile, workdir, repe
             size, workers=workers, gpu=gpu, scheduler=scheduler, backend=backend,
             deblender=deblender, tile=tile, workdir=workdir, repeat=repeat,
         )  # fmt: skip
-    except (RunError, ValueError, KeyError, FileNotFoundError, ImportError) as err:
+    except (RunError, ValueError, KeyError, FileNotFoundError, ImportError, OSError) as err:
         _fail(err)
     click.echo(res.table())
     if json_out:
@@ -367,71 +403,100 @@ def bench(size, workers, gpu, scheduler, backend, deblender, tile, workdir, repe
 @click.option("--deblender", default="sep", show_default=True, type=click.Choice(["sep", "unet"]))
 def demo(outdir, size, bands, tile, workers, seed, deblender):
     """Simulate a small mosaic, run the pipeline on a LocalCluster, summarise the catalog vs truth."""
+    from .driver import RunError
     from .driver import run as _run
     from .mosaic import open_mosaic
     from .simulate import simulate as _simulate
 
     out = Path(outdir)
-    out.mkdir(parents=True, exist_ok=True)
     mosaic_path, truth_path = out / "mosaic.zarr", out / "truth.parquet"
-    click.echo(f"[1/3] simulating a {size}×{size} px mosaic in bands {bands} with GalSim …")
-    t0 = time.perf_counter()
-    sim = _simulate(
-        str(mosaic_path), size=size, bands=tuple(bands.split(",")), seed=seed, truth=str(truth_path),
-        bright_stars=1, workers=workers, overwrite=True,
-    )  # fmt: skip
-    click.echo(f"      {len(sim.truth)} objects drawn in {time.perf_counter() - t0:.1f} s")
-    click.echo(describe_mosaic(open_mosaic(str(mosaic_path))))
-    halo = 64 if deblender == "sep" else 96
-    click.echo(
-        f"[2/3] running the tiled pipeline ({deblender} deblender, tile {tile}, halo {halo}) "
-        "on a LocalCluster …"
-    )
-    res = _run(
-        str(mosaic_path), out / "run", tile=tile, halo=halo, deblender=deblender, workers=workers,
-        overwrite=True,
-    )  # fmt: skip
-    click.echo(summarise_run(res))
-    click.echo("[3/3] comparison with the truth catalog (match radius 2 px) …")
-    click.echo(compare_with_truth(res.catalog_path, truth_path))
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        click.echo(f"[1/3] simulating a {size}×{size} px mosaic in bands {bands} with GalSim …")
+        t0 = time.perf_counter()
+        sim = _simulate(
+            str(mosaic_path), size=size, bands=tuple(bands.split(",")), seed=seed,
+            truth=str(truth_path), bright_stars=1, workers=workers, overwrite=True,
+        )  # fmt: skip
+        click.echo(f"      {len(sim.truth)} objects drawn in {time.perf_counter() - t0:.1f} s")
+        click.echo(describe_mosaic(open_mosaic(str(mosaic_path))))
+        halo = 64 if deblender == "sep" else 96
+        click.echo(
+            f"[2/3] running the tiled pipeline ({deblender} deblender, tile {tile}, halo {halo}) "
+            "on a LocalCluster …"
+        )
+        res = _run(
+            str(mosaic_path), out / "run", tile=tile, halo=halo, deblender=deblender,
+            workers=workers, overwrite=True,
+        )  # fmt: skip
+        click.echo(summarise_run(res))
+        click.echo(
+            "[3/3] comparison with the truth catalog (one-to-one matching within 1″, as "
+            "`survey-engine evaluate`) …"
+        )
+        click.echo(compare_with_truth(res.catalog_path, truth_path, mosaic=str(mosaic_path)))
+    except (RunError, ValueError, KeyError, FileExistsError, FileNotFoundError, OSError) as err:
+        _fail(err)
 
 
-def compare_with_truth(catalog_path, truth_path, radius: float = 2.0) -> str:
-    """Short completeness / flux summary of a catalog against a simulation's truth."""
-    from scipy.spatial import cKDTree
+#: Truth-magnitude bins of the demo's completeness lines.
+_DEMO_MAG_BINS = ((18, 22), (22, 24), (24, 25), (25, 26), (26, 27))
 
-    from .catalog import read_catalog
-    from .simulate import read_truth
 
-    cat = read_catalog(catalog_path)
-    truth = read_truth(truth_path)
-    cx, cy = np.asarray(cat["x"].value), np.asarray(cat["y"].value)
-    tx = np.asarray(getattr(truth["x"], "value", truth["x"]), float)
-    ty = np.asarray(getattr(truth["y"], "value", truth["y"]), float)
-    if len(cat) == 0:
+def compare_with_truth(catalog_path, truth_path, *, mosaic=None, radius: float = 1.0) -> str:
+    """Short completeness / flux summary of a catalog against a simulation's truth.
+
+    The matching is :func:`survey_engine.evaluate.evaluate`'s — one to one, optimal
+    assignment within ``radius`` arcsec — so the figures are those ``survey-engine
+    evaluate`` reports for the same files.
+
+    Parameters
+    ----------
+    catalog_path, truth_path : path-like
+        The run's ``catalog.parquet`` and the simulation's truth Parquet file.
+    mosaic : path-like, optional
+        The mosaic (its pixel scale converts ``radius`` to pixels).
+    radius : float
+        Match radius in arcsec.
+
+    Returns
+    -------
+    str
+    """
+    from .evaluate import evaluate
+
+    ev = evaluate(catalog_path, truth_path, radius=radius, mosaic=mosaic)
+    s = ev.summary
+    if s["n_catalog"] == 0:
         return "no objects detected"
-    dist, j = cKDTree(np.c_[cx, cy]).query(np.c_[tx, ty], distance_upper_bound=radius)
-    found = np.isfinite(dist)
-    band = cat.meta.get("reference_band", "r")
-    tmag = np.asarray(getattr(truth[f"{band}_mag"], "value", truth[f"{band}_mag"]), float)
-    lines = [f"truth objects {len(truth)}, detected {len(cat)}"]
-    for lo, hi in ((18, 22), (22, 24), (24, 25), (25, 26), (26, 27)):
+    band = s["band"]
+    found = np.asarray(ev.truth["matched"], bool)
+    tmag = _plain(ev.truth[s["truth_mag_column"]])
+    lines = [
+        f"truth objects {s['n_truth']}, detected {s['n_catalog']}, matched {s['n_matched']} "
+        f"(within {s['radius_arcsec']:g}″ = {s['radius_pix']:.1f} px; purity "
+        f"{s['purity'] * 100:.1f}%)"
+    ]
+    for lo, hi in _DEMO_MAG_BINS:
         sel = (tmag >= lo) & (tmag < hi)
         if sel.any():
             lines.append(
                 f"  {band} {lo}-{hi}: completeness {found[sel].mean() * 100:5.1f}% of {sel.sum()}"
             )
-    bright = found & (tmag < 23)
-    if bright.any():
-        flux = np.asarray(cat[f"{band}_flux"].value)[j[bright]]
-        tflux = np.asarray(getattr(truth[f"{band}_flux"], "value", truth[f"{band}_flux"]), float)[
-            bright
-        ]
-        ratio = flux / tflux
+    ci = np.asarray(ev.matches["cat_index"], np.int64)
+    ti = np.asarray(ev.matches["truth_index"], np.int64)
+    bright = tmag[ti] < 23
+    flux_col = f"{band}_flux"
+    if bright.any() and flux_col in ev.catalog.colnames and flux_col in ev.truth.colnames:
+        ratio = _plain(ev.catalog[flux_col])[ci[bright]] / _plain(ev.truth[flux_col])[ti[bright]]
         lines.append(
             f"  Kron/true flux ({band} < 23): median {np.median(ratio):.3f} over {bright.sum()} objects"
         )
     return "\n".join(lines)
+
+
+def _plain(col) -> np.ndarray:
+    return np.asarray(getattr(col, "value", col), dtype=float)
 
 
 # -- evaluate ------------------------------------------------------------------------------
@@ -475,8 +540,11 @@ def evaluate_cmd(catalog, truth, radius, pixels, method, band, mosaic, segmentat
     from .evaluate import evaluate as _evaluate
 
     cat_path = Path(catalog)
-    if mosaic is None and cat_path.exists():
-        named = catalog_metadata(cat_path).get("mosaic")
+    if mosaic is None and cat_path.is_file():
+        try:
+            named = catalog_metadata(cat_path).get("mosaic")
+        except (ValueError, OSError):  # not Parquet: evaluate() below says so, naming the file
+            named = None
         if named and ("://" in named or Path(named).exists()):
             mosaic = named
     if segmentation is None and (cat_path.parent / "segmentation.zarr").exists():

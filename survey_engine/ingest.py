@@ -7,6 +7,16 @@ can be ingested.
 
 Conventions
 -----------
+* **Files and HDUs.** Plain, tile-compressed (``.fz``, astropy's
+  ``CompImageHDU``), gzip (``.gz``) and bzip2 (``.bz2``) FITS files are read.
+  A file with one image HDU is read there. A file with several image HDUs
+  (DECam, HSC) needs its HDU named: ``hdu=`` (index or EXTNAME, one per image
+  or one for all; ``survey-engine ingest --hdu``) or a ``FILE[EXT]`` suffix on
+  the path; without one it is refused with a list of its image HDUs (index,
+  EXTNAME, shape). A weight, variance or mask file is read at its ``[EXT]``
+  suffix, else at its only image HDU, else at the HDU named for its image.
+  Keywords missing from an extension's header (band, zero point, gain,
+  saturation, unit) are looked up in the file's primary header.
 * **Geometry.** Every image must have the same pixel shape. A 3-D image whose
   leading axis has length 1 (FITS ``NAXIS3 = 1``) is accepted as 2-D; other
   shapes are an error. The celestial WCS of every image must agree with the
@@ -18,28 +28,37 @@ Conventions
   ``A_``/``B_``/``AP_``/``BP_`` distortion terms) are stored verbatim, so the
   mosaic's pixel-to-sky transform equals astropy's on the source header.
 * **Variance.** From a weight map (``variance = 1 / weight``), a variance map,
-  or, when neither is given, estimated as a constant: the square of the
-  3-sigma-clipped MAD standard deviation of the image (a sample of at most
-  1 million pixels). If the header then also has ``GAIN`` (e-/ADU, image in
-  ADU) a source Poisson term ``max(image - sky, 0) / GAIN`` is added per
-  pixel. How each band's variance was obtained is recorded in the group
-  attribute ``ingest["variance_source"]`` (``"weight"``, ``"variance"`` or
-  ``"estimated"``), with the estimated sky level and noise.
+  or, when neither is given, estimated from the image: the square of the sky
+  noise, the MAD standard deviation of the 3-sigma-clipped pixels
+  (:func:`astropy.stats.sigma_clipped_stats` on a sample of at most 1 million
+  pixels). If the header then also has ``GAIN`` (e-/ADU, image in ADU) a
+  source Poisson term ``max(image - sky, 0) / GAIN`` is added per pixel. An
+  estimate is logged as a warning naming the file. How each band's variance
+  was obtained is recorded in the group attribute ``ingest["variance_source"]``
+  (``"weight"``, ``"variance"`` or ``"estimated"``), with the estimated sky
+  level and noise.
 * **Mask.** NaN/inf image pixels, weight ``<= 0`` or non-finite, and variance
   ``<= 0`` or non-finite become ``NO_DATA`` (image 0, variance inf). Pixels
   ``>=`` the ``SATURATE`` (or ``SATLEVEL``) header value get ``SAT``. Every
   nonzero pixel of a mask FITS file (any dtype, NaN included) gets ``BAD``.
 * **Header.** Invalid or non-standard header cards are dropped with one
   :class:`IngestWarning` per file. Band names come from ``bands``, else the
-  ``BAND`` or ``FILTER`` keyword (first word), else ``b0``, ``b1`` …; zero
-  points from ``zero_points``, else ``MAGZERO``, ``MAGZP`` or ``ZP``; the image
+  ``BAND`` or ``FILTER`` keyword (first word), else ``b0``, ``b1`` …; the image
   unit from ``BUNIT`` (``count`` when absent).
+* **Zero points** (AB magnitude of one image unit) from ``zero_points``, else
+  the first header keyword found among ``MAGZERO``, ``MAGZPT``, ``MAGZP``,
+  ``ZP`` (magnitudes) and ``FLUXMAG0`` (flux of a zero-magnitude source:
+  ``zp = 2.5 log10 FLUXMAG0``), else 22.5 for images in nanomaggies (``BUNIT``
+  ``nanomaggy``/``nanomaggies``/``nmgy``, SDSS frames). The keyword used is
+  logged and recorded in ``ingest["zero_point_source"]``; a band without a
+  zero point is logged as a warning (its magnitudes will be NaN).
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import re
 import warnings
@@ -49,11 +68,12 @@ from typing import Any
 
 import numpy as np
 from astropy.io import fits
+from astropy.stats import sigma_clipped_stats
 from astropy.wcs import WCS
 from tqdm import tqdm
 
 from .flags import MaskBit
-from .mosaic import Mosaic, create_mosaic
+from .mosaic import Mosaic, UnknownBandError, create_mosaic
 
 __all__ = ["IngestWarning", "ingest_fits"]
 
@@ -62,8 +82,18 @@ logger = logging.getLogger(__name__)
 #: Maximum misregistration (pixels) tolerated between the WCS of two bands.
 WCS_TOLERANCE_PIX = 0.05
 _SKY_SAMPLE = 1_000_000
-_ZP_KEYS = ("MAGZERO", "MAGZP", "ZP")
+#: Header keywords holding a zero point in magnitudes, in order of preference.
+_ZP_KEYS = ("MAGZERO", "MAGZPT", "MAGZP", "ZP")
+#: Header keyword holding the flux of a zero-magnitude source (zp = 2.5 log10 FLUXMAG0).
+_FLUXMAG0_KEY = "FLUXMAG0"
+#: AB zero point of an image in nanomaggies (SDSS): 1 nanomaggy is magnitude 22.5.
+NANOMAGGY_ZERO_POINT = 22.5
+_NANOMAGGY_RE = re.compile(r"^\s*(?:nano-?magg(?:y|ies)|nmgy)\b", re.IGNORECASE)
 _SAT_KEYS = ("SATURATE", "SATLEVEL")
+#: ``FILE[EXT]``: an HDU index or EXTNAME named on the path.
+_EXT_RE = re.compile(r"^(?P<file>.+)\[(?P<ext>[^\[\]]+)\]$")
+#: Image HDUs listed by name in the refusal of a file with several of them.
+_LIST_HDUS = 12
 #: Keywords of a cube's third axis, dropped when a ``(1, ny, nx)`` cube is ingested as 2-D.
 _AXIS3_RE = re.compile(
     r"^(?:(?:CTYPE|CRPIX|CRVAL|CDELT|CUNIT|CROTA|NAXIS)3|(?:PC|CD)(?:3_\d+|\d+_3)|P[VS]3_\d+)$"
@@ -76,14 +106,34 @@ class IngestWarning(UserWarning):
 
 @dataclass(frozen=True)
 class _Input:
-    """One inspected FITS input: where its 2-D pixels are and its cleaned header."""
+    """One inspected FITS input: where its 2-D pixels are and its cleaned header.
+
+    ``primary`` is the cleaned primary header when the pixels are in an
+    extension: keywords the extension lacks are looked up there.
+    """
 
     path: str
     hdu: int
+    extname: str
     shape: tuple[int, int]
     cube: bool
     header: fits.Header
+    primary: fits.Header | None
     memmap: bool
+
+    def headers(self) -> list[tuple[str, fits.Header]]:
+        """``("header", header)`` then ``("primary header", primary)`` when there is one."""
+        out = [("header", self.header)]
+        if self.primary is not None:
+            out.append(("primary header", self.primary))
+        return out
+
+    def keyword(self, key: str) -> Any:
+        """Value of ``key`` in the HDU's header, else in the primary header (None if absent)."""
+        for _, header in self.headers():
+            if key in header:
+                return header[key]
+        return None
 
 
 def ingest_fits(
@@ -94,7 +144,7 @@ def ingest_fits(
     weights: Sequence[str | os.PathLike | None] | None = None,
     variances: Sequence[str | os.PathLike | None] | None = None,
     masks: Sequence[str | os.PathLike | None] | None = None,
-    hdu: int | str | None = None,
+    hdu: int | str | Sequence[int | str | None] | None = None,
     zero_points: Mapping[str, float | None] | Sequence[float | None] | None = None,
     psf_fwhm: Mapping[str, float | None] | Sequence[float | None] | None = None,
     chunks: int | tuple[int, int] = 1024,
@@ -106,24 +156,28 @@ def ingest_fits(
     Parameters
     ----------
     images : path or sequence of paths
-        One FITS image per band, all of the same shape and WCS.
+        One FITS image per band, all of the same shape and WCS. A path may end
+        in ``[EXT]`` (an HDU index or EXTNAME): ``"c4d_ooi.fits.fz[S29]"``.
     out : str or path-like
         Path (or fsspec URL) of the Zarr v3 mosaic to create.
     bands : sequence of str, optional
         Band names, one per image. Default: the ``BAND`` or ``FILTER`` header
         keyword (first word), else ``"b0"``, ``"b1"`` … Names must be unique.
     weights, variances : sequence of path or None, optional
-        Per image: an inverse-variance map or a variance map (same shape).
-        ``None`` entries (or lists) mean: estimate a constant variance from the
-        sky noise. A band may not have both.
+        Per image: an inverse-variance map or a variance map (same shape;
+        ``[EXT]`` suffix allowed). ``None`` entries (or lists) mean: estimate
+        the variance from the image (sky noise, plus ``image / GAIN`` when the
+        header has ``GAIN``). A band may not have both.
     masks : sequence of path or None, optional
         Per image: a mask FITS file whose nonzero pixels are flagged ``BAD``.
-    hdu : int or str, optional
-        HDU index or EXTNAME to read in every file. Default: the first HDU
-        holding image data.
+    hdu : int, str or sequence, optional
+        HDU index or EXTNAME of each image: one value for every file, or one
+        per image (``None`` entries: the file's only image HDU). Required for
+        a file with several image HDUs unless its path ends in ``[EXT]``.
     zero_points : mapping or sequence, optional
         Per band AB magnitude of one image unit; bands without a value fall
-        back to the ``MAGZERO``/``MAGZP``/``ZP`` header keyword.
+        back to the header (``MAGZERO``, ``MAGZPT``, ``MAGZP``, ``ZP``,
+        ``FLUXMAG0``, or 22.5 for ``BUNIT = 'nanomaggy'``).
     psf_fwhm : mapping or sequence, optional
         Per band PSF FWHM in arcsec.
     chunks : int or (int, int)
@@ -147,15 +201,23 @@ def ingest_fits(
         ``out`` exists and ``overwrite`` is False.
     ValueError
         Non-2-D data, mismatched shapes or WCS, duplicate band names, list
-        lengths that do not match ``images``, both weight and variance for a band.
-    KeyError
-        ``zero_points`` or ``psf_fwhm`` name a band that is not ingested.
+        lengths that do not match ``images``, both weight and variance for a
+        band, a file with several image HDUs and none chosen, an unknown HDU.
+    survey_engine.mosaic.UnknownBandError
+        ``zero_points`` or ``psf_fwhm`` name a band that is not ingested (a
+        ``KeyError`` and a ``ValueError``).
 
     Warns
     -----
     IngestWarning
         Invalid header cards dropped, an image without celestial WCS, or a sky
         noise that could not be estimated.
+
+    Notes
+    -----
+    Logged (``logging``, logger ``survey_engine.ingest``): the header keyword
+    each zero point came from (info), a band without zero point (warning), and
+    every variance estimated from an image (warning, naming the file).
     """
     paths = _as_list(images, "images")
     if not paths:
@@ -167,12 +229,13 @@ def ingest_fits(
         for kind, value in (("weight", weights), ("variance", variances), ("mask", masks))
     }
     names = None if bands is None else _per_image(bands, "bands", n)
+    hdus = _per_image_hdu(hdu, n)
     for i, (w, v) in enumerate(zip(aux["weight"], aux["variance"], strict=True)):
         if w is not None and v is not None:
             msg = f"image {paths[i]} has both a weight ({w}) and a variance ({v}) map; give one"
             raise ValueError(msg)
     for path in [*paths, *(p for files in aux.values() for p in files if p is not None)]:
-        if not os.path.isfile(path):
+        if not os.path.isfile(_split_ext(path)[0]):
             msg = f"input FITS file not found: {path}"
             raise FileNotFoundError(msg)
     out = os.fspath(out)
@@ -186,7 +249,11 @@ def ingest_fits(
         raise ValueError(msg)
 
     # inspect every input (headers and shapes only) before writing anything
-    inputs = [_inspect(p, hdu) for p in paths]
+    specs = []  # (file, HDU asked for) per image: a [EXT] suffix wins over hdu=
+    for path, h in zip(paths, hdus, strict=True):
+        file, ext = _split_ext(path)
+        specs.append((file, h if ext is None else ext))
+    inputs = [_inspect(file, h, "image") for file, h in specs]
     ref = inputs[0]
     for inp in inputs[1:]:
         if inp.shape != ref.shape:
@@ -196,7 +263,10 @@ def ingest_fits(
             )
             raise ValueError(msg)
     aux_inputs = {
-        kind: [_inspect_aux(f, img, kind, hdu) for img, f in zip(inputs, files, strict=True)]
+        kind: [
+            _inspect_aux(f, img, kind, spec[1])
+            for img, f, spec in zip(inputs, files, specs, strict=True)
+        ]
         for kind, files in aux.items()
     }
     names = _band_names(inputs, names)
@@ -207,10 +277,8 @@ def ingest_fits(
     strip = min(chunks[0], ref.shape[0])
     plan = []
     for i, (name, inp) in enumerate(zip(names, inputs, strict=True)):
-        zp_key, zp = (
-            ("argument", zps[name])
-            if zps[name] is not None
-            else _header_float(inp.header, _ZP_KEYS)
+        zp, zp_source = (
+            (zps[name], "argument") if zps[name] is not None else _header_zero_point(inp, name)
         )
         band = _Band(
             name=name,
@@ -219,8 +287,8 @@ def ingest_fits(
             variance=aux_inputs["variance"][i],
             mask=aux_inputs["mask"][i],
             zero_point=zp,
-            zero_point_source=zp_key if zp_key in (None, "argument") else f"header:{zp_key}",
-            saturation=_header_float(inp.header, _SAT_KEYS)[1],
+            zero_point_source=zp_source,
+            saturation=_keyword_float(inp, _SAT_KEYS)[1],
         )
         plan.append(band.with_model(strip))
 
@@ -232,7 +300,7 @@ def ingest_fits(
         zero_points=[b.zero_point for b in plan],
         pixel_scale=_pixel_scale(wcses[0]),
         psf_fwhm=fwhm,
-        image_unit=str(ref.header.get("BUNIT", "") or "").strip() or "count",
+        image_unit=str(ref.keyword("BUNIT") or "").strip() or "count",
         chunks=chunks,
         extra_attrs=_attrs(plan),
         overwrite=overwrite,
@@ -291,12 +359,15 @@ class _Band:
             )
             level = level if np.isfinite(level) else 0.0
             sigma = 1.0
-        gain = _header_float(self.image.header, ("GAIN",))[1]
+        gain = _keyword_float(self.image, ("GAIN",))[1]
         if gain is not None and not gain > 0:
             gain = None
-        logger.info(
-            "%s: band %r sky level %.6g, sky sigma %.6g (estimated), gain %s",
-            self.image.path, self.name, level, sigma, gain,
+        logger.warning(
+            "%s: no weight or variance map for band %r: variance estimated from the image, "
+            "sky noise %.6g (3-sigma-clipped MAD std, sky level %.6g)%s",
+            self.image.path, self.name, sigma, level,
+            f" + (image - sky) / GAIN, GAIN = {gain:g}" if gain is not None
+            else "; no GAIN in the header, so no source Poisson term",
         )  # fmt: skip
         return replace(self, model=_VarianceModel("estimated", float(level), float(sigma), gain))
 
@@ -313,6 +384,7 @@ def _attrs(plan: list[_Band]) -> dict[str, Any]:
             "tool": "survey_engine.ingest.ingest_fits",
             "images": {b.name: b.image.path for b in plan},
             "hdu": {b.name: b.image.hdu for b in plan},
+            "extname": {b.name: b.image.extname for b in plan},
             "weights": {b.name: path(b.weight) for b in plan},
             "variances": {b.name: path(b.variance) for b in plan},
             "masks": {b.name: path(b.mask) for b in plan},
@@ -402,32 +474,110 @@ def _quiet_fits(path: str, messages: list[str]) -> Iterator[None]:
         logger.debug("%s: %s", path, w.message)
 
 
-def _select_hdu(hdul: fits.HDUList, hdu: int | str | None, path: str) -> int:
+def _per_image_hdu(value, n: int) -> list[int | str | None]:
+    """``hdu=`` as one entry per image (a single value is used for every image)."""
+    if value is None or isinstance(value, str | int | np.integer) or not np.iterable(value):
+        value = [value]
+    value = [int(v) if isinstance(v, np.integer) else v for v in value]
+    for v in value:
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int | str)):
+            msg = f"hdu must be an HDU index (int) or EXTNAME (str), got {v!r}"
+            raise TypeError(msg)
+    if len(value) == 1:
+        return value * n
+    if len(value) != n:
+        msg = f"hdu has {len(value)} entries but {n} image(s) were given; give one per image or one for all"
+        raise ValueError(msg)
+    return value
+
+
+def _split_ext(path: str) -> tuple[str, int | str | None]:
+    """``FILE[EXT]`` → ``(FILE, EXT)`` (EXT an int when all digits); a plain existing path → (path, None)."""
+    if os.path.isfile(path):
+        return path, None
+    m = _EXT_RE.match(path)
+    if m and os.path.isfile(m["file"]):
+        ext = m["ext"].strip()
+        return m["file"], int(ext) if ext.isdigit() else ext
+    return path, None
+
+
+def _image_hdus(hdul: fits.HDUList) -> list[tuple[int, str, tuple[int, ...]]]:
+    """(index, EXTNAME, shape) of every HDU that holds image data."""
+    out = []
+    for i, h in enumerate(hdul):
+        if getattr(h, "is_image", False) and h.header.get("NAXIS", 0) > 0:
+            shape = tuple(int(v) for v in h.shape)
+            if shape and math.prod(shape) > 0:
+                out.append((i, str(h.name or ""), shape))
+    return out
+
+
+def _describe_hdus(images: list[tuple[int, str, tuple[int, ...]]]) -> str:
+    """``1 'CCD1' 60×80, 2 'CCD2' 60×80`` (at most ``_LIST_HDUS`` named)."""
+    parts = [
+        f"{i}{f' {name!r}' if name else ''} {'×'.join(str(v) for v in shape)}"
+        for i, name, shape in images[:_LIST_HDUS]
+    ]
+    if len(images) > _LIST_HDUS:
+        parts.append(f"… {len(images) - _LIST_HDUS} more")
+    return ", ".join(parts) or "none"
+
+
+def _select_hdu(
+    hdul: fits.HDUList, hdu: int | str | None, path: str, *, fallback: int | str | None = None
+) -> int:
+    """Index of the HDU to read: ``hdu``, else the only image HDU, else ``fallback``, else refuse."""
+    images = _image_hdus(hdul)
+    if hdu is None and len(images) > 1 and fallback is not None:
+        hdu = fallback
     if hdu is not None:
         try:
-            return hdul.index(hdul[hdu])
+            index = hdul.index(hdul[hdu])
         except (KeyError, IndexError):
-            msg = f"{path} has no HDU {hdu!r} ({len(hdul)} HDUs)"
+            msg = f"{path} has no HDU {hdu!r} ({len(hdul)} HDUs; image HDUs: {_describe_hdus(images)})"
             raise ValueError(msg) from None
-    for i, h in enumerate(hdul):
-        if getattr(h, "is_image", False) and h.header.get("NAXIS", 0) > 0 and np.prod(h.shape) > 0:
-            return i
-    msg = f"{path} has no HDU with image data"
-    raise ValueError(msg)
+        if index not in {i for i, _, _ in images}:
+            h = hdul[index]
+            msg = (
+                f"HDU {hdu!r} of {path} holds no image data ({type(h).__name__}); its image "
+                f"HDUs: {_describe_hdus(images)}"
+            )
+            raise ValueError(msg)
+        return index
+    if not images:
+        msg = f"{path} has no HDU with image data"
+        raise ValueError(msg)
+    if len(images) > 1:
+        msg = (
+            f"{path} has {len(images)} image HDUs ({_describe_hdus(images)}): choose one with "
+            "--hdu INDEX|EXTNAME (hdu= in Python) or FILE[EXTNAME]"
+        )
+        raise ValueError(msg)
+    return images[0][0]
 
 
-def _inspect(path: str, hdu: int | str | None) -> _Input:
+def _inspect(
+    path: str, hdu: int | str | None, kind: str, *, fallback: int | str | None = None
+) -> _Input:
     """Read the header and shape of the image HDU of ``path``; warn once on bad cards."""
     messages: list[str] = []
-    with _quiet_fits(path, messages), fits.open(path, memmap=True, ignore_missing_end=True) as hdul:
-        index = _select_hdu(hdul, hdu, path)
-        h = hdul[index]
-        if not getattr(h, "is_image", False):
-            msg = f"{path} HDU {hdu!r} is not an image HDU ({type(h).__name__})"
-            raise ValueError(msg)
-        shape = tuple(int(s) for s in h.shape)
-        header, dropped = _clean_header(h.header)
-        bitpix = int(h.header.get("BITPIX", -32))
+    try:
+        with (
+            _quiet_fits(path, messages),
+            fits.open(path, memmap=True, ignore_missing_end=True) as hdul,
+        ):
+            index = _select_hdu(hdul, hdu, path, fallback=fallback)
+            h = hdul[index]
+            shape = tuple(int(s) for s in h.shape)
+            header, dropped = _clean_header(h.header)
+            bitpix = int(h.header.get("BITPIX", -32))
+            primary = _clean_header(hdul[0].header)[0] if index > 0 else None
+            extname = str(h.name or "")
+    except OSError as err:  # astropy: not FITS, truncated, bad compression …
+        first = str(err).split(". ")[0].rstrip(".")  # not astropy's advice on open() options
+        msg = f"{path} is not a readable FITS file: {first}"
+        raise OSError(msg) from err
     if len(shape) == 3 and shape[0] == 1:
         cube = True
         shape = shape[1:]
@@ -458,16 +608,27 @@ def _inspect(path: str, hdu: int | str | None) -> _Input:
         or header.get("BZERO", 0) != 0
         or (bitpix > 0 and "BLANK" in header)
     )
-    return _Input(path, index, shape, cube, header, memmap=not scaled)
+    logger.debug("%s: %s read from HDU %d %r, shape %s", path, kind, index, extname, shape)
+    return _Input(path, index, extname, shape, cube, header, primary, memmap=not scaled)
 
 
 def _inspect_aux(
-    path: str | None, image: _Input, kind: str, hdu: int | str | None
+    spec: str | None, image: _Input, kind: str, image_hdu: int | str | None
 ) -> _Input | None:
-    """Inspect a weight/variance/mask file and check it matches its image's shape."""
-    if path is None:
+    """Inspect a weight/variance/mask file and check it matches its image's shape.
+
+    Its HDU: a ``[EXT]`` suffix, else its only image HDU, else the HDU named for its image.
+    """
+    if spec is None:
         return None
-    inp = _inspect(path, hdu)
+    path, ext = _split_ext(spec)
+    inp = _inspect(path, ext, f"{kind} map", fallback=image_hdu)
+    if os.path.abspath(inp.path) == os.path.abspath(image.path) and inp.hdu == image.hdu:
+        msg = (
+            f"{kind} map {spec} is HDU {inp.hdu} of {path}, the image itself; name its HDU "
+            f"as {path}[EXTNAME]"
+        )
+        raise ValueError(msg)
     if inp.shape != image.shape:
         msg = (
             f"{kind} map {inp.path} has shape {inp.shape} but its image {image.path} "
@@ -531,7 +692,7 @@ def _band_names(inputs: list[_Input], bands: list[str] | None) -> list[str]:
         for i, inp in enumerate(inputs):
             value = ""
             for key in ("BAND", "FILTER"):
-                raw = inp.header.get(key)
+                raw = inp.keyword(key)
                 if isinstance(raw, str) and raw.strip():
                     value = raw.split()[0]
                     break
@@ -558,7 +719,7 @@ def _per_band_arg(values, bands: list[str], name: str) -> dict[str, float | None
         unknown = [b for b in values if b not in bands]
         if unknown:
             msg = f"{name} given for unknown band(s) {unknown}; the ingested bands are {bands}"
-            raise KeyError(msg)
+            raise UnknownBandError(msg)
         return {b: (None if values.get(b) is None else float(values[b])) for b in bands}
     values = list(values)
     if len(values) != len(bands):
@@ -567,17 +728,54 @@ def _per_band_arg(values, bands: list[str], name: str) -> dict[str, float | None
     return {b: (None if v is None else float(v)) for b, v in zip(bands, values, strict=True)}
 
 
-def _header_float(header: fits.Header, keys: Sequence[str]) -> tuple[str | None, float | None]:
-    for key in keys:
-        value = header.get(key)
-        if isinstance(value, bool) or value is None:
-            continue
-        try:
-            value = float(value)
-        except (TypeError, ValueError):
-            continue
-        if np.isfinite(value):
-            return key, value
+def _as_float(value: Any) -> float | None:
+    if isinstance(value, bool) or value is None:
+        return None
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        return None
+    return value if math.isfinite(value) else None
+
+
+def _keyword_float(inp: _Input, keys: Sequence[str]) -> tuple[str | None, float | None]:
+    """First of ``keys`` with a finite number in the HDU's header, else in the primary header."""
+    for _, header in inp.headers():
+        for key in keys:
+            value = _as_float(header.get(key))
+            if value is not None:
+                return key, value
+    return None, None
+
+
+def _header_zero_point(inp: _Input, band: str) -> tuple[float | None, str | None]:
+    """Zero point of ``inp`` from its headers, and where it came from (``"header:MAGZERO"``)."""
+    for where, header in inp.headers():
+        for key in _ZP_KEYS:
+            value = _as_float(header.get(key))
+            if value is not None:
+                logger.info("%s: band %r zero point %.4f from %s %s", inp.path, band, value, where, key)  # fmt: skip
+                return value, f"{where}:{key}"
+        flux0 = _as_float(header.get(_FLUXMAG0_KEY))
+        if flux0 is not None and flux0 > 0:
+            value = 2.5 * math.log10(flux0)
+            logger.info(
+                "%s: band %r zero point %.4f = 2.5 log10(%s %s = %.6g)",
+                inp.path, band, value, where, _FLUXMAG0_KEY, flux0,
+            )  # fmt: skip
+            return value, f"{where}:{_FLUXMAG0_KEY}"
+        unit = header.get("BUNIT")
+        if isinstance(unit, str) and _NANOMAGGY_RE.match(unit):
+            logger.info(
+                "%s: band %r zero point %.1f from %s BUNIT = %r (nanomaggies)",
+                inp.path, band, NANOMAGGY_ZERO_POINT, where, unit,
+            )  # fmt: skip
+            return NANOMAGGY_ZERO_POINT, f"{where}:BUNIT"
+    logger.warning(
+        "%s: band %r has no zero point (none given, no %s or %s keyword, BUNIT not nanomaggy): "
+        "its magnitudes and nJy fluxes will be NaN",
+        inp.path, band, "/".join(_ZP_KEYS), _FLUXMAG0_KEY,
+    )  # fmt: skip
     return None, None
 
 
@@ -667,22 +865,14 @@ def _estimate_sky(
     return _clipped_stats(np.concatenate(sample).astype(np.float64))
 
 
-def _clipped_stats(
-    values: np.ndarray, nsigma: float = 3.0, maxiters: int = 10
-) -> tuple[float, float]:
+def _clipped_stats(values: np.ndarray, nsigma: float = 3.0) -> tuple[float, float]:
+    """Median and MAD standard deviation of the ``nsigma``-clipped values (NaN when empty)."""
     if values.size == 0:
         return float("nan"), float("nan")
-    for _ in range(maxiters):
-        median = float(np.median(values))
-        sigma = 1.482602218505602 * float(np.median(np.abs(values - median)))
-        if sigma == 0:
-            break
-        keep = np.abs(values - median) <= nsigma * sigma
-        if keep.all():
-            break
-        values = values[keep]
-    median = float(np.median(values))
-    return median, 1.482602218505602 * float(np.median(np.abs(values - median)))
+    _, median, std = sigma_clipped_stats(
+        values, sigma=nsigma, maxiters=10, cenfunc="median", stdfunc="mad_std"
+    )
+    return float(median), float(std)
 
 
 def _fill_strip(

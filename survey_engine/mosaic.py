@@ -16,6 +16,7 @@ image unit), pixel scale, per-band PSF FWHM, units and the mask bit values.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -31,6 +32,7 @@ __all__ = [
     "FORMAT_VERSION",
     "Mosaic",
     "MosaicRegion",
+    "UnknownBandError",
     "create_mosaic",
     "header_to_cards",
     "open_mosaic",
@@ -43,6 +45,20 @@ DEFAULT_CHUNK = 1024
 PLANES = ("image", "variance", "mask")
 _DTYPES = {"image": np.float32, "variance": np.float32, "mask": np.uint16}
 _FILL = {"image": 0.0, "variance": float("inf"), "mask": int(MaskBit.NO_DATA)}
+#: File names that are FITS images rather than mosaics (pointed to ``survey-engine ingest``).
+_FITS_SUFFIXES = (".fits", ".fit", ".fts", ".fits.fz", ".fz", ".fits.gz", ".fit.gz", ".fits.bz2")
+
+
+class UnknownBandError(KeyError, ValueError):
+    """A band name that the mosaic (or the ingested images) does not have.
+
+    Both a :class:`KeyError` (a failed lookup) and a :class:`ValueError` (a bad
+    argument), so either ``except`` catches it; ``str()`` is the plain message
+    (a bare ``KeyError`` would print it in quotes).
+    """
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
 
 
 def header_to_cards(header: fits.Header | WCS | Mapping[str, Any]) -> dict[str, Any]:
@@ -150,7 +166,7 @@ class Mosaic:
             raise ValueError(msg)
         for plane in PLANES:
             if plane not in group:
-                msg = f"mosaic {self.path} has no '{plane}' array"
+                msg = f"{self.path} is not a complete survey_engine mosaic: no '{plane}' array"
                 raise ValueError(msg)
         shapes = {}
         for plane in PLANES:
@@ -236,6 +252,13 @@ class Mosaic:
         Returns
         -------
         int
+
+        Raises
+        ------
+        UnknownBandError
+            ``band`` is not one of the mosaic's bands.
+        IndexError
+            An integer ``band`` out of range.
         """
         if isinstance(band, int | np.integer):
             if not 0 <= int(band) < len(self.bands):
@@ -246,7 +269,7 @@ class Mosaic:
             return self.bands.index(band)
         except ValueError:
             msg = f"unknown band {band!r}: mosaic {self.path} has bands {', '.join(self.bands)}"
-            raise KeyError(msg) from None
+            raise UnknownBandError(msg) from None
 
     def __repr__(self) -> str:
         return (
@@ -442,23 +465,66 @@ def open_mosaic(
     Returns
     -------
     Mosaic
+
+    Raises
+    ------
+    FileNotFoundError
+        Nothing exists at ``path``.
+    ValueError
+        ``path`` exists but is not a survey_engine mosaic; the message says
+        what it is instead (a FITS file: ingest it first; a directory without
+        ``zarr.json``; a Zarr v2 store; a Zarr array; a group without the
+        ``survey_engine`` attribute or without an ``image`` array; …).
     """
     path = str(path)
     if "://" not in path:
-        import os
-
-        if not os.path.exists(path):
-            msg = f"mosaic not found: {path}"
-            raise FileNotFoundError(msg)
+        _check_local_store(path)
     try:
         group = _open_group(path, mode, storage_options)
     except FileNotFoundError:
         msg = f"mosaic not found: {path}"
         raise FileNotFoundError(msg) from None
+    except zarr.errors.ContainsArrayError:
+        msg = f"{path} is a Zarr array, not a survey_engine mosaic (a Zarr v3 group)"
+        raise ValueError(msg) from None
     except (zarr.errors.GroupNotFoundError, zarr.errors.NodeTypeValidationError) as err:
         msg = f"{path} is not a Zarr v3 group: {err}"
         raise ValueError(msg) from err
+    except ValueError as err:  # e.g. an unreadable zarr.json
+        msg = f"{path} is not a survey_engine mosaic: its Zarr metadata cannot be read ({err})"
+        raise ValueError(msg) from err
     return Mosaic(group, path)
+
+
+def _check_local_store(path: str) -> None:
+    """Refuse a local path that cannot be a mosaic, saying what is there instead."""
+    if not os.path.exists(path):
+        msg = f"mosaic not found: {path}"
+        raise FileNotFoundError(msg)
+    if os.path.isfile(path):
+        if path.lower().endswith(_FITS_SUFFIXES) or _starts_like_fits(path):
+            msg = (
+                f"{path} is a FITS file, not a mosaic: make a mosaic of it first with "
+                f"`survey-engine ingest {path} OUT.zarr` (survey_engine.ingest_fits)"
+            )
+        else:
+            msg = f"{path} is a file, not a survey_engine mosaic (a Zarr v3 directory)"
+        raise ValueError(msg)
+    if not os.path.isfile(os.path.join(path, "zarr.json")):
+        if any(os.path.exists(os.path.join(path, f)) for f in (".zgroup", ".zarray")):
+            what = "a Zarr v2 store (survey_engine mosaics are Zarr v3)"
+        else:
+            what = "no zarr.json"
+        msg = f"{path} is not a survey_engine mosaic: {what}"
+        raise ValueError(msg)
+
+
+def _starts_like_fits(path: str) -> bool:
+    try:
+        with open(path, "rb") as f:
+            return f.read(9) == b"SIMPLE  ="
+    except OSError:
+        return False
 
 
 def create_mosaic(
@@ -596,7 +662,7 @@ def _per_band(values, bands: Sequence[str], name: str) -> dict[str, float | None
         unknown = set(values) - set(bands)
         if unknown:
             msg = f"{name} given for unknown band(s) {sorted(unknown)}; bands are {list(bands)}"
-            raise KeyError(msg)
+            raise UnknownBandError(msg)
         return {b: (None if values.get(b) is None else float(values[b])) for b in bands}
     values = list(values)
     if len(values) != len(bands):

@@ -183,7 +183,10 @@ def catalog_columns(
             "kron_radius",
             "float64",
             None,
-            "Kron radius in units of a and b (first moment within 6 a)",
+            "Kron radius r1 in units of a and b (first moment of the elliptical radius within "
+            "6 a, as sep.kron_radius), without the Kron factor: the Kron aperture has semi-axes "
+            "max(2.5 kron_radius, 3.5) × (a, b). SExtractor's KRON_RADIUS includes the factor "
+            "(PHOT_AUTOPARAMS 2.5, Rmin: max(2.5 r1, Rmin)), so it is 2.5 × kron_radius",
         ),
         ColumnSpec("area", "int64", "pix2", "number of footprint pixels"),
         ColumnSpec(

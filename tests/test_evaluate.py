@@ -279,6 +279,116 @@ def test_evaluate_errors(truth, tmp_path):
         evaluate(cat, truth, segmentation=np.zeros(3), truth_segmentation=np.zeros((2, 2)))
 
 
+def test_truth_with_a_plain_mag_column(truth, tmp_path):
+    cat = _perfect(truth)
+    keep = np.arange(len(cat)) != 36  # one pair member missed
+    cat = cat[keep]
+    plain = truth.copy()
+    plain.rename_column("r_mag", "mag")
+    ref = json.loads(evaluate(cat, truth).to_json())  # NaN → null, so that == compares
+    seg = _segmap(cat["x"].value, cat["y"].value, cat["id"])
+    tseg = _segmap(truth["x"].value, truth["y"].value, truth["id"])
+    for band in (None, "r"):  # the catalog's only band, or named
+        res = evaluate(cat, plain, band=band, segmentation=seg, truth_segmentation=tseg)
+        s = json.loads(res.to_json())
+        assert s["band"] == "r" and s["truth_mag_column"] == "mag"
+        assert s["catalog_mag_column"] == "r_mag"
+        assert s["n_matched"] == ref["n_matched"] == 43
+        assert s["magnitude_bins"] == ref["magnitude_bins"]
+        assert s["pairs"] == ref["pairs"]
+        assert len(res.plot(tmp_path / f"plots_{band}")) == 4  # the gallery reads "mag" too
+    two_bands = cat.copy()
+    two_bands["g_mag"] = two_bands["r_mag"] + 0.5
+    with pytest.raises(
+        ValueError,
+        match=r"the truth has a plain 'mag' column but the catalog has bands r, g: say which band "
+        r"it is with band= \(--band\)",
+    ):
+        evaluate(two_bands, plain)
+    s = evaluate(two_bands, plain, band="g").summary
+    assert s["catalog_mag_column"] == "g_mag"
+    assert s["dmag"]["all"]["median"] == pytest.approx(0.5)
+    with pytest.raises(ValueError, match=r"the truth has no <band>_mag or mag column"):
+        evaluate(cat, plain[["id", "x", "y"]])
+
+    # the command line: --band, or a single-band catalog
+    cat_path, truth_path = tmp_path / "catalog.parquet", tmp_path / "truth.parquet"
+    _write_catalog(cat, cat_path)
+    write_truth(plain, truth_path)
+    for extra in ([], ["--band", "r"]):
+        r = CliRunner().invoke(
+            main, ["evaluate", str(cat_path), str(truth_path), "--json", str(tmp_path / "e.json"), *extra]
+        )  # fmt: skip
+        assert r.exit_code == 0, r.output
+        assert json.loads((tmp_path / "e.json").read_text())["n_matched"] == 43
+    _write_catalog(two_bands, cat_path)
+    r = CliRunner().invoke(main, ["evaluate", str(cat_path), str(truth_path)])
+    assert r.exit_code == 1
+    assert r.output.strip().splitlines() == [
+        "error: the truth has a plain 'mag' column but the catalog has bands r, g: say which "
+        "band it is with band= (--band)"
+    ]
+
+
+def test_files_that_are_not_parquet_are_named(truth, tmp_path):
+    from survey_engine.simulate import read_truth
+
+    csv = tmp_path / "truth.csv"
+    csv.write_text("x,y,mag\n1,2,20\n")
+    with pytest.raises(
+        ValueError, match=r"truth table .*truth\.csv is not a readable Parquet file"
+    ):
+        read_truth(csv)
+    with pytest.raises(
+        ValueError, match=r"truth table .*truth\.csv is not a readable Parquet file"
+    ):
+        evaluate(_perfect(truth), csv)
+    with pytest.raises(ValueError, match=r"catalog .*truth\.csv is not a readable Parquet file"):
+        evaluate(csv, truth)
+    cat_path, truth_path = tmp_path / "catalog.parquet", tmp_path / "truth.parquet"
+    _write_catalog(_perfect(truth), cat_path)
+    write_truth(truth, truth_path)
+    for args, where in (([cat_path, csv], "truth table"), ([csv, truth_path], "catalog")):
+        r = CliRunner().invoke(main, ["evaluate", *map(str, args)])
+        assert r.exit_code == 1 and "Traceback" not in r.output
+        (line,) = r.output.strip().splitlines()
+        assert line.startswith(
+            f"error: {where} {csv} is not a readable Parquet file (ArrowInvalid: "
+        )
+
+
+def test_demo_summary_uses_the_evaluate_matching(tmp_path):
+    """The demo's completeness is evaluate()'s: one to one within 1″, not nearest within 2 px."""
+    from survey_engine.cli import compare_with_truth
+
+    t = QTable()
+    t["id"] = [1, 2, 3]
+    t["x"] = [20.0, 60.0, 61.0] * u.pix  # objects 2 and 3: 1 px apart
+    t["y"] = [20.0, 60.0, 60.0] * u.pix
+    t["r_mag"] = [21.0, 23.0, 23.2] * u.mag
+    t["r_flux"] = [1000.0, 200.0, 150.0]
+    t.meta["pixel_scale_arcsec"] = SCALE
+    c = QTable()
+    c["id"] = [10, 20]
+    c["x"] = [23.0, 60.5] * u.pix  # 3 px = 0.6″ from object 1; between objects 2 and 3
+    c["y"] = [20.0, 60.0] * u.pix
+    c["r_mag"] = [21.0, 23.0]
+    c["r_flux"] = [990.0, 210.0]
+    c.meta["reference_band"] = "r"
+    cat_path, truth_path = tmp_path / "catalog.parquet", tmp_path / "truth.parquet"
+    _write_catalog(c, cat_path)
+    write_truth(t, truth_path)
+    text = compare_with_truth(cat_path, truth_path)
+    ev = evaluate(cat_path, truth_path)
+    assert ev.summary["n_matched"] == 2
+    assert text.splitlines() == [
+        "truth objects 3, detected 2, matched 2 (within 1″ = 5.0 px; purity 100.0%)",
+        "  r 18-22: completeness 100.0% of 1",  # nearest-within-2-px: 0 %
+        "  r 22-24: completeness  50.0% of 2",  # nearest-within-2-px: 100 % (one detection twice)
+        "  Kron/true flux (r < 23): median 0.990 over 1 objects",
+    ]
+
+
 # -- outputs ---------------------------------------------------------------------------------
 def test_json_table_and_plots(truth, tmp_path):
     cat = _perfect(truth)

@@ -359,28 +359,283 @@ def test_chunked_ingest_of_large_image_is_exact(tmp_path):
     assert_array_equal(mosaic.mask[0] == NO_DATA, nodata)
 
 
-def test_hdu_by_extname(tmp_path):
-    image = noise_image()
-    hdul = fits.HDUList(
-        [
-            fits.PrimaryHDU(),
-            fits.ImageHDU(np.zeros((5, 5), np.float32), name="OTHER"),
-            fits.ImageHDU(image, header=tan_header(), name="SCI"),
-        ]
+def mef(path, *hdus, primary=None):
+    """Write a multi-extension FITS file: an empty primary HDU then ``(name, data, header)``."""
+    hdul = fits.HDUList([fits.PrimaryHDU(header=primary)])
+    for name, data, header in hdus:
+        hdul.append(fits.ImageHDU(data, header=header, name=name))
+    hdul.writeto(path, overwrite=True)
+    return path
+
+
+def two_ccds(path, shape=(60, 80)):
+    """A DECam-like file: FILTER and MAGZERO in the primary header, two CCD extensions."""
+    ccd1, ccd2 = noise_image(shape, sky=100.0, seed=1), noise_image(shape, sky=300.0, seed=2)
+    primary = fits.Header({"FILTER": "r DECam SDSS c0002 6300.0 1517.0", "MAGZERO": 28.25})
+    mef(path, ("CCD1", ccd1, tan_header(*shape)), ("CCD2", ccd2, tan_header(*shape)), primary=primary)  # fmt: skip
+    return path, ccd1, ccd2
+
+
+def test_hdu_by_extname_index_or_suffix(tmp_path):
+    path, _, ccd2 = two_ccds(tmp_path / "mef.fits")
+    for i, (image, hdu) in enumerate(
+        [(path, "CCD2"), (path, 2), (f"{path}[CCD2]", None), (f"{path}[2]", "CCD1")]
+    ):
+        mosaic = ingest_fits([image], tmp_path / f"m{i}.zarr", hdu=hdu, progress=False)
+        assert_array_equal(mosaic.image[0], ccd2)
+        info = mosaic.attrs["ingest"]
+        assert info["hdu"] == {"r": 2} and info["extname"] == {"r": "CCD2"}
+        assert info["images"] == {"r": str(path)}
+        # band and zero point inherited from the primary header
+        assert mosaic.bands == ("r",) and mosaic.zero_points == {"r": 28.25}
+        assert info["zero_point_source"] == {"r": "primary header:MAGZERO"}
+
+
+def test_file_with_several_image_hdus_needs_one_chosen(tmp_path):
+    path, _, _ = two_ccds(tmp_path / "mef.fits")
+    with pytest.raises(
+        ValueError,
+        match=r"mef\.fits has 2 image HDUs \(1 'CCD1' 60×80, 2 'CCD2' 60×80\): choose one with "
+        r"--hdu INDEX\|EXTNAME \(hdu= in Python\) or FILE\[EXTNAME\]$",
+    ):
+        ingest_fits([path], tmp_path / "m.zarr", progress=False)
+    assert not (tmp_path / "m.zarr").exists()
+    with pytest.raises(
+        ValueError, match=r"mef\.fits has no HDU 'NOPE' \(3 HDUs; image HDUs: 1 'CCD1'"
+    ):
+        ingest_fits([path], tmp_path / "m.zarr", hdu="NOPE", progress=False)
+    with pytest.raises(
+        ValueError, match=r"HDU 0 of .*mef\.fits holds no image data \(PrimaryHDU\)"
+    ):
+        ingest_fits([path], tmp_path / "m.zarr", hdu=0, progress=False)
+    with pytest.raises(ValueError, match=r"hdu has 2 entries but 1 image\(s\)"):
+        ingest_fits([path], tmp_path / "m.zarr", hdu=[1, 2], progress=False)
+    with pytest.raises(TypeError, match=r"hdu must be an HDU index \(int\) or EXTNAME"):
+        ingest_fits([path], tmp_path / "m.zarr", hdu=1.5, progress=False)
+    # more than a dozen image HDUs: the first twelve are named, then a count
+    many = mef(tmp_path / "many.fits", *((f"S{i}", np.ones((4, 4), np.float32), None) for i in range(20)))  # fmt: skip
+    with pytest.raises(
+        ValueError, match=r"has 20 image HDUs \(1 'S0' 4×4, .*12 'S11' 4×4, … 8 more\)"
+    ):
+        ingest_fits([many], tmp_path / "m.zarr", progress=False)
+
+
+def test_hdu_per_image_and_for_weight_files(tmp_path):
+    shape = (60, 80)
+    path, ccd1, ccd2 = two_ccds(tmp_path / "ooi.fits", shape)
+    w1, w2 = np.full(shape, 0.5, np.float32), np.full(shape, 0.125, np.float32)
+    wpath = mef(tmp_path / "oow.fits", ("CCD1", w1, None), ("CCD2", w2, None))
+    single = write(tmp_path / "w.fits", np.full(shape, 0.25, np.float32))
+    mosaic = ingest_fits(
+        [path, path], tmp_path / "m.zarr", bands=["a", "b"], hdu=["CCD1", 2],
+        weights=[wpath, single], progress=False,
+    )  # fmt: skip
+    assert_array_equal(mosaic.image[0], ccd1)
+    assert_array_equal(mosaic.image[1], ccd2)
+    assert_array_equal(mosaic.variance[0], 2.0)  # oow.fits read at the image's HDU, CCD1
+    assert_array_equal(mosaic.variance[1], 4.0)  # a single-HDU weight file is read where it is
+
+    # HSC-like: image, mask and variance planes in one file, named by [EXT]
+    image, variance = noise_image(shape), np.full(shape, 9.0, np.float32)
+    mask = np.zeros(shape, np.int32)
+    mask[3, 4] = 16
+    calexp = mef(
+        tmp_path / "calexp.fits", ("IMAGE", image, tan_header()), ("MASK", mask, None),
+        ("VARIANCE", variance, None),
+    )  # fmt: skip
+    m = ingest_fits(
+        [f"{calexp}[IMAGE]"], tmp_path / "h.zarr", variances=[f"{calexp}[VARIANCE]"],
+        masks=[f"{calexp}[MASK]"], progress=False,
+    )  # fmt: skip
+    assert_array_equal(m.image[0], image)
+    assert_array_equal(m.variance[0], variance)
+    assert m.mask[0][3, 4] == BAD and m.mask[0].sum() == BAD
+    with pytest.raises(
+        ValueError, match=r"variance map .*calexp\.fits is HDU 1 of .*the image itself"
+    ):
+        ingest_fits([calexp], tmp_path / "x.zarr", hdu="IMAGE", variances=[calexp], progress=False)
+
+
+# --- zero points and compressed files --------------------------------------------------------
+@pytest.mark.parametrize(
+    ("cards", "zp", "source"),
+    [
+        ({"MAGZERO": 27.5}, 27.5, "header:MAGZERO"),
+        ({"MAGZPT": 25.1}, 25.1, "header:MAGZPT"),
+        ({"MAGZP": 30.0}, 30.0, "header:MAGZP"),
+        ({"ZP": 26.25}, 26.25, "header:ZP"),
+        ({"FLUXMAG0": 1e11}, 27.5, "header:FLUXMAG0"),  # 2.5 log10(1e11)
+        ({"FLUXMAG0": 63095734448.0194}, 27.0, "header:FLUXMAG0"),
+        ({"BUNIT": "nanomaggy"}, 22.5, "header:BUNIT"),  # SDSS frames
+        ({"BUNIT": "nanomaggies"}, 22.5, "header:BUNIT"),
+        ({"BUNIT": "nMgy"}, 22.5, "header:BUNIT"),
+        ({"MAGZERO": 27.5, "FLUXMAG0": 1e12, "BUNIT": "nanomaggy"}, 27.5, "header:MAGZERO"),
+        ({"FLUXMAG0": -1.0, "BUNIT": "adu"}, None, None),
+        ({}, None, None),
+    ],
+)
+def test_zero_point_from_header_keywords(tmp_path, caplog, cards, zp, source):
+    img = write(tmp_path / "i.fits", noise_image(), tan_header(**cards))
+    with caplog.at_level("INFO", logger="survey_engine.ingest"):
+        mosaic = ingest_fits([img], tmp_path / "m.zarr", bands=["r"], progress=False)
+    if zp is None:
+        assert mosaic.zero_points == {"r": None}
+        assert "band 'r' has no zero point" in caplog.text
+    else:
+        assert mosaic.zero_points["r"] == pytest.approx(zp, abs=1e-9)
+        key = source.split(":")[1]
+        assert f"zero point {zp:.1f}" in caplog.text and key in caplog.text  # the keyword is logged
+    assert mosaic.attrs["ingest"]["zero_point_source"] == {"r": source}
+    given = ingest_fits(
+        [img], tmp_path / "g.zarr", zero_points=[31.4], overwrite=True, progress=False
     )
-    hdul.writeto(tmp_path / "mef.fits")
-    mosaic = ingest_fits([tmp_path / "mef.fits"], tmp_path / "m.zarr", hdu="SCI", progress=False)
-    assert_array_equal(mosaic.image[0], image)
-    assert mosaic.attrs["ingest"]["hdu"] == {"b0": 2}
-    with pytest.warns(IngestWarning) as record:
-        default = ingest_fits([tmp_path / "mef.fits"], tmp_path / "d.zarr", progress=False)
-    messages = " ".join(str(w.message) for w in record)
-    assert "no 2-D celestial WCS" in messages
-    assert "could not estimate the sky noise of band 'b0'" in messages  # all zeros
-    assert_array_equal(default.variance[0], 1)
-    assert default.shape == (1, 5, 5)  # first HDU with data
-    with pytest.raises(ValueError, match=r"mef\.fits has no HDU 'NOPE'"):
-        ingest_fits([tmp_path / "mef.fits"], tmp_path / "e.zarr", hdu="NOPE", progress=False)
+    assert given.zero_points == {"b0": 31.4}
+    assert given.attrs["ingest"]["zero_point_source"] == {"b0": "argument"}
+
+
+def test_compressed_inputs(tmp_path):
+    import bz2
+    import gzip
+
+    rng = np.random.default_rng(11)
+    counts = rng.poisson(500, (70, 90)).astype(np.int32)
+    plain = write(tmp_path / "c.fits", counts, tan_header(70, 90))
+    raw = plain.read_bytes()
+    (tmp_path / "c.fits.gz").write_bytes(gzip.compress(raw))
+    (tmp_path / "c.fits.bz2").write_bytes(bz2.compress(raw))
+    # tile-compressed (fpack .fz): an empty primary HDU, the image in a CompImageHDU
+    fits.HDUList(
+        [fits.PrimaryHDU(), fits.CompImageHDU(counts, header=tan_header(70, 90), compression_type="RICE_1")]
+    ).writeto(tmp_path / "c.fits.fz")  # fmt: skip
+    values = noise_image((70, 90))
+    fits.HDUList(
+        [fits.PrimaryHDU(), fits.CompImageHDU(values, header=tan_header(70, 90), quantize_level=16.0)]
+    ).writeto(tmp_path / "f.fits.fz")  # fmt: skip
+    for name in ("c.fits.gz", "c.fits.bz2", "c.fits.fz"):
+        mosaic = ingest_fits(
+            [tmp_path / name], tmp_path / f"{name}.zarr", chunks=32, progress=False
+        )
+        assert_array_equal(mosaic.image[0], counts.astype(np.float32))  # lossless
+        assert mosaic.attrs["ingest"]["hdu"] == {"b0": 1 if name.endswith(".fz") else 0}
+        assert mosaic.has_wcs
+    lossy = ingest_fits([tmp_path / "f.fits.fz"], tmp_path / "f.zarr", chunks=32, progress=False)
+    expected = fits.getdata(tmp_path / "f.fits.fz")  # astropy's decompression (quantised floats)
+    assert_array_equal(lossy.image[0], expected)
+    assert 0 < np.abs(expected - values).max() < 2.0 / 16  # quantisation step sigma/16
+
+
+def test_estimated_variance_matches_the_true_noise(tmp_path, caplog):
+    """An image in ADU with sky, galaxies, Poisson noise (GAIN e-/ADU) and read noise."""
+    ny, nx, sky, gain, read_noise = 300, 320, 400.0, 2.0, 6.0  # read noise in e-
+    yy, xx = np.mgrid[:ny, :nx]
+    rng = np.random.default_rng(12)
+    signal = np.full((ny, nx), sky)
+    for x0, y0, flux, r in zip(
+        rng.uniform(20, nx - 20, 25), rng.uniform(20, ny - 20, 25), rng.uniform(2e4, 2e5, 25),
+        rng.uniform(1.5, 4.0, 25), strict=True,
+    ):  # fmt: skip
+        signal += (
+            flux / (2 * np.pi * r**2) * np.exp(-((xx - x0) ** 2 + (yy - y0) ** 2) / (2 * r**2))
+        )
+    true_var = signal / gain + (read_noise / gain) ** 2  # ADU²
+    image = rng.poisson(signal * gain) / gain + rng.normal(0, read_noise / gain, (ny, nx))
+    img = write(tmp_path / "adu.fits", image.astype(np.float32), tan_header(ny, nx, GAIN=gain))
+    with caplog.at_level("WARNING", logger="survey_engine.ingest"):
+        mosaic = ingest_fits([img], tmp_path / "m.zarr", progress=False)
+    assert "adu.fits: no weight or variance map for band 'b0': variance estimated" in caplog.text
+    assert "GAIN = 2" in caplog.text
+    est = mosaic.variance[0].astype(np.float64)
+    sky_px = signal - sky < 0.1 * np.sqrt(sky / gain)
+    bright = signal - sky > 20 * np.sqrt(sky / gain)
+    assert sky_px.sum() > 50_000 and bright.sum() > 500
+    ratio_sky = np.median(est[sky_px] / true_var[sky_px])
+    ratio_bright = np.median(est[bright] / true_var[bright])
+    assert ratio_sky == pytest.approx(1.0, abs=0.1)  # sky: σ² = sky/GAIN + read noise²
+    assert ratio_bright == pytest.approx(1.0, abs=0.1)  # + (image − sky)/GAIN per pixel
+    assert mosaic.attrs["ingest"]["sky_sigma"]["b0"] ** 2 == pytest.approx(
+        sky / gain + (read_noise / gain) ** 2, rel=0.1
+    )
+
+
+# --- command line ----------------------------------------------------------------------------
+def _cli(*args):
+    from click.testing import CliRunner
+
+    from survey_engine.cli import main
+
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def _one_error_line(res) -> str:
+    """The output of a refused command: exit status 1, one line "error: …", no traceback."""
+    assert res.exit_code == 1, res.output
+    assert isinstance(res.exception, SystemExit)
+    assert "Traceback" not in res.output
+    lines = res.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), res.output
+    return lines[0]
+
+
+def test_cli_ingest_chooses_the_hdu_by_index_or_extname(tmp_path):
+    path, ccd1, ccd2 = two_ccds(tmp_path / "mef.fits")
+    for i, (hdu, expected) in enumerate([("2", ccd2), ("CCD1", ccd1), ("CCD2", ccd2)]):
+        out = tmp_path / f"m{i}.zarr"
+        res = _cli("ingest", path, out, "--hdu", hdu)
+        assert res.exit_code == 0, res.output
+        assert f"into {out}: 60×80 px, bands r" in res.output
+        m = open_mosaic(str(out))
+        assert_array_equal(m.image[0], expected)
+        assert m.attrs["ingest"]["extname"] == {"r": "CCD2" if expected is ccd2 else "CCD1"}
+    # one --hdu per image; per-image zero points and PSF FWHM
+    out = tmp_path / "two.zarr"
+    res = _cli(
+        "ingest", path, path, out, "--band", "g", "--band", "r", "--hdu", "1", "--hdu", "CCD2",
+        "--zero-point", "27.0", "--zero-point", "27.5", "--psf-fwhm", "0.9", "--psf-fwhm", "0.8",
+    )  # fmt: skip
+    assert res.exit_code == 0, res.output
+    m = open_mosaic(str(out))
+    assert_array_equal(m.image[0], ccd1)
+    assert_array_equal(m.image[1], ccd2)
+    assert m.zero_points == {"g": 27.0, "r": 27.5}
+    assert m.psf_fwhm == {"g": 0.9, "r": 0.8}
+    # one value for all images
+    res = _cli(
+        "ingest", path, path, out, "--band", "g", "--band", "r", "--hdu", "CCD1",
+        "--zero-point", "30", "--psf-fwhm", "1.1", "--overwrite",
+    )  # fmt: skip
+    assert res.exit_code == 0, res.output
+    m = open_mosaic(str(out))
+    assert m.zero_points == {"g": 30.0, "r": 30.0} and m.psf_fwhm == {"g": 1.1, "r": 1.1}
+    assert_array_equal(m.image[1], ccd1)
+
+
+def test_cli_ingest_refusals_are_one_line(tmp_path):
+    path, _, _ = two_ccds(tmp_path / "mef.fits")
+    line = _one_error_line(_cli("ingest", path, tmp_path / "m.zarr"))
+    assert line == (
+        f"error: {path} has 2 image HDUs (1 'CCD1' 60×80, 2 'CCD2' 60×80): choose one with "
+        "--hdu INDEX|EXTNAME (hdu= in Python) or FILE[EXTNAME]"
+    )
+    assert not (tmp_path / "m.zarr").exists()
+    line = _one_error_line(_cli("ingest", path, tmp_path / "m.zarr", "--hdu", "CCD9"))
+    assert line == (
+        f"error: {path} has no HDU 'CCD9' (3 HDUs; image HDUs: 1 'CCD1' 60×80, 2 'CCD2' 60×80)"
+    )
+    line = _one_error_line(_cli("ingest", path, tmp_path / "m.zarr", "--hdu", "1", "--hdu", "2"))
+    assert line == "error: --hdu given 2 times for 1 image(s): give it once per image or once for all"  # fmt: skip
+    zps = ["--zero-point", "1", "--zero-point", "2", "--zero-point", "3"]
+    line = _one_error_line(_cli("ingest", path, path, tmp_path / "m.zarr", "--hdu", "1", *zps))
+    assert line == (
+        "error: --zero-point given 3 times for 2 image(s): give it once per image or once for all"
+    )
+    line = _one_error_line(
+        _cli("ingest", path, tmp_path / "m.zarr", "--hdu", "1", "--band", "r", "--band", "g")
+    )
+    assert "bands has 2 entries but 1 image(s)" in line
+    (tmp_path / "junk.fits").write_bytes(b"this is not FITS")
+    line = _one_error_line(_cli("ingest", tmp_path / "junk.fits", tmp_path / "j.zarr"))
+    assert line.startswith(f"error: {tmp_path / 'junk.fits'} is not a readable FITS file: ")
+    assert "ignore_missing_simple" not in line  # astropy's advice on open() options is cut
 
 
 # --- real data -------------------------------------------------------------------------------

@@ -123,7 +123,9 @@ def test_model_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="checkpoint not found"):
         load_model(tmp_path / "missing.pt")
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
-    with pytest.raises(ValueError, match="not a readable U-Net checkpoint"):
+    with pytest.raises(
+        ValueError, match="not a survey_engine U-Net checkpoint: torch cannot read it"
+    ):
         load_model(tmp_path / "junk.pt")
     torch.save({"weights": torch.zeros(1)}, tmp_path / "other.pt")
     with pytest.raises(ValueError, match="format tag"):

@@ -221,7 +221,10 @@ def evaluate(
     band : str, optional
         Band of the magnitudes. Default: the catalog's ``reference_band``
         metadata when both tables have its ``<band>_mag``, else the first band
-        with ``<band>_mag`` in both (or in the truth).
+        with ``<band>_mag`` in both (or in the truth). A truth with a plain
+        ``mag`` column (and no ``<band>_mag``) is used for ``band``, or for the
+        catalog's band when it has only one; the catalog's magnitudes are its
+        ``<band>_mag`` column, else a plain ``mag`` column when single-band.
     mosaic : path-like or Mosaic, optional
         The mosaic: pixel scale, ``truth_segmentation`` and image cutouts for the gallery.
     segmentation : path-like or array-like, optional
@@ -273,7 +276,8 @@ def evaluate(
     _check_edges(pair_edges, "pair_bins")
     mag_edges = np.asarray(mag_bins, dtype=np.float64)
     _check_edges(mag_edges, "mag_bins")
-    band = _choose_band(band, cat, tru)
+    band, tmag_col = _choose_band(band, cat, tru)
+    cmag_col = _catalog_mag_column(cat, band)
     for name, t in (("catalog", cat), ("truth", tru)):
         missing = [c for c in ("x", "y") if c not in t.colnames]
         if missing:
@@ -290,8 +294,8 @@ def evaluate(
     c_idx[ci] = ti
     t_found, c_found = t_idx >= 0, c_idx >= 0
 
-    tmag = _values(tru, f"{band}_mag")
-    cmag = _values(cat, f"{band}_mag") if f"{band}_mag" in cat.colnames else np.full(nc, np.nan)
+    tmag = _values(tru, tmag_col)
+    cmag = _values(cat, cmag_col) if cmag_col is not None else np.full(nc, np.nan)
     bright = tmag < mag_limit
     pi, pj, psep = close_pairs(tx, ty, pair_edges[-1])
     blended = blended_in_truth(nt, pi, pj, 10.0 ** (-0.4 * tmag), blend_flux_ratio)
@@ -408,6 +412,8 @@ def evaluate(
 
     summary = {
         "band": band,
+        "truth_mag_column": tmag_col,
+        "catalog_mag_column": cmag_col,
         "method": method,
         "radius_arcsec": radius_pix * scale,
         "radius_pix": radius_pix,
@@ -457,13 +463,22 @@ def _load_table(obj, name: str) -> Table:
     if isinstance(obj, Table):
         return obj
     if isinstance(obj, str | os.PathLike):
-        if name == "catalog":
-            from ..catalog import read_catalog
+        if name == "truth":
+            from ..simulate import read_truth
 
+            return read_truth(obj)  # names the file when it is not Parquet
+        from ..catalog import read_catalog
+
+        try:
             return read_catalog(obj)
-        from ..simulate import read_truth
-
-        return read_truth(obj)
+        except FileNotFoundError:
+            raise
+        except (ValueError, OSError) as err:  # pyarrow's ArrowInvalid is a ValueError
+            msg = (
+                f"catalog {os.fspath(obj)} is not a readable Parquet file ({type(err).__name__}: "
+                f"{str(err).splitlines()[0] if str(err) else 'no detail'})"
+            )
+            raise ValueError(msg) from err
     msg = f"{name} must be a path or an astropy Table, got {type(obj).__name__}"
     raise TypeError(msg)
 
@@ -552,23 +567,65 @@ def _check_edges(edges: np.ndarray, name: str) -> None:
         raise ValueError(msg)
 
 
-def _choose_band(band: str | None, cat: Table, truth: Table) -> str:
-    truth_bands = [c[: -len("_mag")] for c in truth.colnames if c.endswith("_mag")]
+def _mag_bands(table: Table) -> list[str]:
+    return [c[: -len("_mag")] for c in table.colnames if c.endswith("_mag") and c != "_mag"]
+
+
+def _catalog_bands(cat: Table) -> list[str]:
+    """The catalog's bands: its ``bands`` metadata, else its ``<band>_mag`` columns."""
+    bands = cat.meta.get("bands")
+    if isinstance(bands, list | tuple) and bands:
+        return [str(b) for b in bands]
+    return _mag_bands(cat)
+
+
+def _choose_band(band: str | None, cat: Table, truth: Table) -> tuple[str, str]:
+    """The band of the magnitudes and the truth column holding them.
+
+    The truth's ``<band>_mag`` column, else its plain ``mag`` column when the
+    band is known: given, or the catalog's only band.
+    """
+    truth_bands = _mag_bands(truth)
+    plain = "mag" in truth.colnames
     if band is not None:
-        if band not in truth_bands:
-            msg = f"band {band!r} has no magnitude column {band}_mag in the truth (bands: {', '.join(truth_bands) or 'none'})"
-            raise ValueError(msg)
-        return band
-    if not truth_bands:
-        msg = "the truth has no <band>_mag column: cannot bin by magnitude"
+        if band in truth_bands:
+            return band, f"{band}_mag"
+        if plain:
+            logger.info("truth magnitudes: its 'mag' column, taken as band %r", band)
+            return band, "mag"
+        msg = f"band {band!r} has no magnitude column {band}_mag in the truth (bands: {', '.join(truth_bands) or 'none'})"
         raise ValueError(msg)
-    ref = cat.meta.get("reference_band")
-    if ref in truth_bands and f"{ref}_mag" in cat.colnames:
-        return ref
-    for b in truth_bands:
-        if f"{b}_mag" in cat.colnames:
-            return b
-    return truth_bands[0]
+    if truth_bands:
+        ref = cat.meta.get("reference_band")
+        if ref in truth_bands and f"{ref}_mag" in cat.colnames:
+            return ref, f"{ref}_mag"
+        for b in truth_bands:
+            if f"{b}_mag" in cat.colnames:
+                return b, f"{b}_mag"
+        return truth_bands[0], f"{truth_bands[0]}_mag"
+    if plain:
+        cat_bands = _catalog_bands(cat)
+        if len(cat_bands) == 1:
+            logger.info("truth magnitudes: its 'mag' column, taken as the catalog's band %r", cat_bands[0])  # fmt: skip
+            return cat_bands[0], "mag"
+        if not cat_bands:  # no band anywhere: label the magnitudes "mag"
+            return "mag", "mag"
+        msg = (
+            f"the truth has a plain 'mag' column but the catalog has bands "
+            f"{', '.join(cat_bands)}: say which band it is with band= (--band)"
+        )
+        raise ValueError(msg)
+    msg = "the truth has no <band>_mag or mag column: cannot bin by magnitude"
+    raise ValueError(msg)
+
+
+def _catalog_mag_column(cat: Table, band: str) -> str | None:
+    """The catalog's ``<band>_mag`` column, else its plain ``mag`` (single band), else None."""
+    if f"{band}_mag" in cat.colnames:
+        return f"{band}_mag"
+    if "mag" in cat.colnames and len(_catalog_bands(cat)) <= 1:
+        return "mag"
+    return None
 
 
 def _values(table: Table, name: str) -> np.ndarray:

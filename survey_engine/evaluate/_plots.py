@@ -240,7 +240,7 @@ def _gallery(result: EvaluationResult, path: Path, n_max: int) -> Path | None:
     cx = np.asarray(_plain(result.catalog["x"]), float)
     cy = np.asarray(_plain(result.catalog["y"]), float)
     found = np.asarray(result.truth["matched"], bool)
-    tmag = np.asarray(_plain(result.truth[f"{result.summary['band']}_mag"]), float)
+    tmag = np.asarray(_plain(result.truth[result.summary["truth_mag_column"]]), float)
     ny, nx = (m.ny, m.nx) if m is not None else tuple(seg.shape)
     bi = None
     if m is not None:

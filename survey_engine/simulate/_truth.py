@@ -41,12 +41,27 @@ def read_truth(path: str | os.PathLike) -> QTable:
     astropy.table.QTable
         With units (``pix``, ``deg``, ``ct``, ``mag``, ``arcsec``), column
         descriptions and the simulation metadata in ``meta``.
+
+    Raises
+    ------
+    FileNotFoundError
+        No file at ``path``.
+    ValueError
+        The file is not a readable Parquet table (the message names it).
     """
     path = os.fspath(path)
     if not os.path.exists(path):
         msg = f"truth table not found: {path}"
         raise FileNotFoundError(msg)
-    table = QTable.read(path, format="parquet")
+    try:
+        table = QTable.read(path, format="parquet")
+    except (ValueError, OSError) as err:  # pyarrow's ArrowInvalid is a ValueError
+        msg = (
+            f"truth table {path} is not a readable Parquet file ({type(err).__name__}: "
+            f"{str(err).splitlines()[0] if str(err) else 'no detail'}); convert it, e.g. "
+            "astropy.table.Table.read(FILE).write('truth.parquet')"
+        )
+        raise ValueError(msg) from err
     for name, text in dict(table.meta.pop("descriptions", {})).items():
         if name in table.colnames:
             table[name].info.description = text

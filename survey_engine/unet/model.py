@@ -37,6 +37,7 @@ import copy
 import json
 import logging
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -325,18 +326,44 @@ def load_model(
     -------
     UNet
         With ``model.info`` holding the checkpoint's training record.
+
+    Raises
+    ------
+    FileNotFoundError
+        No file at ``path``.
+    ValueError
+        The file is not a survey_engine U-Net checkpoint (unreadable by
+        ``torch.load(weights_only=True)``, no format tag, incomplete, or weights
+        that do not fit its configuration).
     """
     path = DEFAULT_WEIGHTS if path is None else Path(path)
     if not path.is_file():
         msg = f"U-Net checkpoint not found: {str(path)!r}"
         raise FileNotFoundError(msg)
+    hint = "give a file written by `survey-engine train` (survey_engine.unet.save_model)"
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings(record=True) as caught:  # e.g. "Detected pickle protocol 4"
+            warnings.simplefilter("always")
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        for w in caught:
+            logger.debug("torch.load(%s): %s", path, w.message)
     except Exception as err:
-        msg = f"{str(path)!r} is not a readable U-Net checkpoint: {err}"
-        raise ValueError(msg) from err
+        # torch's own message advises weights_only=False, i.e. running arbitrary pickled code:
+        # not advice to pass on for a file that is not one of ours anyway.
+        logger.debug("torch.load(%s, weights_only=True) failed: %s", path, err)
+        msg = (
+            f"{str(path)!r} is not a survey_engine U-Net checkpoint: torch cannot read it as "
+            f"plain tensors and settings ({type(err).__name__}); {hint}"
+        )
+        raise ValueError(msg) from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
-        msg = f"{str(path)!r} is not a U-Net checkpoint (format tag {CHECKPOINT_FORMAT!r} missing)"
+        msg = (
+            f"{str(path)!r} is not a survey_engine U-Net checkpoint (no format tag "
+            f"{CHECKPOINT_FORMAT!r}); {hint}"
+        )
+        raise ValueError(msg)
+    if not isinstance(ckpt.get("config"), dict) or not isinstance(ckpt.get("state_dict"), dict):
+        msg = f"{str(path)!r} is an incomplete U-Net checkpoint (no 'config' or 'state_dict')"
         raise ValueError(msg)
     model = UNet(ckpt["config"])
     try:
