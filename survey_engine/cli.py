@@ -280,7 +280,7 @@ def run_cmd(mosaic, outdir, tile, halo, origin, deblender, unet_model, device, t
     Options not given take their value from the Dask configuration (survey_engine.*: a YAML
     file in ~/.config/dask/ or DASK_SURVEY_ENGINE__TILE=… environment variables).
     """
-    from .driver import RunError
+    from .driver import RunError, RunInterrupted
     from .driver import run as _run
 
     try:
@@ -290,7 +290,10 @@ def run_cmd(mosaic, outdir, tile, halo, origin, deblender, unet_model, device, t
             minarea=minarea, detection_band=detection_band, workers=workers, scheduler=scheduler,
             resume=resume, overwrite=overwrite, gpu=gpu, backend=backend, unet_amp=unet_amp,
         )  # fmt: skip
-    except (RunError, ValueError, KeyError, FileNotFoundError) as err:
+    except (RunInterrupted, KeyboardInterrupt) as err:
+        click.echo(f"\n{err or 'interrupted before the run started'}", err=True)
+        sys.exit(130)
+    except (RunError, ValueError, KeyError, FileNotFoundError, TypeError, OSError) as err:
         _fail(err)
     click.echo(summarise_run(res))
     if fmt == "hats":

@@ -40,14 +40,25 @@ from .config import ExecutionConfig, ScienceConfig
 from .deblend import check_backend
 from .kernels.background import filter_mesh
 from .mosaic import Mosaic, open_mosaic
-from .parallel import GPUUnavailable, TaskFailure, TaskResults, dask_client, map_tasks, workers_with
+from .parallel import (
+    GPUUnavailable,
+    SchedulerUnreachable,
+    TaskFailure,
+    TaskResults,
+    check_interrupt,
+    cluster_workers,
+    dask_client,
+    interrupts_deferred,
+    map_tasks,
+    workers_with,
+)
 from .schema import ID_SCHEME, flag_descriptions
 from .stages import WindowPlan, guard_band
 from .store import PartStore, StoreError, retry_part
 from .tasks import TaskContext, background_block, process_tiles, retry, segmentation_chunk
 from .tiling import Box, TileGrid, make_tiles
 
-__all__ = ["RunError", "RunResult", "RunSettings", "resolve_run", "run"]
+__all__ = ["RunError", "RunInterrupted", "RunResult", "RunSettings", "resolve_run", "run"]
 
 logger = logging.getLogger(__name__)
 
@@ -96,9 +107,27 @@ class RunSettings:
 
     science: ScienceConfig
     execution: ExecutionConfig
-    grid: TileGrid
+    grid: TileGrid | None
     deblender: Any
     guard: int
+    halo: int = 128
+    origin: Any = 0
+
+    def tiled(self, m: Mosaic, n_workers: int, previous: dict | None = None) -> RunSettings:
+        """These settings with the grid fixed: an automatic tile needs the number of workers.
+
+        Unless given, the tile is the largest of 2048, 1024, 512 that gives every worker at
+        least two tiles (the catalog does not depend on it); a resumed run keeps its own.
+        """
+        if self.grid is not None:
+            return self
+        if previous and previous.get("halo") == self.halo:
+            tile = tuple(previous["tile"])
+        else:
+            tile = next(t for t in AUTO_TILES if t == AUTO_TILES[-1]
+                        or -(-m.ny // t) * -(-m.nx // t) >= 2 * n_workers)  # fmt: skip
+        grid = make_tiles((m.ny, m.nx), tile, self.halo, origin=self.origin)
+        return dataclasses.replace(self, grid=grid)
 
     def run_info(self, m: Mosaic) -> dict[str, Any]:
         """What identifies the run (``run.json``; a resumed run must match it)."""
@@ -111,6 +140,8 @@ class RunSettings:
 
 
 _EXECUTION_FIELDS = {f.name for f in dataclasses.fields(ExecutionConfig)}
+#: Tile sizes tried, largest first, when none is given (see :meth:`RunSettings.tiled`).
+AUTO_TILES = (2048, 1024, 512)
 
 
 def resolve_run(
@@ -171,17 +202,18 @@ def resolve_run(
     strategy = check_backend(science.deblender, execution.backend).from_science(science)
     if science.detection_band is not None:
         m.band_index(science.detection_band)  # raises for an unknown band
-    grid = make_tiles((m.ny, m.nx), _conf.get("tile", tile), _conf.get("halo", halo),
-                      origin=_conf.get("origin", origin))  # fmt: skip
+    tile, halo, origin = _conf.get("tile", tile), _conf.get("halo", halo), _conf.get("origin", origin)
+    grid = make_tiles((m.ny, m.nx), tile or AUTO_TILES[0], halo, origin=origin)  # checks them
     guard = guard_band(science, strategy)
     need = strategy.required_halo(guard)
     if grid.halo < need:
         msg = (
-            f"halo must be ≥ {need} pixels for the {science.deblender} deblender (its receptive "
-            f"field, {guard - science.detection.minarea} px, plus margin), got {grid.halo}"
+            f"halo must be ≥ {need} pixels for the {science.deblender} deblender (its "
+            f"receptive radius + 1, {guard - science.detection.minarea} px, plus minarea and "
+            f"a margin), got {grid.halo}"
         )
         raise ValueError(msg)
-    return RunSettings(science, execution, grid, strategy, guard)
+    return RunSettings(science, execution, grid if tile else None, strategy, guard, halo, origin)
 
 
 def run(
@@ -261,41 +293,41 @@ def run(
         or ``gpu`` was asked for where no GPU (or no GPU worker) is available.
     """
     t_start = time.perf_counter()
+    if not isinstance(mosaic, Mosaic) and "://" not in str(mosaic):
+        mosaic = os.path.abspath(mosaic)  # workers may run elsewhere
     m = mosaic if isinstance(mosaic, Mosaic) else open_mosaic(mosaic)
     external = client is not None or params.get("scheduler") is not None
     s = resolve_run(m, science=science, execution=execution, tile=tile, halo=halo, origin=origin,
                     deblender=deblender, gpu=gpu, external_cluster=external, **params)  # fmt: skip
-    store = PartStore(outdir)
-    try:
-        store.prepare(s.run_info(m), resume=resume, overwrite=overwrite)
-    except StoreError as err:
-        raise RunError(str(err)) from err
-    meta = _catalog_meta(s, m)
-    timings: dict[str, float] = {}
-    ex = s.execution
-    with contextlib.ExitStack() as stack:
-        local_gpu = ex.gpu and client is None and ex.scheduler is None
+    store = PartStore(Path(outdir).absolute())
+    stopped: tuple[type, str] | None = None
+    quiet = _QuietShutdown()
+    with quiet, interrupts_deferred(), contextlib.ExitStack() as stack:
+        c = _connect(stack, s.execution, client)
+        s = s.tiled(m, len(cluster_workers(c)), store.previous_run() if resume else None)
         try:
-            c = stack.enter_context(dask_client(workers=ex.workers, scheduler=ex.scheduler,
-                                                client=client, gpu=local_gpu))  # fmt: skip
-        except GPUUnavailable as err:
-            raise RunError(str(err)) from err
-        _check_resources(c, ex.resources, ex.scheduler)
-        clock = _Clock(timings)
-        plan = WindowPlan(s.science, ex, s.deblender, s.guard, Box(0, m.ny, 0, m.nx), tuple(m.bands))
-        plan = dataclasses.replace(plan, meshes=_background_stage(c, m, plan, store, progress))
-        clock.lap("background")
-        ctx = TaskContext(m.path, plan, store, s.grid)
-        tiles = _tile_stage(c, ctx, progress)
-        clock.lap("tiles")
-        pending, retried = _retry_stage(c, ctx, progress)
-        clock.lap("retry")
-        _raise_failures([*tiles.failures, *retried.failures], store)
-        seg_path = store.root / "segmentation.zarr"
-        _segmentation_stage(c, m, s.grid, store, pending, seg_path, progress)
-        clock.lap("segmentation")
-    cat_path = store.root / "catalog.parquet"
-    n = _catalog_stage(store, s.grid, pending, cat_path, _layout(m, s.science), meta)
+            fresh = store.prepare(s.run_info(m), resume=resume, overwrite=overwrite)
+        except StoreError as err:
+            raise RunError(str(err)) from None
+        timings: dict[str, float] = {}
+        try:
+            tiles, pending = _stages(c, m, s, store, progress, timings)
+        except KeyboardInterrupt:
+            stopped = (RunInterrupted, "interrupted")
+        except Exception as err:
+            if not _lost(c, err):
+                if fresh and "background" not in timings:  # a failed start leaves OUTDIR as it was
+                    store.discard()
+                raise
+            where = f" at {s.execution.scheduler}" if s.execution.scheduler else ""
+            stopped = (RunError, f"lost the connection to the Dask scheduler{where}")
+        if stopped:  # close the cluster without worker noise, then say where the run stands
+            quiet.engage(c)
+    if stopped:
+        raise _stopped(store, s.grid, fresh, *stopped)
+    clock = _Clock(timings)
+    cat_path, seg_path = store.root / "catalog.parquet", store.root / "segmentation.zarr"
+    n = _catalog_stage(store, s.grid, pending, cat_path, _layout(m, s.science), _catalog_meta(s, m))
     clock.lap("catalog")
     timings["total"] = time.perf_counter() - t_start
     logger.info("catalog %s: %d objects (%d retried)", cat_path, n, len(pending))
@@ -303,8 +335,97 @@ def run(
     return RunResult(
         store.root, cat_path, seg_path, n, len(s.grid), len(pending), timings,
         stages=_stage_seconds(tiles), pixels=m.ny * m.nx,
-        gpu_memory=max(gpu_memory) if gpu_memory else None, backend=ex.backend, device=ex.device,
+        gpu_memory=max(gpu_memory) if gpu_memory else None, backend=s.execution.backend,
+        device=s.execution.device,
     )  # fmt: skip
+
+
+class RunInterrupted(RunError):
+    """A run stopped by an interrupt (Ctrl-C); finished parts are kept for ``resume``."""
+
+
+def _connect(stack: contextlib.ExitStack, ex: ExecutionConfig, client):
+    """The run's Dask client (closed with ``stack``); RunError when none can be had."""
+    local_gpu = ex.gpu and client is None and ex.scheduler is None
+    try:
+        c = stack.enter_context(dask_client(workers=ex.workers, scheduler=ex.scheduler,
+                                            client=client, gpu=local_gpu))  # fmt: skip
+    except (GPUUnavailable, SchedulerUnreachable) as err:
+        raise RunError(str(err)) from None
+    _check_resources(c, ex.resources, ex.scheduler)
+    return c
+
+
+def _stages(client, m: Mosaic, s: RunSettings, store: PartStore, progress: bool, timings: dict):
+    """Stages 1–4 on the cluster: background, tiles, retry, segmentation (seconds in ``timings``)."""
+    clock = _Clock(timings)
+    plan = WindowPlan(s.science, s.execution, s.deblender, s.guard, Box(0, m.ny, 0, m.nx), tuple(m.bands))
+    plan = dataclasses.replace(plan, meshes=_background_stage(client, m, plan, store, progress))
+    clock.lap("background")
+    ctx = TaskContext(m.path, plan, store, s.grid)
+    tiles = _tile_stage(client, ctx, progress)
+    clock.lap("tiles")
+    pending, retried = _retry_stage(client, ctx, progress)
+    clock.lap("retry")
+    _raise_failures([*tiles.failures, *retried.failures], store)
+    _segmentation_stage(client, m, s.grid, store, pending, store.root / "segmentation.zarr", progress)
+    clock.lap("segmentation")
+    return tiles, pending
+
+
+def _lost(client, err: Exception) -> bool:
+    """Whether ``err`` means the connection to the scheduler is gone."""
+    from concurrent.futures import CancelledError
+
+    from distributed.comm.core import CommClosedError
+
+    closed = getattr(client, "status", "running") != "running"
+    return closed or isinstance(err, (CommClosedError, ConnectionError, CancelledError))
+
+
+def _stopped(store: PartStore, grid: TileGrid, fresh: bool, cls: type, what: str) -> RunError:
+    """The error of a run that stopped early; a fresh run with no part written leaves nothing."""
+    done = len(store.finished(t.name for t in grid))
+    if fresh and done == 0:
+        store.discard()
+        return cls(f"{what}: no tile was finished; {store.root} is left as it was")
+    return cls(
+        f"{what} after {done} of {len(grid)} tiles: the finished parts are kept in {store.parts}; "
+        "rerun with --resume (resume=True) to continue"
+    )
+
+
+def _silence() -> dict[str, int]:
+    """Set distributed's and tornado's loggers to CRITICAL; their previous levels."""
+    names = [n for n in logging.root.manager.loggerDict if n.split(".")[0] in ("distributed", "tornado")]
+    levels = {n: logging.getLogger(n).level for n in {"distributed", "tornado", *names}}
+    for n in levels:
+        logging.getLogger(n).setLevel(logging.CRITICAL)
+    return levels
+
+
+class _QuietShutdown:
+    """Once engaged, distributed's logs are silenced (here and on the workers) until the block ends.
+
+    A stopped run (interrupt, lost scheduler) closes its cluster with tasks still running:
+    their cancellation is expected, not worth a warning per task.
+    """
+
+    def __init__(self):
+        self.levels: dict[str, int] | None = None
+
+    def engage(self, client) -> None:
+        self.levels = _silence()
+        if getattr(client, "status", None) == "running":
+            with contextlib.suppress(Exception):
+                client.run(_silence)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        for n, level in (self.levels or {}).items():
+            logging.getLogger(n).setLevel(level)
 
 
 class _Clock:
@@ -314,6 +435,7 @@ class _Clock:
         self.timings, self.t = timings, time.perf_counter()
 
     def lap(self, stage: str) -> None:
+        check_interrupt()
         now = time.perf_counter()
         self.timings[stage] = now - self.t
         self.t = now

@@ -12,17 +12,25 @@ import contextlib
 import functools
 import logging
 import os
+import signal
+import threading
+import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import dask.config
+
 __all__ = [
     "GPUUnavailable",
+    "SchedulerUnreachable",
     "TaskFailure",
+    "check_interrupt",
     "cluster_workers",
     "dask_client",
     "default_workers",
+    "interrupts_deferred",
     "local_cluster",
     "map_tasks",
     "workers_with",
@@ -82,8 +90,18 @@ def dask_client(
         yield client
         return
     if scheduler is not None:
-        logger.info("connecting to Dask scheduler %s", scheduler)
-        with Client(scheduler, timeout="30s") as c:
+        timeout = dask.config.get("survey_engine.scheduler-timeout", default=None) or "5s"
+        logger.info("connecting to Dask scheduler %s (timeout %s)", scheduler, timeout)
+        try:
+            c = Client(scheduler, timeout=timeout)
+        except (OSError, TimeoutError) as err:
+            msg = (
+                f"cannot reach the Dask scheduler at {scheduler} within {timeout} "
+                f"({type(err).__name__}); is `dask scheduler` running there? (the wait is "
+                "survey_engine.scheduler-timeout in the Dask config)"
+            )
+            raise SchedulerUnreachable(msg) from None
+        with c:
             yield c
         return
     cluster = local_cluster(
@@ -96,6 +114,29 @@ def dask_client(
 
 class GPUUnavailable(RuntimeError):
     """A GPU cluster was asked for where none can be started."""
+
+
+class SchedulerUnreachable(RuntimeError):
+    """No Dask scheduler answers at the address given."""
+
+
+@contextlib.contextmanager
+def _sigint_ignored():
+    """SIGINT ignored while worker processes are started, so that they inherit it.
+
+    An interrupt (Ctrl-C) then reaches the driver alone, which stops the run and closes the
+    cluster, instead of every worker printing its own traceback. (An ignored signal stays
+    ignored across ``exec``, and Python installs its KeyboardInterrupt handler only where
+    SIGINT is not ignored.)
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def local_cluster(
@@ -146,7 +187,8 @@ def local_cluster(
             msg = f"workers must be a positive integer, got {workers!r}"
             raise ValueError(msg)
         logger.info("starting LocalCluster with %d worker(s)", n)
-        return LocalCluster(n_workers=n, processes=processes, **common)
+        with _sigint_ignored():
+            return LocalCluster(n_workers=n, processes=processes, **common)
     import torch
 
     if not torch.cuda.is_available():
@@ -172,9 +214,11 @@ def local_cluster(
             "dask-cuda does not import (%s: %s): %d GPU=1 worker(s) in a plain LocalCluster",
             type(err).__name__, err, n,
         )  # fmt: skip
-        return LocalCluster(n_workers=n, processes=True, resources={"GPU": 1}, **common)
+        with _sigint_ignored():
+            return LocalCluster(n_workers=n, processes=True, resources={"GPU": 1}, **common)
     logger.info("starting LocalCUDACluster with %d GPU worker(s)", n)
-    return LocalCUDACluster(n_workers=n, resources={"GPU": 1}, **common)
+    with _sigint_ignored():
+        return LocalCUDACluster(n_workers=n, resources={"GPU": 1}, **common)
 
 
 def cluster_workers(client: Any) -> dict[str, dict]:
@@ -282,7 +326,7 @@ def map_tasks(
     )
     by_future = dict(zip(futures, keys, strict=True))
     with tqdm(total=len(items), desc=desc, disable=not progress, unit="task") as bar:
-        for fut in as_completed(futures):
+        for fut in _completed(as_completed(futures)):
             key = by_future[fut]
             if fut.status == "error":
                 exc = fut.exception()
@@ -296,6 +340,56 @@ def map_tasks(
             fut.release()
             bar.update(1)
     return out
+
+
+def _completed(ac) -> Iterator[Any]:
+    """The futures of ``ac`` as they finish, stopping cleanly on a deferred interrupt."""
+    while True:
+        check_interrupt()
+        batch = ac.next_batch(block=False)
+        if batch:
+            yield from batch
+        elif ac.is_empty():
+            return
+        else:
+            time.sleep(0.02)
+
+
+_INTERRUPTED = threading.Event()
+
+
+@contextlib.contextmanager
+def interrupts_deferred() -> Iterator[None]:
+    """A first Ctrl-C (SIGINT) in the block stops :func:`map_tasks` between two results.
+
+    It only sets a flag that :func:`check_interrupt` turns into ``KeyboardInterrupt`` at a
+    safe point, so the interrupt never lands inside Dask's own calls (which then log
+    tracebacks from the event loop); a second Ctrl-C interrupts at once. Nothing changes
+    outside the main thread or where SIGINT is ignored (a background job).
+    """
+    previous = signal.getsignal(signal.SIGINT)
+    if threading.current_thread() is not threading.main_thread() or previous == signal.SIG_IGN:
+        yield
+        return
+
+    def handler(signum, frame):
+        if _INTERRUPTED.is_set():
+            raise KeyboardInterrupt
+        _INTERRUPTED.set()
+
+    _INTERRUPTED.clear()
+    signal.signal(signal.SIGINT, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        _INTERRUPTED.clear()
+
+
+def check_interrupt() -> None:
+    """Raise ``KeyboardInterrupt`` if a deferred interrupt is pending."""
+    if _INTERRUPTED.is_set():
+        raise KeyboardInterrupt
 
 
 class _TaskCall:

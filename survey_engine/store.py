@@ -21,6 +21,7 @@ parts' ``catalog.parquet``: :meth:`PartStore.catalog_tables`).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -94,44 +95,79 @@ class PartStore:
         return f"PartStore({str(self.root)!r})"
 
     # -- the run -----------------------------------------------------------------------
-    def prepare(self, run_info: dict[str, Any], *, resume: bool, overwrite: bool) -> None:
+    def prepare(self, run_info: dict[str, Any], *, resume: bool, overwrite: bool) -> bool:
         """Make the directory ready for a run described by ``run_info``.
 
         An empty or missing directory is set up; ``overwrite`` clears one that is not;
-        ``resume`` continues one that holds the same run (same ``run.json``).
+        ``resume`` continues one that holds the same run (same ``run.json``; parts left
+        half-written by an interrupted run are removed).
+
+        Returns
+        -------
+        bool
+            True when the run starts from nothing here (:meth:`discard` then undoes it).
 
         Raises
         ------
         StoreError
-            The directory holds another run, or something that is not a run, without
-            ``overwrite``; or holds a run and neither flag is given.
+            The path is a file or cannot be written; the directory holds another run, or
+            something that is not a run, without ``overwrite``; or holds a run and neither
+            flag is given.
         """
-        run_file = self.root / RUN_FILE
         run_info = json.loads(json.dumps(run_info))  # compare as stored (tuples become lists)
-        if self.root.exists() and any(self.root.iterdir()):
-            if overwrite:
-                shutil.rmtree(self.root)
-            elif resume:
-                if not run_file.exists():
-                    msg = f"cannot resume: {self.root} holds no {RUN_FILE} (not a survey_engine run)"
-                    raise StoreError(msg)
-                previous = json.loads(run_file.read_text())
-                if previous != run_info:
-                    diff = sorted(k for k in run_info if previous.get(k) != run_info[k])
+        if self.root.exists() and not self.root.is_dir():
+            msg = f"output directory {self.root} is a file, not a directory: give another OUTDIR"
+            raise StoreError(msg)
+        self._existed = self.root.exists()
+        try:
+            if self._existed and any(self.root.iterdir()):
+                if overwrite:
+                    shutil.rmtree(self.root)
+                elif resume:
+                    self._check_resumable(run_info)
+                    for tmp in self.parts.glob(".*.tmp-*"):
+                        shutil.rmtree(tmp, ignore_errors=True)
+                    return False
+                else:
                     msg = (
-                        f"cannot resume: {self.root} holds a different run (differs in "
-                        f"{', '.join(diff)}); use another output directory or overwrite=True"
+                        f"output directory {self.root} is not empty (it holds an earlier run); "
+                        "pass resume=True (--resume) to continue it or overwrite=True (--overwrite)"
                     )
                     raise StoreError(msg)
-                return
-            else:
-                msg = (
-                    f"output directory {self.root} is not empty (it holds an earlier run); "
-                    "pass resume=True (--resume) to continue it or overwrite=True (--overwrite)"
-                )
-                raise StoreError(msg)
-        self.parts.mkdir(parents=True, exist_ok=True)
-        run_file.write_text(json.dumps(run_info, indent=2))
+            self.parts.mkdir(parents=True, exist_ok=True)
+            (self.root / RUN_FILE).write_text(json.dumps(run_info, indent=2))
+        except OSError as err:
+            msg = f"cannot write to output directory {self.root}: {err.strerror or err}"
+            raise StoreError(msg) from None
+        return True
+
+    def _check_resumable(self, run_info: dict[str, Any]) -> None:
+        run_file = self.root / RUN_FILE
+        if not run_file.exists():
+            msg = f"cannot resume: {self.root} holds no {RUN_FILE} (not a survey_engine run)"
+            raise StoreError(msg)
+        previous = json.loads(run_file.read_text())
+        if previous != run_info:
+            diff = sorted(k for k in run_info if previous.get(k) != run_info[k])
+            msg = (
+                f"cannot resume: {self.root} holds a different run (differs in "
+                f"{', '.join(diff)}); use another output directory or overwrite=True"
+            )
+            raise StoreError(msg)
+
+    def previous_run(self) -> dict[str, Any] | None:
+        """The ``run.json`` of the run this directory holds, if any."""
+        path = self.root / RUN_FILE
+        return json.loads(path.read_text()) if path.is_file() else None
+
+    def discard(self) -> None:
+        """Undo :meth:`prepare` of a run that stopped before any part was written."""
+        shutil.rmtree(self.parts, ignore_errors=True)
+        for name in (RUN_FILE, "background.npz"):
+            (self.root / name).unlink(missing_ok=True)
+        if not getattr(self, "_existed", True):
+            with contextlib.suppress(OSError):
+                self.root.rmdir()
 
     def load_background(self) -> tuple[np.ndarray, np.ndarray] | None:
         """The saved mesh statistics ``(level, rms)``, or None."""
@@ -166,6 +202,19 @@ class PartStore:
         """All files into a temporary directory, then one rename: a part is whole or absent."""
         final = self.parts / name
         tmp = self.parts / f".{name}.tmp-{os.getpid()}-{time.monotonic_ns()}"
+        try:
+            self._write_files(tmp, files)
+        except OSError as err:  # disk full, quota, permissions: name the directory
+            shutil.rmtree(tmp, ignore_errors=True)
+            msg = f"cannot write part {name} in {self.root}: {err.strerror or err}"
+            raise OSError(err.errno, msg) from None
+        if final.exists():  # a previous attempt of the same item finished meanwhile
+            shutil.rmtree(tmp)
+            return
+        os.rename(tmp, final)
+
+    @staticmethod
+    def _write_files(tmp: Path, files: dict[str, Any]) -> None:
         tmp.mkdir(parents=True)
         for fname, content in files.items():
             path = tmp / fname
@@ -177,10 +226,6 @@ class PartStore:
                 np.savez(path, ids=content.ids, boxes=content.boxes, pixels=content.pixels)
             else:
                 path.write_text(json.dumps(content))
-        if final.exists():  # a previous attempt of the same item finished meanwhile
-            shutil.rmtree(tmp)
-            return
-        os.rename(tmp, final)
 
     # -- reading parts ---------------------------------------------------------------------
     def finished(self, names: Iterable[str]) -> set[str]:

@@ -27,7 +27,7 @@ def mosaic(tmp_path_factory):
 def test_shipped_defaults_match_the_pipeline_defaults():
     with open(CONFIG_FILE) as f:
         shipped = yaml.safe_load(f)["survey_engine"]
-    assert dask.config.get("survey_engine.tile") == shipped["tile"] == 2048
+    assert dask.config.get("survey_engine.tile") is shipped["tile"] is None  # chosen per run
     assert dask.config.get("survey_engine.halo") == 128
     d = ScienceConfig().to_dict()
     flat = {**d, **d["detection"], **d["measure"], **ExecutionConfig().to_dict()}
@@ -47,10 +47,10 @@ def test_dask_config_sets_the_default_and_arguments_win(mosaic, client, tmp_path
     meta = read_catalog(explicit.catalog_path).meta
     assert meta["tile"] == [64, 64] and meta["halo"] == 20
     assert meta["science"]["detection"]["thresh"] == 2.0
-    # Outside the block the shipped defaults are back.
+    # Outside the block the shipped defaults are back: a 128² mosaic, one worker → 512 px.
     res = run(mosaic, tmp_path / "c", client=client, progress=False)
     meta = read_catalog(res.catalog_path).meta
-    assert meta["tile"] == [2048, 2048] and meta["halo"] == 128
+    assert meta["tile"] == [512, 512] and meta["halo"] == 128
     assert meta["science"]["detection"]["thresh"] == 1.5
 
 
@@ -134,4 +134,4 @@ def test_cli_flags_default_to_the_dask_config(mosaic, tmp_path, monkeypatch):
     meta = read_catalog(out / "catalog.parquet").meta
     assert meta["tile"] == [64, 64] and meta["halo"] == 16
     assert meta["science"]["detection"]["minarea"] == 7
-    assert dask.config.get("survey_engine.tile") == 2048
+    assert dask.config.get("survey_engine.tile") is None
