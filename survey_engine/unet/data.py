@@ -1,53 +1,11 @@
 """Training data of the U-Net deblender: GalSim objects blended artificially, written to Zarr.
 
-Two stages, so that the expensive one runs once and the cheap one anywhere:
-
-1. :func:`draw_library` (needs GalSim, imported on call) draws *isolated* galaxies and
-   stars of the simulator's population (:func:`survey_engine.simulate.make_scene`:
-   bulge + disk galaxies, stars, LSST colours) with its drawing kernel
-   (:func:`survey_engine.simulate._draw.draw_stamps`) under a few observing
-   conditions (PSF kind × FWHM, at the survey depth of
-   :func:`survey_engine.simulate._bands.band_setups`). Each noiseless stamp is kept,
-   cropped where it exceeds ``crop_level`` sky σ in some band, in units of the band's
-   sky σ (float16). Magnitudes are resampled from the number counts to a flatter
-   distribution (``mag_slope``) over ``mag_range``, so bright and faint objects both
-   appear often.
-2. :func:`compose` (numpy only) blends library objects into ``stamp × stamp``
-   samples: 1 (15 %), 2 (35 %), 3 (20 %) or 4–8 (30 %, crowded) objects per stamp,
-   each under a random dihedral transform; a companion is either *close* (to a random
-   object already placed, at a separation log-uniform in 0.3–4 PSF FWHM, flux ratio
-   log-uniform up to 1:20 either way) or anywhere in the stamp. Deterministic in the
-   seed. Noise is added afterwards (:func:`noisy_significance`), so training can draw
-   fresh noise every epoch.
-
-Targets (from the noiseless per-object images)
-----------------------------------------------
-With ``d_k`` object ``k``'s noiseless detection-image significance (bands combined
-with inverse sky-variance weights, like :func:`~survey_engine.kernels.detect.detection_image`)
-and ``D = Σ d_k``:
-
-* ``foreground``: ``D > fg_threshold`` (1 sky σ per pixel);
-* an object is *detectable* when its matched-filter S/N ``ν = sqrt(Σ d_k²) ≥ nu_min`` (5);
-* ``owner``: in foreground pixels, ``1 +`` the index of the detectable object with the
-  largest ``d_k`` there (0: none, only undetectable objects contribute);
-* ``centres``: true (sub-pixel) centres, ``(y, x)`` pixel coordinates of the stamp.
-
-The network's targets are built from these by the training loop
-(:mod:`survey_engine.unet.train`): the centre heatmap is a Gaussian of σ
-``centre_sigma`` (1 px) at the rounded centre of every detectable object inside the
-stamp, and the offset of an owned pixel is the vector to its owner's centre.
-
-Storage
--------
-:func:`generate_training_set` writes either a Zarr v3 group (``*.zarr`` or any other
-name) with the composed samples *and* the library, or, for a path ending in ``.npz``,
-a compact file with only the library and the composition parameters (a few MB):
-:func:`load_training_set` composes the same samples from it, bit for bit, on a host
-without GalSim or Zarr.
-
-The input image stored in Zarr (``image``) is the *significance*: the noisy
-detection image divided by the square root of its variance (sky + source Poisson
-noise). The model applies its own normalisation (``asinh``) on top.
+Two stages: :func:`draw_library` (GalSim, run once) draws isolated noiseless objects of the
+simulator's population under a few observing conditions; :func:`compose` (numpy only,
+deterministic in its seed) blends them into stamps with their targets. Noise is added later
+(:func:`noisy_significance`), fresh every epoch. :func:`generate_training_set` writes a Zarr v3
+group or a compact ``.npz`` (library + recipe) that :func:`load_training_set` composes bit for
+bit anywhere. The targets, the blend statistics and the storage: ``docs/unet.md``.
 """
 
 from __future__ import annotations
@@ -66,15 +24,9 @@ import numpy as np
 import torch
 
 __all__ = [
-    "DATASET_FORMAT",
-    "Library",
-    "TrainingSet",
-    "compose",
-    "draw_library",
-    "generate_training_set",
-    "load_training_set",
-    "noisy_significance",
-]
+    "DATASET_FORMAT", "Library", "TrainingSet", "compose", "draw_library",
+    "generate_training_set", "load_training_set", "noisy_significance",
+]  # fmt: skip
 
 logger = logging.getLogger(__name__)
 
@@ -168,7 +120,7 @@ class Library:
 
 @dataclass
 class TrainingSet:
-    """Composed noiseless samples and their targets (see the module docstring).
+    """Composed noiseless samples and their targets (defined in ``docs/unet.md``).
 
     Attributes
     ----------
@@ -211,67 +163,42 @@ class TrainingSet:
     attrs: dict = field(default_factory=dict)
 
     _ARRAYS = (
-        "model",
-        "sky_sigma",
-        "source_noise",
-        "det_weights",
-        "foreground",
-        "owner",
-        "centres",
-        "detectable",
-        "nu",
-        "det_flux",
-        "condition",
-    )
+        "model", "sky_sigma", "source_noise", "det_weights", "foreground", "owner", "centres",
+        "detectable", "nu", "det_flux", "condition",
+    )  # fmt: skip
 
     def __len__(self) -> int:
         return len(self.model)
 
 
-# --------------------------------------------------------------------------------------
-# validation helpers
+# -- validation helpers ----------------------------------------------------------------
 
 
-def _positive_int(name: str, value) -> int:
-    if isinstance(value, bool) or int(value) != value or value < 1:
-        msg = f"{name} must be a positive integer, got {value!r}"
-        raise ValueError(msg)
-    return int(value)
-
-
-def _seed(value) -> int:
-    if isinstance(value, bool) or int(value) != value or value < 0:
-        msg = f"seed must be a non-negative integer, got {value!r}"
+def _check_int(name: str, value, minimum: int = 1) -> int:
+    """``value`` as an int; ValueError unless it is an integer >= ``minimum`` (1 or 0)."""
+    if isinstance(value, bool) or int(value) != value or value < minimum:
+        kind = "positive" if minimum == 1 else "non-negative"
+        msg = f"{name} must be a {kind} integer, got {value!r}"
         raise ValueError(msg)
     return int(value)
 
 
 def _as_tuple(value) -> tuple:
-    if isinstance(value, str) or not isinstance(value, Sequence):
-        return (value,)
-    return tuple(value)
+    """A scalar or a string as a 1-tuple, a sequence as a tuple."""
+    return (value,) if isinstance(value, str) or not isinstance(value, Sequence) else tuple(value)
 
 
-# --------------------------------------------------------------------------------------
-# stage 1: the library (GalSim)
+# -- stage 1: the library (GalSim) -----------------------------------------------------
 
 
 def draw_library(
-    *,
-    n_objects: int,
-    seed: int = 0,
-    bands: str | Sequence[str] = ("r",),
+    *, n_objects: int, seed: int = 0, bands: str | Sequence[str] = ("r",),
     psf: str | Sequence[str] = ("kolmogorov",),
-    psf_fwhm: float | Sequence[float] = (0.6, 0.75, 0.9),
-    depth: float = 26.8,
-    pixel_scale: float = 0.2,
-    mag_range: tuple[float, float] = (19.0, 27.0),
-    mag_slope: float = 0.1,
-    star_fraction: float = 0.15,
-    max_half: int = 64,
-    crop_level: float = 0.03,
-    progress: bool = True,
-) -> Library:
+    psf_fwhm: float | Sequence[float] = (0.6, 0.75, 0.9), depth: float = 26.8,
+    pixel_scale: float = 0.2, mag_range: tuple[float, float] = (19.0, 27.0),
+    mag_slope: float = 0.1, star_fraction: float = 0.15, max_half: int = 64,
+    crop_level: float = 0.03, progress: bool = True,
+) -> Library:  # fmt: skip
     """Draw isolated galaxies and stars with GalSim (the simulator's population and kernel).
 
     Parameters
@@ -312,8 +239,8 @@ def draw_library(
     from ..simulate._draw import _gsparams, draw_stamps, object_plan
     from ..simulate._scene import GALAXY_COUNTS, expected_counts, make_scene
 
-    n_objects = _positive_int("n_objects", n_objects)
-    seed = _seed(seed)
+    n_objects = _check_int("n_objects", n_objects)
+    seed = _check_int("seed", seed, 0)
     bands = parse_bands(bands)
     psfs_kinds = tuple(str(p) for p in _as_tuple(psf))
     fwhms = tuple(float(f) for f in _as_tuple(psf_fwhm))
@@ -354,23 +281,14 @@ def draw_library(
     rng = np.random.default_rng(np.random.SeedSequence([seed, _TAG_LIBRARY]))
     scene_seed = int(rng.integers(2**31))
     t0 = time.perf_counter()
-    pool = make_scene(
-        side,
-        side,
-        bands=scene_bands,
-        seed=scene_seed,
-        pixel_scale=pixel_scale,
-        density=density,
-        max_mag=m1,
-    )
+    pool = make_scene(side, side, bands=scene_bands, seed=scene_seed, pixel_scale=pixel_scale,
+                      density=density, max_mag=m1)  # fmt: skip
     rmag = np.asarray(pool["r_mag"].value)
     star = np.asarray(pool["kind"]) == "star"
     inside = (rmag >= m0) & (rmag < m1)
     u = rng.random(len(pool))
-    gal_ok = inside & ~star & (u < 10 ** ((mag_slope - slope) * (rmag - m0)))
-    star_ok = inside & star
-    gal_idx = np.flatnonzero(gal_ok)
-    star_idx = np.flatnonzero(star_ok)
+    gal_idx = np.flatnonzero(inside & ~star & (u < 10 ** ((mag_slope - slope) * (rmag - m0))))
+    star_idx = np.flatnonzero(inside & star)
     if len(gal_idx) < n_gal or len(star_idx) < n_star:  # pragma: no cover - pool is oversized
         msg = "internal error: population pool too small; increase its density"
         raise RuntimeError(msg)
@@ -380,19 +298,13 @@ def draw_library(
     rng.shuffle(chosen)
     table = pool[np.sort(chosen)]
     table = table[rng.permutation(len(table))]
-    logger.info(
-        "library population: %d galaxies, %d stars (pool %d, %.1f s)",
-        n_gal,
-        n_star,
-        len(pool),
-        time.perf_counter() - t0,
-    )
+    logger.info("library population: %d galaxies, %d stars (pool %d, %.1f s)",
+                n_gal, n_star, len(pool), time.perf_counter() - t0)  # fmt: skip
 
     conditions = []
     gsparams = _gsparams()
-    n_cond = len(conditions_in)
-    cond_of = np.arange(n_objects) % n_cond
-    crops: list[np.ndarray] = []
+    cond_of = np.arange(n_objects) % len(conditions_in)
+    crops: list = [None] * n_objects  # object j's crop, drawn condition by condition
     shapes = np.zeros((n_objects, 2), np.int32)
     centres = np.zeros((n_objects, 2), np.float32)
     nu = np.zeros(n_objects, np.float32)
@@ -403,17 +315,12 @@ def draw_library(
         setups = band_setups(bands, depth=depth, psf=kind, psf_fwhm=fwhm, pixel_scale=pixel_scale)
         sigma = np.array([b.sky_sigma for b in setups])
         w = (1 / sigma) / np.sqrt(np.sum(1 / sigma**2))
-        conditions.append(
-            {
-                "psf": kind,
-                "psf_fwhm": fwhm,
-                "fwhm_px": fwhm / pixel_scale,
-                "sky_sigma": sigma.tolist(),
-                "source_noise": [1.0 / (b.sky_sigma * b.gain) for b in setups],
-                "det_weights": w.tolist(),
-                "band_fwhm": [b.psf_fwhm for b in setups],
-            }
-        )
+        conditions.append({
+            "psf": kind, "psf_fwhm": fwhm, "fwhm_px": fwhm / pixel_scale,
+            "sky_sigma": sigma.tolist(),
+            "source_noise": [1.0 / (b.sky_sigma * b.gain) for b in setups],
+            "det_weights": w.tolist(), "band_fwhm": [b.psf_fwhm for b in setups],
+        })  # fmt: skip
         psfs = [make_psf(kind, b.psf_fwhm, gsparams) for b in setups]
         idx = np.flatnonzero(cond_of == c)
         plan = object_plan(table[idx], setups, pixel_scale)
@@ -431,7 +338,7 @@ def draw_library(
             ys, xs = np.flatnonzero(keep.any(axis=1)), np.flatnonzero(keep.any(axis=0))
             y0, y1, x0, x1 = ys[0], ys[-1] + 1, xs[0], xs[-1] + 1
             crop = st[:, y0:y1, x0:x1]
-            crops.append(crop.astype(np.float16).ravel())
+            crops[j] = crop.astype(np.float16).ravel()
             shapes[j] = crop.shape[1:]
             centres[j] = (h + obj["y"] - y0, h + obj["x"] - x0)
             det = np.tensordot(w, st, axes=1)
@@ -439,49 +346,24 @@ def draw_library(
             det_flux[j] = det.sum()
             bar.update(1)
     bar.close()
-    ordered = [None] * n_objects
-    pos = 0
-    for c in range(n_cond):
-        for j in np.flatnonzero(cond_of == c):
-            ordered[j] = crops[pos]
-            pos += 1
-    sizes = np.array([len(a) for a in ordered], dtype=np.int64)
+    sizes = np.array([len(a) for a in crops], dtype=np.int64)
     start = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
     lib = Library(
-        pixels=np.concatenate(ordered),
-        start=start,
-        shape=shapes,
-        centre=centres,
-        condition=cond_of.astype(np.int32),
-        nu=nu,
-        det_flux=det_flux,
-        mag=np.asarray(table["r_mag"].value, np.float32),
-        star=np.asarray(table["kind"]) == "star",
+        pixels=np.concatenate(crops), start=start, shape=shapes, centre=centres,
+        condition=cond_of.astype(np.int32), nu=nu, det_flux=det_flux,
+        mag=np.asarray(table["r_mag"].value, np.float32), star=np.asarray(table["kind"]) == "star",
         conditions=conditions,
-        attrs={
-            "seed": seed,
-            "n_objects": n_objects,
-            "bands": list(bands),
-            "depth": float(depth),
-            "pixel_scale": float(pixel_scale),
-            "mag_range": [m0, m1],
-            "mag_slope": float(mag_slope),
-            "star_fraction": float(star_fraction),
-            "max_half": int(max_half),
-            "crop_level": float(crop_level),
-        },
-    )
-    logger.info(
-        "drew %d library objects in %.1f s (%.1f MB)",
-        n_objects,
-        time.perf_counter() - t0,
-        lib.pixels.nbytes / 1e6,
-    )
+        attrs={"seed": seed, "n_objects": n_objects, "bands": list(bands), "depth": float(depth),
+               "pixel_scale": float(pixel_scale), "mag_range": [m0, m1],
+               "mag_slope": float(mag_slope), "star_fraction": float(star_fraction),
+               "max_half": int(max_half), "crop_level": float(crop_level)},
+    )  # fmt: skip
+    logger.info("drew %d library objects in %.1f s (%.1f MB)",
+                n_objects, time.perf_counter() - t0, lib.pixels.nbytes / 1e6)  # fmt: skip
     return lib
 
 
-# --------------------------------------------------------------------------------------
-# stage 2: blends (numpy)
+# -- stage 2: blends (numpy) -----------------------------------------------------------
 
 
 def _dihedral(a: np.ndarray, cy: float, cx: float, t: int):
@@ -497,31 +379,17 @@ def _dihedral(a: np.ndarray, cy: float, cx: float, t: int):
 
 
 def _n_objects(rng: np.random.Generator) -> int:
-    u = rng.random()
-    cum = np.cumsum(N_OBJECTS_P)
-    if u < cum[0]:
-        return 1
-    if u < cum[1]:
-        return 2
-    if u < cum[2]:
-        return 3
-    return int(rng.integers(4, MAX_OBJECTS + 1))
+    """Objects in a stamp, drawn from :data:`N_OBJECTS_P` (4–8 uniform)."""
+    n = 1 + int(np.searchsorted(np.cumsum(N_OBJECTS_P)[:3], rng.random(), side="right"))
+    return n if n < 4 else int(rng.integers(4, MAX_OBJECTS + 1))
 
 
 def compose(
-    library: Library,
-    *,
-    samples: int,
-    seed: int = 0,
-    stamp: int = 64,
-    close_fraction: float = 0.6,
-    separation: tuple[float, float] = (0.3, 4.0),
-    max_flux_ratio: float = 20.0,
-    fg_threshold: float = 1.0,
-    nu_min: float = 5.0,
-    centre_sigma: float = 1.0,
-    progress: bool = True,
-) -> TrainingSet:
+    library: Library, *, samples: int, seed: int = 0, stamp: int = 64,
+    close_fraction: float = 0.6, separation: tuple[float, float] = (0.3, 4.0),
+    max_flux_ratio: float = 20.0, fg_threshold: float = 1.0, nu_min: float = 5.0,
+    centre_sigma: float = 1.0, progress: bool = True,
+) -> TrainingSet:  # fmt: skip
     """Blend library objects into noiseless training samples with their targets.
 
     Parameters
@@ -553,9 +421,9 @@ def compose(
     -------
     TrainingSet
     """
-    samples = _positive_int("samples", samples)
-    seed = _seed(seed)
-    stamp = _positive_int("stamp", stamp)
+    samples = _check_int("samples", samples)
+    seed = _check_int("seed", seed, 0)
+    stamp = _check_int("stamp", stamp)
     if stamp < 16:
         msg = f"stamp must be at least 16 pixels, got {stamp!r}"
         raise ValueError(msg)
@@ -640,33 +508,19 @@ def compose(
         bar.update(1)
     bar.close()
     return TrainingSet(
-        model=out_model,
-        sky_sigma=sky[out_cond],
-        source_noise=srcn[out_cond],
-        det_weights=detw[out_cond],
-        foreground=out_fg,
-        owner=out_owner,
-        centres=out_centres,
-        detectable=out_det,
-        nu=out_nu,
-        det_flux=out_flux,
-        condition=out_cond,
+        model=out_model, sky_sigma=sky[out_cond], source_noise=srcn[out_cond],
+        det_weights=detw[out_cond], foreground=out_fg, owner=out_owner, centres=out_centres,
+        detectable=out_det, nu=out_nu, det_flux=out_flux, condition=out_cond,
         attrs={
-            "samples": samples,
-            "seed": seed,
-            "stamp": stamp,
+            "samples": samples, "seed": seed, "stamp": stamp,
             "close_fraction": float(close_fraction),
             "separation_fwhm": [float(v) for v in separation],
             "max_flux_ratio": float(max_flux_ratio),
-            "target": {
-                "fg_threshold": float(fg_threshold),
-                "nu_min": float(nu_min),
-                "centre_sigma": float(centre_sigma),
-            },
-            "library": library.attrs,
-            "conditions": library.conditions,
+            "target": {"fg_threshold": float(fg_threshold), "nu_min": float(nu_min),
+                       "centre_sigma": float(centre_sigma)},
+            "library": library.attrs, "conditions": library.conditions,
         },
-    )
+    )  # fmt: skip
 
 
 def noisy_significance(
@@ -709,27 +563,16 @@ def noisy_significance(
     return num / wsum.sqrt()
 
 
-# --------------------------------------------------------------------------------------
-# storage
+# -- storage ---------------------------------------------------------------------------
 
 
 def generate_training_set(
-    path: str | os.PathLike,
-    *,
-    samples: int,
-    seed: int = 0,
-    stamp: int = 64,
-    bands: str | Sequence[str] = ("r",),
-    psf: str | Sequence[str] = ("kolmogorov",),
-    psf_fwhm: float | Sequence[float] = (0.6, 0.75, 0.9),
-    depth: float = 26.8,
-    pixel_scale: float = 0.2,
-    library_size: int | None = None,
-    library: Library | None = None,
-    overwrite: bool = False,
-    progress: bool = True,
-    **compose_options: Any,
-) -> Path:
+    path: str | os.PathLike, *, samples: int, seed: int = 0, stamp: int = 64,
+    bands: str | Sequence[str] = ("r",), psf: str | Sequence[str] = ("kolmogorov",),
+    psf_fwhm: float | Sequence[float] = (0.6, 0.75, 0.9), depth: float = 26.8,
+    pixel_scale: float = 0.2, library_size: int | None = None, library: Library | None = None,
+    overwrite: bool = False, progress: bool = True, **compose_options: Any,
+) -> Path:  # fmt: skip
     """Draw a library with GalSim, blend it into training samples and write them.
 
     Parameters
@@ -764,35 +607,21 @@ def generate_training_set(
     pathlib.Path
     """
     path = Path(path)
-    samples = _positive_int("samples", samples)
-    seed = _seed(seed)
+    samples = _check_int("samples", samples)
+    seed = _check_int("seed", seed, 0)
     if path.exists() and not overwrite:
         msg = f"{str(path)!r} already exists (pass overwrite=True to replace it)"
         raise FileExistsError(msg)
-    unknown = set(compose_options) - {
-        "close_fraction",
-        "separation",
-        "max_flux_ratio",
-        "fg_threshold",
-        "nu_min",
-        "centre_sigma",
-    }
+    unknown = set(compose_options) - {"close_fraction", "separation", "max_flux_ratio",
+                                      "fg_threshold", "nu_min", "centre_sigma"}  # fmt: skip
     if unknown:
         msg = f"unknown compose options {sorted(unknown)}"
         raise TypeError(msg)
     t0 = time.perf_counter()
     if library is None:
         n_lib = library_size if library_size is not None else min(max(64, samples // 2), 20000)
-        library = draw_library(
-            n_objects=n_lib,
-            seed=seed,
-            bands=bands,
-            psf=psf,
-            psf_fwhm=psf_fwhm,
-            depth=depth,
-            pixel_scale=pixel_scale,
-            progress=progress,
-        )
+        library = draw_library(n_objects=n_lib, seed=seed, bands=bands, psf=psf, psf_fwhm=psf_fwhm,
+                               depth=depth, pixel_scale=pixel_scale, progress=progress)  # fmt: skip
     t_lib = time.perf_counter() - t0
     recipe = {"samples": samples, "seed": seed, "stamp": stamp, **compose_options}
     if "separation" in recipe:
@@ -805,69 +634,44 @@ def generate_training_set(
         path.parent.mkdir(parents=True, exist_ok=True)
         np.savez_compressed(tmp, **arrays)
         os.replace(tmp, path)
-        logger.info(
-            "wrote %s: library of %d objects, recipe for %d samples (%.1f MB, %.1f s)",
-            path,
-            len(library),
-            samples,
-            path.stat().st_size / 1e6,
-            time.perf_counter() - t0,
-        )
+        logger.info("wrote %s: library of %d objects, recipe for %d samples (%.1f MB, %.1f s)",
+                    path, len(library), samples, path.stat().st_size / 1e6,
+                    time.perf_counter() - t0)  # fmt: skip
         return path
 
-    ts = compose(
-        library,
-        **{**recipe, "separation": tuple(recipe.get("separation", (0.3, 4.0)))},
-        progress=progress,
-    )
+    ts = _compose_recipe(library, recipe, None, None, progress)
     gen = torch.Generator().manual_seed(
         int(np.random.SeedSequence([seed, _TAG_NOISE]).generate_state(1)[0])
     )
     images = np.empty((samples, 1, stamp, stamp), np.float32)
+    noise_in = (ts.model, ts.sky_sigma, ts.source_noise)
     for a in range(0, samples, 1024):
         b = min(a + 1024, samples)
-        images[a:b] = noisy_significance(
-            torch.from_numpy(ts.model[a:b]),
-            torch.from_numpy(ts.sky_sigma[a:b]),
-            torch.from_numpy(ts.source_noise[a:b]),
-            generator=gen,
-        ).numpy()
+        batch = (torch.from_numpy(x[a:b]) for x in noise_in)
+        images[a:b] = noisy_significance(*batch, generator=gen).numpy()
     ts.image = images
     _write_zarr(path, ts, library, recipe, overwrite=overwrite)
     dt = time.perf_counter() - t0
-    logger.info(
-        "wrote %s: %d samples of %d² (library %.1f s, total %.1f s, %.0f samples/s)",
-        path,
-        samples,
-        stamp,
-        t_lib,
-        dt,
-        samples / dt,
-    )
+    logger.info("wrote %s: %d samples of %d² (library %.1f s, total %.1f s, %.0f samples/s)",
+                path, samples, stamp, t_lib, dt, samples / dt)  # fmt: skip
     return path
 
 
 def _write_zarr(path: Path, ts: TrainingSet, library: Library, recipe: dict, *, overwrite: bool):
+    """The samples, targets, noisy image and library as a Zarr v3 group."""
     import zarr
 
     group = zarr.open_group(str(path), mode="w" if overwrite else "w-", zarr_format=3)
-    group.attrs.update(
-        {
-            "format": DATASET_FORMAT,
-            "recipe": recipe,
-            "attrs": ts.attrs,
-            "description": (
-                "U-Net deblender training set: image = noisy detection significance "
-                "(N, 1, H, W); model = noiseless image in sky sigma per band; targets "
-                "foreground/owner/centres/detectable; library/ = isolated objects"
-            ),
-        }
-    )
-    n = len(ts)
-    chunk = 256
+    group.attrs.update({
+        "format": DATASET_FORMAT, "recipe": recipe, "attrs": ts.attrs,
+        "description": "U-Net deblender training set: image = noisy detection significance "
+        "(N, 1, H, W); model = noiseless image in sky sigma per band; targets "
+        "foreground/owner/centres/detectable; library/ = isolated objects",
+    })  # fmt: skip
+    rows = min(256, len(ts))  # samples per chunk
     for name in (*TrainingSet._ARRAYS, "image"):
         a = getattr(ts, name)
-        group.create_array(name, shape=a.shape, chunks=(min(chunk, n), *a.shape[1:]), dtype=a.dtype)
+        group.create_array(name, shape=a.shape, chunks=(rows, *a.shape[1:]), dtype=a.dtype)
         group[name][...] = a
     lib = group.create_group("library")
     for key, a in library.to_arrays(prefix="").items():
@@ -906,11 +710,11 @@ def load_training_set(
     if not path.exists():
         msg = f"training set not found: {str(path)!r}"
         raise FileNotFoundError(msg)
+    not_a_set = f"{str(path)!r} is not a U-Net training set (format {DATASET_FORMAT!r})"
     if path.suffix == ".npz":
         with np.load(path, allow_pickle=False) as f:
             if "format" not in f.files or str(f["format"][()]) != DATASET_FORMAT:
-                msg = f"{str(path)!r} is not a U-Net training set (format {DATASET_FORMAT!r})"
-                raise ValueError(msg)
+                raise ValueError(not_a_set)
             library = Library.from_arrays(f)
             recipe = json.loads(str(f["recipe"][()]))
         return _compose_recipe(library, recipe, samples, seed, progress)
@@ -922,15 +726,13 @@ def load_training_set(
         msg = f"{str(path)!r} is not a readable Zarr training set: {err}"
         raise ValueError(msg) from err
     if group.attrs.get("format") != DATASET_FORMAT:
-        msg = f"{str(path)!r} is not a U-Net training set (format {DATASET_FORMAT!r})"
-        raise ValueError(msg)
+        raise ValueError(not_a_set)
     recipe = dict(group.attrs["recipe"])
     if (samples is not None and samples != recipe["samples"]) or (
         seed is not None and seed != recipe["seed"]
     ):
         lib = group["library"]
-        arrays = {k: lib[k][...] for k in Library._ARRAYS}
-        arrays["meta"] = np.array(lib.attrs["meta"])
+        arrays = {**{k: lib[k][...] for k in Library._ARRAYS}, "meta": np.array(lib.attrs["meta"])}
         return _compose_recipe(
             Library.from_arrays(arrays, prefix=""), recipe, samples, seed, progress
         )
@@ -939,6 +741,7 @@ def load_training_set(
 
 
 def _compose_recipe(library, recipe, samples, seed, progress) -> TrainingSet:
+    """:func:`compose` of a stored recipe, ``samples`` and ``seed`` overriding it unless None."""
     recipe = dict(recipe)
     if samples is not None:
         recipe["samples"] = samples
@@ -962,11 +765,9 @@ def _progress(*, total: int, desc: str, enabled: bool):
 
 
 class _NoBar:
-    def update(self, n: int = 1) -> None:
-        pass
+    """What the training code uses of a tqdm bar, doing nothing."""
 
-    def set_postfix(self, *args, **kwargs) -> None:
-        pass
+    def update(self, *args, **kwargs) -> None:
+        """Do nothing (also stands for ``set_postfix`` and ``close``)."""
 
-    def close(self) -> None:
-        pass
+    set_postfix = close = update

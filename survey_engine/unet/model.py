@@ -1,34 +1,10 @@
 """The U-Net of the ``unet`` deblender: architecture, receptive field, checkpoints (pure torch).
 
-Architecture
-------------
-``levels`` resolution levels below the input, each an encoder block of
-``convs`` 3×3 convolutions (no bias) + BatchNorm + ReLU, with ``base_channels × 2^l``
-channels at level ``l``; 2×2 max pooling down, a bottleneck block at level
-``levels``, 2×2 stride-2 transposed convolutions up, skip connections by
-concatenation, and a 1×1 head with four output channels:
-
-0. foreground logit: the noiseless signal exceeds the foreground threshold;
-1. centre logit: an object's centre lies in this pixel (a heatmap peak);
-2. 3. offset (dy, dx) in pixels, divided by ``offset_scale``, from the pixel to the
-   centre of the object that owns it.
-
-The network only has local operations (no GroupNorm/InstanceNorm, no attention, no
-global pooling; BatchNorm is a fixed affine map in eval mode), so its output at a
-pixel depends only on the input within :func:`receptive_radius` pixels of it and on
-the pixel's position modulo ``2^levels`` (the pooling grid). That is what makes the
-tiled inference of :mod:`survey_engine.unet.infer` independent of the window.
-
-Checkpoints
------------
-A checkpoint is a ``torch.save`` of a plain dict (loadable with ``weights_only=True``)::
-
-    {"format": "survey_engine.unet/1",
-     "config": {...architecture, normalisation, target definition...},
-     "state_dict": {...},
-     "info": {...training record...}}
-
-:func:`load_model` rebuilds the network from ``config`` alone.
+Local operations only, so the output at a pixel depends on the input within
+:func:`receptive_radius` of it and on its position modulo ``2^levels``: what makes the tiled
+inference of :mod:`survey_engine.unet.infer` window-independent. A checkpoint is a
+``torch.save`` of a plain dict (``format``, ``config``, ``state_dict``, ``info``; loadable with
+``weights_only=True``). Architecture, receptive field and checkpoint format: ``docs/unet.md``.
 """
 
 from __future__ import annotations
@@ -45,16 +21,9 @@ import torch
 from torch import nn
 
 __all__ = [
-    "CHECKPOINT_FORMAT",
-    "DEFAULT_CONFIG",
-    "DEFAULT_WEIGHTS",
-    "UNet",
-    "load_model",
-    "model_pad",
-    "normalise_input",
-    "receptive_radius",
-    "save_model",
-]
+    "CHECKPOINT_FORMAT", "DEFAULT_CONFIG", "DEFAULT_WEIGHTS", "UNet", "load_model", "model_pad",
+    "normalise_input", "receptive_radius", "save_model",
+]  # fmt: skip
 
 logger = logging.getLogger(__name__)
 
@@ -84,27 +53,24 @@ DEFAULT_CONFIG: dict[str, Any] = {
 
 
 def _block(cin: int, cout: int, convs: int) -> nn.Sequential:
+    """``convs`` × (3×3 convolution without bias, BatchNorm, ReLU)."""
     layers: list[nn.Module] = []
     for i in range(convs):
-        layers += [
-            nn.Conv2d(cin if i == 0 else cout, cout, 3, padding=1, bias=False),
-            nn.BatchNorm2d(cout),
-            nn.ReLU(inplace=True),
-        ]
+        conv = nn.Conv2d(cin if i == 0 else cout, cout, 3, padding=1, bias=False)
+        layers += [conv, nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
     return nn.Sequential(*layers)
 
 
 def _check_config(config: dict) -> dict:
+    """:data:`DEFAULT_CONFIG` updated with ``config`` (dicts merged), validated."""
     cfg = copy.deepcopy(DEFAULT_CONFIG)
     unknown = set(config) - set(cfg)
     if unknown:
         msg = f"unknown U-Net config keys {sorted(unknown)}; known: {sorted(cfg)}"
         raise ValueError(msg)
     for key, value in config.items():
-        if isinstance(cfg[key], dict) and isinstance(value, dict):
-            cfg[key] = {**cfg[key], **copy.deepcopy(value)}
-        else:
-            cfg[key] = copy.deepcopy(value)
+        merge = isinstance(cfg[key], dict) and isinstance(value, dict)
+        cfg[key] = {**cfg[key], **copy.deepcopy(value)} if merge else copy.deepcopy(value)
     for key in ("in_channels", "levels", "base_channels", "convs"):
         v = cfg[key]
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
@@ -141,21 +107,16 @@ class UNet(nn.Module):
     def __init__(self, config: dict | None = None):
         super().__init__()
         self.config = _check_config(config or {})
-        c = self.config
-        ch = [c["base_channels"] * 2**i for i in range(c["levels"] + 1)]
-        self.encoders = nn.ModuleList()
-        cin = c["in_channels"]
-        for i in range(c["levels"]):
-            self.encoders.append(_block(cin, ch[i], c["convs"]))
-            cin = ch[i]
+        levels, convs = self.config["levels"], self.config["convs"]
+        ch = [self.config["base_channels"] * 2**i for i in range(levels + 1)]
+        cin = [self.config["in_channels"], *ch[:-1]]  # input channels of each encoder
+        self.encoders = nn.ModuleList(_block(cin[i], ch[i], convs) for i in range(levels))
         self.pool = nn.MaxPool2d(2)
-        self.bottleneck = _block(ch[-2], ch[-1], c["convs"])
+        self.bottleneck = _block(ch[-2], ch[-1], convs)
         self.ups = nn.ModuleList(
-            nn.ConvTranspose2d(ch[i + 1], ch[i], 2, stride=2) for i in range(c["levels"])
+            nn.ConvTranspose2d(ch[i + 1], ch[i], 2, stride=2) for i in range(levels)
         )
-        self.decoders = nn.ModuleList(
-            _block(2 * ch[i], ch[i], c["convs"]) for i in range(c["levels"])
-        )
+        self.decoders = nn.ModuleList(_block(2 * ch[i], ch[i], convs) for i in range(levels))
         self.head = nn.Conv2d(ch[0], len(OUTPUTS), 1)
         with torch.no_grad():  # priors: ~10 % foreground, ~1 % centres (focal-loss practice)
             self.head.bias.copy_(torch.tensor([-2.2, -4.6, 0.0, 0.0]))

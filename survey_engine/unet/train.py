@@ -1,28 +1,11 @@
 """Training loop of the U-Net deblender (torch + numpy; Zarr only to read a Zarr set).
 
-No GalSim here: a compact ``.npz`` training set (:func:`~survey_engine.unet.data.generate_training_set`)
-is composed into samples on the training host, and every epoch sees each sample
-under a random dihedral transform with fresh noise (:func:`~survey_engine.unet.data.noisy_significance`),
-generated on the training device; 10 % of the samples also get a masked (zero) band of
-rows or columns, as no-data pixels look to the network. On CUDA the forward pass runs in bfloat16
-autocast. The validation samples get one fixed noise realisation and no transform,
-so the per-epoch validation figures are comparable:
-
-* ``val_iou``: foreground IoU (probability > 0.5 vs the noiseless-footprint target);
-* ``val_centre_f1``: F1 of centre-heatmap peaks (3×3 local maxima above the centre
-  threshold) matched to true centres within 2 pixels (Chebyshev);
-* ``val_blend_recall``: recall of true centres that have another detectable object
-  within 2 PSF FWHM.
-
-At the end the centre threshold that maximises ``val_centre_f1`` is stored in the
-checkpoint as the default of :func:`~survey_engine.unet.infer.unet_detect`.
-
-Run without the rest of the engine (e.g. on a GPU host that lacks its
-dependencies)::
-
-    python -c "import sys, types; m = types.ModuleType('survey_engine'); \\
-m.__path__ = ['survey_engine']; sys.modules['survey_engine'] = m; \\
-from survey_engine.unet.train import main; main()" DATA.npz OUT.pt --device cuda
+No GalSim: a training set is composed into samples on the training host, and every epoch
+sees each sample under a random dihedral transform with fresh noise (10 % also get a masked
+band of rows or columns); bfloat16 autocast on CUDA. Validation (one fixed noise realisation)
+reports ``val_iou``, ``val_centre_f1`` and ``val_blend_recall``; the best centre threshold is
+stored in the checkpoint. The metrics, and how to run this module on a host that lacks the
+rest of the engine's dependencies: ``docs/unet.md``.
 """
 
 from __future__ import annotations
@@ -40,7 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .data import TrainingSet, _progress, load_training_set, noisy_significance
+from .data import TrainingSet, _check_int, _progress, load_training_set, noisy_significance
 from .model import UNet, load_model, normalise_input, save_model
 
 __all__ = ["main", "make_targets", "train", "unet_loss"]
@@ -53,6 +36,10 @@ OFFSET_WEIGHT = 0.1
 MASK_FRACTION = 0.1
 #: Centre thresholds tried on the validation set.
 CENTRE_THRESHOLDS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7)
+#: Validation figures of an epoch record, in the order the epoch log line shows them.
+_VAL_KEYS = ("val_loss", "val_iou", "val_centre_f1", "val_centre_threshold", "val_blend_recall")
+#: Attributes of the training set recorded in the checkpoint.
+_SET_ATTRS = ("samples", "seed", "stamp", "library", "conditions")
 
 
 def _dihedral_tables(size: int) -> torch.Tensor:
@@ -76,6 +63,11 @@ def _dihedral_points(cy: torch.Tensor, cx: torch.Tensor, t: torch.Tensor, size: 
     flip = t >= 4
     cx = torch.where(flip, size - 1 - cx, cx)
     return cy, cx
+
+
+def _inside(py: torch.Tensor, px: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """Whether pixel ``(py, px)`` lies in an ``h × w`` stamp."""
+    return (py >= 0) & (py < h) & (px >= 0) & (px < w)
 
 
 def make_targets(
@@ -112,15 +104,7 @@ def make_targets(
     dev = foreground.device
     cy, cx = centres[..., 0], centres[..., 1]
     py, px = torch.floor(cy + 0.5), torch.floor(cx + 0.5)
-    valid = (
-        detectable
-        & torch.isfinite(cy)
-        & torch.isfinite(cx)
-        & (py >= 0)
-        & (py < h)
-        & (px >= 0)
-        & (px < w)
-    )
+    valid = detectable & torch.isfinite(cy) & torch.isfinite(cx) & _inside(py, px, h, w)
     yy = torch.arange(h, device=dev, dtype=torch.float32)[None, None, :, None]
     xx = torch.arange(w, device=dev, dtype=torch.float32)[None, None, None, :]
     py0 = torch.nan_to_num(py, nan=-1e4)[..., None, None]
@@ -131,9 +115,7 @@ def make_targets(
     own = owner.long()
     pad = torch.cat([torch.zeros((b, 1, 2), device=dev), torch.nan_to_num(centres.float())], 1)
     tgt = torch.gather(pad, 1, own.reshape(b, -1, 1).expand(-1, -1, 2)).reshape(b, h, w, 2)
-    grid_y = torch.arange(h, device=dev, dtype=torch.float32)[:, None].expand(h, w)
-    grid_x = torch.arange(w, device=dev, dtype=torch.float32)[None, :].expand(h, w)
-    offset = torch.stack([tgt[..., 0] - grid_y, tgt[..., 1] - grid_x], dim=1)
+    offset = torch.stack([tgt[..., 0] - yy[0, 0], tgt[..., 1] - xx[0, 0]], dim=1)
     owned = own > 0
     offset = torch.where(owned[:, None], offset, torch.zeros((), device=dev))
     return {"foreground": foreground.float(), "heatmap": heat, "offset": offset, "owned": owned}
@@ -174,12 +156,8 @@ def unet_loss(
     d = (out[:, 2:4] * offset_scale - targets["offset"]).abs().sum(dim=1)
     off_loss = (d * owned).sum() / owned.sum().clamp(min=1)
     loss = fg_loss + centre_loss + OFFSET_WEIGHT * off_loss
-    parts = {
-        "foreground": float(fg_loss.detach()),
-        "centre": float(centre_loss.detach()),
-        "offset_px": float(off_loss.detach()),
-    }
-    return loss, parts
+    parts = {"foreground": fg_loss, "centre": centre_loss, "offset_px": off_loss}
+    return loss, {k: float(v.detach()) for k, v in parts.items()}
 
 
 class _Data:
@@ -207,9 +185,8 @@ class _Data:
             b, c = m.shape[:2]
             ops = torch.randint(8, (b,), generator=gen, device=m.device)
             tab = self.tables[ops]  # (B, HW)
-            m = torch.gather(m.reshape(b, c, -1), 2, tab[:, None].expand(-1, c, -1)).reshape(
-                m.shape
-            )
+            per_band = tab[:, None].expand(-1, c, -1)
+            m = torch.gather(m.reshape(b, c, -1), 2, per_band).reshape(m.shape)
             fg = torch.gather(fg.reshape(b, -1), 1, tab).reshape(fg.shape)
             own = torch.gather(own.reshape(b, -1), 1, tab).reshape(own.shape)
             cy, cx = _dihedral_points(cen[..., 0], cen[..., 1], ops, self.size)
@@ -241,13 +218,8 @@ def _evaluate(model, data: _Data, inputs: torch.Tensor, cfg: dict, batch_size: i
     """Validation loss, foreground IoU, centre F1 per threshold, blend recall."""
     model.eval()
     dev = inputs.device
-    inter = union = 0.0
-    tp = {t: 0.0 for t in CENTRE_THRESHOLDS}
-    npred = {t: 0.0 for t in CENTRE_THRESHOLDS}
-    hit = {t: 0.0 for t in CENTRE_THRESHOLDS}
-    ntrue = 0.0
-    blend_hit = {t: 0.0 for t in CENTRE_THRESHOLDS}
-    nblend = 0.0
+    inter = union = ntrue = nblend = 0.0
+    tp, npred, hit, blend_hit = ({t: 0.0 for t in CENTRE_THRESHOLDS} for _ in range(4))
     losses = []
     sigma = float(cfg["target"].get("centre_sigma", 1.0))
     fwhm = torch.tensor(cfg["target"].get("fwhm_px", [3.5]), device=dev, dtype=torch.float32)
@@ -257,9 +229,8 @@ def _evaluate(model, data: _Data, inputs: torch.Tensor, cfg: dict, batch_size: i
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):
             out = model(x)
         out = out.float()
-        tg = make_targets(
-            data.fg[sel], data.owner[sel], data.centres[sel], data.det[sel], centre_sigma=sigma
-        )
+        tg = make_targets(data.fg[sel], data.owner[sel], data.centres[sel], data.det[sel],
+                          centre_sigma=sigma)  # fmt: skip
         loss, _ = unet_loss(out, tg, offset_scale=cfg["offset_scale"])
         losses.append(float(loss) * len(sel))
         pf = out[:, 0] > 0
@@ -281,7 +252,7 @@ def _evaluate(model, data: _Data, inputs: torch.Tensor, cfg: dict, batch_size: i
         py = torch.floor(cen[..., 0] + 0.5).nan_to_num(nan=-1).long()
         px = torch.floor(cen[..., 1] + 0.5).nan_to_num(nan=-1).long()
         h, w = true_c.shape[1:]
-        inside = blended & (py >= 0) & (py < h) & (px >= 0) & (px < w)
+        inside = blended & _inside(py, px, h, w)
         nblend += float(inside.sum())
         bidx = torch.arange(len(sel), device=dev)[:, None].expand_as(py)
         for t in CENTRE_THRESHOLDS:
@@ -330,22 +301,12 @@ def _device(device) -> torch.device:
 
 
 def train(
-    dataset_path: str | os.PathLike,
-    out_path: str | os.PathLike,
-    *,
-    epochs: int = 10,
-    batch_size: int = 128,
-    device: str | torch.device | None = None,
-    init: str | os.PathLike | None = None,
-    lr: float | None = None,
-    val_fraction: float = 0.1,
-    seed: int = 0,
-    samples: int | None = None,
-    config: dict | None = None,
-    amp: bool | None = None,
-    max_minutes: float | None = None,
-    progress: bool = True,
-) -> list[dict]:
+    dataset_path: str | os.PathLike, out_path: str | os.PathLike, *, epochs: int = 10,
+    batch_size: int = 128, device: str | torch.device | None = None,
+    init: str | os.PathLike | None = None, lr: float | None = None, val_fraction: float = 0.1,
+    seed: int = 0, samples: int | None = None, config: dict | None = None,
+    amp: bool | None = None, max_minutes: float | None = None, progress: bool = True,
+) -> list[dict]:  # fmt: skip
     """Train (or fine-tune) the U-Net deblender and save the checkpoint.
 
     Parameters
@@ -389,12 +350,8 @@ def train(
         ``val_centre_f1``, ``val_centre_threshold``, ``val_blend_recall``, ``lr``,
         ``seconds``, ``samples_per_s``.
     """
-    if isinstance(epochs, bool) or int(epochs) != epochs or epochs < 1:
-        msg = f"epochs must be a positive integer, got {epochs!r}"
-        raise ValueError(msg)
-    if isinstance(batch_size, bool) or int(batch_size) != batch_size or batch_size < 1:
-        msg = f"batch_size must be a positive integer, got {batch_size!r}"
-        raise ValueError(msg)
+    _check_int("epochs", epochs)
+    _check_int("batch_size", batch_size)
     if not 0 <= val_fraction < 1:
         msg = f"val_fraction must be in [0, 1), got {val_fraction!r}"
         raise ValueError(msg)
@@ -406,9 +363,7 @@ def train(
     t_start = time.perf_counter()
     ts = load_training_set(dataset_path, samples=samples, progress=progress)
     n = len(ts)
-    n_val = round(n * val_fraction) if val_fraction > 0 else 0
-    if val_fraction > 0:
-        n_val = max(n_val, 1)
+    n_val = max(round(n * val_fraction), 1) if val_fraction > 0 else 0
     n_train = n - n_val
     if n_train < 1:
         msg = f"no training samples left: {n} samples, val_fraction={val_fraction!r}"
@@ -422,16 +377,14 @@ def train(
         "fwhm_px": [c["fwhm_px"] for c in ts.attrs.get("conditions", [])] or [3.5],
     }
     if init is not None:
-        model = load_model(None if str(init) == "default" else init)
-        model = copy.deepcopy(model)
+        model = copy.deepcopy(load_model(None if str(init) == "default" else init))
         if config:
             msg = "config cannot be combined with init (the checkpoint fixes the architecture)"
             raise ValueError(msg)
         model.config["target"] = target
-        lr = 1e-3 if lr is None else lr
     else:
         model = UNet({**(config or {}), "target": target})
-        lr = 3e-3 if lr is None else lr
+    lr = (3e-3 if init is None else 1e-3) if lr is None else lr
     cfg = model.config
     if ts.model.shape[-1] % model.alignment or ts.model.shape[-2] % model.alignment:
         msg = f"stamp sides {ts.model.shape[-2:]} must be multiples of {model.alignment}"
@@ -446,31 +399,22 @@ def train(
     val_inputs = None
     if val_data is not None:
         vgen = torch.Generator(device=dev).manual_seed(seed + 1)
-        val_inputs = torch.cat(
-            [
-                val_data.batch(torch.arange(a, min(a + 1024, n_val), device=dev), vgen, False)[0]
-                for a in range(0, n_val, 1024)
-            ]
-        )
+        val_inputs = torch.cat([
+            val_data.batch(torch.arange(a, min(a + 1024, n_val), device=dev), vgen, False)[0]
+            for a in range(0, n_val, 1024)
+        ])  # fmt: skip
     steps_per_epoch = math.ceil(n_train / batch_size)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
     plan_epochs = int(epochs)
     sigma = float(target.get("centre_sigma", 1.0))
-    logger.info(
-        "training U-Net (%d parameters) on %d samples (%d validation), %d epochs, %s%s",
-        model.n_parameters,
-        n_train,
-        n_val,
-        epochs,
-        dev,
-        " bf16" if amp else "",
-    )
+    logger.info("training U-Net (%d parameters) on %d samples (%d validation), %d epochs, %s%s",
+                model.n_parameters, n_train, n_val, epochs, dev,
+                " bf16" if amp else "")  # fmt: skip
     bar = _progress(total=epochs * steps_per_epoch, desc="training", enabled=progress)
     history: list[dict] = []
     cpu_gen = torch.Generator().manual_seed(seed + 2)
     t_train = time.perf_counter()
-    step_global = 0
-    epoch = 0
+    step_global = epoch = 0
     while epoch < plan_epochs:
         epoch += 1
         model.train()
@@ -495,46 +439,26 @@ def train(
             total += loss.detach() * len(sel)
             bar.update(1)
         dt = time.perf_counter() - t0
-        rec = {
-            "epoch": epoch,
-            "train_loss": float(total) / n_train,
-            "lr": float(opt.param_groups[0]["lr"]),
-            "seconds": dt,
-            "samples_per_s": n_train / dt,
-        }
+        rec = {"epoch": epoch, "train_loss": float(total) / n_train,
+               "lr": float(opt.param_groups[0]["lr"]), "seconds": dt,
+               "samples_per_s": n_train / dt}  # fmt: skip
         if val_data is not None:
             rec.update(_evaluate(model, val_data, val_inputs, cfg, max(batch_size, 256), amp))
         history.append(rec)
-        bar.set_postfix(
-            loss=f"{rec['train_loss']:.3f}",
-            val_iou=f"{rec.get('val_iou', float('nan')):.3f}",
-            f1=f"{rec.get('val_centre_f1', float('nan')):.3f}",
-        )
-        logger.info(
-            "epoch %d/%d: loss %.4f, val loss %.4f, val IoU %.4f, centre F1 %.4f "
-            "(threshold %.1f), blend recall %.3f, %.0f samples/s",
-            epoch,
-            plan_epochs,
-            rec["train_loss"],
-            rec.get("val_loss", float("nan")),
-            rec.get("val_iou", float("nan")),
-            rec.get("val_centre_f1", float("nan")),
-            rec.get("val_centre_threshold", float("nan")),
-            rec.get("val_blend_recall", float("nan")),
-            rec["samples_per_s"],
-        )
+        val = {k: rec.get(k, float("nan")) for k in _VAL_KEYS}
+        bar.set_postfix(loss=f"{rec['train_loss']:.3f}", val_iou=f"{val['val_iou']:.3f}",
+                        f1=f"{val['val_centre_f1']:.3f}")  # fmt: skip
+        logger.info("epoch %d/%d: loss %.4f, val loss %.4f, val IoU %.4f, centre F1 %.4f "
+                    "(threshold %.1f), blend recall %.3f, %.0f samples/s", epoch, plan_epochs,
+                    rec["train_loss"], *val.values(), rec["samples_per_s"])  # fmt: skip
         if max_minutes is not None and epoch == 1 and plan_epochs > 1:
             # Fit the schedule into the time budget, measured on the first epoch.
             per_epoch = time.perf_counter() - t_train
             left = 60 * max_minutes - (time.perf_counter() - t_start)
             fit = max(1, 1 + int(left // per_epoch))
             if fit < plan_epochs:
-                logger.info(
-                    "time budget of %.1f min: %d epochs instead of %d",
-                    max_minutes,
-                    fit,
-                    plan_epochs,
-                )
+                logger.info("time budget of %.1f min: %d epochs instead of %d",
+                            max_minutes, fit, plan_epochs)  # fmt: skip
                 plan_epochs = fit
                 bar.total = plan_epochs * steps_per_epoch
     bar.close()
@@ -542,26 +466,15 @@ def train(
     if history and "val_centre_threshold" in history[-1]:
         cfg["inference"]["centre_threshold"] = history[-1]["val_centre_threshold"]
     info = {
-        "trained": time.strftime("%Y-%m-%dT%H:%M:%S"),
-        "dataset": str(dataset_path),
-        "dataset_attrs": {
-            k: ts.attrs.get(k) for k in ("samples", "seed", "stamp", "library", "conditions")
-        },
-        "samples": n,
-        "train_samples": n_train,
-        "val_samples": n_val,
-        "epochs": len(history),
-        "batch_size": batch_size,
-        "lr": lr,
-        "seed": seed,
+        "trained": time.strftime("%Y-%m-%dT%H:%M:%S"), "dataset": str(dataset_path),
+        "dataset_attrs": {k: ts.attrs.get(k) for k in _SET_ATTRS},
+        "samples": n, "train_samples": n_train, "val_samples": n_val, "epochs": len(history),
+        "batch_size": batch_size, "lr": lr, "seed": seed,
         "device": str(dev) if dev.type == "cpu" else torch.cuda.get_device_name(dev),
-        "amp": amp,
-        "init": None if init is None else str(init),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "wall_s": time.perf_counter() - t_start,
+        "amp": amp, "init": None if init is None else str(init), "torch": torch.__version__,
+        "python": platform.python_version(), "wall_s": time.perf_counter() - t_start,
         "history": history,
-    }
+    }  # fmt: skip
     save_model(model, out_path, info=info)
     return history
 
@@ -587,28 +500,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    config = {}
-    if args.levels is not None:
-        config["levels"] = args.levels
-    if args.base_channels is not None:
-        config["base_channels"] = args.base_channels
+    arch = {"levels": args.levels, "base_channels": args.base_channels}
+    config = {k: v for k, v in arch.items() if v is not None}
     history = train(
-        args.dataset,
-        args.out,
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        device=args.device,
-        init=args.init,
-        lr=args.lr,
-        val_fraction=args.val_fraction,
-        seed=args.seed,
-        samples=args.samples,
-        config=config or None,
-        max_minutes=args.max_minutes,
-        progress=not args.no_progress,
-    )
-    last = history[-1]
-    logger.info("wrote %s (final val IoU %s)", Path(args.out), last.get("val_iou"))
+        args.dataset, args.out, epochs=args.epochs, batch_size=args.batch_size,
+        device=args.device, init=args.init, lr=args.lr, val_fraction=args.val_fraction,
+        seed=args.seed, samples=args.samples, config=config or None,
+        max_minutes=args.max_minutes, progress=not args.no_progress,
+    )  # fmt: skip
+    logger.info("wrote %s (final val IoU %s)", Path(args.out), history[-1].get("val_iou"))
     return 0
 
 
