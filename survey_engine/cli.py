@@ -26,6 +26,13 @@ def _fail(err: Exception) -> None:
     sys.exit(1)
 
 
+WORKERS = click.option("--workers", type=int, default=None,
+                       help="LocalCluster workers (default: one per core).")  # fmt: skip
+SCHEDULER = click.option("--scheduler", default=None, help="Address of an existing Dask scheduler.")
+OVERWRITE = click.option("--overwrite", is_flag=True, help="Replace the output if it exists.")
+DEBLENDER = click.Choice(["sep", "unet"])
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("-v", "--verbose", count=True, help="More log output (-v info, -vv debug).")
 @click.version_option(package_name="survey_engine")
@@ -40,36 +47,19 @@ def main(verbose: int) -> None:
 @click.option("--size", default="1024", show_default=True, help="Pixels per side, or NYxNX.")
 @click.option("--bands", default="g,r,i", show_default=True, help="Comma-separated bands (ugrizy).")
 @click.option("--seed", default=0, show_default=True, type=int)
-@click.option(
-    "--depth",
-    default=26.8,
-    show_default=True,
-    type=float,
-    help="5-sigma point-source depth (r, AB).",
-)
-@click.option(
-    "--truth", type=click.Path(), default=None, help="Write the truth catalog (Parquet) here."
-)
-@click.option(
-    "--psf", type=click.Choice(["kolmogorov", "moffat"]), default="kolmogorov", show_default=True
-)
-@click.option(
-    "--masks/--no-masks",
-    default=False,
-    show_default=True,
-    help="Add bad columns, a trail, a no-data corner.",
-)
-@click.option(
-    "--bright-stars", default=0, show_default=True, type=int, help="Saturated stars to add."
-)
-@click.option(
-    "--workers", type=int, default=None, help="LocalCluster workers (default: one per core)."
-)
-@click.option("--scheduler", default=None, help="Address of an existing Dask scheduler.")
-@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
-def simulate(
-    out, size, bands, seed, depth, truth, psf, masks, bright_stars, workers, scheduler, overwrite
-):
+@click.option("--depth", default=26.8, show_default=True, type=float,
+              help="5-sigma point-source depth (r, AB).")  # fmt: skip
+@click.option("--truth", type=click.Path(), default=None, help="Write the truth catalog (Parquet) here.")
+@click.option("--psf", type=click.Choice(["kolmogorov", "moffat"]), default="kolmogorov",
+              show_default=True)  # fmt: skip
+@click.option("--masks/--no-masks", default=False, show_default=True,
+              help="Add bad columns, a trail, a no-data corner.")  # fmt: skip
+@click.option("--bright-stars", default=0, show_default=True, type=int, help="Saturated stars to add.")
+@WORKERS
+@SCHEDULER
+@OVERWRITE
+def simulate(out, size, bands, seed, depth, truth, psf, masks, bright_stars, workers, scheduler,
+             overwrite):  # fmt: skip
     """Simulate an LSST-like mosaic with GalSim into OUT (a Zarr store)."""
     from .simulate import simulate as _simulate
 
@@ -84,10 +74,8 @@ def simulate(
     except (ValueError, KeyError, FileExistsError, FileNotFoundError) as err:
         _fail(err)
     m = res.mosaic
-    click.echo(
-        f"simulated {out}: {m.ny}×{m.nx} px, bands {','.join(m.bands)}, {len(res.truth)} objects "
-        f"in {time.perf_counter() - t0:.1f} s"
-    )
+    click.echo(f"simulated {out}: {m.ny}×{m.nx} px, bands {','.join(m.bands)}, {len(res.truth)} "
+               f"objects in {time.perf_counter() - t0:.1f} s")  # fmt: skip
     if truth:
         click.echo(f"truth catalog: {truth}")
 
@@ -98,25 +86,17 @@ def simulate(
 @click.option("--band", "bands", multiple=True, help="Band name per image (repeat).")
 @click.option("--weight", "weights", multiple=True, help="Weight map per image (repeat).")
 @click.option("--variance", "variances", multiple=True, help="Variance map per image (repeat).")
-@click.option(
-    "--mask", "masks", multiple=True, help="Mask image per image (repeat); nonzero = BAD."
-)
-@click.option(
-    "--hdu", "hdus", multiple=True,
-    help="HDU to read (index or EXTNAME), per image (repeat) or one for all; needed for files "
-    "with several image HDUs (DECam, HSC). IMAGE.fits[EXT] works too.",
-)  # fmt: skip
-@click.option(
-    "--zero-point", "zero_points", multiple=True, type=float,
-    help="AB zero point per image (repeat) or one for all. Default: header MAGZERO, MAGZPT, "
-    "MAGZP, ZP or FLUXMAG0; 22.5 for BUNIT nanomaggy.",
-)  # fmt: skip
-@click.option(
-    "--psf-fwhm", "psf_fwhm", multiple=True, type=float,
-    help="PSF FWHM (arcsec) per image (repeat) or one for all.",
-)  # fmt: skip
+@click.option("--mask", "masks", multiple=True, help="Mask image per image (repeat); nonzero = BAD.")
+@click.option("--hdu", "hdus", multiple=True,
+              help="HDU to read (index or EXTNAME), per image (repeat) or one for all; needed for "
+              "files with several image HDUs (DECam, HSC). IMAGE.fits[EXT] works too.")  # fmt: skip
+@click.option("--zero-point", "zero_points", multiple=True, type=float,
+              help="AB zero point per image (repeat) or one for all. Default: header MAGZERO, "
+              "MAGZPT, MAGZP, ZP or FLUXMAG0; 22.5 for BUNIT nanomaggy.")  # fmt: skip
+@click.option("--psf-fwhm", "psf_fwhm", multiple=True, type=float,
+              help="PSF FWHM (arcsec) per image (repeat) or one for all.")  # fmt: skip
 @click.option("--chunks", default=1024, show_default=True, type=int)
-@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
+@OVERWRITE
 def ingest(paths, bands, weights, variances, masks, hdus, zero_points, psf_fwhm, chunks,
            overwrite):  # fmt: skip
     """Ingest FITS images IMAGE.fits [IMAGE2.fits …] into the mosaic store OUT.zarr (last argument).
@@ -143,9 +123,7 @@ def ingest(paths, bands, weights, variances, masks, hdus, zero_points, psf_fwhm,
         )  # fmt: skip
     except (ValueError, KeyError, TypeError, FileExistsError, FileNotFoundError, OSError) as err:
         _fail(err)
-    click.echo(
-        f"ingested {len(images)} image(s) into {out}: {m.ny}×{m.nx} px, bands {','.join(m.bands)}"
-    )
+    click.echo(f"ingested {len(images)} image(s) into {out}: {m.ny}×{m.nx} px, bands {','.join(m.bands)}")
 
 
 def _one_or_per_image(values: tuple, n: int, option: str) -> list | None:
@@ -183,11 +161,8 @@ def describe_mosaic(m) -> str:
         f"units       {m.units.get('image', '?')}",
     ]
     if m.has_wcs:
-        w = m.wcs
         ra, dec = m.pixel_to_sky(np.array([(m.nx - 1) / 2]), np.array([(m.ny - 1) / 2]))
-        lines.append(
-            f"wcs         {' '.join(w.wcs.ctype)}; centre ra={ra[0]:.6f} dec={dec[0]:.6f} deg"
-        )
+        lines.append(f"wcs         {' '.join(m.wcs.wcs.ctype)}; centre ra={ra[0]:.6f} dec={dec[0]:.6f} deg")
     else:
         lines.append("wcs         none")
     if m.has_truth_segmentation:
@@ -198,10 +173,8 @@ def describe_mosaic(m) -> str:
         mask = m.mask[i, ::step, ::step]
         frac = [f"{np.mean((mask & v) != 0) * 100:7.3f}%" for v in m.mask_bits.values()]
         zp, fw = m.zero_points.get(b), m.psf_fwhm.get(b)
-        lines.append(
-            f"{b:5s} {'-' if zp is None else f'{zp:6.2f}'}  {'-' if fw is None else f'{fw:6.3f}'}    "
-            + "  ".join(frac)
-        )
+        zps, fws = "-" if zp is None else f"{zp:6.2f}", "-" if fw is None else f"{fw:6.3f}"
+        lines.append(f"{b:5s} {zps}  {fws}    " + "  ".join(frac))
     if step > 1:
         lines.append(f"(mask fractions from every {step}th pixel)")
     return "\n".join(lines)
@@ -211,67 +184,39 @@ def describe_mosaic(m) -> str:
 @main.command("run")
 @click.argument("mosaic", type=click.Path())
 @click.argument("outdir", type=click.Path())
-@click.option(
-    "--tile", default=None, type=int, help="Tile core size (px; default survey_engine.tile, 2048)."
-)
-@click.option(
-    "--halo", default=None, type=int,
-    help="Halo read around each core (px; default survey_engine.halo, 128).",
-)  # fmt: skip
+@click.option("--tile", default=None, type=int,
+              help="Tile core size (px; default survey_engine.tile: 2048, halved down to 512 until "
+              "every worker has two tiles).")  # fmt: skip
+@click.option("--halo", default=None, type=int,
+              help="Halo read around each core (px; default survey_engine.halo, 128).")  # fmt: skip
 @click.option("--origin", default=None, type=int, help="Offset of the tile grid (px; default 0).")
-@click.option(
-    "--deblender", default=None, type=click.Choice(["sep", "unet"]),
-    help="Deblender (default survey_engine.deblender, sep).",
-)  # fmt: skip
-@click.option(
-    "--model",
-    "unet_model",
-    default=None,
-    type=click.Path(),
-    help="U-Net checkpoint (default: shipped).",
-)
-@click.option(
-    "--device",
-    default=None,
-    type=click.Choice(["cpu", "cuda"]),
-    help="Where the unet deblender runs (default survey_engine.device, cpu).",
-)
-@click.option(
-    "--thresh", default=None, type=float,
-    help="Detection threshold (sigma per pixel; default survey_engine.thresh, 1.5).",
-)  # fmt: skip
-@click.option(
-    "--minarea", default=None, type=int,
-    help="Minimum object area (px; default survey_engine.minarea, 5).",
-)  # fmt: skip
-@click.option(
-    "--detection-band", default=None, help="Detect on this band (default: combine all bands)."
-)
-@click.option(
-    "--workers", type=int, default=None, help="LocalCluster workers (default: one per core)."
-)
-@click.option("--scheduler", default=None, help="Address of an existing Dask scheduler.")
+@click.option("--deblender", default=None, type=DEBLENDER,
+              help="Deblender (default survey_engine.deblender, sep).")  # fmt: skip
+@click.option("--model", "unet_model", default=None, type=click.Path(),
+              help="U-Net checkpoint for --deblender unet (default: shipped).")  # fmt: skip
+@click.option("--device", default=None, type=click.Choice(["cpu", "cuda"]),
+              help="Where the unet deblender runs (default survey_engine.device, cpu).")  # fmt: skip
+@click.option("--thresh", default=None, type=float,
+              help="Detection threshold (sigma per pixel; default survey_engine.thresh, 1.5).")  # fmt: skip
+@click.option("--minarea", default=None, type=int,
+              help="Minimum object area (px; default survey_engine.minarea, 5).")  # fmt: skip
+@click.option("--detection-band", default=None, help="Detect on this band (default: combine all bands).")
+@WORKERS
+@SCHEDULER
 @click.option("--resume", is_flag=True, help="Continue the run in OUTDIR, skipping finished tiles.")
 @click.option("--overwrite", is_flag=True, help="Delete what OUTDIR holds first.")
-@click.option(
-    "--format", "fmt", default="parquet", show_default=True, type=click.Choice(["parquet", "hats"]),
-    help="hats: also write OUTDIR/hats/survey_engine, a HATS catalog for LSDB.",
-)  # fmt: skip
-@click.option(
-    "--gpu", is_flag=True,
-    help="Every per-tile stage in torch on CUDA (unet deblender): a local Dask-CUDA cluster, "
-    "or with --scheduler the workers started with --resources GPU=1.",
-)  # fmt: skip
-@click.option(
-    "--backend", default=None, type=click.Choice(["numpy", "torch"]),
-    help="Per-tile kernels: numpy (sep/scipy, default) or torch (batched tiles; implies "
-    "--deblender unet).",
-)  # fmt: skip
-@click.option(
-    "--amp/--no-amp", "unet_amp", default=None,
-    help="bfloat16 autocast of the U-Net (default: on CUDA only); --no-amp on a GPU gives maps "
-    "within float32 rounding of the CPU ones.",
-)  # fmt: skip
+@click.option("--format", "fmt", default="parquet", show_default=True,
+              type=click.Choice(["parquet", "hats"]),
+              help="hats: also write OUTDIR/hats/survey_engine, a HATS catalog for LSDB.")  # fmt: skip
+@click.option("--gpu", is_flag=True,
+              help="Every per-tile stage in torch on CUDA (unet deblender): a local Dask-CUDA "
+              "cluster, or with --scheduler the workers started with --resources GPU=1.")  # fmt: skip
+@click.option("--backend", default=None, type=click.Choice(["numpy", "torch"]),
+              help="Per-tile kernels: numpy (sep/scipy, default) or torch (batched tiles; implies "
+              "--deblender unet).")  # fmt: skip
+@click.option("--amp/--no-amp", "unet_amp", default=None,
+              help="bfloat16 autocast of the U-Net (default: on CUDA only); --no-amp on a GPU gives "
+              "maps within float32 rounding of the CPU ones.")  # fmt: skip
 def run_cmd(mosaic, outdir, tile, halo, origin, deblender, unet_model, device, thresh, minarea,
             detection_band, workers, scheduler, resume, overwrite, fmt, gpu, backend,
             unet_amp):  # fmt: skip
@@ -300,9 +245,7 @@ def run_cmd(mosaic, outdir, tile, halo, origin, deblender, unet_model, device, t
         from .export import export_hats
 
         try:
-            path = export_hats(
-                res.catalog_path, res.outdir / "hats", workers=workers, scheduler=scheduler
-            )
+            path = export_hats(res.catalog_path, res.outdir / "hats", workers=workers, scheduler=scheduler)
         except (ValueError, ImportError) as err:
             _fail(err)
         click.echo(f"hats          {path}")
@@ -314,63 +257,45 @@ def summarise_run(res) -> str:
     from .schema import Flag
 
     cat = read_catalog(res.catalog_path)
-    t = res.timings
     lines = [
         f"catalog       {res.catalog_path}  ({res.n_objects} objects)",
         f"segmentation  {res.segmentation_path}",
         f"tiles         {res.n_tiles} ({res.n_retried} object group(s) re-measured in a larger window)",
-        "time          " + ", ".join(f"{k} {v:.1f}s" for k, v in t.items()),
+        "time          " + ", ".join(f"{k} {v:.1f}s" for k, v in res.timings.items()),
     ]
-    backend = getattr(res, "backend", "numpy")
-    stages = getattr(res, "stages", {}) or {}
-    if stages:
-        total = sum(stages.values()) or 1.0
-        lines.append(
-            f"kernels       {backend} on {getattr(res, 'device', 'cpu')}; worker time "
-            + ", ".join(f"{k} {100 * v / total:.0f}%" for k, v in stages.items())
-        )
-    if getattr(res, "gpu_memory", None):
+    if res.stages:
+        total = sum(res.stages.values()) or 1.0
+        shares = ", ".join(f"{k} {100 * v / total:.0f}%" for k, v in res.stages.items())
+        lines.append(f"kernels       {res.backend} on {res.device}; worker time {shares}")
+    if res.gpu_memory:
         lines.append(f"gpu memory    {res.gpu_memory / 2**30:.2f} GiB peak per GPU worker")
     if len(cat):
-        flags = np.asarray(cat["flags"])
-        blended = (flags & int(Flag.BLENDED)) != 0
+        blended = (np.asarray(cat["flags"]) & int(Flag.BLENDED)) != 0
         lines.append(f"blended       {np.mean(blended) * 100:.1f}% of objects")
         for b in cat.meta.get("bands", []):
-            mag = np.asarray(
-                cat[f"{b}_mag"].value if hasattr(cat[f"{b}_mag"], "value") else cat[f"{b}_mag"]
-            )
+            mag = _plain(cat[f"{b}_mag"])
             good = np.isfinite(mag)
             if good.any():
-                lines.append(
-                    f"{b}-band mags   median {np.median(mag[good]):.2f}, 90th percentile "
-                    f"{np.percentile(mag[good], 90):.2f} ({good.sum()} with positive flux)"
-                )
+                lines.append(f"{b}-band mags   median {np.median(mag[good]):.2f}, 90th percentile "
+                             f"{np.percentile(mag[good], 90):.2f} ({good.sum()} with positive flux)")  # fmt: skip
     return "\n".join(lines)
 
 
 # -- bench ---------------------------------------------------------------------------------
 @main.command()
-@click.option(
-    "--size", default=4096, show_default=True, type=int, help="Synthetic mosaic side (px)."
-)
-@click.option(
-    "--workers", type=int, default=None,
-    help="Workers of the cluster started here (default: one per core, or per GPU with --gpu).",
-)  # fmt: skip
+@click.option("--size", default=4096, show_default=True, type=int, help="Synthetic mosaic side (px).")
+@click.option("--workers", type=int, default=None,
+              help="Workers of the cluster started here (default: one per core, or per GPU with "
+              "--gpu).")  # fmt: skip
 @click.option("--gpu", is_flag=True, help="Run the GPU path (torch on CUDA, unet deblender).")
-@click.option("--scheduler", default=None, help="Address of an existing Dask scheduler.")
-@click.option(
-    "--backend", default=None, type=click.Choice(["numpy", "torch"]), help="Per-tile kernels."
-)
-@click.option(
-    "--deblender", default=None, type=click.Choice(["sep", "unet"]),
-    help="Default: sep with numpy, unet with torch or --gpu.",
-)  # fmt: skip
+@SCHEDULER
+@click.option("--backend", default=None, type=click.Choice(["numpy", "torch"]), help="Per-tile kernels.")
+@click.option("--deblender", default=None, type=DEBLENDER,
+              help="Default: sep with numpy, unet with torch or --gpu.")  # fmt: skip
 @click.option("--tile", default=None, type=int, help="Tile core size (px; default: the engine's).")
-@click.option(
-    "--workdir", default=None, type=click.Path(),
-    help="Keep (and reuse) the synthetic mosaic and the run here (default: a temporary directory).",
-)  # fmt: skip
+@click.option("--workdir", default=None, type=click.Path(),
+              help="Keep (and reuse) the synthetic mosaic and the run here (default: a temporary "
+              "directory).")  # fmt: skip
 @click.option("--repeat", default=1, show_default=True, type=int, help="Runs; the best is shown.")
 @click.option("--json", "json_out", default=None, type=click.Path(), help="Write the figures here.")
 def bench(size, workers, gpu, scheduler, backend, deblender, tile, workdir, repeat, json_out):
@@ -399,11 +324,9 @@ def bench(size, workers, gpu, scheduler, backend, deblender, tile, workdir, repe
 @click.option("--size", default=1024, show_default=True, type=int, help="Mosaic side (px).")
 @click.option("--bands", default="g,r,i", show_default=True)
 @click.option("--tile", default=512, show_default=True, type=int)
-@click.option(
-    "--workers", type=int, default=None, help="LocalCluster workers (default: one per core)."
-)
+@WORKERS
 @click.option("--seed", default=42, show_default=True, type=int)
-@click.option("--deblender", default="sep", show_default=True, type=click.Choice(["sep", "unet"]))
+@click.option("--deblender", default="sep", show_default=True, type=DEBLENDER)
 def demo(outdir, size, bands, tile, workers, seed, deblender):
     """Simulate a small mosaic, run the pipeline on a LocalCluster, summarise the catalog vs truth."""
     from .driver import RunError
@@ -424,19 +347,15 @@ def demo(outdir, size, bands, tile, workers, seed, deblender):
         click.echo(f"      {len(sim.truth)} objects drawn in {time.perf_counter() - t0:.1f} s")
         click.echo(describe_mosaic(open_mosaic(str(mosaic_path))))
         halo = 64 if deblender == "sep" else 96
-        click.echo(
-            f"[2/3] running the tiled pipeline ({deblender} deblender, tile {tile}, halo {halo}) "
-            "on a LocalCluster …"
-        )
+        click.echo(f"[2/3] running the tiled pipeline ({deblender} deblender, tile {tile}, halo "
+                   f"{halo}) on a LocalCluster …")  # fmt: skip
         res = _run(
             str(mosaic_path), out / "run", tile=tile, halo=halo, deblender=deblender,
             workers=workers, overwrite=True,
         )  # fmt: skip
         click.echo(summarise_run(res))
-        click.echo(
-            "[3/3] comparison with the truth catalog (one-to-one matching within 1″, as "
-            "`survey-engine evaluate`) …"
-        )
+        click.echo("[3/3] comparison with the truth catalog (one-to-one matching within 1″, as "
+                   "`survey-engine evaluate`) …")  # fmt: skip
         click.echo(compare_with_truth(res.catalog_path, truth_path, mosaic=str(mosaic_path)))
     except (RunError, ValueError, KeyError, FileExistsError, FileNotFoundError, OSError) as err:
         _fail(err)
@@ -483,18 +402,15 @@ def compare_with_truth(catalog_path, truth_path, *, mosaic=None, radius: float =
     for lo, hi in _DEMO_MAG_BINS:
         sel = (tmag >= lo) & (tmag < hi)
         if sel.any():
-            lines.append(
-                f"  {band} {lo}-{hi}: completeness {found[sel].mean() * 100:5.1f}% of {sel.sum()}"
-            )
+            lines.append(f"  {band} {lo}-{hi}: completeness {found[sel].mean() * 100:5.1f}% of {sel.sum()}")
     ci = np.asarray(ev.matches["cat_index"], np.int64)
     ti = np.asarray(ev.matches["truth_index"], np.int64)
     bright = tmag[ti] < 23
     flux_col = f"{band}_flux"
     if bright.any() and flux_col in ev.catalog.colnames and flux_col in ev.truth.colnames:
         ratio = _plain(ev.catalog[flux_col])[ci[bright]] / _plain(ev.truth[flux_col])[ti[bright]]
-        lines.append(
-            f"  Kron/true flux ({band} < 23): median {np.median(ratio):.3f} over {bright.sum()} objects"
-        )
+        lines.append(f"  Kron/true flux ({band} < 23): median {np.median(ratio):.3f} over "
+                     f"{bright.sum()} objects")  # fmt: skip
     return "\n".join(lines)
 
 
@@ -506,34 +422,22 @@ def _plain(col) -> np.ndarray:
 @main.command("evaluate")
 @click.argument("catalog", type=click.Path())
 @click.argument("truth", type=click.Path())
-@click.option(
-    "--radius", default=1.0, show_default=True, type=float,
-    help="Match radius in arcsec (in pixels with --pixels).",
-)  # fmt: skip
+@click.option("--radius", default=1.0, show_default=True, type=float,
+              help="Match radius in arcsec (in pixels with --pixels).")  # fmt: skip
 @click.option("--pixels", is_flag=True, help="--radius is in pixels.")
-@click.option(
-    "--method", default="optimal", show_default=True, type=click.Choice(["optimal", "greedy"]),
-    help="One-to-one matching: linear assignment, or greedy by distance.",
-)  # fmt: skip
-@click.option(
-    "--band", default=None, help="Band of the magnitudes (default: the catalog's reference band)."
-)
-@click.option(
-    "--mosaic", default=None, type=click.Path(),
-    help="Mosaic (truth segmentation, cutouts). Default: the one named in the catalog, if it exists.",
-)  # fmt: skip
-@click.option(
-    "--segmentation", default=None, type=click.Path(),
-    help="Catalog segmentation map. Default: segmentation.zarr beside CATALOG, if present.",
-)  # fmt: skip
-@click.option(
-    "--mag-limit", default=25.0, show_default=True, type=float,
-    help="Bright sample for close pairs and residuals.",
-)  # fmt: skip
+@click.option("--method", default="optimal", show_default=True,
+              type=click.Choice(["optimal", "greedy"]),
+              help="One-to-one matching: linear assignment, or greedy by distance.")  # fmt: skip
+@click.option("--band", default=None, help="Band of the magnitudes (default: the catalog's reference band).")
+@click.option("--mosaic", default=None, type=click.Path(),
+              help="Mosaic (truth segmentation, cutouts). Default: the one named in the catalog, "
+              "if it exists.")  # fmt: skip
+@click.option("--segmentation", default=None, type=click.Path(),
+              help="Catalog segmentation map. Default: segmentation.zarr beside CATALOG, if present.")  # fmt: skip
+@click.option("--mag-limit", default=25.0, show_default=True, type=float,
+              help="Bright sample for close pairs and residuals.")  # fmt: skip
 @click.option("--plots", "plots_dir", default=None, type=click.Path(), help="Write PNG plots here.")
-@click.option(
-    "--json", "json_out", default=None, type=click.Path(), help="Write the summary as JSON."
-)
+@click.option("--json", "json_out", default=None, type=click.Path(), help="Write the summary as JSON.")
 def evaluate_cmd(catalog, truth, radius, pixels, method, band, mosaic, segmentation, mag_limit,
                  plots_dir, json_out):  # fmt: skip
     """Compare CATALOG (Parquet) with the simulation's TRUTH table: completeness, purity, blends."""
@@ -571,23 +475,13 @@ def evaluate_cmd(catalog, truth, radius, pixels, method, band, mosaic, segmentat
 # -- train ---------------------------------------------------------------------------------
 @main.command()
 @click.argument("out", type=click.Path())
-@click.option(
-    "--samples", default=20000, show_default=True, type=int, help="Training stamps (blends)."
-)
+@click.option("--samples", default=20000, show_default=True, type=int, help="Training stamps (blends).")
 @click.option("--epochs", default=10, show_default=True, type=int)
 @click.option("--batch-size", default=128, show_default=True, type=int)
-@click.option(
-    "--device", default=None, type=click.Choice(["cpu", "cuda"]), help="Default: cuda if available."
-)
-@click.option(
-    "--init", "init", default=None, help="Checkpoint to fine-tune ('default' = the shipped model)."
-)
-@click.option(
-    "--dataset",
-    default=None,
-    type=click.Path(),
-    help="Existing training set (.zarr/.npz); else one is simulated.",
-)
+@click.option("--device", default=None, type=click.Choice(["cpu", "cuda"]), help="Default: cuda if available.")
+@click.option("--init", "init", default=None, help="Checkpoint to fine-tune ('default' = the shipped model).")
+@click.option("--dataset", default=None, type=click.Path(),
+              help="Existing training set (.zarr/.npz); else one is simulated.")  # fmt: skip
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--max-minutes", default=None, type=float, help="Stop after about this long.")
 def train(out, samples, epochs, batch_size, device, init, dataset, seed, max_minutes):
@@ -600,9 +494,7 @@ def train(out, samples, epochs, batch_size, device, init, dataset, seed, max_min
     with tempfile.TemporaryDirectory(prefix="se_train_") as tmp:
         if dataset is None:
             dataset = str(Path(tmp) / "train.npz")
-            click.echo(
-                f"simulating a training set of {samples} blended stamps with GalSim (seed {seed}) …"
-            )
+            click.echo(f"simulating a training set of {samples} blended stamps with GalSim (seed {seed}) …")
             generate_training_set(dataset, samples=samples, seed=seed, overwrite=True)
         try:
             history = _train(
@@ -612,10 +504,8 @@ def train(out, samples, epochs, batch_size, device, init, dataset, seed, max_min
         except (ValueError, FileNotFoundError) as err:
             _fail(err)
     last = history[-1]
-    click.echo(
-        f"wrote {out}: {len(history)} epochs, validation IoU {last['val_iou']:.3f}, "
-        f"centre F1 {last['val_centre_f1']:.3f}, blend recall {last['val_blend_recall']:.3f}"
-    )
+    click.echo(f"wrote {out}: {len(history)} epochs, validation IoU {last['val_iou']:.3f}, centre F1 "
+               f"{last['val_centre_f1']:.3f}, blend recall {last['val_blend_recall']:.3f}")  # fmt: skip
 
 
 # -- export-hats ---------------------------------------------------------------------------
@@ -623,26 +513,17 @@ def train(out, samples, epochs, batch_size, device, init, dataset, seed, max_min
 @click.argument("catalog", type=click.Path())
 @click.argument("output_path", type=click.Path())
 @click.option("--name", default="survey_engine", show_default=True, help="HATS catalog name.")
-@click.option(
-    "--pixel-threshold",
-    default=1_000_000,
-    show_default=True,
-    type=int,
-    help="Rows per partition at most.",
-)
-@click.option(
-    "--workers", type=int, default=None, help="LocalCluster workers (default: one per core)."
-)
-@click.option("--scheduler", default=None, help="Address of an existing Dask scheduler.")
+@click.option("--pixel-threshold", default=1_000_000, show_default=True, type=int,
+              help="Rows per partition at most.")  # fmt: skip
+@WORKERS
+@SCHEDULER
 def export_hats_cmd(catalog, output_path, name, pixel_threshold, workers, scheduler):
     """Write CATALOG (catalog.parquet) as a HATS catalog OUTPUT_PATH/NAME, readable by LSDB."""
     from .export import export_hats
 
     try:
-        path = export_hats(
-            catalog, output_path, name=name, pixel_threshold=pixel_threshold, workers=workers,
-            scheduler=scheduler,
-        )  # fmt: skip
+        path = export_hats(catalog, output_path, name=name, pixel_threshold=pixel_threshold,
+                           workers=workers, scheduler=scheduler)  # fmt: skip
     except (ValueError, FileNotFoundError, ImportError) as err:
         _fail(err)
     click.echo(f"HATS catalog: {path}  (lsdb.open_catalog({str(path)!r}))")

@@ -198,6 +198,9 @@ def resolve_run(
         ex_params.update(device=dev, backend="torch", gpu=True,
                          resources=dict(ex_params.get("resources") or {}) or {"GPU": 1})  # fmt: skip
     execution = dataclasses.replace(execution, **ex_params)
+    if execution.backend not in BACKENDS:
+        msg = f"unknown backend {execution.backend!r}; available: {', '.join(map(repr, BACKENDS))}"
+        raise ValueError(msg)
     science = (science or ScienceConfig()).with_params(**sci)
     strategy = check_backend(science.deblender, execution.backend).from_science(science)
     if science.detection_band is not None:

@@ -118,132 +118,72 @@ def catalog_columns(
     list of ColumnSpec
     """
     u = image_unit
-    cols = [
-        ColumnSpec(
-            "id", "int64", None, "object ID: y_peak * mosaic_width + x_peak (independent of tiling)"
-        ),
-        ColumnSpec(
-            "parent_id",
-            "int64",
-            None,
-            "ID of the brightest child of the object's parent (= id if isolated)",
-        ),
-        ColumnSpec(
-            "n_children", "int32", None, "number of children of the object's parent (1 = isolated)"
-        ),
-        ColumnSpec(
-            "x",
-            "float64",
-            "pix",
-            "windowed centroid (Gaussian window, SExtractor XWIN), 0-based mosaic column; "
-            "pixel centres are integers",
-        ),
-        ColumnSpec("y", "float64", "pix", "windowed centroid, 0-based mosaic row"),
-        ColumnSpec("x_err", "float64", "pix", "1-sigma error of x from the variance plane"),
-        ColumnSpec("y_err", "float64", "pix", "1-sigma error of y from the variance plane"),
-        ColumnSpec(
-            "x_iso",
-            "float64",
-            "pix",
-            "isophotal barycentre, 0-based mosaic column; centre of the Kron and circular apertures",
-        ),
-        ColumnSpec("y_iso", "float64", "pix", "isophotal barycentre, 0-based mosaic row"),
-        ColumnSpec(
-            "x_peak",
-            "int64",
-            "pix",
-            "column of the brightest footprint pixel in the detection image",
-        ),
-        ColumnSpec(
-            "y_peak", "int64", "pix", "row of the brightest footprint pixel in the detection image"
-        ),
-        ColumnSpec("ra", "float64", "deg", "right ascension of (x, y) from the mosaic WCS"),
-        ColumnSpec("dec", "float64", "deg", "declination of (x, y) from the mosaic WCS"),
-        ColumnSpec(
-            "a", "float64", "pix", "semi-major axis rms of the isophotal light distribution"
-        ),
-        ColumnSpec("b", "float64", "pix", "semi-minor axis rms"),
-        ColumnSpec(
-            "theta", "float64", "rad", "position angle of the major axis, from +x towards +y"
-        ),
-        ColumnSpec(
-            "e1",
-            "float64",
-            None,
-            "distortion (Ixx - Iyy) / (Ixx + Iyy) of isophotal moments (PSF-convolved)",
-        ),
-        ColumnSpec("e2", "float64", None, "distortion 2 Ixy / (Ixx + Iyy)"),
-        ColumnSpec(
-            "half_light_radius",
-            "float64",
-            "pix",
-            "radius enclosing half the detection-image Kron flux",
-        ),
-        ColumnSpec(
-            "kron_radius",
-            "float64",
-            None,
-            "Kron radius r1 in units of a and b (first moment of the elliptical radius within "
-            "6 a, as sep.kron_radius), without the Kron factor: the Kron aperture has semi-axes "
-            "max(2.5 kron_radius, 3.5) × (a, b). SExtractor's KRON_RADIUS includes the factor "
-            "(PHOT_AUTOPARAMS 2.5, Rmin: max(2.5 r1, Rmin)), so it is 2.5 × kron_radius",
-        ),
-        ColumnSpec("area", "int64", "pix2", "number of footprint pixels"),
-        ColumnSpec(
-            "peak", "float64", u, "background-subtracted detection-image value at the peak pixel"
-        ),
+    cols = [ColumnSpec(name, dtype, u if unit == "IMG" else unit, desc)
+            for name, dtype, unit, desc in _OBJECT_COLUMNS]  # fmt: skip
+    i = [c.name for c in cols].index("flux")
+    cols[i : i + 2] = [
         ColumnSpec("flux", "float64", u, f"Kron flux in the reference band ({reference_band})"),
         ColumnSpec("flux_err", "float64", u, f"1-sigma error of flux ({reference_band})"),
-        ColumnSpec(
-            "flags", "int64", None, "OR of Flag bits (see flag descriptions in the metadata)"
-        ),
     ]
     for b in bands:
-        cols += [
-            ColumnSpec(
-                f"{b}_flux",
-                "float64",
-                u,
-                f"{b}: Kron flux (max(2.5 kron_radius, 3.5) × (a, b) ellipse)",
-            ),
-            ColumnSpec(
-                f"{b}_flux_err",
-                "float64",
-                u,
-                f"{b}: 1-sigma error of the Kron flux from the variance plane",
-            ),
-            ColumnSpec(f"{b}_iso_flux", "float64", u, f"{b}: sum over the footprint pixels"),
-            ColumnSpec(
-                f"{b}_iso_flux_err", "float64", u, f"{b}: 1-sigma error of the isophotal flux"
-            ),
-        ]
+        rows = list(_BAND_COLUMNS[:4])
         for r in apertures:
             t = aper_tag(r)
-            cols += [
-                ColumnSpec(
-                    f"{b}_aper_flux_{t}", "float64", u, f"{b}: flux in a circle of radius {r:g} pix"
-                ),
-                ColumnSpec(
-                    f"{b}_aper_flux_{t}_err", "float64", u, f"{b}: 1-sigma error of aper_flux_{t}"
-                ),
-            ]
-        cols += [
-            ColumnSpec(
-                f"{b}_flux_njy", "float64", "nJy", f"{b}: Kron flux in nJy (NaN when no zero point)"
-            ),
-            ColumnSpec(
-                f"{b}_flux_njy_err", "float64", "nJy", f"{b}: 1-sigma error of the flux in nJy"
-            ),
-            ColumnSpec(
-                f"{b}_mag",
-                "float64",
-                "mag(AB)",
-                f"{b}: AB magnitude of the Kron flux (NaN if flux ≤ 0)",
-            ),
-            ColumnSpec(f"{b}_mag_err", "float64", "mag(AB)", f"{b}: 1-sigma magnitude error"),
-            ColumnSpec(f"{b}_flags", "int64", None, f"{b}: Flag bits of this band's measurement"),
-        ]
+            rows += [(f"aper_flux_{t}", "IMG", f"flux in a circle of radius {r:g} pix"),
+                     (f"aper_flux_{t}_err", "IMG", f"1-sigma error of aper_flux_{t}")]  # fmt: skip
+        rows += _BAND_COLUMNS[4:]
+        cols += [ColumnSpec(f"{b}_{name}", "int64" if name == "flags" else "float64",
+                            u if unit == "IMG" else unit, f"{b}: {desc}")
+                 for name, unit, desc in rows]  # fmt: skip
     return cols
+
+
+#: Band-independent columns: name, dtype, unit ("IMG": the image unit), description.
+_OBJECT_COLUMNS = [
+    ("id", "int64", None, "object ID: y_peak * mosaic_width + x_peak (independent of tiling)"),
+    ("parent_id", "int64", None, "ID of the brightest child of the object's parent (= id if isolated)"),
+    ("n_children", "int32", None, "number of children of the object's parent (1 = isolated)"),
+    ("x", "float64", "pix", "windowed centroid (Gaussian window, SExtractor XWIN), 0-based mosaic "
+     "column; pixel centres are integers"),
+    ("y", "float64", "pix", "windowed centroid, 0-based mosaic row"),
+    ("x_err", "float64", "pix", "1-sigma error of x from the variance plane"),
+    ("y_err", "float64", "pix", "1-sigma error of y from the variance plane"),
+    ("x_iso", "float64", "pix", "isophotal barycentre, 0-based mosaic column; centre of the Kron "
+     "and circular apertures"),
+    ("y_iso", "float64", "pix", "isophotal barycentre, 0-based mosaic row"),
+    ("x_peak", "int64", "pix", "column of the brightest footprint pixel in the detection image"),
+    ("y_peak", "int64", "pix", "row of the brightest footprint pixel in the detection image"),
+    ("ra", "float64", "deg", "right ascension of (x, y) from the mosaic WCS"),
+    ("dec", "float64", "deg", "declination of (x, y) from the mosaic WCS"),
+    ("a", "float64", "pix", "semi-major axis rms of the isophotal light distribution"),
+    ("b", "float64", "pix", "semi-minor axis rms"),
+    ("theta", "float64", "rad", "position angle of the major axis, from +x towards +y"),
+    ("e1", "float64", None, "distortion (Ixx - Iyy) / (Ixx + Iyy) of isophotal moments (PSF-convolved)"),
+    ("e2", "float64", None, "distortion 2 Ixy / (Ixx + Iyy)"),
+    ("half_light_radius", "float64", "pix", "radius enclosing half the detection-image Kron flux"),
+    ("kron_radius", "float64", None, "Kron radius r1 in units of a and b (first moment of the "
+     "elliptical radius within 6 a, as sep.kron_radius), without the Kron factor: the Kron "
+     "aperture has semi-axes max(2.5 kron_radius, 3.5) × (a, b). SExtractor's KRON_RADIUS "
+     "includes the factor (PHOT_AUTOPARAMS 2.5, Rmin: max(2.5 r1, Rmin)), so it is 2.5 × kron_radius"),
+    ("area", "int64", "pix2", "number of footprint pixels"),
+    ("peak", "float64", "IMG", "background-subtracted detection-image value at the peak pixel"),
+    ("flux", "float64", "IMG", "(reference band)"),
+    ("flux_err", "float64", "IMG", "(reference band)"),
+    ("flags", "int64", None, "OR of Flag bits (see flag descriptions in the metadata)"),
+]  # fmt: skip
+
+#: Per-band columns (name without the band prefix, unit, description); apertures after the 4th.
+_BAND_COLUMNS = [
+    ("flux", "IMG", "Kron flux (max(2.5 kron_radius, 3.5) × (a, b) ellipse)"),
+    ("flux_err", "IMG", "1-sigma error of the Kron flux from the variance plane"),
+    ("iso_flux", "IMG", "sum over the footprint pixels"),
+    ("iso_flux_err", "IMG", "1-sigma error of the isophotal flux"),
+    ("flux_njy", "nJy", "Kron flux in nJy (NaN when no zero point)"),
+    ("flux_njy_err", "nJy", "1-sigma error of the flux in nJy"),
+    ("mag", "mag(AB)", "AB magnitude of the Kron flux (NaN if flux ≤ 0)"),
+    ("mag_err", "mag(AB)", "1-sigma magnitude error"),
+    ("flags", None, "Flag bits of this band's measurement"),
+]
 
 
 def empty_columns(specs: list[ColumnSpec]) -> dict[str, np.ndarray]:
