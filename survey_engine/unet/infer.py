@@ -1,29 +1,11 @@
 """U-Net inference on windows of the mosaic: network maps on the mosaic-anchored patch grid.
 
-:func:`network_maps` runs the network on a batch of windows (torch, any device);
-:mod:`survey_engine.deblend.unet` turns the maps into objects with
-:func:`~survey_engine.kernels.torch_instances.extract_instances_batch`. The one-window
-helpers :func:`predict_window`, :func:`extract_instances` and :func:`unet_detect`
-(numpy in, numpy out) are thin wrappers over the same code.
-
-Window independence
--------------------
-A U-Net with zero padding and pooling is translation-equivariant only for shifts by
-multiples of ``A = 2^levels``, and its output near a patch edge depends on the
-padding. Inference therefore never runs on the window as given: the mosaic is cut
-into a *global* grid of square cores of side ``S`` (a multiple of ``A``) anchored at
-mosaic pixel (0, 0); the network runs on each core grown by a margin ``M ≥ R``
-(:func:`~survey_engine.unet.model.receptive_radius`, rounded up to a multiple of
-``A``), read from the window (zeros outside it, as for masked pixels), and only the
-core of each patch is kept. Every patch starts at a multiple of ``A`` in mosaic
-coordinates, so the output at a mosaic pixel is a function of the input within ``R``
-pixels of it alone, whichever window, patch or batch computes it — for every pixel at
-least ``R`` pixels inside the window. Every forward pass gets exactly ``batch_size``
-patches (the last batch is padded): oneDNN/cuDNN may pick other kernels for other
-batch sizes, which would change the last bit with the window. Instance extraction then
-only looks at 3×3 neighbourhoods (peaks), whole connected components and exact integer
-coordinate differences, so a component whose bounding box lies ``model_pad(model) + 1``
-pixels inside the window is found identically in every window.
+:func:`network_maps` runs the network on a batch of windows (torch, any device); the
+``unet`` deblender (:mod:`survey_engine.deblend.unet`) turns the maps into objects. The
+one-window helpers :func:`predict_window`, :func:`extract_instances` and :func:`unet_detect`
+(numpy in and out) are thin wrappers over the same code. Why the patch grid is anchored at
+the mosaic origin, and why every forward pass gets the same number of patches, is in
+``docs/unet.md`` ("Inference on windows").
 """
 
 from __future__ import annotations
