@@ -151,13 +151,11 @@ def resolve_run(
 ) -> RunSettings:  # fmt: skip
     """Resolve a run's parameters from its arguments and the Dask configuration, once.
 
-    Explicit arguments win over the Dask configuration (``survey_engine.*``), which wins
-    over the built-in defaults; a full ``science`` (or ``execution``) object replaces the
-    configured values of its part (``params`` still override its fields). ``params`` are
-    fields of :class:`~survey_engine.config.ExecutionConfig`, or science parameters by
-    name (``thresh``, ``minarea``, ``apertures``, ``detection_band`` …). The torch
-    backend implies the unet deblender unless ``deblender`` is given; ``gpu`` implies the
-    torch backend on CUDA.
+    Explicit arguments win over the Dask configuration (``survey_engine.*``), which wins over
+    the built-in defaults; a full ``science`` (or ``execution``) object replaces the
+    configured values of its part. ``params`` are :class:`~survey_engine.config.ExecutionConfig`
+    fields or science parameters by name. The torch backend implies the unet deblender unless
+    ``deblender`` is given; ``gpu`` implies the torch backend on CUDA.
 
     Raises
     ------
@@ -166,21 +164,19 @@ def resolve_run(
     TypeError
         An unknown parameter.
     """
-    unknown = set(params) - _EXECUTION_FIELDS - ScienceConfig.parameter_names()
-    if unknown:
+    science_names = ScienceConfig.parameter_names()
+    if unknown := sorted(set(params) - _EXECUTION_FIELDS - science_names):
         msg = (
-            f"unknown run parameter {sorted(unknown)[0]!r}: neither an execution parameter "
+            f"unknown run parameter {unknown[0]!r}: neither an execution parameter "
             f"({', '.join(sorted(_EXECUTION_FIELDS))}) nor a science parameter "
-            f"({', '.join(sorted(ScienceConfig.parameter_names()))})"
+            f"({', '.join(sorted(science_names))})"
         )
         raise TypeError(msg)
     ex_params = {k: params.pop(k) for k in list(params) if k in _EXECUTION_FIELDS}
     ex_params = {k: v for k, v in ex_params.items() if v is not None}
     if execution is None:
-        keys = _conf.EXECUTION_KEYS
-        if external_cluster:
-            keys = tuple(k for k in keys if k not in ("workers", "scheduler"))
-        execution = ExecutionConfig(**_conf.configured(keys))
+        skip = ("workers", "scheduler") if external_cluster else ()
+        execution = ExecutionConfig(**_conf.configured(tuple(k for k in _conf.EXECUTION_KEYS if k not in skip)))
     sci = dict(_conf.configured(_conf.SCIENCE_KEYS)) if science is None else {}
     sci.update({k: v for k, v in params.items() if v is not None})
     if deblender is not None:
@@ -238,51 +234,40 @@ def run(
 ) -> RunResult:
     """Produce the catalog and segmentation map of a mosaic on a Dask cluster.
 
-    Every parameter left as None takes its value from the Dask configuration
-    (``survey_engine.tile``, ``survey_engine.thresh`` … ; defaults in
-    ``survey_engine/survey_engine.yaml``: tile 2048, halo 128, origin 0, deblender sep,
-    thresh 1.5, minarea 5). Explicit arguments win; see :func:`resolve_run`.
+    Parameters left as None come from the Dask configuration (``survey_engine.*``; shipped
+    defaults in ``survey_engine/survey_engine.yaml``); explicit arguments win
+    (:func:`resolve_run`).
 
     Parameters
     ----------
     mosaic : str, path or Mosaic
         The mosaic store.
     outdir : str or path
-        Output directory: ``catalog.parquet``, ``segmentation.zarr``, ``run.json``,
-        ``parts/`` (per-tile results, kept for ``resume``).
-    tile : int or (int, int)
-        Tile core size in pixels (any size ≥ 32; odd sizes work).
-    halo : int
-        Halo read around each core (≥ 16). Objects larger than the halo are
-        re-measured whole in a larger window, so the halo affects speed only.
-    origin : int or (int, int)
-        Offset of the tile grid (e.g. ``tile // 2``).
+        Output directory: ``catalog.parquet``, ``segmentation.zarr``, ``run.json``, ``parts/``
+        (per-tile results, kept for ``resume``).
+    tile, halo, origin : int or (int, int)
+        Tile core size (≥ 32; default: 2048, halved down to 512 until every worker has two
+        tiles), halo read around each core (≥ 16; objects larger than it are measured whole in
+        a larger window, so it affects speed only) and grid offset.
     deblender : str
-        ``"sep"`` or ``"unet"`` (:data:`survey_engine.deblend.DEBLENDERS`).
-    science : ScienceConfig, optional
-        Full science parameters (replacing the configured ones; ``params`` still override
-        its fields).
-    execution : ExecutionConfig, optional
-        Full execution parameters (``params`` still override its fields).
+        A name of :data:`survey_engine.deblend.DEBLENDERS` (``"sep"``, ``"unet"``).
+    science, execution : ScienceConfig, ExecutionConfig, optional
+        Full parameter sets replacing the configured ones (``params`` still override fields).
     client : distributed.Client, optional
-        An existing client (else one from ``scheduler``, else a new local cluster of
-        ``workers`` processes).
-    resume : bool
-        Continue a run in ``outdir``, skipping finished tiles.
-    overwrite : bool
-        Delete whatever ``outdir`` holds first.
+        An existing client (else one for ``scheduler``, else a new local cluster).
+    resume, overwrite : bool
+        Continue the run in ``outdir`` (finished tiles skipped) / delete what it holds first.
     progress : bool
         Show progress bars.
     gpu : bool
-        Run every per-tile stage on GPUs: the ``torch`` backend on ``cuda`` with the
-        ``unet`` deblender, on a ``dask_cuda.LocalCUDACluster`` (one worker per GPU), or,
-        with ``scheduler``/``client``, on the workers that declare the Dask resource
-        ``GPU`` (``dask worker … --resources GPU=1``).
+        The ``torch`` backend on ``cuda`` with the ``unet`` deblender: on a
+        ``dask_cuda.LocalCUDACluster``, or with ``scheduler``/``client`` on the workers that
+        declare the Dask resource ``GPU``.
     **params
         Execution parameters (``backend``, ``device``, ``workers``, ``scheduler``,
         ``tile_batch``, ``unet_amp``, ``unet_batch_size``, ``measure_dtype``, ``resources``)
-        and science parameters by name (``thresh``, ``minarea``, ``deblend_cont``,
-        ``apertures``, ``detection_band``, ``background_box``, ``unet_model`` …).
+        and science parameters by name (``thresh``, ``minarea``, ``apertures``,
+        ``detection_band``, ``background_box``, ``unet_model`` …).
 
     Returns
     -------
@@ -291,9 +276,9 @@ def run(
     Raises
     ------
     RunError
-        When tiles failed (named in the message; finished parts are kept so
-        ``resume=True`` retries only the failures), or ``outdir`` holds another run,
-        or ``gpu`` was asked for where no GPU (or no GPU worker) is available.
+        Tiles failed (named; finished parts are kept, ``resume=True`` retries only those),
+        ``outdir`` holds another run or cannot be written, no cluster or GPU could be had,
+        the scheduler was lost; :class:`RunInterrupted` on Ctrl-C.
     """
     t_start = time.perf_counter()
     if not isinstance(mosaic, Mosaic) and "://" not in str(mosaic):
