@@ -1,21 +1,14 @@
 """Throughput benchmark of the engine on a synthetic mosaic made without GalSim.
 
-:func:`synthesize_mosaic` draws an LSST-like scene (exponential and Gaussian
-galaxies, Moffat stars, close pairs, sky noise with a variance plane, a bad
-column, hot and saturated pixels) with numpy in a few seconds and writes it with
-the package's own mosaic writer; it needs no GalSim, so it runs on GPU hosts
-that lack it. :func:`run_benchmark` times the raw Zarr reads of that mosaic and a
-full :func:`survey_engine.run`, and reports pixel and object rates per
-run and per stage in a :class:`BenchResult`.
-
-Rates are in mosaic pixels per band (``ny × nx``): *end to end* is pixels over
-the wall time of ``survey_engine.run`` (cluster already started); a *stage* rate is
-pixels over the worker-seconds that stage took summed over all tile tasks, i.e.
-the rate of one worker (tile halos included).
+:func:`synthesize_mosaic` draws an LSST-like scene with numpy in a few seconds (it runs on GPU
+hosts that lack GalSim); :func:`run_benchmark` times the raw Zarr reads of that mosaic and a full
+:func:`survey_engine.run`, and reports pixel and object rates per run and per stage in a
+:class:`BenchResult`. The scene and the definition of the rates: ``docs/simulation.md``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -32,6 +25,8 @@ import numpy as np
 from .flags import MaskBit
 from .mosaic import Mosaic, create_mosaic, open_mosaic
 from .parallel import GPUUnavailable, cluster_workers, local_cluster
+from .simulate import _bands
+from .simulate._bands import LSST_BANDS, MOFFAT_BETA, ZERO_POINT, _raise_if, psf_fwhm_for
 
 __all__ = ["STAGES", "BenchResult", "machine_info", "run_benchmark", "synthesize_mosaic"]
 
@@ -40,38 +35,22 @@ logger = logging.getLogger(__name__)
 #: The per-tile stages the engine reports worker-seconds for (``RunResult.stages``).
 STAGES: tuple[str, ...] = ("read", "background", "network", "instances", "measure", "write")
 _STAGE_NOTES = {
-    "read": "zarr window",
-    "background": "sky, det. image",
-    "network": "U-Net / sep extract",
-    "instances": "objects, deblend",
-    "measure": "photometry, shapes",
-    "write": "part files",
-}
+    "read": "zarr window", "background": "sky, det. image", "network": "U-Net / sep extract",
+    "instances": "objects, deblend", "measure": "photometry, shapes", "write": "part files",
+}  # fmt: skip
 
-#: Version of the synthetic scene model, stored in the mosaic (a reused mosaic must match).
-SCENE_VERSION = 1
-#: AB magnitude of one image unit (as in the GalSim simulator).
-ZERO_POINT = 28.0
-#: Pixel scale, arcsec.
-PIXEL_SCALE = 0.2
-#: r-band PSF FWHM, arcsec; band b gets ``FWHM_R (λ_b / λ_r) ** -0.2``.
-FWHM_R = 0.7
-#: Moffat β of the PSF.
-MOFFAT_BETA = 3.5
-#: r-band 5σ point-source depth; other bands offset as in LSST's 10-year design.
-DEPTH_R = 26.8
-_WAVELENGTH_NM = {"u": 367.0, "g": 482.5, "r": 622.2, "i": 754.5, "z": 869.1, "y": 971.0}
-_DEPTH_OFFSET = {"u": -1.4, "g": -0.1, "r": 0.0, "i": -0.7, "z": -1.4, "y": -2.6}
-_SKY_MAG = {"u": 22.99, "g": 22.26, "r": 21.20, "i": 20.48, "z": 19.60, "y": 18.61}
-#: Pixel level (counts) at and above which a pixel is saturated (an r ≈ 17 star's peak).
-SATURATION = 2000.0
+SCENE_VERSION = 1  #: Scene model version stored in the mosaic (a reused mosaic must match).
+# ZERO_POINT (AB mag of one count), MOFFAT_BETA, the wavelengths, depth offsets and sky
+# brightness are the GalSim simulator's (survey_engine.simulate._bands).
+PIXEL_SCALE = 0.2  #: Pixel scale, arcsec.
+FWHM_R = 0.7  #: r-band PSF FWHM, arcsec; band b gets ``FWHM_R (λ_b / λ_r) ** -0.2``.
+DEPTH_R = 26.8  #: r-band 5σ point-source depth; other bands offset as in LSST's 10-year design.
+SATURATION = 2000.0  #: Pixels at or above this (counts) are saturated: an r ≈ 17 star's peak.
 #: Half-widths (px) of the stamp size classes; stamps of one class are drawn in one array.
 _HALF_WIDTHS = (4, 6, 8, 12, 16, 24, 32, 48, 64)
 
 
-# ----------------------------------------------------------------------------------------
-# Synthetic mosaic
-# ----------------------------------------------------------------------------------------
+# --- Synthetic mosaic -------------------------------------------------------------------
 @dataclass(frozen=True)
 class _Band:
     name: str
@@ -81,14 +60,11 @@ class _Band:
 
 
 def _band(name: str) -> _Band:
-    if name not in _WAVELENGTH_NM:
-        msg = f"unknown band {name!r}: bands must be among {', '.join(_WAVELENGTH_NM)}"
-        raise ValueError(msg)
-    fwhm = FWHM_R * (_WAVELENGTH_NM[name] / _WAVELENGTH_NM["r"]) ** -0.2 / PIXEL_SCALE
-    f5 = 10.0 ** (-0.4 * (DEPTH_R + _DEPTH_OFFSET[name] - ZERO_POINT))
-    sky_sigma = f5 / (5.0 * math.sqrt(4.0 * math.pi / (8.0 * math.log(2.0)) * fwhm**2))
-    sky = 10.0 ** (-0.4 * (_SKY_MAG[name] - ZERO_POINT)) * PIXEL_SCALE**2
-    return _Band(name, fwhm, sky_sigma, sky / sky_sigma**2)
+    """PSF FWHM (pixels), sky σ and gain of one band, by the GalSim simulator's noise model."""
+    _raise_if(name not in LSST_BANDS, _bands._unknown_band(name))
+    fwhm = psf_fwhm_for(name, FWHM_R) / PIXEL_SCALE
+    m5 = DEPTH_R + _bands.DEPTH_OFFSET[name]
+    return _Band(name, fwhm, *_bands._sky_noise(name, m5, fwhm, PIXEL_SCALE))
 
 
 @dataclass
@@ -114,13 +90,10 @@ def _counts_mags(rng: np.random.Generator, n: int, lo: float, hi: float, slope: 
 def _tan_wcs(ny: int, nx: int) -> dict[str, Any]:
     scale = PIXEL_SCALE / 3600.0
     return {
-        "WCSAXES": 2,
-        "CTYPE1": "RA---TAN", "CTYPE2": "DEC--TAN",
-        "CRVAL1": 150.1, "CRVAL2": 2.2,
+        "WCSAXES": 2, "CTYPE1": "RA---TAN", "CTYPE2": "DEC--TAN", "CRVAL1": 150.1, "CRVAL2": 2.2,
         "CRPIX1": (nx + 1) / 2.0, "CRPIX2": (ny + 1) / 2.0,
         "CD1_1": -scale, "CD1_2": 0.0, "CD2_1": 0.0, "CD2_2": scale,
-        "CUNIT1": "deg", "CUNIT2": "deg",
-        "RADESYS": "ICRS",
+        "CUNIT1": "deg", "CUNIT2": "deg", "RADESYS": "ICRS",
     }  # fmt: skip
 
 
@@ -129,8 +102,7 @@ def _scene(rng: np.random.Generator, ny: int, nx: int, density: float) -> _Scene
     n_primary = int(rng.poisson(density * ny * nx / 1e6 / (1.0 + blend_fraction)))
     is_star = rng.random(n_primary) < star_fraction
     n_pairs = int(rng.binomial(n_primary, blend_fraction))
-    x = rng.uniform(-0.5, nx - 0.5, n_primary)
-    y = rng.uniform(-0.5, ny - 0.5, n_primary)
+    x, y = rng.uniform(-0.5, nx - 0.5, n_primary), rng.uniform(-0.5, ny - 0.5, n_primary)
     # Companions: 0.4–2.5″ from a random primary, any position angle.
     host = rng.choice(n_primary, n_pairs, replace=False) if n_pairs else np.zeros(0, int)
     sep = rng.uniform(0.4, 2.5, n_pairs) / PIXEL_SCALE
@@ -140,8 +112,7 @@ def _scene(rng: np.random.Generator, ny: int, nx: int, density: float) -> _Scene
     is_star = np.concatenate([is_star, np.zeros(n_pairs, bool)])
     n = len(x)
     mag = _counts_mags(rng, n, 19.5, 26.5, 0.3)
-    n_star = int(is_star.sum())
-    mag[is_star] = _counts_mags(rng, n_star, 15.5, 25.5, 0.12)
+    mag[is_star] = _counts_mags(rng, int(is_star.sum()), 15.5, 25.5, 0.12)
     color = np.where(is_star, rng.normal(0.25, 0.15, n), rng.normal(0.12, 0.1, n))
     # Galaxies: half-light radius shrinking with magnitude, axis ratio 0.2–1, random angle.
     r_half = np.clip(0.35 * 10.0 ** (-0.08 * (mag - 24.0)) * rng.lognormal(0.0, 0.35, n), 0.08, 3.0)
@@ -178,7 +149,8 @@ def _stamp_half_width(scene: _Scene, band: _Band, flux: np.ndarray) -> np.ndarra
 def _draw_band(scene: _Scene, band: _Band, ny: int, nx: int) -> np.ndarray:
     """Noiseless model image of one band: every object's stamp, vectorised per size class."""
     model = np.zeros(ny * nx, dtype=np.float32)
-    mag = scene.mag_r + scene.color * (_WAVELENGTH_NM["r"] - _WAVELENGTH_NM[band.name]) / 100.0
+    lam = _bands.EFFECTIVE_WAVELENGTH_NM
+    mag = scene.mag_r + scene.color * (lam["r"] - lam[band.name]) / 100.0
     flux = 10.0 ** (-0.4 * (mag - ZERO_POINT))
     hws = _stamp_half_width(scene, band, flux)
     sigma_psf2 = (band.fwhm_px / 2.3548) ** 2
@@ -196,14 +168,10 @@ def _draw_band(scene: _Scene, band: _Band, ny: int, nx: int) -> np.ndarray:
         rho2 = (
             ia[:, None, None] * dx**2 + 2 * ib[:, None, None] * dx * dy + ic[:, None, None] * dy**2
         )
-        star = scene.star[sel][:, None, None]
-        expo = scene.exponential[sel][:, None, None]
+        star, expo = scene.star[sel][:, None, None], scene.exponential[sel][:, None, None]
         r2 = dx**2 + dy**2
-        prof = np.where(
-            star,
-            (1.0 + r2 / alpha2) ** -MOFFAT_BETA,
-            np.where(expo, np.exp(-math.sqrt(3.0) * np.sqrt(rho2 + 0.25)), np.exp(-0.5 * rho2)),
-        )
+        galaxy = np.where(expo, np.exp(-math.sqrt(3.0) * np.sqrt(rho2 + 0.25)), np.exp(-0.5 * rho2))
+        prof = np.where(star, (1.0 + r2 / alpha2) ** -MOFFAT_BETA, galaxy)
         prof *= (flux[sel] / prof.sum(axis=(1, 2)))[:, None, None]
         py = yi[sel][:, None, None] + np.arange(-hw, hw + 1)[None, :, None]
         px = xi[sel][:, None, None] + np.arange(-hw, hw + 1)[None, None, :]
@@ -220,26 +188,15 @@ def _sky_pattern(ny: int, nx: int, phase: float) -> np.ndarray:
 
 
 def synthesize_mosaic(
-    path: str | os.PathLike,
-    size: int | tuple[int, int] = 4096,
-    bands: Sequence[str] = ("g", "r", "i"),
-    *,
-    seed: int = 0,
-    density: float = 200.0,
-    chunks: int = 1024,
-    overwrite: bool = False,
-) -> Mosaic:
+    path: str | os.PathLike, size: int | tuple[int, int] = 4096,
+    bands: Sequence[str] = ("g", "r", "i"), *, seed: int = 0, density: float = 200.0,
+    chunks: int = 1024, overwrite: bool = False,
+) -> Mosaic:  # fmt: skip
     """Write a realistic-looking LSST-like mosaic drawn with numpy alone (no GalSim).
 
-    The scene: galaxies with exponential (70 %) or Gaussian profiles, half-light
-    radii shrinking with magnitude, axis ratios 0.2–1, number counts
-    ``dN/dm ∝ 10^(0.3 m)`` for r = 19.5–26.5; Moffat (β = 3.5) stars, r = 15.5–25.5,
-    12 % of the primaries; 15 % of the primaries get a companion galaxy 0.4–2.5″ away.
-    PSF FWHM 0.7″ in r (∝ λ^-0.2), 0.2″ pixels, zero point 28 (AB mag of one count),
-    sky noise from the LSST 10-year depth (r = 26.8) plus source Poisson noise,
-    a smooth sky residual of ≈ ±1 σ, one bad column, hot pixels (BAD) and
-    saturated star cores (SAT, clipped). Galaxy profiles are convolved with the PSF
-    approximately (second moments added); stamps are sampled at pixel centres.
+    Exponential and Gaussian galaxies, Moffat stars and close pairs, with sky and source
+    noise, a variance plane, a bad column, hot pixels (BAD) and saturated star cores (SAT);
+    the scene model is described in ``docs/simulation.md``.
 
     Parameters
     ----------
@@ -266,27 +223,18 @@ def synthesize_mosaic(
         parameters and ``n_objects``, ``n_stars``, ``n_pairs``.
     """
     ny, nx = (int(size), int(size)) if np.isscalar(size) else (int(size[0]), int(size[1]))
-    if ny < 16 or nx < 16:
-        msg = f"size must be at least 16 pixels per side, got {size!r}"
-        raise ValueError(msg)
-    if not density >= 0:
-        msg = f"density must be ≥ 0 objects per million pixels, got {density!r}"
-        raise ValueError(msg)
+    _raise_if(ny < 16 or nx < 16, f"size must be at least 16 pixels per side, got {size!r}")
+    _raise_if(not density >= 0, f"density must be ≥ 0 objects per million pixels, got {density!r}")
     bands = [str(b) for b in bands]
     setups = [_band(b) for b in bands]
     t0 = time.perf_counter()
     scene = _scene(np.random.default_rng([seed, 0]), ny, nx, density)
     info = {
-        "version": SCENE_VERSION,
-        "generator": "survey_engine.bench.synthesize_mosaic",
-        "seed": int(seed),
-        "density_per_mpx": float(density),
-        "n_objects": len(scene.x),
-        "n_stars": int(scene.star.sum()),
-        "n_pairs": scene.n_pairs,
-        "sky_sigma": {b.name: b.sky_sigma for b in setups},
-        "saturation": SATURATION,
-    }
+        "version": SCENE_VERSION, "generator": "survey_engine.bench.synthesize_mosaic",
+        "seed": int(seed), "density_per_mpx": float(density), "n_objects": len(scene.x),
+        "n_stars": int(scene.star.sum()), "n_pairs": scene.n_pairs,
+        "sky_sigma": {b.name: b.sky_sigma for b in setups}, "saturation": SATURATION,
+    }  # fmt: skip
     m = create_mosaic(
         str(path), shape=(ny, nx), bands=bands, wcs=_tan_wcs(ny, nx),
         zero_points=dict.fromkeys(bands, ZERO_POINT), pixel_scale=PIXEL_SCALE,
@@ -297,7 +245,7 @@ def synthesize_mosaic(
     bad_x = int(layout.integers(0, nx))
     bad_y = sorted(int(v) for v in layout.integers(0, ny, 2))
     for band in setups:
-        code = list(_WAVELENGTH_NM).index(band.name)
+        code = LSST_BANDS.index(band.name)
         rng = np.random.default_rng([seed, 2, code])
         model = _draw_band(scene, band, ny, nx)
         variance = np.maximum(model, 0.0)
@@ -328,9 +276,7 @@ def synthesize_mosaic(
     return open_mosaic(str(path))
 
 
-# ----------------------------------------------------------------------------------------
-# Benchmark
-# ----------------------------------------------------------------------------------------
+# --- Benchmark --------------------------------------------------------------------------
 def machine_info(*, gpu: bool = False) -> dict[str, Any]:
     """CPU model, core count, platform and library versions (and the GPU name when ``gpu``).
 
@@ -344,34 +290,21 @@ def machine_info(*, gpu: bool = False) -> dict[str, Any]:
     dict
     """
     cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - not Linux
-        cores = os.cpu_count() or 1
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
+        names = (line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+        cpu = next(names, cpu)
+    linux = hasattr(os, "sched_getaffinity")
+    cores = len(os.sched_getaffinity(0)) if linux else os.cpu_count() or 1
     import dask
     import zarr
 
     from . import __version__
 
     info: dict[str, Any] = {
-        "cpu": cpu,
-        "cores": cores,
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "survey_engine": __version__,
-        "dask": dask.__version__,
-        "zarr": zarr.__version__,
-        "numpy": np.__version__,
-        "gpu": None,
-    }
+        "cpu": cpu, "cores": cores, "platform": platform.platform(),
+        "python": platform.python_version(), "survey_engine": __version__,
+        "dask": dask.__version__, "zarr": zarr.__version__, "numpy": np.__version__, "gpu": None,
+    }  # fmt: skip
     if gpu:
         import torch
 
@@ -388,9 +321,8 @@ class BenchResult:
 
     Attributes
     ----------
-    shape : (int, int)
-        Mosaic pixels (ny, nx).
-    bands : tuple of str
+    shape, bands : (int, int), tuple of str
+        Mosaic pixels (ny, nx) and bands.
     pixels : int
         Mosaic pixels per band; every rate below is in these pixels.
     n_objects : int
@@ -470,15 +402,11 @@ class BenchResult:
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict of every field plus the derived rates."""
         d = asdict(self)
-        d["shape"] = list(self.shape)
-        d["bands"] = list(self.bands)
+        stage_rates = {k: (None if math.isinf(v) else v) for k, v in self.stage_mpx_s.items()}
         d.update(
-            mpx=self.mpx,
-            read_mpx_s=self.read_mpx_s,
-            mpx_s=self.mpx_s,
-            objects_s=self.objects_s,
-            stage_mpx_s={k: (None if math.isinf(v) else v) for k, v in self.stage_mpx_s.items()},
-        )
+            mpx=self.mpx, read_mpx_s=self.read_mpx_s, mpx_s=self.mpx_s, objects_s=self.objects_s,
+            stage_mpx_s=stage_rates, shape=list(self.shape), bands=list(self.bands),
+        )  # fmt: skip
         return d
 
     def table(self) -> str:
@@ -511,20 +439,18 @@ class BenchResult:
                 lines.append(f"  {name:<32s}{self.stages[s]:9.2f}{rates[s]:10.2f}{share:7.1f}%")
             else:
                 lines.append(f"  {name:<32s}{'–':>9s}{'–':>10s}")
-        if self.stages:
-            lines.append(
-                f"  {'all stages':<32s}{total:9.2f}{(self.mpx / total if total else math.inf):10.2f}"
-            )
-        else:
-            lines.append("  (this engine reports no per-stage times: RunResult.stages is absent)")
-        lines.append("")
-        lines.append("engine     " + ", ".join(f"{k} {v:.2f}s" for k, v in self.timings.items()))
+        rate = self.mpx / total if total else math.inf
+        lines.append(
+            f"  {'all stages':<32s}{total:9.2f}{rate:10.2f}" if self.stages
+            else "  (this engine reports no per-stage times: RunResult.stages is absent)"
+        )  # fmt: skip
         mem = "–" if self.gpu_memory is None else f"{self.gpu_memory / 2**30:.2f} GiB peak"
-        lines.append(f"gpu memory {mem}")
-        if self.synth_seconds is not None:
-            lines.append(f"mosaic     {self.mosaic} (synthesised in {self.synth_seconds:.1f} s)")
-        else:
-            lines.append(f"mosaic     {self.mosaic} (reused)")
+        syn = self.synth_seconds
+        made = "reused" if syn is None else f"synthesised in {syn:.1f} s"
+        lines += [
+            "", "engine     " + ", ".join(f"{k} {v:.2f}s" for k, v in self.timings.items()),
+            f"gpu memory {mem}", f"mosaic     {self.mosaic} ({made})",
+        ]  # fmt: skip
         return "\n".join(lines)
 
 
@@ -538,6 +464,7 @@ def _time_reads(m: Mosaic) -> float:
 
 
 def _reuse(path: Path, shape: tuple[int, int], bands: Sequence[str], seed: int) -> Mosaic | None:
+    """The synthetic mosaic at ``path`` when it has this shape, bands, seed and scene version."""
     if not path.exists():
         return None
     try:
@@ -545,40 +472,23 @@ def _reuse(path: Path, shape: tuple[int, int], bands: Sequence[str], seed: int) 
     except (ValueError, FileNotFoundError, KeyError):
         return None
     syn = m.attrs.get("synthetic") or {}
-    if (
-        (m.ny, m.nx) == shape
-        and list(m.bands) == list(bands)
-        and syn.get("seed") == seed
-        and syn.get("version") == SCENE_VERSION
-    ):
-        return m
-    return None
+    same = (m.ny, m.nx) == shape and list(m.bands) == list(bands) and syn.get("seed") == seed
+    return m if same and syn.get("version") == SCENE_VERSION else None
 
 
 def _worker_gpu() -> tuple[str, str] | None:
     """(name of the first CUDA device, torch version) on a worker, None without CUDA."""
     import torch
 
-    if not torch.cuda.is_available():
-        return None
-    return torch.cuda.get_device_name(0), torch.__version__
+    return (torch.cuda.get_device_name(0), torch.__version__) if torch.cuda.is_available() else None
 
 
 def run_benchmark(
-    size: int | tuple[int, int] = 4096,
-    *,
-    workers: int | None = None,
-    gpu: bool = False,
-    scheduler: str | None = None,
-    backend: str | None = None,
-    deblender: str | None = None,
-    tile: int | None = None,
-    workdir: str | os.PathLike | None = None,
-    repeat: int = 1,
-    progress: bool = False,
-    bands: Sequence[str] = ("g", "r", "i"),
-    seed: int = 0,
-) -> BenchResult:
+    size: int | tuple[int, int] = 4096, *, workers: int | None = None, gpu: bool = False,
+    scheduler: str | None = None, backend: str | None = None, deblender: str | None = None,
+    tile: int | None = None, workdir: str | os.PathLike | None = None, repeat: int = 1,
+    progress: bool = False, bands: Sequence[str] = ("g", "r", "i"), seed: int = 0,
+) -> BenchResult:  # fmt: skip
     """Synthesise (or reuse) a mosaic, time its raw reads and a full engine run.
 
     Parameters
@@ -610,10 +520,8 @@ def run_benchmark(
         warm workers: imports, model, CUDA context).
     progress : bool
         Progress bars of the engine (stderr).
-    bands : sequence of str
-        Bands of the synthetic mosaic.
-    seed : int
-        Seed of the synthetic mosaic.
+    bands, seed : sequence of str, int
+        Bands and seed of the synthetic mosaic.
 
     Returns
     -------
@@ -629,58 +537,47 @@ def run_benchmark(
     from . import driver
     from .deblend import check_backend
 
-    if repeat < 1:
-        msg = f"repeat must be ≥ 1, got {repeat!r}"
-        raise ValueError(msg)
-    if backend not in (None, "numpy", "torch"):
-        msg = f"backend must be 'numpy' or 'torch', got {backend!r}"
-        raise ValueError(msg)
+    _raise_if(repeat < 1, f"repeat must be ≥ 1, got {repeat!r}")
+    _raise_if(backend not in (None, "numpy", "torch"),
+              f"backend must be 'numpy' or 'torch', got {backend!r}")  # fmt: skip
     torch_path = gpu or backend == "torch"
     if deblender is None:
         deblender = "unet" if torch_path else "sep"
     check_backend(deblender, "torch" if torch_path else "numpy")
-    extra: dict[str, Any] = {"gpu": gpu, "backend": backend}
+    run_kw: dict[str, Any] = {"tile": tile, "deblender": deblender, "progress": progress}
+    run_kw.update(gpu=gpu, backend=backend)
     if gpu:  # explicit, so that a configured ``survey_engine.device: cpu`` does not conflict
-        extra["device"] = "cuda"
-    if workers is not None and workers < 1:
-        msg = f"workers must be a positive integer, got {workers!r}"
-        raise ValueError(msg)
-    cluster = None
-    if scheduler is None:  # started first: a GPU run without a GPU stops before any work
-        try:
-            cluster = local_cluster(workers, gpu=gpu, without_dask_cuda=True)
-        except GPUUnavailable as err:
-            raise driver.RunError(str(err)) from err
-        scheduler = cluster.scheduler_address
-    try:
-        return _run_benchmark(
-            scheduler, size, gpu=gpu, backend=backend, deblender=deblender, tile=tile,
-            workdir=workdir, repeat=repeat, progress=progress, bands=bands, seed=seed, extra=extra,
-        )  # fmt: skip
-    finally:
-        if cluster is not None:
-            cluster.close()
+        run_kw["device"] = "cuda"
+    _raise_if(workers is not None and workers < 1,
+              f"workers must be a positive integer, got {workers!r}")  # fmt: skip
+    with contextlib.ExitStack() as cleanup:  # on exit: the temporary directory, then the cluster
+        if scheduler is None:  # started first: a GPU run without a GPU stops before any work
+            try:
+                cluster = local_cluster(workers, gpu=gpu, without_dask_cuda=True)
+            except GPUUnavailable as err:
+                raise driver.RunError(str(err)) from err
+            cleanup.callback(cluster.close)
+            scheduler = cluster.scheduler_address
+        if workdir is None:  # removed afterwards, also when the run fails
+            tmp = tempfile.TemporaryDirectory(prefix="se_bench_", ignore_cleanup_errors=True)
+            work = Path(cleanup.enter_context(tmp))
+        else:
+            work = Path(workdir)
+        res = _run_benchmark(scheduler, work, size, tuple(bands), seed, repeat, run_kw)
+    if workdir is None:
+        res.mosaic = f"{res.mosaic} (temporary, removed)"
+    return res
 
 
-def _run_benchmark(
-    scheduler, size, *, gpu, backend, deblender, tile, workdir, repeat, progress, bands, seed, extra
-):  # fmt: skip
+def _run_benchmark(scheduler, work, size, bands, seed, repeat, run_kw) -> BenchResult:
+    """Synthesise (or reuse) the mosaic in ``work``, time its reads and ``repeat`` engine runs."""
     from distributed import Client
 
     from .driver import run
 
-    if workdir is None:  # removed afterwards, also when the run fails
-        with tempfile.TemporaryDirectory(prefix="se_bench_", ignore_cleanup_errors=True) as tmp:
-            res = _run_benchmark(
-                scheduler, size, gpu=gpu, backend=backend, deblender=deblender, tile=tile,
-                workdir=tmp, repeat=repeat, progress=progress, bands=bands, seed=seed, extra=extra,
-            )  # fmt: skip
-        res.mosaic = f"{res.mosaic} (temporary, removed)"
-        return res
-    work = Path(workdir)
     work.mkdir(parents=True, exist_ok=True)
     shape = (int(size), int(size)) if np.isscalar(size) else (int(size[0]), int(size[1]))
-    bands = tuple(bands)
+    gpu, backend = run_kw["gpu"], run_kw["backend"]
     mpath = work / f"synthetic_{shape[0]}x{shape[1]}_{''.join(bands)}_s{seed}.zarr"
     m = _reuse(mpath, shape, bands, seed)
     synth_seconds = None
@@ -700,31 +597,17 @@ def _run_benchmark(
     runs = []
     for i in range(repeat):
         t0 = time.perf_counter()
-        res = run(
-            m, work / "run", tile=tile, deblender=deblender, scheduler=scheduler,
-            overwrite=True, progress=progress, **extra,
-        )  # fmt: skip
+        res = run(m, work / "run", scheduler=scheduler, overwrite=True, **run_kw)
         wall = time.perf_counter() - t0
         logger.info("benchmark run %d/%d: %.2f s, %d objects", i + 1, repeat, wall, res.n_objects)
         runs.append((wall, res))
     wall, res = min(runs, key=lambda r: r[0])
     return BenchResult(
-        shape=(m.ny, m.nx),
-        bands=m.bands,
-        pixels=int(getattr(res, "pixels", 0) or m.ny * m.nx),
-        n_objects=int(res.n_objects),
-        workers=n_workers,
-        device=(machine.get("gpu") or "cuda") if gpu else "cpu",
+        shape=(m.ny, m.nx), bands=m.bands, pixels=int(getattr(res, "pixels", 0) or m.ny * m.nx),
+        n_objects=int(res.n_objects), workers=n_workers, tile=run_kw["tile"],
+        device=(machine.get("gpu") or "cuda") if gpu else "cpu", deblender=run_kw["deblender"],
         backend=getattr(res, "backend", None) or backend or ("torch" if gpu else "numpy"),
-        deblender=deblender,
-        tile=tile,
-        read_seconds=read_seconds,
-        wall=wall,
-        walls=[r[0] for r in runs],
-        timings=dict(res.timings),
-        stages=dict(getattr(res, "stages", None) or {}),
-        gpu_memory=getattr(res, "gpu_memory", None),
-        synth_seconds=synth_seconds,
-        mosaic=str(mpath),
-        machine=machine,
-    )
+        read_seconds=read_seconds, wall=wall, walls=[r[0] for r in runs], timings=dict(res.timings),
+        stages=dict(getattr(res, "stages", None) or {}), synth_seconds=synth_seconds,
+        gpu_memory=getattr(res, "gpu_memory", None), mosaic=str(mpath), machine=machine,
+    )  # fmt: skip

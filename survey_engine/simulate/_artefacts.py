@@ -1,16 +1,8 @@
 """Instrumental artefacts of ``simulate(masks=True)``: bad columns, a satellite trail, no-data.
 
-The artefacts are planned once for the whole mosaic from the seed (plain data,
-:class:`ArtefactPlan`) and applied block by block in global pixel coordinates,
-so every block agrees on them whatever the chunking.
-
-* **Bad columns** (``BAD``): two per band, each from a random row to the top or
-  bottom edge, with a hot offset of +5 sky σ.
-* **Satellite trail** (``BAD``): one straight trail across the mosaic in one
-  band, Gaussian cross-section (σ = 1.5 px, peak 20 sky σ) added to the image;
-  pixels within 4.5 px of its axis are flagged.
-* **No-data corner** (``NO_DATA`` in every band): a right triangle in one corner
-  with legs of 15 % of the mosaic's sides; image 0, variance inf there.
+Planned once for the whole mosaic from the seed (:class:`ArtefactPlan`), applied block by block in
+global pixel coordinates, so every block agrees whatever the chunking. Bad columns and the trail
+are ``BAD``, the corner triangle ``NO_DATA``; sizes and levels in ``docs/simulation.md``.
 """
 
 from __future__ import annotations
@@ -72,17 +64,12 @@ def plan_artefacts(ny: int, nx: int, band_codes: tuple[int, ...], seed: int) -> 
     columns = []
     for code in band_codes:
         for _ in range(2):
-            x = int(rng.integers(0, nx))
-            y = int(rng.integers(0, ny))
+            x, y = int(rng.integers(0, nx)), int(rng.integers(0, ny))
             start, stop = (0, y + 1) if rng.random() < 0.5 else (y, ny)
             columns.append((int(code), x, start, stop))
     trail_band = int(band_codes[int(rng.integers(0, len(band_codes)))])
-    trail = (
-        trail_band,
-        float(rng.uniform(0.25, 0.75) * nx),
-        float(rng.uniform(0.25, 0.75) * ny),
-        float(rng.uniform(0.0, math.pi)),
-    )
+    tx, ty = float(rng.uniform(0.25, 0.75) * nx), float(rng.uniform(0.25, 0.75) * ny)
+    trail = (trail_band, tx, ty, float(rng.uniform(0.0, math.pi)))
     cy = 0 if rng.random() < 0.5 else ny - 1
     cx = 0 if rng.random() < 0.5 else nx - 1
     corner = (cy, cx, max(1, round(CORNER_FRACTION * ny)), max(1, round(CORNER_FRACTION * nx)))
@@ -90,12 +77,7 @@ def plan_artefacts(ny: int, nx: int, band_codes: tuple[int, ...], seed: int) -> 
 
 
 def apply_artefacts(
-    image: np.ndarray,
-    mask: np.ndarray,
-    y0: int,
-    x0: int,
-    band: BandSetup,
-    plan: ArtefactPlan,
+    image: np.ndarray, mask: np.ndarray, y0: int, x0: int, band: BandSetup, plan: ArtefactPlan
 ) -> None:
     """Add the bad columns and the trail of ``band`` to one block, in place.
 

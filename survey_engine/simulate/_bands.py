@@ -1,25 +1,8 @@
 """Per-band survey parameters of the simulator: PSF, depth, noise, gain and saturation.
 
-All the numbers that tie a band to its pixels live here, so the scene model, the
-drawing kernel and the mosaic attributes agree on one definition.
-
-Noise model
------------
-The image is a sky-subtracted coadd in ``count`` (AB zero point
-:data:`ZERO_POINT`). The sky noise per pixel follows from the 5σ point-source
-depth ``m5`` of the band::
-
-    F5        = 10 ** (-0.4 * (m5 - zp))            # counts of a 5σ point source
-    NEA       = 2.266 * FWHM_px ** 2                # noise-equivalent area (Gaussian PSF)
-    sky_sigma = F5 / (5 * sqrt(NEA))
-
-``2.266 = 4π / (8 ln 2)``: the NEA of a Gaussian PSF. A Kolmogorov PSF has a
-slightly larger NEA, so the measured 5σ depth comes out ~0.1 mag brighter
-than the nominal ``m5``. Source Poisson noise uses an effective gain (counts to
-electrons), chosen so that the sky-limited variance corresponds to a dark sky
-of :data:`SKY_MAG` magnitudes per square arcsec:
-``gain = sky_per_pixel / sky_sigma**2``; the pixel variance is then
-``sky_sigma**2 + max(model, 0) / gain``.
+All the numbers that tie a band to its pixels live here, so the scene model, the drawing kernel
+and the mosaic attributes agree on one definition. The noise model (sky σ from the 5σ depth, the
+effective gain of the source Poisson noise) is described in ``docs/simulation.md``.
 """
 
 from __future__ import annotations
@@ -29,33 +12,21 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 __all__ = [
-    "DEPTH_OFFSET",
-    "EFFECTIVE_WAVELENGTH_NM",
-    "LSST_BANDS",
-    "SATURATION_MAG",
-    "SKY_MAG",
-    "ZERO_POINT",
-    "BandSetup",
-    "band_setups",
-    "parse_bands",
-]
+    "DEPTH_OFFSET", "EFFECTIVE_WAVELENGTH_NM", "LSST_BANDS", "SATURATION_MAG", "SKY_MAG",
+    "ZERO_POINT", "BandSetup", "band_setups", "parse_bands",
+]  # fmt: skip
 
-#: The LSST filters, blue to red.
-LSST_BANDS: tuple[str, ...] = ("u", "g", "r", "i", "z", "y")
+LSST_BANDS: tuple[str, ...] = ("u", "g", "r", "i", "z", "y")  #: The LSST filters, blue to red.
 #: Effective wavelengths (nm) of the LSST filters; the PSF FWHM scales as λ^-0.2.
 EFFECTIVE_WAVELENGTH_NM = {"u": 367.0, "g": 482.5, "r": 622.2, "i": 754.5, "z": 869.1, "y": 971.0}
 #: 5σ depth of each band relative to r (LSST 10-year design, Ivezić et al. 2019, table 1).
 DEPTH_OFFSET = {"u": -1.4, "g": -0.1, "r": 0.0, "i": -0.7, "z": -1.4, "y": -2.6}
 #: Dark-sky surface brightness (AB mag / arcsec²) used to set the effective gain.
 SKY_MAG = {"u": 22.99, "g": 22.26, "r": 21.20, "i": 20.48, "z": 19.60, "y": 18.61}
-#: AB magnitude of one image unit (``count``), the same in every band.
-ZERO_POINT = 28.0
-#: A point source of this magnitude, centred on a pixel, peaks at the saturation level.
-SATURATION_MAG = 17.0
-#: Moffat β of the ``psf="moffat"`` option.
-MOFFAT_BETA = 3.5
-#: The PSF models on offer.
-PSF_KINDS = ("kolmogorov", "moffat")
+ZERO_POINT = 28.0  #: AB magnitude of one image unit (``count``), the same in every band.
+SATURATION_MAG = 17.0  #: A pixel-centred point source of this mag peaks at the saturation level.
+MOFFAT_BETA = 3.5  #: Moffat β of the ``psf="moffat"`` option.
+PSF_KINDS = ("kolmogorov", "moffat")  #: The PSF models on offer.
 #: Noise-equivalent area of a Gaussian PSF in units of FWHM².
 NEA_FACTOR = 4.0 * math.pi / (8.0 * math.log(2.0))
 
@@ -95,6 +66,12 @@ class BandSetup:
     saturation: float
 
 
+def _raise_if(condition: bool, msg: str) -> None:
+    """Raise ``ValueError(msg)`` when ``condition`` holds (argument checks; the bench's too)."""
+    if condition:
+        raise ValueError(msg)
+
+
 def parse_bands(bands: str | Sequence[str]) -> tuple[str, ...]:
     """Validate band names: a non-empty sequence (or ``"g,r,i"`` string) of unique ``ugrizy``.
 
@@ -113,17 +90,16 @@ def parse_bands(bands: str | Sequence[str]) -> tuple[str, ...]:
     except TypeError:
         msg = f"bands must be a sequence of band names, got {bands!r}"
         raise TypeError(msg) from None
-    if not names:
-        msg = "bands must name at least one band"
-        raise ValueError(msg)
+    _raise_if(not names, "bands must name at least one band")
     for b in names:
-        if not isinstance(b, str) or b not in LSST_BANDS:
-            msg = f"unknown band {b!r}: bands must be among {', '.join(LSST_BANDS)}"
-            raise ValueError(msg)
-    if len(set(names)) != len(names):
-        msg = f"band names must be unique, got {list(names)}"
-        raise ValueError(msg)
+        _raise_if(not isinstance(b, str) or b not in LSST_BANDS, _unknown_band(b))
+    _raise_if(len(set(names)) != len(names), f"band names must be unique, got {list(names)}")
     return names
+
+
+def _unknown_band(band) -> str:
+    """The message for a band name that is not one of ``ugrizy``."""
+    return f"unknown band {band!r}: bands must be among {', '.join(LSST_BANDS)}"
 
 
 def psf_fwhm_for(band: str, r_fwhm: float) -> float:
@@ -153,21 +129,18 @@ def make_psf(kind: str, fwhm: float, gsparams=None):
     return galsim.Moffat(beta=MOFFAT_BETA, fwhm=fwhm, gsparams=gsparams)
 
 
-def _peak_fraction(kind: str, fwhm: float, pixel_scale: float) -> float:
-    """Fraction of a point source's flux in its brightest pixel when centred on a pixel."""
-    n = 2 * math.ceil(3 * fwhm / pixel_scale) + 1
-    img = make_psf(kind, fwhm).drawImage(nx=n, ny=n, scale=pixel_scale)
-    return float(img.array.max())
+def _sky_noise(band: str, m5: float, fwhm_px: float, pixel_scale: float) -> tuple[float, float]:
+    """(sky σ per pixel, effective gain) of ``band`` at 5σ depth ``m5`` (``docs/simulation.md``)."""
+    f5 = 10.0 ** (-0.4 * (m5 - ZERO_POINT))  # counts of a 5σ point source
+    sky_sigma = f5 / (5.0 * math.sqrt(NEA_FACTOR * fwhm_px**2))
+    sky_per_pixel = 10.0 ** (-0.4 * (SKY_MAG[band] - ZERO_POINT)) * pixel_scale**2
+    return sky_sigma, sky_per_pixel / sky_sigma**2
 
 
 def band_setups(
-    bands: Sequence[str],
-    *,
-    depth: float | Mapping[str, float],
-    psf: str,
-    psf_fwhm: float,
+    bands: Sequence[str], *, depth: float | Mapping[str, float], psf: str, psf_fwhm: float,
     pixel_scale: float,
-) -> tuple[BandSetup, ...]:
+) -> tuple[BandSetup, ...]:  # fmt: skip
     """Per-band PSF, noise, gain and saturation for a simulated survey.
 
     Parameters
@@ -191,23 +164,12 @@ def band_setups(
     for band in bands:
         m5 = float(depth[band]) if isinstance(depth, Mapping) else float(depth) + DEPTH_OFFSET[band]
         fwhm = psf_fwhm_for(band, psf_fwhm)
-        fwhm_px = fwhm / pixel_scale
-        f5 = 10.0 ** (-0.4 * (m5 - ZERO_POINT))
-        sky_sigma = f5 / (5.0 * math.sqrt(NEA_FACTOR * fwhm_px**2))
-        sky_per_pixel = 10.0 ** (-0.4 * (SKY_MAG[band] - ZERO_POINT)) * pixel_scale**2
-        gain = sky_per_pixel / sky_sigma**2
-        peak = _peak_fraction(psf, fwhm, pixel_scale)
+        sky_sigma, gain = _sky_noise(band, m5, fwhm / pixel_scale, pixel_scale)
+        n = 2 * math.ceil(3 * fwhm / pixel_scale) + 1  # peak: brightest pixel of a centred star
+        peak = float(make_psf(psf, fwhm).drawImage(nx=n, ny=n, scale=pixel_scale).array.max())
         saturation = float(f"{10.0 ** (-0.4 * (SATURATION_MAG - ZERO_POINT)) * peak:.4g}")
-        out.append(
-            BandSetup(
-                name=band,
-                code=LSST_BANDS.index(band),
-                zero_point=ZERO_POINT,
-                psf_fwhm=fwhm,
-                depth=m5,
-                sky_sigma=sky_sigma,
-                gain=gain,
-                saturation=saturation,
-            )
-        )
+        out.append(BandSetup(
+            name=band, code=LSST_BANDS.index(band), zero_point=ZERO_POINT, psf_fwhm=fwhm,
+            depth=m5, sky_sigma=sky_sigma, gain=gain, saturation=saturation,
+        ))  # fmt: skip
     return tuple(out)

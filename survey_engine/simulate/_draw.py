@@ -1,37 +1,9 @@
 """The drawing kernel: GalSim stamps of each object and the pixels of one mosaic block.
 
 No Dask here: :func:`draw_block` is the pure per-block function that
-:func:`survey_engine.simulate.simulate` maps over the chunk grid.
-
-Determinism
------------
-Every object is drawn on a stamp with fixed global bounds (centred on the pixel
-nearest to its centre, odd size ``2 * half + 1``) from its truth parameters
-only, so its stamp is the same whichever block draws it. A block draws every
-object whose stamp overlaps it and adds the overlapping parts in id order, in
-float64. Noise comes from a generator seeded with ``(seed, band, block row,
-block column)``. The pixels therefore depend on the seed and on the chunk grid,
-never on the number of workers or the order in which blocks run.
-
-Stamp size
-----------
-The stamp radius is ``hypot(R_gal, R_psf)``. ``R_gal`` is the larger of 8 disk
-half-light radii (0.002 % of the disk outside) and the bulge truncation radius,
-stretched by the major-axis factor of the ellipticity. ``R_psf`` is at least 6
-PSF FWHM (Kolmogorov: 0.25 % of the flux outside) and grows with flux until the
-PSF wing outside holds less than ``max(0.1 % of the flux, 0.2 σ_ps)`` (σ_ps: the
-point-source noise, a fifth of the 5σ depth flux) and its surface brightness at
-the edge is below 0.05 sky σ per pixel; both from the Kolmogorov wing law
-(conservative for the Moffat). The half size is capped at :data:`MAX_HALF`
-(255-pixel stamps for the brightest stars), so a drawn object holds its truth
-flux to better than 0.1 % or 0.2 σ_ps, except the brightest stars (≲ 0.05 %).
-
-Truth segmentation
-------------------
-The detection image of an object is its noiseless image summed over the
-simulated bands; its footprint is where that exceeds ``seg_threshold`` (1 sky σ
-of the band sum, ``sqrt(Σ σ_b²)``). Where footprints overlap, the pixel goes to
-the object that is brightest *in that pixel* (ties to the lower id).
+:func:`survey_engine.simulate.simulate` maps over the chunk grid. Each stamp has fixed global
+bounds and noise is seeded per (band, block), so the pixels depend on the seed and the chunk grid,
+never on the workers. Determinism, stamp sizes and the truth segmentation: ``docs/simulation.md``.
 """
 
 from __future__ import annotations
@@ -50,24 +22,15 @@ from ._scene import BULGE_TRUNCATION
 
 __all__ = ["DrawConfig", "draw_block", "object_plan", "render_block", "select_objects"]
 
-#: Largest stamp half size (stamps are at most 2 * MAX_HALF + 1 = 255 pixels wide).
-MAX_HALF = 127
-#: Smallest stamp half size.
-MIN_HALF = 4
-#: Stamp radius covers at least this many PSF FWHM.
-MIN_PSF_RADIUS = 6.0
-#: ... and this many disk half-light radii.
-DISK_RADIUS = 8.0
-#: Kolmogorov PSF: flux fraction outside radius R ≈ KOLMOGOROV_WING (R / FWHM)^(-5/3).
-KOLMOGOROV_WING = 0.09
-#: PSF wing level at the stamp edge, in sky σ per pixel.
-EDGE_SIGMA = 0.05
-#: Flux allowed outside the stamp: a fraction of the flux ...
-LOST_FRACTION = 1e-3
-#: ... or this fraction of the point-source noise, whichever is larger.
-LOST_NOISE = 0.2
-#: GalSim FFT size limit (the default 8192 fails for the largest bulges).
-MAX_FFT_SIZE = 16384
+MAX_HALF = 127  #: Largest stamp half size (stamps are at most 2 * MAX_HALF + 1 = 255 pixels wide).
+MIN_HALF = 4  #: Smallest stamp half size.
+MIN_PSF_RADIUS = 6.0  #: Stamp radius covers at least this many PSF FWHM.
+DISK_RADIUS = 8.0  #: ... and this many disk half-light radii.
+KOLMOGOROV_WING = 0.09  #: Kolmogorov flux fraction outside R: KOLMOGOROV_WING (R / FWHM)^(-5/3).
+EDGE_SIGMA = 0.05  #: PSF wing level at the stamp edge, in sky σ per pixel.
+LOST_FRACTION = 1e-3  #: Flux allowed outside the stamp: a fraction of the flux ...
+LOST_NOISE = 0.2  #: ... or this fraction of the point-source noise, whichever is larger.
+MAX_FFT_SIZE = 16384  #: GalSim FFT size limit (the default 8192 fails for the largest bulges).
 
 _NOISE_TAG = 0x401CE
 
@@ -87,8 +50,7 @@ class DrawConfig:
     seed : int
         Simulation seed (noise streams).
     seg_threshold : float or None
-        Truth-segmentation threshold on the band-summed noiseless image; None: no
-        truth segmentation.
+        Truth-segmentation threshold on the band-summed noiseless image (None: no segmentation).
     artefacts : ArtefactPlan or None
         Bad columns, trail and no-data corner (``masks=True``).
     """
@@ -101,25 +63,20 @@ class DrawConfig:
     artefacts: ArtefactPlan | None
 
 
+_SHAPE_FIELDS = ("disk_hlr", "bulge_hlr", "bulge_fraction", "e1", "e2")
+
+
 def plan_dtype(n_bands: int) -> np.dtype:
     """Structured dtype of the per-object drawing plan."""
-    return np.dtype(
-        [
-            ("id", "i8"),
-            ("x", "f8"),
-            ("y", "f8"),
-            ("cx", "i8"),
-            ("cy", "i8"),
-            ("half", "i8"),
-            ("star", "?"),
-            ("flux", "f8", (n_bands,)),
-            ("disk_hlr", "f8"),
-            ("bulge_hlr", "f8"),
-            ("bulge_fraction", "f8"),
-            ("e1", "f8"),
-            ("e2", "f8"),
-        ]
-    )
+    return np.dtype([
+        ("id", "i8"), ("x", "f8"), ("y", "f8"), ("cx", "i8"), ("cy", "i8"), ("half", "i8"),
+        ("star", "?"), ("flux", "f8", (n_bands,)), *((name, "f8") for name in _SHAPE_FIELDS),
+    ])  # fmt: skip
+
+
+def _values(column) -> np.ndarray:
+    """A table column (a Quantity or not) as a float array, without its unit."""
+    return np.asarray(getattr(column, "value", column), dtype=float)
 
 
 def object_plan(truth, bands: tuple[BandSetup, ...], pixel_scale: float) -> np.ndarray:
@@ -138,28 +95,20 @@ def object_plan(truth, bands: tuple[BandSetup, ...], pixel_scale: float) -> np.n
         Structured array of :func:`plan_dtype`, with the stamp geometry.
     """
 
-    def col(name):
-        c = truth[name]
-        return np.asarray(getattr(c, "value", c), dtype=float)
-
-    n = len(truth)
-    plan = np.zeros(n, dtype=plan_dtype(len(bands)))
+    plan = np.zeros(len(truth), dtype=plan_dtype(len(bands)))
     plan["id"] = np.asarray(truth["id"], dtype=np.int64)
-    plan["x"] = col("x")
-    plan["y"] = col("y")
-    plan["cx"] = np.floor(plan["x"] + 0.5)
-    plan["cy"] = np.floor(plan["y"] + 0.5)
+    for name in ("x", "y", *_SHAPE_FIELDS):
+        plan[name] = _values(truth[name])
+    plan["cx"], plan["cy"] = np.floor(plan["x"] + 0.5), np.floor(plan["y"] + 0.5)
     plan["star"] = np.asarray(truth["kind"]) == "star"
     for i, b in enumerate(bands):
-        plan["flux"][:, i] = col(f"{b.name}_flux")
-    for name in ("disk_hlr", "bulge_hlr", "bulge_fraction", "e1", "e2"):
-        plan[name] = col(name)
+        plan["flux"][:, i] = _values(truth[f"{b.name}_flux"])
     plan["half"] = stamp_half_sizes(plan, bands, pixel_scale)
     return plan[np.argsort(plan["id"], kind="stable")]
 
 
 def stamp_half_sizes(plan: np.ndarray, bands: tuple[BandSetup, ...], pixel_scale: float):
-    """Stamp half sizes (pixels) of the objects of a plan; see the module docstring."""
+    """Stamp half sizes (pixels) of the objects of a plan (``docs/simulation.md``)."""
     galaxy = ~plan["star"]
     bf = plan["bulge_fraction"]
     e = np.minimum(np.hypot(plan["e1"], plan["e2"]), 0.99)
@@ -171,13 +120,9 @@ def stamp_half_sizes(plan: np.ndarray, bands: tuple[BandSetup, ...], pixel_scale
     for i, b in enumerate(bands):
         flux = np.maximum(plan["flux"][:, i], 0.0)
         edge = (
-            flux
-            * (5.0 / 3.0)
-            * KOLMOGOROV_WING
-            * b.psf_fwhm ** (5.0 / 3.0)
-            * pixel_scale**2
+            flux * (5.0 / 3.0) * KOLMOGOROV_WING * b.psf_fwhm ** (5.0 / 3.0) * pixel_scale**2
             / (2.0 * math.pi * EDGE_SIGMA * b.sky_sigma)
-        ) ** (3.0 / 11.0)
+        ) ** (3.0 / 11.0)  # fmt: skip
         point_sigma = 10.0 ** (-0.4 * (b.depth - b.zero_point)) / 5.0
         lost = np.maximum(LOST_FRACTION * flux, LOST_NOISE * point_sigma)
         wing = b.psf_fwhm * (KOLMOGOROV_WING * flux / lost) ** 0.6
@@ -188,17 +133,12 @@ def stamp_half_sizes(plan: np.ndarray, bands: tuple[BandSetup, ...], pixel_scale
 
 def select_objects(plan: np.ndarray, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
     """Objects of ``plan`` whose stamps overlap the half-open block ``[y0, y1) × [x0, x1)``."""
-    h = plan["half"]
-    hit = (
-        (plan["cx"] + h >= x0)
-        & (plan["cx"] - h < x1)
-        & (plan["cy"] + h >= y0)
-        & (plan["cy"] - h < y1)
-    )
-    return plan[hit]
+    h, cx, cy = plan["half"], plan["cx"], plan["cy"]
+    return plan[(cx + h >= x0) & (cx - h < x1) & (cy + h >= y0) & (cy - h < y1)]
 
 
 def _gsparams():
+    """GalSim parameters of every profile drawn (a larger FFT limit)."""
     import galsim
 
     return galsim.GSParams(maximum_fft_size=MAX_FFT_SIZE)
@@ -232,16 +172,13 @@ def draw_stamps(obj, psfs, pixel_scale: float, gsparams) -> np.ndarray:
     if not obj["star"]:
         bf = float(obj["bulge_fraction"])
         parts = []
+        hd, hb = float(obj["disk_hlr"]), float(obj["bulge_hlr"])
         if bf < 1.0:
-            hd = float(obj["disk_hlr"])
             parts.append(galsim.Exponential(half_light_radius=hd, flux=1.0 - bf, gsparams=gsparams))
         if bf > 0.0:
-            hb = float(obj["bulge_hlr"])
-            parts.append(
-                galsim.DeVaucouleurs(
-                    half_light_radius=hb, trunc=BULGE_TRUNCATION * hb, flux=bf, gsparams=gsparams
-                )
-            )
+            parts.append(galsim.DeVaucouleurs(
+                half_light_radius=hb, trunc=BULGE_TRUNCATION * hb, flux=bf, gsparams=gsparams
+            ))  # fmt: skip
         gal = parts[0] if len(parts) == 1 else galsim.Add(parts, gsparams=gsparams)
         e1, e2 = float(obj["e1"]), float(obj["e2"])
         if e1 or e2:
@@ -309,12 +246,7 @@ def render_block(objects: np.ndarray, y0: int, y1: int, x0: int, x1: int, config
 
 
 def finish_band(
-    model: np.ndarray,
-    band: BandSetup,
-    block: tuple[int, int],
-    y0: int,
-    x0: int,
-    config: DrawConfig,
+    model: np.ndarray, band: BandSetup, block: tuple[int, int], y0: int, x0: int, config: DrawConfig
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Noise, artefacts, saturation and no-data of one band of one block.
 
@@ -388,9 +320,5 @@ def draw_block(item: dict, *, path: str, config: DrawConfig) -> dict:
         mosaic.write(i, y0, x0, image=image, variance=variance, mask=mask)
     if seg is not None:
         mosaic.group["truth_segmentation"][y0:y1, x0:x1] = seg
-    return {
-        "objects": len(item["objects"]),
-        "saturated": saturated,
-        "draw_s": t1 - t0,
-        "total_s": time.perf_counter() - t0,
-    }
+    n, total = len(item["objects"]), time.perf_counter() - t0
+    return {"objects": n, "saturated": saturated, "draw_s": t1 - t0, "total_s": total}

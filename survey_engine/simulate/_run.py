@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import os
@@ -17,16 +18,15 @@ from astropy.table import QTable, Table
 from ..mosaic import Mosaic, create_mosaic, open_mosaic
 from ..parallel import dask_client, map_tasks
 from ._artefacts import plan_artefacts
-from ._bands import MOFFAT_BETA, PSF_KINDS, ZERO_POINT, band_setups, parse_bands
-from ._draw import DrawConfig, draw_block, object_plan, select_objects
-from ._scene import BRIGHT_LIMIT, DEFAULT_CENTER, make_scene, make_wcs
-from ._truth import write_truth
+from ._bands import MOFFAT_BETA, PSF_KINDS, ZERO_POINT, _raise_if, band_setups, parse_bands
+from ._draw import _SHAPE_FIELDS, DrawConfig, _values, draw_block, object_plan, select_objects
+from ._scene import BRIGHT_LIMIT, DEFAULT_CENTER, make_scene, make_wcs, write_truth
 
 __all__ = ["SimulationResult", "simulate"]
 
 logger = logging.getLogger(__name__)
 
-_SCENE_COLUMNS = ("id", "x", "y", "kind", "disk_hlr", "bulge_hlr", "bulge_fraction", "e1", "e2")
+_SCENE_COLUMNS = ("id", "x", "y", "kind", *_SHAPE_FIELDS)  # what the drawing plan reads
 
 
 @dataclass
@@ -68,27 +68,17 @@ def simulate(
     seed: int = 0,
     depth: float | Mapping[str, float] = 26.8,
     truth: str | os.PathLike | None = None,
-    pixel_scale: float = 0.2,
-    psf: str = "kolmogorov",
-    psf_fwhm: float = 0.7,
-    chunks: int | tuple[int, int] = 1024,
-    masks: bool = False,
-    bright_stars: int = 0,
-    truth_segmentation: bool = True,
-    density: float = 1.0,
-    max_mag: float = 27.0,
+    pixel_scale: float = 0.2, psf: str = "kolmogorov", psf_fwhm: float = 0.7,
+    chunks: int | tuple[int, int] = 1024, masks: bool = False, bright_stars: int = 0,
+    truth_segmentation: bool = True, density: float = 1.0, max_mag: float = 27.0,
     scene: Table | None = None,
-    workers: int | None = None,
-    scheduler: str | None = None,
-    client: Any | None = None,
-    progress: bool = True,
-    overwrite: bool = False,
-) -> SimulationResult:
+    workers: int | None = None, scheduler: str | None = None, client: Any | None = None,
+    progress: bool = True, overwrite: bool = False,
+) -> SimulationResult:  # fmt: skip
     """Simulate an LSST-like multi-band mosaic with GalSim and write it as a mosaic store.
 
-    The field is drawn block by block (the chunk grid) on a Dask cluster; the
-    result depends only on the arguments and the chunk grid, never on the
-    number of workers (see :mod:`survey_engine.simulate._draw`).
+    The field is drawn block by block (the chunk grid) on a Dask cluster; the result depends
+    only on the arguments and the chunk grid, never on the workers (``docs/simulation.md``).
 
     Parameters
     ----------
@@ -124,10 +114,9 @@ def simulate(
     max_mag : float
         Faint limit (r mag) of the population.
     scene : astropy.table.Table, optional
-        Draw this truth table (e.g. an edited :func:`make_scene`) instead of a
-        random population; needs ``id``, ``x``, ``y``, ``kind``, ``<band>_flux``,
-        ``disk_hlr``, ``bulge_hlr``, ``bulge_fraction``, ``e1``, ``e2``.
-        ``ra``/``dec`` are recomputed from the mosaic WCS.
+        Draw this truth table (e.g. an edited :func:`make_scene`) instead of a random
+        population; needs ``id``, ``x``, ``y``, ``kind``, ``<band>_flux``, ``disk_hlr``,
+        ``bulge_hlr``, ``bulge_fraction``, ``e1``, ``e2`` (``ra``/``dec`` from the mosaic WCS).
     workers, scheduler, client
         Dask cluster, see :func:`survey_engine.parallel.dask_client`.
     progress : bool
@@ -147,17 +136,13 @@ def simulate(
     pixel_scale = _positive_float(pixel_scale, "pixel_scale")
     psf_fwhm = _positive_float(psf_fwhm, "psf_fwhm")
     psf = str(psf).lower()
-    if psf not in PSF_KINDS:
-        msg = f"psf must be one of {', '.join(PSF_KINDS)}, got {psf!r}"
-        raise ValueError(msg)
+    _raise_if(psf not in PSF_KINDS, f"psf must be one of {', '.join(PSF_KINDS)}, got {psf!r}")
     density = float(density)
-    if not math.isfinite(density) or density < 0:
-        msg = f"density must be a finite non-negative number, got {density!r}"
-        raise ValueError(msg)
+    _raise_if(not math.isfinite(density) or density < 0,
+              f"density must be a finite non-negative number, got {density!r}")  # fmt: skip
     max_mag = float(max_mag)
-    if not math.isfinite(max_mag) or max_mag <= BRIGHT_LIMIT:
-        msg = f"max_mag must be a finite magnitude fainter than {BRIGHT_LIMIT}, got {max_mag!r}"
-        raise ValueError(msg)
+    msg = f"max_mag must be a finite magnitude fainter than {BRIGHT_LIMIT}, got {max_mag!r}"
+    _raise_if(not math.isfinite(max_mag) or max_mag <= BRIGHT_LIMIT, msg)
     path = _local_abspath(path)
     truth_path = None if truth is None else _local_abspath(truth)
     for target in (path, truth_path):
@@ -169,196 +154,149 @@ def simulate(
     wcs = make_wcs(ny, nx, pixel_scale=pixel_scale)
     if scene is None:
         table = make_scene(
-            ny,
-            nx,
-            bands=bands,
-            seed=seed,
-            pixel_scale=pixel_scale,
-            density=density,
-            max_mag=max_mag,
-            bright_stars=bright_stars,
-            wcs=wcs,
-        )
+            ny, nx, bands=bands, seed=seed, pixel_scale=pixel_scale, density=density,
+            max_mag=max_mag, bright_stars=bright_stars, wcs=wcs,
+        )  # fmt: skip
     else:
         table = _check_scene(scene, bands, wcs)
-    seg_threshold = math.sqrt(sum(b.sky_sigma**2 for b in setups))
+    seg_threshold = math.sqrt(sum(b.sky_sigma**2 for b in setups)) if truth_segmentation else None
     artefacts = plan_artefacts(ny, nx, tuple(b.code for b in setups), seed) if masks else None
 
     attrs = {
-        "saturation": {b.name: b.saturation for b in setups},
+        "saturation": _by_band(setups, "saturation"),
         "simulation": {
-            "generator": "survey_engine.simulate",
-            "seed": seed,
-            "n_objects": len(table),
-            "depth_5sigma": {b.name: b.depth for b in setups},
-            "sky_sigma": {b.name: b.sky_sigma for b in setups},
-            "gain": {b.name: b.gain for b in setups},
-            "psf": psf,
-            "moffat_beta": MOFFAT_BETA if psf == "moffat" else None,
-            "background": 0.0,
+            "generator": "survey_engine.simulate", "seed": seed, "n_objects": len(table),
+            "depth_5sigma": _by_band(setups, "depth"), "sky_sigma": _by_band(setups, "sky_sigma"),
+            "gain": _by_band(setups, "gain"), "psf": psf,
+            "moffat_beta": MOFFAT_BETA if psf == "moffat" else None, "background": 0.0,
             "noise": "gaussian, variance = sky_sigma**2 + max(model, 0) / gain",
-            "density": density,
-            "max_mag": max_mag,
-            "bright_stars": bright_stars,
-            "masks": bool(masks),
-            "truth_segmentation_threshold": seg_threshold if truth_segmentation else None,
+            "density": density, "max_mag": max_mag, "bright_stars": bright_stars,
+            "masks": bool(masks), "truth_segmentation_threshold": seg_threshold,
             "truth_segmentation_image": "noiseless model summed over the bands",
             "center_radec": list(DEFAULT_CENTER),
         },
-    }
+    }  # fmt: skip
     mosaic = create_mosaic(
-        path,
-        shape=(ny, nx),
-        bands=bands,
-        wcs=wcs,
-        zero_points={b.name: b.zero_point for b in setups},
-        pixel_scale=pixel_scale,
-        psf_fwhm={b.name: b.psf_fwhm for b in setups},
-        image_unit="count",
-        chunks=chunks,
-        truth_segmentation=truth_segmentation,
-        extra_attrs=attrs,
+        path, shape=(ny, nx), bands=bands, wcs=wcs, zero_points=_by_band(setups, "zero_point"),
+        pixel_scale=pixel_scale, psf_fwhm=_by_band(setups, "psf_fwhm"), chunks=chunks,
+        image_unit="count", truth_segmentation=truth_segmentation, extra_attrs=attrs,
         overwrite=overwrite,
-    )
-    config = DrawConfig(
-        bands=setups,
-        pixel_scale=pixel_scale,
-        psf=psf,
-        seed=seed,
-        seg_threshold=seg_threshold if truth_segmentation else None,
-        artefacts=artefacts,
-    )
+    )  # fmt: skip
+    config = DrawConfig(setups, pixel_scale, psf, seed, seg_threshold, artefacts)
     plan = object_plan(table, setups, pixel_scale)
     _, cy, cx = mosaic.chunks
-    items, keys = [], []
-    for iy in range(-(-ny // cy)):
-        for ix in range(-(-nx // cx)):
-            y0, y1, x0, x1 = iy * cy, min(ny, (iy + 1) * cy), ix * cx, min(nx, (ix + 1) * cx)
-            objects = select_objects(plan, y0, y1, x0, x1)
-            items.append({"block": (iy, ix), "bounds": (y0, y1, x0, x1), "objects": objects})
-            keys.append((iy, ix))
-    logger.info(
-        "simulating %s: %d x %d px, bands %s, %d objects, %d blocks",
-        path, ny, nx, ",".join(bands), len(table), len(items),
-    )  # fmt: skip
+    items = []
+    for iy, ix in itertools.product(range(-(-ny // cy)), range(-(-nx // cx))):
+        y0, y1, x0, x1 = iy * cy, min(ny, (iy + 1) * cy), ix * cx, min(nx, (ix + 1) * cx)
+        objects = select_objects(plan, y0, y1, x0, x1)
+        items.append({"block": (iy, ix), "bounds": (y0, y1, x0, x1), "objects": objects})
+    logger.info("simulating %s: %d x %d px, bands %s, %d objects, %d blocks",
+                path, ny, nx, ",".join(bands), len(table), len(items))  # fmt: skip
 
     t0 = time.perf_counter()
     with dask_client(workers=workers, scheduler=scheduler, client=client) as c:
         done = map_tasks(
-            c, draw_block, items, keys=keys, desc="simulate", progress=progress,
-            path=path, config=config,
+            c, draw_block, items, keys=[item["block"] for item in items], desc="simulate",
+            progress=progress, path=path, config=config,
         )  # fmt: skip
     elapsed = time.perf_counter() - t0
     if done.failures:
         first = done.failures[0]
-        msg = (
-            f"{len(done.failures)} of {len(items)} blocks of {path} failed; "
-            f"first: block {first.key}: {first.error}"
-        )
+        msg = (f"{len(done.failures)} of {len(items)} blocks of {path} failed; "
+               f"first: block {first.key}: {first.error}")  # fmt: skip
         raise RuntimeError(msg)
     mosaic.consolidate()
     if truth_path is not None:
         write_truth(table, truth_path, overwrite=overwrite)
     draws = sum(s["objects"] for s in done.results.values())
-    logger.info(
-        "simulated %s in %.1f s (%d object stamps in %d blocks)", path, elapsed, draws, len(items)
-    )
+    logger.info("simulated %s in %.1f s (%d object stamps in %d blocks)",
+                path, elapsed, draws, len(items))  # fmt: skip
     return SimulationResult(
-        path=path,
-        mosaic=open_mosaic(path),
-        truth=table,
-        truth_path=truth_path,
-        n_blocks=len(items),
-        elapsed_s=elapsed,
-        block_stats=done.results,
-    )
+        path=path, mosaic=open_mosaic(path), truth=table, truth_path=truth_path,
+        n_blocks=len(items), elapsed_s=elapsed, block_stats=done.results,
+    )  # fmt: skip
+
+
+def _by_band(setups, attr: str) -> dict:
+    """``{band: value}`` of one attribute of the band setups."""
+    return {b.name: getattr(b, attr) for b in setups}
 
 
 def _local_abspath(path: str | os.PathLike) -> str:
+    """Absolute local path; URLs unchanged."""
     path = os.fspath(path)
     return path if "://" in path else os.path.abspath(path)
 
 
 def _is_int(value: Any) -> bool:
+    """An integer (Python or numpy), not a bool."""
     return isinstance(value, int | np.integer) and not isinstance(value, bool | np.bool_)
 
 
-def _non_negative_int(value: Any, name: str) -> int:
-    if not _is_int(value) or value < 0:
-        msg = f"{name} must be a non-negative integer, got {value!r}"
-        raise ValueError(msg)
-    return int(value)
-
-
-def _positive_float(value: Any, name: str) -> float:
+def _finite_float(value: Any, msg: str, *, positive: bool = False) -> float:
+    """``value`` as a float; ``ValueError(msg)`` unless it is a finite (positive) number."""
     try:
         v = float(value)
     except (TypeError, ValueError):
         v = math.nan
-    if not math.isfinite(v) or v <= 0:
-        msg = f"{name} must be a finite positive number, got {value!r}"
-        raise ValueError(msg)
+    _raise_if(not math.isfinite(v) or (positive and v <= 0), msg)
     return v
 
 
+def _non_negative_int(value: Any, name: str) -> int:
+    """``value`` as an int, refused unless a non-negative integer."""
+    _raise_if(not _is_int(value) or value < 0,
+              f"{name} must be a non-negative integer, got {value!r}")  # fmt: skip
+    return int(value)
+
+
+def _positive_float(value: Any, name: str) -> float:
+    """``value`` as a float, refused unless finite and positive."""
+    msg = f"{name} must be a finite positive number, got {value!r}"
+    return _finite_float(value, msg, positive=True)
+
+
 def _parse_size(size: Any) -> tuple[int, int]:
+    """``N`` or ``(ny, nx)`` as ``(ny, nx)`` of positive integers."""
     dims = (size, size) if _is_int(size) else size
     try:
         ny, nx = dims
     except (TypeError, ValueError):
         ny = nx = None
-    if not (_is_int(ny) and _is_int(nx) and ny > 0 and nx > 0):
-        msg = f"size must be a positive integer or a (ny, nx) pair of them, got {size!r}"
-        raise ValueError(msg)
+    msg = f"size must be a positive integer or a (ny, nx) pair of them, got {size!r}"
+    _raise_if(not (_is_int(ny) and _is_int(nx) and ny > 0 and nx > 0), msg)
     return int(ny), int(nx)
 
 
 def _parse_depth(depth: Any, bands: tuple[str, ...]) -> float | dict[str, float]:
-    if isinstance(depth, Mapping):
-        missing = [b for b in bands if b not in depth]
-        if missing:
-            msg = f"depth mapping has no value for band(s) {missing}"
-            raise ValueError(msg)
-        values = {b: depth[b] for b in bands}
-    else:
-        values = {"r": depth}
-    out = {}
-    for b, v in values.items():
-        try:
-            m = float(v)
-        except (TypeError, ValueError):
-            m = math.nan
-        if not math.isfinite(m):
-            msg = f"depth must be a finite AB magnitude, got {v!r}"
-            raise ValueError(msg)
-        out[b] = m
-    return out if isinstance(depth, Mapping) else out["r"]
+    """The r-band depth, or the ``{band: depth}`` of every band, as finite floats."""
+    if not isinstance(depth, Mapping):
+        return _finite_float(depth, f"depth must be a finite AB magnitude, got {depth!r}")
+    missing = [b for b in bands if b not in depth]
+    _raise_if(bool(missing), f"depth mapping has no value for band(s) {missing}")
+    values = {b: depth[b] for b in bands}
+    return {b: _finite_float(v, f"depth must be a finite AB magnitude, got {v!r}")
+            for b, v in values.items()}  # fmt: skip
 
 
 def _check_scene(scene: Table, bands: tuple[str, ...], wcs) -> QTable:
+    """A copy of a user scene, checked, with ``ra``/``dec`` from the mosaic WCS."""
     table = QTable(scene, copy=True)
     needed = [*_SCENE_COLUMNS, *(f"{b}_flux" for b in bands)]
     missing = [c for c in needed if c not in table.colnames]
-    if missing:
-        msg = f"scene lacks column(s) {missing}"
-        raise ValueError(msg)
+    _raise_if(bool(missing), f"scene lacks column(s) {missing}")
     ids = np.asarray(table["id"])
-    if len(ids) and (ids.min() < 1 or len(np.unique(ids)) != len(ids)):
-        msg = "scene ids must be unique integers >= 1"
-        raise ValueError(msg)
+    _raise_if(bool(len(ids) and (ids.min() < 1 or len(np.unique(ids)) != len(ids))),
+              "scene ids must be unique integers >= 1")  # fmt: skip
     kinds = set(np.asarray(table["kind"]).tolist())
-    if not kinds <= {"galaxy", "star"}:
-        msg = f"scene kind must be 'galaxy' or 'star', got {sorted(kinds)}"
-        raise ValueError(msg)
+    _raise_if(not kinds <= {"galaxy", "star"},
+              f"scene kind must be 'galaxy' or 'star', got {sorted(kinds)}")  # fmt: skip
     for b in bands:
-        flux = np.asarray(getattr(table[f"{b}_flux"], "value", table[f"{b}_flux"]), float)
-        if not np.all(np.isfinite(flux) & (flux >= 0)):
-            msg = f"scene {b}_flux must be finite and non-negative"
-            raise ValueError(msg)
-    x = np.asarray(getattr(table["x"], "value", table["x"]), float)
-    y = np.asarray(getattr(table["y"], "value", table["y"]), float)
+        flux = _values(table[f"{b}_flux"])
+        _raise_if(not np.all(np.isfinite(flux) & (flux >= 0)),
+                  f"scene {b}_flux must be finite and non-negative")  # fmt: skip
+    x, y = _values(table["x"]), _values(table["y"])
     ra, dec = wcs.all_pix2world(x, y, 0) if len(table) else (np.zeros(0), np.zeros(0))
-    table["ra"] = np.asarray(ra, float) * u.deg
-    table["dec"] = np.asarray(dec, float) * u.deg
+    table["ra"], table["dec"] = np.asarray(ra, float) * u.deg, np.asarray(dec, float) * u.deg
     table.meta.setdefault("zero_points", dict.fromkeys(bands, ZERO_POINT))
     return table

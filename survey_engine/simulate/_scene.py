@@ -1,36 +1,16 @@
-"""The object population of a simulated field: galaxies and stars, no pixels.
+"""The object population of a simulated field (galaxies and stars, no pixels) and its truth table.
 
-Model (all magnitudes AB, sizes in arcsec, ellipticities in the pixel frame)
----------------------------------------------------------------------------
-Galaxies
-    Differential counts ``dN/dm = 2.5e4 * 10**(0.33 * (r - 24))`` per deg² per
-    mag from r = 18 to ``max_mag`` (3.2e5 deg⁻² ≈ 89 arcmin⁻² to r = 27).
-    Bulge (de Vaucouleurs, truncated at :data:`BULGE_TRUNCATION` half-light
-    radii) plus disk (exponential). Bulge fraction: 15 % pure disks, the rest
-    Beta(1, 2.5). Circularised half-light radius of the composite from
-    ``log10 R = log10 0.35 - 0.1 (r - 24)`` with 0.15 dex lognormal scatter,
-    clipped to 0.05–5″; bulge to disk half-light radius ratio lognormal around
-    0.45. Both components share the ellipticity (e1, e2) = distortion
-    ``(a² - b²)/(a² + b²)``, Gaussian per component (σ 0.30, rounder for
-    bulge-dominated galaxies), ``|e| < 0.7``. One SED per galaxy: colours
-    (u-g, g-r, r-i, i-z, z-y) redden with the bulge fraction.
-Stars
-    Point sources, ``dN/dm = 5.8e3 * 10**(0.1 * (r - 24))`` per deg² per mag
-    (flatter than galaxies; ~12 % of all objects to r = 27). Colours from a
-    halo turn-off / disk dwarf mixture along a simple stellar locus.
-Bright stars
-    ``bright_stars`` extra stars with r uniform in 14–16 (they saturate).
-
-Positions are uniform over the pixel area, ``[-0.5, n - 0.5)`` in 0-based
-pixel coordinates (pixel centres at integers), so blends arise from the
-density alone. Every random stream is seeded from ``(seed, component)``:
-the population does not depend on the chunking, the workers or the bands
-requested (all six colours are always drawn).
+Bulge + disk galaxies, stars and optional saturating bright stars, uniform over the pixel area;
+every random stream is seeded from ``(seed, component)``, so the population depends on neither the
+chunking, the workers nor the bands requested (the model: ``docs/simulation.md``). Truth tables
+are stored as Parquet with their units and column descriptions (:func:`write_truth`).
 """
 
 from __future__ import annotations
 
+import functools
 import math
+import os
 from collections.abc import Sequence
 
 import numpy as np
@@ -41,44 +21,29 @@ from astropy.wcs import WCS
 from ._bands import LSST_BANDS, ZERO_POINT, parse_bands
 
 __all__ = [
-    "BULGE_TRUNCATION",
-    "DEFAULT_CENTER",
-    "GALAXY_COUNTS",
-    "STAR_COUNTS",
-    "expected_counts",
-    "make_scene",
-    "make_wcs",
-]
+    "BULGE_TRUNCATION", "DEFAULT_CENTER", "GALAXY_COUNTS", "STAR_COUNTS", "expected_counts",
+    "make_scene", "make_wcs", "read_truth", "write_truth",
+]  # fmt: skip
 
-#: (ra, dec) in degrees of the mosaic centre (COSMOS).
-DEFAULT_CENTER = (150.1, 2.2)
-#: Galaxy counts: (per deg² per mag at r = 24, slope d log10 N / dm).
-GALAXY_COUNTS = (2.5e4, 0.33)
-#: Star counts: (per deg² per mag at r = 24, slope d log10 N / dm).
-STAR_COUNTS = (5.8e3, 0.10)
-#: Bright end of the galaxy and star populations (r mag).
-BRIGHT_LIMIT = 18.0
-#: r-band range of the ``bright_stars``.
-BRIGHT_STAR_RANGE = (14.0, 16.0)
+DEFAULT_CENTER = (150.1, 2.2)  #: (ra, dec) in degrees of the mosaic centre (COSMOS).
+GALAXY_COUNTS = (2.5e4, 0.33)  #: Galaxy counts: (per deg² per mag at r = 24, slope d log10 N / dm).
+STAR_COUNTS = (5.8e3, 0.10)  #: Star counts: (per deg² per mag at r = 24, slope d log10 N / dm).
+BRIGHT_LIMIT = 18.0  #: Bright end of the galaxy and star populations (r mag).
+BRIGHT_STAR_RANGE = (14.0, 16.0)  #: r-band range of the ``bright_stars``.
 #: The de Vaucouleurs bulge is truncated at this many half-light radii (and
 #: normalised inside, so its flux and half-light radius are exact).
 BULGE_TRUNCATION = 8.0
-#: Exponential half-light radius over scale length.
-EXP_HLR_OVER_SCALE = 1.6783469900166612
-#: Largest |e| of a galaxy.
-MAX_ELLIPTICITY = 0.7
+EXP_HLR_OVER_SCALE = 1.6783469900166612  #: Exponential half-light radius over scale length.
+MAX_ELLIPTICITY = 0.7  #: Largest |e| of a galaxy.
 
 _TAG = 0x5CE7E  # stream tag of the scene generator
 _GALAXIES, _STARS, _BRIGHT = 1, 2, 3
-_DEV_HLR_OVER_R0: float | None = None
+#: Per-object shape columns of the truth table (zero for stars), in table order.
+_SHAPE_COLUMNS = ("half_light_radius", "bulge_fraction", "disk_hlr", "bulge_hlr", "e1", "e2")
 
 
 def make_wcs(
-    ny: int,
-    nx: int,
-    *,
-    pixel_scale: float = 0.2,
-    center: tuple[float, float] = DEFAULT_CENTER,
+    ny: int, nx: int, *, pixel_scale: float = 0.2, center: tuple[float, float] = DEFAULT_CENTER
 ) -> WCS:
     """A north-up, east-left TAN WCS centred on the mosaic.
 
@@ -144,15 +109,12 @@ def _sample_mags(rng: np.random.Generator, n: int, slope: float, m0: float, m1: 
     return m0 + np.log1p(q * np.expm1(k * (m1 - m0))) / k
 
 
+@functools.cache
 def _dev_hlr_over_r0() -> float:
     """Half-light radius over GalSim scale radius of the truncated de Vaucouleurs bulge."""
-    global _DEV_HLR_OVER_R0
-    if _DEV_HLR_OVER_R0 is None:
-        import galsim
+    import galsim
 
-        prof = galsim.DeVaucouleurs(half_light_radius=1.0, trunc=BULGE_TRUNCATION)
-        _DEV_HLR_OVER_R0 = 1.0 / prof.scale_radius
-    return _DEV_HLR_OVER_R0
+    return 1.0 / galsim.DeVaucouleurs(half_light_radius=1.0, trunc=BULGE_TRUNCATION).scale_radius
 
 
 def enclosed_fraction(r, disk_hlr, bulge_hlr, bulge_fraction):
@@ -200,10 +162,8 @@ def _galaxies(rng: np.random.Generator, n: int, max_mag: float) -> dict[str, np.
     disk_hlr = hlr / _composite_hlr_ratio(bf, ratio)
     bulge_hlr = ratio * disk_hlr
     sigma_e = 0.30 - 0.12 * bf
-    e1 = sigma_e * rng.standard_normal(n)
-    e2 = sigma_e * rng.standard_normal(n)
-    bad = np.hypot(e1, e2) >= MAX_ELLIPTICITY
-    while bad.any():  # redraw the rejected ellipticities (few; order fixed by the seed)
+    e1, e2, bad = np.empty(n), np.empty(n), np.ones(n, bool)
+    while bad.any():  # draw, then redraw the rejected ellipticities (few; order fixed by the seed)
         k = int(bad.sum())
         e1[bad] = sigma_e[bad] * rng.standard_normal(k)
         e2[bad] = sigma_e[bad] * rng.standard_normal(k)
@@ -218,15 +178,9 @@ def _galaxies(rng: np.random.Generator, n: int, max_mag: float) -> dict[str, np.
         "zy": 0.02 + 0.08 * red + 0.06 * noise[4],
     }
     return {
-        "r": r,
-        "colours": colours,
-        "half_light_radius": hlr,
-        "bulge_fraction": bf,
-        "disk_hlr": disk_hlr,
-        "bulge_hlr": bulge_hlr,
-        "e1": e1,
-        "e2": e2,
-    }
+        "r": r, "colours": colours, "half_light_radius": hlr, "bulge_fraction": bf,
+        "disk_hlr": disk_hlr, "bulge_hlr": bulge_hlr, "e1": e1, "e2": e2,
+    }  # fmt: skip
 
 
 def _stars(rng: np.random.Generator, r: np.ndarray) -> dict[str, np.ndarray]:
@@ -243,17 +197,7 @@ def _stars(rng: np.random.Generator, r: np.ndarray) -> dict[str, np.ndarray]:
         "iz": 0.5 * ri + 0.03 * noise[2],
         "zy": 0.3 * ri + 0.03 * noise[3],
     }
-    zeros = np.zeros(n)
-    return {
-        "r": r,
-        "colours": colours,
-        "half_light_radius": zeros,
-        "bulge_fraction": zeros,
-        "disk_hlr": zeros,
-        "bulge_hlr": zeros,
-        "e1": zeros,
-        "e2": zeros,
-    }
+    return {"r": r, "colours": colours, **dict.fromkeys(_SHAPE_COLUMNS, np.zeros(n))}
 
 
 def _band_mags(r: np.ndarray, c: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -268,20 +212,13 @@ def _rng(seed: int, component: int) -> np.random.Generator:
 
 
 def make_scene(
-    ny: int,
-    nx: int,
-    *,
-    bands: str | Sequence[str] = ("g", "r", "i"),
-    seed: int = 0,
-    pixel_scale: float = 0.2,
-    density: float = 1.0,
-    max_mag: float = 27.0,
-    bright_stars: int = 0,
+    ny: int, nx: int, *, bands: str | Sequence[str] = ("g", "r", "i"), seed: int = 0,
+    pixel_scale: float = 0.2, density: float = 1.0, max_mag: float = 27.0, bright_stars: int = 0,
     wcs: WCS | None = None,
-) -> QTable:
+) -> QTable:  # fmt: skip
     """Draw the object population of a field: the truth table, without any pixels.
 
-    Deterministic in ``seed``; see the module docstring for the model.
+    Deterministic in ``seed``; the model is described in ``docs/simulation.md``.
 
     Parameters
     ----------
@@ -315,68 +252,46 @@ def make_scene(
     area = ny * nx * (pixel_scale / 3600.0) ** 2
     mean_gal, mean_star = expected_counts(area, density=density, max_mag=max_mag)
 
-    parts = []
     rng = _rng(seed, _GALAXIES)
-    n = int(rng.poisson(mean_gal))
-    parts.append(("galaxy", _GALAXIES, _galaxies(rng, n, max_mag)))
+    galaxies = _galaxies(rng, int(rng.poisson(mean_gal)), max_mag)
     rng = _rng(seed, _STARS)
     n = int(rng.poisson(mean_star))
-    r = _sample_mags(rng, n, STAR_COUNTS[1], BRIGHT_LIMIT, max_mag)
-    parts.append(("star", _STARS, _stars(rng, r)))
+    stars = _stars(rng, _sample_mags(rng, n, STAR_COUNTS[1], BRIGHT_LIMIT, max_mag))
     rng = _rng(seed, _BRIGHT)
-    r = rng.uniform(*BRIGHT_STAR_RANGE, int(bright_stars))
-    parts.append(("star", _BRIGHT, _stars(rng, r)))
+    bright = _stars(rng, rng.uniform(*BRIGHT_STAR_RANGE, int(bright_stars)))
 
-    cols: dict[str, list[np.ndarray]] = {}
+    rows = []
+    parts = (("galaxy", _GALAXIES, galaxies), ("star", _STARS, stars), ("star", _BRIGHT, bright))
     for kind, component, props in parts:
         m = props["r"].size
         prng = _rng(seed, 16 * component + 1)  # positions: a stream of their own
-        x = prng.uniform(-0.5, nx - 0.5, m)
-        y = prng.uniform(-0.5, ny - 0.5, m)
+        x, y = prng.uniform(-0.5, nx - 0.5, m), prng.uniform(-0.5, ny - 0.5, m)
         mags = _band_mags(props["r"], props["colours"])
         row = {"x": x, "y": y, "kind": np.full(m, kind)}
         for b in bands:
             row[f"{b}_flux"] = 10.0 ** (-0.4 * (mags[b] - ZERO_POINT))
             row[f"{b}_mag"] = mags[b]
-        for key in ("half_light_radius", "bulge_fraction", "disk_hlr", "bulge_hlr", "e1", "e2"):
-            row[key] = props[key]
-        for key, val in row.items():
-            cols.setdefault(key, []).append(val)
-    data = {k: np.concatenate(v) for k, v in cols.items()}
+        row.update((key, props[key]) for key in _SHAPE_COLUMNS)
+        rows.append(row)
+    data = {key: np.concatenate([row[key] for row in rows]) for key in rows[0]}
     n_obj = data["x"].size
-    data["kind"] = data["kind"].astype("<U6")
     ra, dec = wcs.all_pix2world(data["x"], data["y"], 0) if n_obj else (np.zeros(0),) * 2
     table = QTable()
     table["id"] = np.arange(1, n_obj + 1, dtype=np.int64)
-    table["x"] = data["x"] * u.pix
-    table["y"] = data["y"] * u.pix
-    table["ra"] = np.asarray(ra, float) * u.deg
-    table["dec"] = np.asarray(dec, float) * u.deg
-    table["kind"] = data["kind"]
+    table["x"], table["y"] = data["x"] * u.pix, data["y"] * u.pix
+    table["ra"], table["dec"] = np.asarray(ra, float) * u.deg, np.asarray(dec, float) * u.deg
+    table["kind"] = data["kind"].astype("<U6")
     for b in bands:
-        table[f"{b}_flux"] = data[f"{b}_flux"] * u.ct
-        table[f"{b}_mag"] = data[f"{b}_mag"] * u.mag
-    table["half_light_radius"] = data["half_light_radius"] * u.arcsec
-    table["bulge_fraction"] = data["bulge_fraction"]
-    table["disk_hlr"] = data["disk_hlr"] * u.arcsec
-    table["bulge_hlr"] = data["bulge_hlr"] * u.arcsec
-    table["e1"] = data["e1"]
-    table["e2"] = data["e2"]
+        table[f"{b}_flux"], table[f"{b}_mag"] = data[f"{b}_flux"] * u.ct, data[f"{b}_mag"] * u.mag
+    for key in _SHAPE_COLUMNS:  # radii in arcsec, the bulge fraction and e1, e2 without unit
+        table[key] = data[key] if key in ("bulge_fraction", "e1", "e2") else data[key] * u.arcsec
     for name, col in table.columns.items():
         col.info.description = _describe(name)
-    table.meta.update(
-        {
-            "survey_engine": "truth",
-            "seed": int(seed),
-            "shape": [ny, nx],
-            "bands": list(bands),
-            "zero_points": dict.fromkeys(bands, ZERO_POINT),
-            "pixel_scale_arcsec": float(pixel_scale),
-            "density": float(density),
-            "max_mag": float(max_mag),
-            "bright_stars": int(bright_stars),
-        }
-    )
+    table.meta.update({
+        "survey_engine": "truth", "seed": int(seed), "shape": [ny, nx], "bands": list(bands),
+        "zero_points": dict.fromkeys(bands, ZERO_POINT), "pixel_scale_arcsec": float(pixel_scale),
+        "density": float(density), "max_mag": float(max_mag), "bright_stars": int(bright_stars),
+    })  # fmt: skip
     return table
 
 
@@ -400,9 +315,66 @@ TRUTH_COLUMNS = {
 
 
 def _describe(name: str) -> str:
-    if name in TRUTH_COLUMNS:
-        return TRUTH_COLUMNS[name]
+    """The description of a truth column (``<band>_...`` for the per-band ones)."""
     band, _, rest = name.partition("_")
-    if band in LSST_BANDS:
-        return TRUTH_COLUMNS.get(f"<band>_{rest}", "")
-    return ""
+    per_band = TRUTH_COLUMNS.get(f"<band>_{rest}", "") if band in LSST_BANDS else ""
+    return TRUTH_COLUMNS.get(name, per_band)
+
+
+def write_truth(table: QTable, path: str | os.PathLike, *, overwrite: bool = False) -> None:
+    """Write a truth table to Parquet (astropy keeps units and table metadata in the file).
+
+    Parameters
+    ----------
+    table : astropy.table.QTable
+        Truth table from :func:`~survey_engine.simulate.make_scene` / ``simulate``.
+    path : str or path-like
+        Output ``.parquet`` file.
+    overwrite : bool
+        Replace an existing file.
+    """
+    out = table.copy(copy_data=False)
+    out.meta["descriptions"] = {
+        name: col.info.description for name, col in out.columns.items() if col.info.description
+    }
+    out.write(os.fspath(path), format="parquet", overwrite=overwrite)
+
+
+def read_truth(path: str | os.PathLike) -> QTable:
+    """Read a truth table written by ``simulate(truth=...)``.
+
+    Parameters
+    ----------
+    path : str or path-like
+        The Parquet file.
+
+    Returns
+    -------
+    astropy.table.QTable
+        With units (``pix``, ``deg``, ``ct``, ``mag``, ``arcsec``), column
+        descriptions and the simulation metadata in ``meta``.
+
+    Raises
+    ------
+    FileNotFoundError
+        No file at ``path``.
+    ValueError
+        The file is not a readable Parquet table (the message names it).
+    """
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        msg = f"truth table not found: {path}"
+        raise FileNotFoundError(msg)
+    try:
+        table = QTable.read(path, format="parquet")
+    except (ValueError, OSError) as err:  # pyarrow's ArrowInvalid is a ValueError
+        msg = (
+            f"truth table {path} is not a readable Parquet file ({type(err).__name__}: "
+            f"{str(err).splitlines()[0] if str(err) else 'no detail'}); convert it, e.g. "
+            "astropy.table.Table.read(FILE).write('truth.parquet')"
+        )
+        raise ValueError(msg) from err
+    for name, text in dict(table.meta.pop("descriptions", {})).items():
+        if name in table.colnames:
+            table[name].info.description = text
+    return table
