@@ -430,11 +430,11 @@ class _Clock:
 
 
 def _catalog_meta(s: RunSettings, m: Mosaic) -> dict[str, Any]:
-    from . import __version__
+    from importlib.metadata import version
 
     return {
         **s.run_info(m), "execution": s.execution.to_dict(),
-        "software": f"survey_engine {__version__}", "reference_band": _layout(m, s.science).reference_band,
+        "software": f"survey_engine {version('survey_engine')}", "reference_band": _layout(m, s.science).reference_band,
         "zero_points": m.zero_points, "flags": flag_descriptions(), "id": ID_SCHEME,
     }  # fmt: skip
 
