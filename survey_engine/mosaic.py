@@ -1,22 +1,17 @@
-"""The mosaic store: one Zarr v3 group per survey mosaic.
+"""The mosaic store: one Zarr v3 group per survey mosaic (specified in ``docs/mosaic_format.md``).
 
-Layout (see ``docs/mosaic_format.md``)::
-
-    MOSAIC.zarr/
-        image     (band, y, x) float32   calibrated pixels, background included
-        variance  (band, y, x) float32   per-pixel variance (inf where no data)
-        mask      (band, y, x) uint16    OR of MaskBit values
-        [truth_segmentation (y, x) int64] simulated mosaics only
-
-The group attributes hold everything needed to interpret the pixels: the WCS
-as FITS header cards, band names, per-band zero points (AB magnitude of one
-image unit), pixel scale, per-band PSF FWHM, units and the mask bit values.
+Arrays ``image`` and ``variance`` (band, y, x) float32 (calibrated pixels, background included;
+inf variance where no data), ``mask`` (band, y, x) uint16 (OR of MaskBit values) and, in simulated
+mosaics, ``truth_segmentation`` (y, x) int64; the group attributes hold the WCS cards, band names,
+zero points, pixel scale, PSF FWHM, units and mask bits needed to interpret the pixels.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -24,19 +19,15 @@ from typing import Any
 import numpy as np
 import zarr
 from astropy.io import fits
-from astropy.wcs import WCS
+from astropy.wcs import WCS, FITSFixedWarning
+from astropy.wcs.utils import proj_plane_pixel_scales
 
 from .flags import MASK_BITS, MaskBit
 
 __all__ = [
-    "FORMAT_VERSION",
-    "Mosaic",
-    "MosaicRegion",
-    "UnknownBandError",
-    "create_mosaic",
-    "header_to_cards",
-    "open_mosaic",
-]
+    "FORMAT_VERSION", "Mosaic", "MosaicRegion", "UnknownBandError", "create_mosaic",
+    "header_to_cards", "open_mosaic",
+]  # fmt: skip
 
 logger = logging.getLogger(__name__)
 
@@ -52,9 +43,8 @@ _FITS_SUFFIXES = (".fits", ".fit", ".fts", ".fits.fz", ".fz", ".fits.gz", ".fit.
 class UnknownBandError(KeyError, ValueError):
     """A band name that the mosaic (or the ingested images) does not have.
 
-    Both a :class:`KeyError` (a failed lookup) and a :class:`ValueError` (a bad
-    argument), so either ``except`` catches it; ``str()`` is the plain message
-    (a bare ``KeyError`` would print it in quotes).
+    Both a :class:`KeyError` (a failed lookup) and a :class:`ValueError` (a bad argument), so
+    either ``except`` catches it; ``str()`` is the plain message (a ``KeyError`` quotes it).
     """
 
     def __str__(self) -> str:
@@ -67,9 +57,8 @@ def header_to_cards(header: fits.Header | WCS | Mapping[str, Any]) -> dict[str, 
     Parameters
     ----------
     header : astropy.io.fits.Header, astropy.wcs.WCS or mapping
-        The WCS description. A full image header is accepted: only cards that
-        describe the world coordinate system are kept (so TPV ``PV`` and SIP
-        ``A_``/``B_`` distortion terms survive exactly).
+        The WCS description. A full image header is accepted: only the WCS cards are kept
+        (TPV ``PV`` and SIP ``A_``/``B_`` distortion terms exactly).
 
     Returns
     -------
@@ -82,18 +71,12 @@ def header_to_cards(header: fits.Header | WCS | Mapping[str, Any]) -> dict[str, 
         header = fits.Header(list(dict(header).items()))
     cards: dict[str, Any] = {}
     for card in header.cards:
-        key = card.keyword
-        if not key or key in ("COMMENT", "HISTORY", ""):
-            continue
-        if _is_wcs_keyword(key):
-            value = card.value
-            if isinstance(value, np.generic):
-                value = value.item()
+        if card.keyword.startswith(_WCS_PREFIXES):  # the *_ORDER keys included
+            value = card.value.item() if isinstance(card.value, np.generic) else card.value
             if isinstance(value, bool | int | float | str):
-                cards[key] = value
+                cards[card.keyword] = value
     if "NAXIS1" not in cards and "NAXIS1" in header:
-        cards["NAXIS1"] = int(header["NAXIS1"])
-        cards["NAXIS2"] = int(header["NAXIS2"])
+        cards.update(NAXIS1=int(header["NAXIS1"]), NAXIS2=int(header["NAXIS2"]))
     return cards
 
 
@@ -104,20 +87,18 @@ _WCS_PREFIXES = (
 )  # fmt: skip
 
 
-def _is_wcs_keyword(key: str) -> bool:
-    return key.startswith(_WCS_PREFIXES) or key in ("A_ORDER", "B_ORDER", "AP_ORDER", "BP_ORDER")
-
-
 def _cards_to_wcs(cards: Mapping[str, Any]) -> WCS:
-    import warnings
-
-    from astropy.wcs import FITSFixedWarning
-
+    """The astropy WCS of stored cards."""
     header = fits.Header(list(cards.items()))
     with warnings.catch_warnings():
         # wcslib's informational fixes (e.g. MJD-OBS set from DATE-OBS) are not errors
         warnings.simplefilter("ignore", FITSFixedWarning)
         return WCS(header, relax=True)
+
+
+def _pixel_scale_arcsec(wcs: WCS) -> float:
+    """Mean celestial pixel scale of ``wcs`` (arcsec)."""
+    return float(np.mean(proj_plane_pixel_scales(wcs.celestial)) * 3600)
 
 
 @dataclass(frozen=True)
@@ -130,10 +111,8 @@ class MosaicRegion:
         Mosaic pixel of the region's first row/column (0-based).
     bands : tuple of str
         Band names, in the order of the first axis.
-    image, variance : numpy.ndarray
-        ``(band, y, x)`` float32.
-    mask : numpy.ndarray
-        ``(band, y, x)`` uint16.
+    image, variance, mask : numpy.ndarray
+        ``(band, y, x)``: float32, float32, uint16.
     """
 
     y0: int
@@ -150,11 +129,7 @@ class MosaicRegion:
 
 
 class Mosaic:
-    """A survey mosaic held in a Zarr v3 group.
-
-    Use :func:`open_mosaic` or :func:`create_mosaic` rather than this class
-    directly.
-    """
+    """A survey mosaic held in a Zarr v3 group: use :func:`open_mosaic` or :func:`create_mosaic`."""
 
     def __init__(self, group: zarr.Group, path: str):
         self.group = group
@@ -164,10 +139,9 @@ class Mosaic:
         if not isinstance(meta, Mapping) or "format_version" not in meta:
             msg = f"{self.path} is not a survey_engine mosaic (no 'survey_engine' group attribute)"
             raise ValueError(msg)
-        for plane in PLANES:
-            if plane not in group:
-                msg = f"{self.path} is not a complete survey_engine mosaic: no '{plane}' array"
-                raise ValueError(msg)
+        if missing := [plane for plane in PLANES if plane not in group]:
+            msg = f"{self.path} is not a complete survey_engine mosaic: no '{missing[0]}' array"
+            raise ValueError(msg)
         shapes = {}
         for plane in PLANES:
             arr = group[plane]
@@ -189,9 +163,7 @@ class Mosaic:
             msg = f"mosaic {self.path}: image, variance and mask shapes differ: {shapes}"
             raise ValueError(msg)
         self.attrs = attrs
-        self.image = group["image"]
-        self.variance = group["variance"]
-        self.mask = group["mask"]
+        self.image, self.variance, self.mask = (group[plane] for plane in PLANES)
         self.bands: tuple[str, ...] = tuple(attrs["bands"])
         self.shape: tuple[int, int, int] = tuple(int(s) for s in self.image.shape)
         if len(self.bands) != self.shape[0]:
@@ -279,18 +251,15 @@ class Mosaic:
 
     # --- I/O ------------------------------------------------------------------------------
     def read(
-        self,
-        y: tuple[int, int] | slice,
-        x: tuple[int, int] | slice,
+        self, y: tuple[int, int] | slice, x: tuple[int, int] | slice,
         bands: Sequence[str | int] | None = None,
-    ) -> MosaicRegion:
+    ) -> MosaicRegion:  # fmt: skip
         """Read a rectangular region of every plane.
 
         Parameters
         ----------
         y, x : (start, stop) or slice
-            Half-open pixel ranges (0-based), clipped to nothing: they must lie
-            inside the mosaic.
+            Half-open pixel ranges (0-based), not clipped: they must lie inside the mosaic.
         bands : sequence of str or int, optional
             Bands to read; all by default.
 
@@ -298,22 +267,18 @@ class Mosaic:
         -------
         MosaicRegion
         """
-        y0, y1 = _bounds(y, self.ny, "y")
-        x0, x1 = _bounds(x, self.nx, "x")
+        (y0, y1), (x0, x1) = _bounds(y, self.ny, "y"), _bounds(x, self.nx, "x")
         idx = [self.band_index(b) for b in (bands if bands is not None else self.bands)]
         names = tuple(self.bands[i] for i in idx)
-        if idx == list(range(idx[0], idx[-1] + 1)):
-            bsel: slice | list[int] = slice(idx[0], idx[-1] + 1)
-        else:
-            bsel = idx
+        contiguous = idx == list(range(idx[0], idx[-1] + 1))
         out = {}
         for plane in PLANES:
             arr = self.group[plane]
             try:
-                if isinstance(bsel, slice):
-                    data = arr[bsel, y0:y1, x0:x1]
+                if contiguous:
+                    data = arr[idx[0] : idx[-1] + 1, y0:y1, x0:x1]
                 else:
-                    data = np.stack([arr[i, y0:y1, x0:x1] for i in bsel])
+                    data = np.stack([arr[i, y0:y1, x0:x1] for i in idx])
             except Exception as err:
                 # A missing shard, a corrupt chunk, a failing object store: say where.
                 msg = (
@@ -326,15 +291,9 @@ class Mosaic:
         return MosaicRegion(y0=y0, x0=x0, bands=names, **out)
 
     def write(
-        self,
-        band: str | int,
-        y0: int,
-        x0: int,
-        *,
-        image: np.ndarray | None = None,
-        variance: np.ndarray | None = None,
-        mask: np.ndarray | None = None,
-    ) -> None:
+        self, band: str | int, y0: int, x0: int, *, image: np.ndarray | None = None,
+        variance: np.ndarray | None = None, mask: np.ndarray | None = None,
+    ) -> None:  # fmt: skip
         """Write 2-D blocks of one band at mosaic offset ``(y0, x0)``.
 
         Parameters
@@ -369,29 +328,23 @@ class Mosaic:
         Returns
         -------
         xarray.Dataset
-            Variables ``image``, ``variance``, ``mask`` (and
-            ``truth_segmentation`` when present); coordinate ``band``; the
-            group attributes as ``Dataset.attrs``.
+            Variables ``image``, ``variance``, ``mask`` (and ``truth_segmentation`` when
+            present); coordinate ``band``; the group attributes as ``Dataset.attrs``.
         """
         import dask.array as da
         import xarray as xr
 
-        data_vars = {}
-        for plane in PLANES:
-            arr = self.group[plane]
-            data_vars[plane] = (("band", "y", "x"), da.from_zarr(arr), dict(arr.attrs))
+        dims = dict.fromkeys(PLANES, ("band", "y", "x"))
         if self.has_truth_segmentation:
-            arr = self.group["truth_segmentation"]
-            data_vars["truth_segmentation"] = (("y", "x"), da.from_zarr(arr), dict(arr.attrs))
+            dims["truth_segmentation"] = ("y", "x")
+        data_vars = {}
+        for name, dim_names in dims.items():
+            arr = self.group[name]
+            data_vars[name] = (dim_names, da.from_zarr(arr), dict(arr.attrs))
         return xr.Dataset(data_vars, coords={"band": list(self.bands)}, attrs=self.attrs)
 
     def consolidate(self) -> None:
-        """Write consolidated metadata so readers (``xarray.open_zarr``) open the store fast.
-
-        Call once after creating or changing the arrays of a mosaic.
-        """
-        import warnings
-
+        """Write consolidated metadata (after any change) so ``xarray.open_zarr`` is fast."""
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # zarr notes that consolidation is not in the v3 spec
             zarr.consolidate_metadata(self.group.store)
@@ -442,10 +395,8 @@ def _bounds(r: tuple[int, int] | slice, n: int, axis: str) -> tuple[int, int]:
 
 
 def _open_group(path: str, mode: str, storage_options: Mapping[str, Any] | None) -> zarr.Group:
-    kwargs: dict[str, Any] = {"mode": mode}
-    if storage_options:
-        kwargs["storage_options"] = dict(storage_options)
-    return zarr.open_group(str(path), zarr_format=3, **kwargs)
+    kwargs = {"storage_options": dict(storage_options)} if storage_options else {}
+    return zarr.open_group(str(path), mode=mode, zarr_format=3, **kwargs)
 
 
 def open_mosaic(
@@ -471,10 +422,9 @@ def open_mosaic(
     FileNotFoundError
         Nothing exists at ``path``.
     ValueError
-        ``path`` exists but is not a survey_engine mosaic; the message says
-        what it is instead (a FITS file: ingest it first; a directory without
-        ``zarr.json``; a Zarr v2 store; a Zarr array; a group without the
-        ``survey_engine`` attribute or without an ``image`` array; …).
+        ``path`` exists but is not a survey_engine mosaic; the message says what it is instead
+        (a FITS file: ingest it first; a directory without ``zarr.json``; a Zarr v2 store; a
+        Zarr array; a group without the ``survey_engine`` attribute or an ``image`` array; …).
     """
     path = str(path)
     if "://" not in path:
@@ -502,7 +452,11 @@ def _check_local_store(path: str) -> None:
         msg = f"mosaic not found: {path}"
         raise FileNotFoundError(msg)
     if os.path.isfile(path):
-        if path.lower().endswith(_FITS_SUFFIXES) or _starts_like_fits(path):
+        fits_like = path.lower().endswith(_FITS_SUFFIXES)
+        if not fits_like:
+            with contextlib.suppress(OSError), open(path, "rb") as f:
+                fits_like = f.read(9) == b"SIMPLE  ="
+        if fits_like:
             msg = (
                 f"{path} is a FITS file, not a mosaic: make a mosaic of it first with "
                 f"`survey-engine ingest {path} OUT.zarr` (survey_engine.ingest_fits)"
@@ -511,39 +465,23 @@ def _check_local_store(path: str) -> None:
             msg = f"{path} is a file, not a survey_engine mosaic (a Zarr v3 directory)"
         raise ValueError(msg)
     if not os.path.isfile(os.path.join(path, "zarr.json")):
-        if any(os.path.exists(os.path.join(path, f)) for f in (".zgroup", ".zarray")):
-            what = "a Zarr v2 store (survey_engine mosaics are Zarr v3)"
-        else:
-            what = "no zarr.json"
+        v2 = any(os.path.exists(os.path.join(path, f)) for f in (".zgroup", ".zarray"))
+        what = "a Zarr v2 store (survey_engine mosaics are Zarr v3)" if v2 else "no zarr.json"
         msg = f"{path} is not a survey_engine mosaic: {what}"
         raise ValueError(msg)
 
 
-def _starts_like_fits(path: str) -> bool:
-    try:
-        with open(path, "rb") as f:
-            return f.read(9) == b"SIMPLE  ="
-    except OSError:
-        return False
-
-
 def create_mosaic(
-    path: str,
-    *,
-    shape: tuple[int, int],
-    bands: Sequence[str],
+    path: str, *, shape: tuple[int, int], bands: Sequence[str],
     wcs: fits.Header | WCS | Mapping[str, Any] | None,
     zero_points: Mapping[str, float | None] | Sequence[float | None] | None = None,
     pixel_scale: float | None = None,
     psf_fwhm: Mapping[str, float | None] | Sequence[float | None] | None = None,
-    image_unit: str = "count",
-    chunks: int | tuple[int, int] = DEFAULT_CHUNK,
-    shards: int | tuple[int, int] | None = None,
-    truth_segmentation: bool = False,
-    extra_attrs: Mapping[str, Any] | None = None,
-    overwrite: bool = False,
+    image_unit: str = "count", chunks: int | tuple[int, int] = DEFAULT_CHUNK,
+    shards: int | tuple[int, int] | None = None, truth_segmentation: bool = False,
+    extra_attrs: Mapping[str, Any] | None = None, overwrite: bool = False,
     storage_options: Mapping[str, Any] | None = None,
-) -> Mosaic:
+) -> Mosaic:  # fmt: skip
     """Create an empty mosaic store (all pixels NO_DATA until written).
 
     Parameters
@@ -562,16 +500,13 @@ def create_mosaic(
         Arcsec per pixel; derived from the WCS when not given.
     image_unit : str
         Unit of the image plane (``count``, ``nJy``, ``adu`` …).
-    chunks : int or (int, int)
-        Chunk size in y and x (one band per chunk). Default 1024.
-    shards : int or (int, int), optional
-        Shard size (a multiple of ``chunks``) to group chunks in one object.
-    truth_segmentation : bool
-        Also create a ``truth_segmentation`` (y, x) int64 array.
+    chunks, shards : int or (int, int)
+        Chunk size in y and x (one band per chunk; default 1024); optional shard size (a
+        multiple of ``chunks``) to group chunks in one object.
+    truth_segmentation, overwrite : bool
+        Also create a ``truth_segmentation`` (y, x) int64 array; replace a store at ``path``.
     extra_attrs : mapping, optional
         More group attributes (e.g. simulation parameters, saturation levels).
-    overwrite : bool
-        Replace an existing store at ``path``.
     storage_options : dict, optional
         Passed to fsspec for remote URLs.
 
@@ -606,13 +541,9 @@ def create_mosaic(
 
     cards = header_to_cards(wcs) if wcs is not None else {}
     if cards:
-        cards["NAXIS"] = 2
-        cards["NAXIS1"] = nx
-        cards["NAXIS2"] = ny
-    if pixel_scale is None and cards:
-        from astropy.wcs.utils import proj_plane_pixel_scales
-
-        pixel_scale = float(np.mean(proj_plane_pixel_scales(_cards_to_wcs(cards).celestial)) * 3600)
+        cards.update(NAXIS=2, NAXIS1=nx, NAXIS2=ny)
+        if pixel_scale is None:
+            pixel_scale = _pixel_scale_arcsec(_cards_to_wcs(cards))
 
     attrs = {
         "survey_engine": {"format_version": FORMAT_VERSION, "kind": "mosaic"},
@@ -631,41 +562,39 @@ def create_mosaic(
     group.attrs.update(attrs)
     for plane in PLANES:
         group.create_array(
-            plane,
-            shape=(len(bands), ny, nx),
-            chunks=(1, cy, cx),
-            shards=shard_shape,
-            dtype=_DTYPES[plane],
-            fill_value=_FILL[plane],
-            dimension_names=("band", "y", "x"),
+            plane, shape=(len(bands), ny, nx), chunks=(1, cy, cx), shards=shard_shape,
+            dtype=_DTYPES[plane], fill_value=_FILL[plane], dimension_names=("band", "y", "x"),
             attributes={"units": attrs["units"][plane]},
-        )
+        )  # fmt: skip
     if truth_segmentation:
         group.create_array(
-            "truth_segmentation",
-            shape=(ny, nx),
-            chunks=(cy, cx),
-            shards=None if shard_shape is None else shard_shape[1:],
-            dtype=np.int64,
-            fill_value=0,
+            "truth_segmentation", shape=(ny, nx), chunks=(cy, cx),
+            shards=None if shard_shape is None else shard_shape[1:], dtype=np.int64, fill_value=0,
             dimension_names=("y", "x"),
             attributes={"description": "noiseless truth footprints (truth id, 0 = none)"},
-        )
+        )  # fmt: skip
     logger.info("created mosaic %s: bands=%s shape=(%d, %d)", path, bands, ny, nx)
     return Mosaic(group, str(path))
 
 
-def _per_band(values, bands: Sequence[str], name: str) -> dict[str, float | None]:
+def _per_band(
+    values, bands: Sequence[str], name: str, *, ingest: bool = False
+) -> dict[str, float | None]:
+    """``{band: float or None}`` from a mapping or a sequence (``ingest``: ingest's wording)."""
+    bands = list(bands)
     if values is None:
         return dict.fromkeys(bands)
     if isinstance(values, Mapping):
-        unknown = set(values) - set(bands)
+        unknown = [b for b in values if b not in bands]
         if unknown:
-            msg = f"{name} given for unknown band(s) {sorted(unknown)}; bands are {list(bands)}"
+            listed = unknown if ingest else sorted(unknown)
+            known = "the ingested bands" if ingest else "bands"
+            msg = f"{name} given for unknown band(s) {listed}; {known} are {bands}"
             raise UnknownBandError(msg)
         return {b: (None if values.get(b) is None else float(values[b])) for b in bands}
     values = list(values)
     if len(values) != len(bands):
-        msg = f"{name} has {len(values)} values for {len(bands)} bands"
+        of = f"band(s) {bands}" if ingest else "bands"
+        msg = f"{name} has {len(values)} values for {len(bands)} {of}"
         raise ValueError(msg)
     return {b: (None if v is None else float(v)) for b, v in zip(bands, values, strict=True)}

@@ -1,50 +1,9 @@
 """Evaluate a catalog against a truth table: matching, completeness, purity, blends, residuals.
 
-:func:`evaluate` matches a catalog to the truth one to one and measures
-
-* **completeness** (matched truth ÷ truth) overall and per truth-magnitude bin,
-  and **purity** (matched detections ÷ detections) overall and per
-  catalog-magnitude bin, with the magnitudes where completeness falls below
-  90 % and 50 %;
-* **close-pair recovery**: for truth pairs closer than the last edge of
-  ``pair_bins`` (2″ ≈ 3 PSF FWHM by default) whose members are both brighter
-  than ``mag_limit`` (so each would be detected in isolation), the fraction
-  where *both* members are matched, per separation bin;
-* **flux residuals** Δmag = catalog ``<band>_mag`` − truth ``<band>_mag``
-  (median and robust scatter 1.4826 × MAD) for isolated and blended objects;
-* **position and shape residuals** (x, y; e1, e2; half-light radius);
-* **segmentation IoU** between each matched object's catalog footprint and its
-  truth footprint, when both maps are available.
-
-Conventions
------------
-* Positions are the ``x``, ``y`` columns of both tables: 0-based mosaic pixels.
-  Lengths given as plain floats (``radius``, ``pair_bins``) are arcsec and are
-  converted with the pixel scale (``pixel_scale``, else the mosaic's, else the
-  truth table's ``pixel_scale_arcsec`` metadata, else 0.2″/px); pass an
-  :class:`astropy.units.Quantity` in ``u.pix`` for pixels.
-* **Matching** is one to one within ``radius`` (see :func:`match_positions`):
-  ``"optimal"`` maximises the number of pairs then minimises their total
-  distance (linear assignment per connected group of candidates); ``"greedy"``
-  takes candidate pairs by increasing distance.
-* Every sample of residuals is restricted to matched truth objects brighter than
-  ``mag_limit``.
-* A truth object is **blended** when another truth object lies closer than the
-  last edge of ``pair_bins`` with at least ``blend_flux_ratio`` (10 %) of its
-  flux. When the catalog has a ``flags`` column, Δmag is also reported split by
-  the catalog's own ``BLENDED`` flag.
-* Catalog shapes are PSF-convolved moments (``e1``, ``e2`` distortions,
-  ``half_light_radius`` of the observed light) while the truth holds intrinsic
-  values, so shape residuals have a non-zero median by construction; compare
-  their scatter, and compare runs on the same scene.
-
-Example
--------
->>> res = evaluate("run/catalog.parquet", "truth.parquet", mosaic="field.zarr",
-...                segmentation="run/segmentation.zarr")            # doctest: +SKIP
->>> print(res.table())                                                # doctest: +SKIP
->>> res.summary["completeness_bright"], res.to_json("eval.json")      # doctest: +SKIP
->>> res.plot("plots/")                                                # doctest: +SKIP
+:func:`evaluate` matches a catalog to the truth one to one (:func:`match_positions`) and measures
+completeness and purity per magnitude bin, close-pair recovery, flux, position and shape
+residuals, and the segmentation IoU. ``docs/evaluation.md`` defines every figure, states the
+conventions (units, matching, blends, the bright sample) and shows an example.
 """
 
 from __future__ import annotations
@@ -60,31 +19,19 @@ from typing import Any
 
 import astropy.units as u
 import numpy as np
+import zarr
 from astropy.table import QTable, Table
 
 from ..mosaic import Mosaic, open_mosaic
 from ..schema import Flag
-from ._match import MATCH_METHODS, match_positions
-from ._metrics import (
-    binned_fraction,
-    binned_stats,
-    blended_in_truth,
-    close_pairs,
-    mag_at_fraction,
-    pair_recovery,
-    robust_stats,
-    segmentation_iou,
-)
+from . import _metrics
+from ._metrics import MATCH_METHODS, match_positions, robust_stats
+from ._plots import format_report, write_plots
 
 __all__ = [
-    "DEFAULT_MAG_BINS",
-    "DEFAULT_PAIR_BINS",
-    "MATCH_METHODS",
-    "EvaluationResult",
-    "evaluate",
-    "match_positions",
-    "robust_stats",
-]
+    "DEFAULT_MAG_BINS", "DEFAULT_PAIR_BINS", "MATCH_METHODS", "EvaluationResult", "evaluate",
+    "match_positions", "robust_stats",
+]  # fmt: skip
 
 logger = logging.getLogger(__name__)
 
@@ -104,18 +51,17 @@ class EvaluationResult:
     ----------
     summary : dict
         Every figure, JSON-serialisable (see :meth:`to_json`): settings, counts,
-        ``completeness``, ``completeness_bright``, ``purity``,
-        ``mag_complete_90`` / ``mag_complete_50``, ``magnitude_bins`` (per bin:
-        completeness, purity, Δmag), ``pairs`` (per separation bin), ``dmag``,
-        ``position``, ``shape``, ``segmentation_iou``.
+        ``completeness``, ``completeness_bright``, ``purity``, ``mag_complete_90`` /
+        ``mag_complete_50``, ``magnitude_bins`` (per bin: completeness, purity, Δmag),
+        ``pairs`` (per separation bin), ``dmag``, ``position``, ``shape``, ``segmentation_iou``.
     matches : astropy.table.QTable
-        One row per matched pair: ``cat_index``, ``truth_index`` (row numbers),
-        ``cat_id``/``truth_id`` (when the tables have ``id``), ``dist``, ``dx``,
-        ``dy`` (pix), ``truth_mag``, ``cat_mag``, ``dmag``, ``blended``,
-        ``de1``, ``de2``, ``dhlr`` (arcsec), ``iou`` where measured.
+        One row per matched pair: ``cat_index``, ``truth_index`` (row numbers), ``cat_id`` /
+        ``truth_id`` (when the tables have ``id``), ``dist``, ``dx``, ``dy`` (pix),
+        ``truth_mag``, ``cat_mag``, ``dmag``, ``blended``, ``de1``, ``de2``, ``dhlr``
+        (arcsec), ``iou`` where measured.
     pairs : astropy.table.QTable
-        The close truth pairs counted in ``summary["pairs"]``: ``i``, ``j``
-        (truth rows), ``sep`` (arcsec), ``found_i``, ``found_j``, ``mag_i``, ``mag_j``.
+        The close truth pairs counted in ``summary["pairs"]``: ``i``, ``j`` (truth rows),
+        ``sep`` (arcsec), ``found_i``, ``found_j``, ``mag_i``, ``mag_j``.
     truth : astropy.table.QTable
         The truth with ``matched``, ``cat_index`` (−1 if none) and ``blended`` added.
     catalog : astropy.table.QTable
@@ -152,18 +98,13 @@ class EvaluationResult:
 
     def table(self) -> str:
         """A readable text report of the summary."""
-        from ._plots import format_report
-
         return format_report(self.summary)
 
     def plot(self, outdir: str | os.PathLike, *, gallery: int = 12) -> list[Path]:
         """Write the PNG plots (matplotlib, Agg backend) into ``outdir``.
 
-        ``completeness.png`` (completeness and purity vs magnitude),
-        ``pairs.png`` (both-found fraction vs separation), ``dmag.png``
-        (Δmag vs magnitude, isolated and blended) and, when the mosaic image
-        or the catalog segmentation is available, ``missed_blends.png``: a
-        gallery of close pairs not fully recovered, catalog footprints outlined.
+        ``completeness.png``, ``pairs.png``, ``dmag.png`` and, when the mosaic image or the
+        catalog segmentation is available, ``missed_blends.png`` (see ``docs/evaluation.md``).
 
         Parameters
         ----------
@@ -177,8 +118,6 @@ class EvaluationResult:
         list of pathlib.Path
             The files written.
         """
-        from ._plots import write_plots
-
         return write_plots(self, Path(outdir), gallery=gallery)
 
     def __str__(self) -> str:
@@ -186,64 +125,52 @@ class EvaluationResult:
 
 
 def evaluate(
-    catalog: str | os.PathLike | Table,
-    truth: str | os.PathLike | Table,
-    *,
-    radius: float | u.Quantity = 1.0,
-    method: str = "optimal",
-    band: str | None = None,
-    mosaic: str | os.PathLike | Mosaic | None = None,
-    segmentation: Any = None,
-    truth_segmentation: Any = None,
-    mag_bins: Sequence[float] = DEFAULT_MAG_BINS,
-    mag_limit: float = 25.0,
-    pair_bins: Sequence[float] | u.Quantity = DEFAULT_PAIR_BINS,
-    blend_flux_ratio: float = 0.1,
-    pixel_scale: float | None = None,
-) -> EvaluationResult:
+    catalog: str | os.PathLike | Table, truth: str | os.PathLike | Table, *,
+    radius: float | u.Quantity = 1.0, method: str = "optimal", band: str | None = None,
+    mosaic: str | os.PathLike | Mosaic | None = None, segmentation: Any = None,
+    truth_segmentation: Any = None, mag_bins: Sequence[float] = DEFAULT_MAG_BINS,
+    mag_limit: float = 25.0, pair_bins: Sequence[float] | u.Quantity = DEFAULT_PAIR_BINS,
+    blend_flux_ratio: float = 0.1, pixel_scale: float | None = None,
+) -> EvaluationResult:  # fmt: skip
     """Match a catalog to the truth and measure completeness, purity, blends and residuals.
+
+    The definitions and conventions are in ``docs/evaluation.md``.
 
     Parameters
     ----------
     catalog : path-like or astropy.table.Table
-        A survey_engine ``catalog.parquet`` (read with
-        :func:`survey_engine.read_catalog`) or a table with ``x``, ``y``
-        (0-based pixels) and optionally ``id``, ``<band>_mag``, ``flags``,
+        A survey_engine ``catalog.parquet`` (:func:`survey_engine.read_catalog`) or a table
+        with ``x``, ``y`` (0-based pixels) and optionally ``id``, ``<band>_mag``, ``flags``,
         ``e1``, ``e2``, ``half_light_radius`` (pixels unless it has an angle unit).
     truth : path-like or astropy.table.Table
-        A truth Parquet file (:func:`survey_engine.simulate.read_truth`) or a
-        table with ``x``, ``y``, ``<band>_mag`` and optionally ``id``, ``e1``,
-        ``e2``, ``half_light_radius`` (arcsec unless it has a unit).
+        A truth Parquet file (:func:`survey_engine.simulate.read_truth`) or a table with ``x``,
+        ``y``, ``<band>_mag`` and optionally ``id``, ``e1``, ``e2``, ``half_light_radius``
+        (arcsec unless it has a unit).
     radius : float or astropy.units.Quantity
         Match radius: arcsec, or a Quantity in arcsec-compatible units or ``u.pix``.
     method : {"optimal", "greedy"}
         One-to-one matching, see :func:`match_positions`.
     band : str, optional
-        Band of the magnitudes. Default: the catalog's ``reference_band``
-        metadata when both tables have its ``<band>_mag``, else the first band
-        with ``<band>_mag`` in both (or in the truth). A truth with a plain
-        ``mag`` column (and no ``<band>_mag``) is used for ``band``, or for the
-        catalog's band when it has only one; the catalog's magnitudes are its
-        ``<band>_mag`` column, else a plain ``mag`` column when single-band.
+        Band of the magnitudes. Default: the catalog's ``reference_band`` when both tables
+        have its ``<band>_mag``, else the first band with ``<band>_mag`` in both (or in the
+        truth); plain ``mag`` columns of single-band tables are used (see the docs).
     mosaic : path-like or Mosaic, optional
         The mosaic: pixel scale, ``truth_segmentation`` and image cutouts for the gallery.
-    segmentation : path-like or array-like, optional
-        The catalog's segmentation map (a ``segmentation.zarr`` group holding
-        the array ``segmentation``, or a 2-D array of catalog ids).
-    truth_segmentation : array-like, optional
-        2-D array of truth ids; default: the mosaic's ``truth_segmentation``.
+    segmentation, truth_segmentation : path-like or array-like, optional
+        The catalog's segmentation map (a ``segmentation.zarr`` group holding the array
+        ``segmentation``, or a 2-D array of catalog ids); a 2-D array of truth ids (default:
+        the mosaic's ``truth_segmentation``).
     mag_bins : sequence of float
         Magnitude bin edges.
     mag_limit : float
-        Truth objects brighter than this are the *bright* sample: close pairs
-        need both members brighter (detectable in isolation), and residuals are
-        computed on it.
+        Truth objects brighter than this are the *bright* sample: close pairs need both
+        members brighter (detectable in isolation), and residuals are computed on it.
     pair_bins : sequence of float or astropy.units.Quantity
-        Close-pair separation bin edges (arcsec, or a Quantity); the last edge
-        is the largest separation of a close pair and the blend radius.
+        Close-pair separation bin edges (arcsec, or a Quantity); the last edge is the
+        largest separation of a close pair and the blend radius.
     blend_flux_ratio : float
-        A truth neighbour within the blend radius with at least this fraction
-        of an object's flux makes that object *blended*.
+        A truth neighbour within the blend radius with at least this fraction of an
+        object's flux makes that object *blended*.
     pixel_scale : float, optional
         Arcsec per pixel (overrides the mosaic's and the truth's).
 
@@ -272,15 +199,12 @@ def evaluate(
     if not (np.ndim(radius) == 0 and math.isfinite(radius_pix) and radius_pix > 0):
         msg = f"radius must be one positive length, got {radius!r}"
         raise ValueError(msg)
-    pair_edges = np.ravel(_to_pixels(pair_bins, scale, "pair_bins")).astype(np.float64)
-    _check_edges(pair_edges, "pair_bins")
-    mag_edges = np.asarray(mag_bins, dtype=np.float64)
-    _check_edges(mag_edges, "mag_bins")
+    pair_edges = _edges(np.ravel(_to_pixels(pair_bins, scale, "pair_bins")), "pair_bins")
+    mag_edges = _edges(mag_bins, "mag_bins")
     band, tmag_col = _choose_band(band, cat, tru)
     cmag_col = _catalog_mag_column(cat, band)
     for name, t in (("catalog", cat), ("truth", tru)):
-        missing = [c for c in ("x", "y") if c not in t.colnames]
-        if missing:
+        if missing := [c for c in ("x", "y") if c not in t.colnames]:
             msg = f"the {name} has no {' or '.join(missing)} column (0-based pixel positions)"
             raise ValueError(msg)
 
@@ -288,158 +212,121 @@ def evaluate(
     tx, ty = _values(tru, "x"), _values(tru, "y")
     ci, ti, dist = match_positions(cx, cy, tx, ty, radius_pix, method=method)
     nc, nt = len(cat), len(tru)
-    t_idx = np.full(nt, -1, np.int64)
-    t_idx[ti] = ci
-    c_idx = np.full(nc, -1, np.int64)
-    c_idx[ci] = ti
+    t_idx, c_idx = np.full(nt, -1, np.int64), np.full(nc, -1, np.int64)
+    t_idx[ti], c_idx[ci] = ci, ti
     t_found, c_found = t_idx >= 0, c_idx >= 0
 
     tmag = _values(tru, tmag_col)
     cmag = _values(cat, cmag_col) if cmag_col is not None else np.full(nc, np.nan)
     bright = tmag < mag_limit
-    pi, pj, psep = close_pairs(tx, ty, pair_edges[-1])
-    blended = blended_in_truth(nt, pi, pj, 10.0 ** (-0.4 * tmag), blend_flux_ratio)
+    pi, pj, psep = _metrics.close_pairs(tx, ty, pair_edges[-1])
+    blended = _metrics.blended_in_truth(nt, pi, pj, 10.0 ** (-0.4 * tmag), blend_flux_ratio)
 
     # -- per magnitude bin ------------------------------------------------------------------
-    comp = binned_fraction(tmag, t_found, mag_edges)
-    comp_iso = binned_fraction(tmag[~blended], t_found[~blended], mag_edges)
-    pur = binned_fraction(cmag, c_found, mag_edges)
+    comp = _metrics.binned_fraction(tmag, t_found, mag_edges)
+    comp_iso = _metrics.binned_fraction(tmag[~blended], t_found[~blended], mag_edges)
+    pur = _metrics.binned_fraction(cmag, c_found, mag_edges)
     dmag = cmag[ci] - tmag[ti]
-    dstats = binned_stats(tmag[ti], dmag, mag_edges)
-    mag_rows = []
-    for c, ciso, p, d in zip(comp, comp_iso, pur, dstats, strict=True):
-        mag_rows.append(
-            {
-                "lo": c["lo"], "hi": c["hi"],
-                "n_truth": c["n"], "n_found": c["k"],
-                "completeness": c["fraction"], "completeness_err": c["error"],
-                "completeness_isolated": ciso["fraction"],
-                "n_detected": p["n"], "n_matched": p["k"], "purity": p["fraction"],
-                "dmag_n": d["n"], "dmag_median": d["median"], "dmag_scatter": d["scatter"],
-            }
-        )  # fmt: skip
+    dstats = _metrics.binned_stats(tmag[ti], dmag, mag_edges)
+    mag_rows = [
+        {
+            "lo": c["lo"], "hi": c["hi"], "n_truth": c["n"], "n_found": c["k"],
+            "completeness": c["fraction"], "completeness_err": c["error"],
+            "completeness_isolated": ciso["fraction"],
+            "n_detected": p["n"], "n_matched": p["k"], "purity": p["fraction"],
+            "dmag_n": d["n"], "dmag_median": d["median"], "dmag_scatter": d["scatter"],
+        }
+        for c, ciso, p, d in zip(comp, comp_iso, pur, dstats, strict=True)
+    ]  # fmt: skip
 
     # -- close pairs ------------------------------------------------------------------------
     psel = bright[pi] & bright[pj]
     pi, pj, psep = pi[psel], pj[psel], psep[psel]
-    pair_rows = pair_recovery(psep, t_found[pi], t_found[pj], pair_edges)
+    pair_rows = _metrics.pair_recovery(psep, t_found[pi], t_found[pj], pair_edges)
     for r in pair_rows:
         r["lo_pix"], r["hi_pix"] = r["lo"], r["hi"]
         r["lo"], r["hi"] = r["lo"] * scale, r["hi"] * scale
     both = t_found[pi] & t_found[pj]
-    pairs_summary = {
-        "n": len(pi),
-        "both": int(both.sum()),
-        "fraction": float(both.mean()) if len(pi) else float("nan"),
-        "bins": pair_rows,
-    }
+    pairs_summary = {"n": len(pi), "both": int(both.sum()), "fraction": _nanstat(np.mean, both)}
+    pairs_summary["bins"] = pair_rows
 
     # -- residuals (bright matched objects) -------------------------------------------------
     mb = bright[ti]
     iso_m, bl_m = mb & ~blended[ti], mb & blended[ti]
     dmag_summary = {
-        "all": robust_stats(dmag[mb]),
-        "isolated": robust_stats(dmag[iso_m]),
+        "all": robust_stats(dmag[mb]), "isolated": robust_stats(dmag[iso_m]),
         "blended": robust_stats(dmag[bl_m]),
-    }
-    flag_blended = None
+    }  # fmt: skip
+    fb = None  # per match: the catalog's own BLENDED flag
     if "flags" in cat.colnames:
-        flag_blended = (np.asarray(_values(cat, "flags")).astype(np.int64) & int(Flag.BLENDED)) != 0
-        fb = flag_blended[ci]
+        fb = ((np.asarray(_values(cat, "flags")).astype(np.int64) & int(Flag.BLENDED)) != 0)[ci]
         dmag_summary["flag_isolated"] = robust_stats(dmag[mb & ~fb])
         dmag_summary["flag_blended"] = robust_stats(dmag[mb & fb])
     dx, dy = cx[ci] - tx[ti], cy[ci] - ty[ti]
     position = {
-        "dx": robust_stats(dx[mb]),
-        "dy": robust_stats(dy[mb]),
+        "dx": robust_stats(dx[mb]), "dy": robust_stats(dy[mb]),
         "dist_median": robust_stats(dist[mb])["median"],
-    }
+    }  # fmt: skip
     shape: dict[str, Any] = {}
     matches = QTable()
-    matches["cat_index"] = ci
-    matches["truth_index"] = ti
-    if "id" in cat.colnames:
-        matches["cat_id"] = np.asarray(_values(cat, "id")).astype(np.int64)[ci]
-    if "id" in tru.colnames:
-        matches["truth_id"] = np.asarray(_values(tru, "id")).astype(np.int64)[ti]
-    matches["dist"] = dist * u.pix
-    matches["dx"] = dx * u.pix
-    matches["dy"] = dy * u.pix
-    matches["truth_mag"] = tmag[ti]
-    matches["cat_mag"] = cmag[ci]
-    matches["dmag"] = dmag
+    matches["cat_index"], matches["truth_index"] = ci, ti
+    for name, table, rows in (("cat_id", cat, ci), ("truth_id", tru, ti)):
+        if "id" in table.colnames:
+            matches[name] = np.asarray(_values(table, "id")).astype(np.int64)[rows]
+    matches["dist"], matches["dx"], matches["dy"] = dist * u.pix, dx * u.pix, dy * u.pix
+    matches["truth_mag"], matches["cat_mag"], matches["dmag"] = tmag[ti], cmag[ci], dmag
     matches["blended"] = blended[ti]
-    if flag_blended is not None:
-        matches["flag_blended"] = flag_blended[ci]
+    if fb is not None:
+        matches["flag_blended"] = fb
     for e in ("e1", "e2"):
         if e in cat.colnames and e in tru.colnames:
             de = _values(cat, e)[ci] - _values(tru, e)[ti]
             matches[f"d{e}"] = de
             shape[e] = robust_stats(de[mb])
     if "half_light_radius" in cat.colnames and "half_light_radius" in tru.colnames:
-        dh = (
-            _arcsec(cat["half_light_radius"], scale, u.pix)[ci]
-            - _arcsec(tru["half_light_radius"], scale, u.arcsec)[ti]
-        )
+        dh = _arcsec(cat["half_light_radius"], scale, u.pix)[ci]
+        dh = dh - _arcsec(tru["half_light_radius"], scale, u.arcsec)[ti]
         matches["dhlr"] = dh * u.arcsec
         shape["half_light_radius_arcsec"] = robust_stats(dh[mb])
 
     # -- segmentation IoU -------------------------------------------------------------------
-    seg = _load_segmentation(segmentation)
-    tseg = _load_truth_segmentation(truth_segmentation, m)
+    seg, tseg = _load_segmentations(segmentation, truth_segmentation, m)
     iou_summary = None
     if seg is not None and tseg is not None:
         if "id" not in cat.colnames or "id" not in tru.colnames:
             logger.warning("segmentation IoU skipped: the catalog or the truth has no 'id' column")
         else:
-            iou = segmentation_iou(
-                seg, tseg, _values(cat, "id"), _values(tru, "id"), ci, ti,
-                strip=_strip_height(seg),
-            )  # fmt: skip
+            ids = _values(cat, "id"), _values(tru, "id")
+            iou = _metrics.segmentation_iou(seg, tseg, *ids, ci, ti, strip=_strip_height(seg))
             matches["iou"] = iou
             iou_summary = {
-                "n": int(np.isfinite(iou[mb]).sum()),
-                "median": _nanstat(np.nanmedian, iou[mb]),
+                "n": int(np.isfinite(iou[mb]).sum()), "median": _nanstat(np.nanmedian, iou[mb]),
                 "mean": _nanstat(np.nanmean, iou[mb]),
                 "median_isolated": _nanstat(np.nanmedian, iou[iso_m]),
                 "median_blended": _nanstat(np.nanmedian, iou[bl_m]),
-            }
+            }  # fmt: skip
     elif seg is not None or tseg is not None:
-        logger.info(
-            "segmentation IoU skipped: %s segmentation missing",
-            "truth" if tseg is None else "catalog",
-        )
+        missing = "truth" if tseg is None else "catalog"
+        logger.info("segmentation IoU skipped: %s segmentation missing", missing)
 
     summary = {
-        "band": band,
-        "truth_mag_column": tmag_col,
-        "catalog_mag_column": cmag_col,
-        "method": method,
-        "radius_arcsec": radius_pix * scale,
-        "radius_pix": radius_pix,
-        "pixel_scale_arcsec": scale,
-        "mag_limit": float(mag_limit),
+        "band": band, "truth_mag_column": tmag_col, "catalog_mag_column": cmag_col,
+        "method": method, "radius_arcsec": radius_pix * scale, "radius_pix": radius_pix,
+        "pixel_scale_arcsec": scale, "mag_limit": float(mag_limit),
         "blend_radius_arcsec": float(pair_edges[-1] * scale),
-        "blend_flux_ratio": float(blend_flux_ratio),
-        "n_truth": nt,
+        "blend_flux_ratio": float(blend_flux_ratio), "n_truth": nt,
         "n_truth_bright": int(bright.sum()),
-        "n_truth_blended_bright": int((bright & blended).sum()),
-        "n_catalog": nc,
-        "n_matched": len(ci),
-        "completeness": len(ci) / nt if nt else float("nan"),
-        "completeness_bright": float(t_found[bright].mean()) if bright.any() else float("nan"),
-        "completeness_bright_isolated": _mean(t_found[bright & ~blended]),
-        "completeness_bright_blended": _mean(t_found[bright & blended]),
+        "n_truth_blended_bright": int((bright & blended).sum()), "n_catalog": nc,
+        "n_matched": len(ci), "completeness": len(ci) / nt if nt else float("nan"),
+        "completeness_bright": _nanstat(np.mean, t_found[bright]),
+        "completeness_bright_isolated": _nanstat(np.mean, t_found[bright & ~blended]),
+        "completeness_bright_blended": _nanstat(np.mean, t_found[bright & blended]),
         "purity": len(ci) / nc if nc else float("nan"),
-        "mag_complete_90": mag_at_fraction(comp, 0.9),
-        "mag_complete_50": mag_at_fraction(comp, 0.5),
-        "magnitude_bins": mag_rows,
-        "pairs": pairs_summary,
-        "dmag": dmag_summary,
-        "position": position,
-        "shape": shape,
-        "segmentation_iou": iou_summary,
-    }
+        "mag_complete_90": _metrics.mag_at_fraction(comp, 0.9),
+        "mag_complete_50": _metrics.mag_at_fraction(comp, 0.5),
+        "magnitude_bins": mag_rows, "pairs": pairs_summary, "dmag": dmag_summary,
+        "position": position, "shape": shape, "segmentation_iou": iou_summary,
+    }  # fmt: skip
     pairs = QTable()
     pairs["i"], pairs["j"] = pi, pj
     pairs["sep"] = psep * scale * u.arcsec
@@ -456,9 +343,7 @@ def evaluate(
     )  # fmt: skip
 
 
-# ----------------------------------------------------------------------------------------
-# Inputs
-# ----------------------------------------------------------------------------------------
+# --- inputs ----------------------------------------------------------------------------
 def _load_table(obj, name: str) -> Table:
     if isinstance(obj, Table):
         return obj
@@ -492,26 +377,22 @@ def _load_mosaic(obj) -> Mosaic | None:
     raise TypeError(msg)
 
 
-def _load_segmentation(obj):
-    if obj is None:
-        return None
+def _load_segmentations(obj, truth_obj, m: Mosaic | None) -> tuple[Any, Any]:
+    """The catalog's and the truth's segmentation maps (each None when not available)."""
+    seg = obj
     if isinstance(obj, str | os.PathLike):
-        import zarr
-
         path = os.fspath(obj)
         if "://" not in path and not os.path.exists(path):
             msg = f"segmentation not found: {path}"
             raise FileNotFoundError(msg)
-        return zarr.open_group(path, mode="r")["segmentation"]
-    return _as_2d(obj, "segmentation")
-
-
-def _load_truth_segmentation(obj, m: Mosaic | None):
-    if obj is not None:
-        return _as_2d(obj, "truth_segmentation")
+        seg = zarr.open_group(path, mode="r")["segmentation"]
+    elif obj is not None:
+        seg = _as_2d(obj, "segmentation")
+    if truth_obj is not None:
+        return seg, _as_2d(truth_obj, "truth_segmentation")
     if m is not None and m.has_truth_segmentation:
-        return m.group["truth_segmentation"]
-    return None
+        return seg, m.group["truth_segmentation"]
+    return seg, None
 
 
 def _as_2d(obj, name: str):
@@ -519,13 +400,6 @@ def _as_2d(obj, name: str):
         msg = f"{name} must be a path or a 2-D array, got {type(obj).__name__} of shape {getattr(obj, 'shape', None)}"
         raise TypeError(msg)
     return obj
-
-
-def _strip_height(arr) -> int:
-    chunks = getattr(arr, "chunks", None)
-    if isinstance(chunks, tuple) and chunks and isinstance(chunks[0], int | np.integer):
-        return max(int(chunks[0]), 256)
-    return 1024
 
 
 def _pixel_scale(value: float | None, m: Mosaic | None, truth: Table) -> float:
@@ -543,6 +417,14 @@ def _pixel_scale(value: float | None, m: Mosaic | None, truth: Table) -> float:
     return value
 
 
+def _strip_height(arr) -> int:
+    """Rows of the segmentation read at a time: whole chunks of a Zarr array, else 1024."""
+    chunks = getattr(arr, "chunks", None)
+    if isinstance(chunks, tuple) and chunks and isinstance(chunks[0], int | np.integer):
+        return max(int(chunks[0]), 256)
+    return 1024
+
+
 def _to_pixels(value, scale: float, name: str) -> np.ndarray:
     if isinstance(value, u.Quantity):
         if value.unit == u.pix:
@@ -558,13 +440,16 @@ def _to_pixels(value, scale: float, name: str) -> np.ndarray:
         raise ValueError(msg) from None
 
 
-def _check_edges(edges: np.ndarray, name: str) -> None:
+def _edges(values, name: str) -> np.ndarray:
+    """Bin edges as float64, checked finite and strictly increasing."""
+    edges = np.asarray(values, dtype=np.float64)
     if edges.ndim != 1 or len(edges) < 2 or not np.all(np.isfinite(edges)):
         msg = f"{name} must hold at least two finite bin edges, got {edges.tolist()!r}"
         raise ValueError(msg)
     if np.any(np.diff(edges) <= 0):
         msg = f"{name} must be strictly increasing, got {edges.tolist()!r}"
         raise ValueError(msg)
+    return edges
 
 
 def _mag_bands(table: Table) -> list[str]:
@@ -580,11 +465,7 @@ def _catalog_bands(cat: Table) -> list[str]:
 
 
 def _choose_band(band: str | None, cat: Table, truth: Table) -> tuple[str, str]:
-    """The band of the magnitudes and the truth column holding them.
-
-    The truth's ``<band>_mag`` column, else its plain ``mag`` column when the
-    band is known: given, or the catalog's only band.
-    """
+    """The band and the truth's magnitude column: ``<band>_mag``, else ``mag`` for a known band."""
     truth_bands = _mag_bands(truth)
     plain = "mag" in truth.colnames
     if band is not None:
@@ -599,10 +480,8 @@ def _choose_band(band: str | None, cat: Table, truth: Table) -> tuple[str, str]:
         ref = cat.meta.get("reference_band")
         if ref in truth_bands and f"{ref}_mag" in cat.colnames:
             return ref, f"{ref}_mag"
-        for b in truth_bands:
-            if f"{b}_mag" in cat.colnames:
-                return b, f"{b}_mag"
-        return truth_bands[0], f"{truth_bands[0]}_mag"
+        b = next((b for b in truth_bands if f"{b}_mag" in cat.colnames), truth_bands[0])
+        return b, f"{b}_mag"
     if plain:
         cat_bands = _catalog_bands(cat)
         if len(cat_bands) == 1:
@@ -630,8 +509,7 @@ def _catalog_mag_column(cat: Table, band: str) -> str | None:
 
 def _values(table: Table, name: str) -> np.ndarray:
     col = table[name]
-    v = col.value if isinstance(col, u.Quantity) else col
-    v = np.asarray(v)
+    v = np.asarray(col.value if isinstance(col, u.Quantity) else col)
     if v.dtype.kind in "fiub":
         return v.astype(np.float64) if v.dtype.kind == "f" else v
     msg = f"column {name!r} is not numeric (dtype {v.dtype})"
@@ -640,20 +518,13 @@ def _values(table: Table, name: str) -> np.ndarray:
 
 def _arcsec(col, scale: float, default_unit: u.UnitBase) -> np.ndarray:
     """A length column in arcsec (plain columns are in ``default_unit``)."""
-    if (
-        isinstance(col, u.Quantity)
-        and col.unit is not None
-        and col.unit != u.dimensionless_unscaled
-    ):
-        if col.unit == u.pix:
+    unit = col.unit if isinstance(col, u.Quantity) else None
+    if unit is not None and unit != u.dimensionless_unscaled:
+        if unit == u.pix:
             return np.asarray(col.value, np.float64) * scale
         return np.asarray(col.to_value(u.arcsec), np.float64)
     v = np.asarray(col, np.float64)
     return v * scale if default_unit == u.pix else v
-
-
-def _mean(flags: np.ndarray) -> float:
-    return float(flags.mean()) if len(flags) else float("nan")
 
 
 def _nanstat(fn, v: np.ndarray) -> float:

@@ -1,7 +1,4 @@
-"""Metrics of a matched catalog: binned fractions, robust statistics, close pairs, IoU.
-
-Pure numpy/scipy functions; :func:`survey_engine.evaluate.evaluate` puts them together.
-"""
+"""One-to-one matching and the metrics of a matched catalog, pure numpy/scipy (for ``evaluate``)."""
 
 from __future__ import annotations
 
@@ -10,24 +7,138 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+from scipy import sparse
+from scipy.optimize import linear_sum_assignment
+from scipy.sparse.csgraph import connected_components
 from scipy.spatial import cKDTree
 
 __all__ = [
-    "MAD_TO_SIGMA",
-    "binned_fraction",
-    "binned_stats",
-    "blended_in_truth",
-    "close_pairs",
-    "mag_at_fraction",
-    "pair_recovery",
-    "robust_stats",
+    "MAD_TO_SIGMA", "MATCH_METHODS", "binned_fraction", "binned_stats", "blended_in_truth",
+    "close_pairs", "mag_at_fraction", "match_positions", "pair_recovery", "robust_stats",
     "segmentation_iou",
-]
+]  # fmt: skip
 
+#: Matching methods understood by :func:`match_positions`.
+MATCH_METHODS = ("optimal", "greedy")
 #: Scale of the median absolute deviation to a Gaussian σ.
 MAD_TO_SIGMA = 1.4826
 
 
+# --- matching --------------------------------------------------------------------------
+def match_positions(
+    x1: np.ndarray, y1: np.ndarray, x2: np.ndarray, y2: np.ndarray, radius: float, *,
+    method: str = "optimal",
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:  # fmt: skip
+    """Match two sets of positions one to one, within ``radius``.
+
+    Each point of either set is used at most once; points with a non-finite coordinate are
+    never matched. ``"optimal"``: the **most pairs**, then the **smallest total distance**
+    (linear assignment per connected component of candidate pairs); ``"greedy"``: pairs by
+    increasing distance (ties by ``i``, then ``j``). See ``docs/evaluation.md``.
+
+    Parameters
+    ----------
+    x1, y1 : numpy.ndarray
+        Positions of the first set (e.g. the catalog), any common unit.
+    x2, y2 : numpy.ndarray
+        Positions of the second set (e.g. the truth), same unit.
+    radius : float
+        Largest distance of a match, same unit.
+    method : {"optimal", "greedy"}
+        How conflicts between candidate pairs are resolved.
+
+    Returns
+    -------
+    idx1, idx2 : numpy.ndarray of int64
+        Indices of the matched points in the first and second set, sorted by ``idx2``.
+    dist : numpy.ndarray of float64
+        Distance of each match.
+
+    Raises
+    ------
+    ValueError
+        ``radius`` is not a positive finite number, ``method`` is unknown, or
+        the coordinate arrays of one set differ in length.
+    """
+    radius = float(radius)
+    if not np.isfinite(radius) or radius <= 0:
+        msg = f"radius must be a positive finite number, got {radius!r}"
+        raise ValueError(msg)
+    if method not in MATCH_METHODS:
+        msg = f"method must be one of {', '.join(MATCH_METHODS)}, got {method!r}"
+        raise ValueError(msg)
+    p1, p2 = _points(x1, y1, "first"), _points(x2, y2, "second")
+    empty = (np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float64))
+    ok1, ok2 = (np.flatnonzero(np.isfinite(p).all(axis=1)) for p in (p1, p2))
+    if len(ok1) == 0 or len(ok2) == 0:
+        return empty
+    cand = cKDTree(p1[ok1]).sparse_distance_matrix(cKDTree(p2[ok2]), radius, output_type="ndarray")
+    if len(cand) == 0:
+        return empty
+    i = ok1[cand["i"].astype(np.int64)]
+    j = ok2[cand["j"].astype(np.int64)]
+    d = cand["v"].astype(np.float64)
+    keep = _greedy(i, j, d) if method == "greedy" else _optimal(i, j, d, len(p1), len(p2), radius)
+    i, j, d = i[keep], j[keep], d[keep]
+    order = np.argsort(j, kind="stable")
+    return i[order], j[order], d[order]
+
+
+def _points(x, y, which: str) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float64).ravel()
+    y = np.asarray(y, dtype=np.float64).ravel()
+    if x.shape != y.shape:
+        msg = f"x and y of the {which} set differ in length: {len(x)} and {len(y)}"
+        raise ValueError(msg)
+    return np.column_stack([x, y])
+
+
+def _greedy(i: np.ndarray, j: np.ndarray, d: np.ndarray) -> np.ndarray:
+    """Indices of the candidate pairs kept by increasing distance (ties: by ``i``, then ``j``)."""
+    used1: set[int] = set()
+    used2: set[int] = set()
+    keep = []
+    for k in np.lexsort((j, i, d)):
+        a, b = int(i[k]), int(j[k])
+        if a not in used1 and b not in used2:
+            used1.add(a)
+            used2.add(b)
+            keep.append(k)
+    return np.asarray(keep, dtype=np.int64)
+
+
+def _optimal(
+    i: np.ndarray, j: np.ndarray, d: np.ndarray, n1: int, n2: int, radius: float
+) -> np.ndarray:
+    """Indices of the candidate pairs kept by a per-component linear assignment."""
+    graph = sparse.coo_matrix((np.ones(len(i)), (i, n1 + j)), shape=(n1 + n2, n1 + n2))
+    _, comp = connected_components(graph, directed=False)
+    label = comp[i]
+    order = np.argsort(label, kind="stable")
+    starts = np.flatnonzero(np.r_[True, label[order][1:] != label[order][:-1]])
+    stops = np.r_[starts[1:], len(order)]
+    keep = []
+    for s0, s1 in zip(starts, stops, strict=True):
+        ks = order[s0:s1]
+        if len(ks) == 1:
+            keep.append(ks)
+            continue
+        rows, ri = np.unique(i[ks], return_inverse=True)
+        cols, cj = np.unique(j[ks], return_inverse=True)
+        # A missing pair costs more than any complete set of real pairs, so the
+        # assignment maximises the number of real pairs first, then minimises distance.
+        big = radius * (min(len(rows), len(cols)) + 2.0)
+        cost = np.full((len(rows), len(cols)), big)
+        cost[ri, cj] = d[ks]
+        lut = np.full((len(rows), len(cols)), -1, dtype=np.int64)
+        lut[ri, cj] = ks
+        r, c = linear_sum_assignment(cost)
+        chosen = lut[r, c]
+        keep.append(chosen[chosen >= 0])
+    return np.concatenate(keep) if keep else np.zeros(0, np.int64)
+
+
+# --- metrics ---------------------------------------------------------------------------
 def robust_stats(values: np.ndarray) -> dict[str, Any]:
     """Median and robust scatter (1.4826 × MAD) of the finite values.
 
@@ -46,11 +157,7 @@ def robust_stats(values: np.ndarray) -> dict[str, Any]:
     if len(v) == 0:
         return {"n": 0, "median": float("nan"), "scatter": float("nan")}
     med = float(np.median(v))
-    return {
-        "n": len(v),
-        "median": med,
-        "scatter": float(MAD_TO_SIGMA * np.median(np.abs(v - med))),
-    }
+    return {"n": len(v), "median": med, "scatter": float(MAD_TO_SIGMA * np.median(np.abs(v - med)))}
 
 
 def binned_fraction(
@@ -60,10 +167,9 @@ def binned_fraction(
 
     Parameters
     ----------
-    values : numpy.ndarray
-        Quantity binned (e.g. magnitude); non-finite values fall in no bin.
-    success : numpy.ndarray of bool
-        Per entry: counted as a success.
+    values, success : numpy.ndarray
+        Quantity binned (e.g. magnitude; non-finite values fall in no bin); per entry, whether
+        it counts as a success (bool).
     edges : sequence of float
         Increasing bin edges.
 
@@ -85,16 +191,8 @@ def binned_fraction(
         nb, kb = int(n[b]), int(np.rint(k[b]))
         f = kb / nb if nb else float("nan")
         err = float(np.sqrt(f * (1 - f) / nb)) if nb else float("nan")
-        out.append(
-            {
-                "lo": float(edges[b]),
-                "hi": float(edges[b + 1]),
-                "n": nb,
-                "k": kb,
-                "fraction": f,
-                "error": err,
-            }
-        )
+        lo, hi = float(edges[b]), float(edges[b + 1])
+        out.append({"lo": lo, "hi": hi, "n": nb, "k": kb, "fraction": f, "error": err})
     return out
 
 
@@ -105,10 +203,8 @@ def binned_stats(
 
     Parameters
     ----------
-    values : numpy.ndarray
-        Quantity binned.
-    sample : numpy.ndarray
-        Quantity summarised (same length).
+    values, sample : numpy.ndarray
+        Quantity binned; quantity summarised (same length).
     edges : sequence of float
         Increasing bin edges.
 
@@ -117,21 +213,18 @@ def binned_stats(
     list of dict
         Per bin: ``lo``, ``hi``, ``n``, ``median``, ``scatter``.
     """
-    v = np.asarray(values, dtype=np.float64)
-    s = np.asarray(sample, dtype=np.float64)
-    out = []
-    for lo, hi in itertools.pairwise(edges):
-        sel = (v >= lo) & (v < hi)
-        out.append({"lo": float(lo), "hi": float(hi), **robust_stats(s[sel])})
-    return out
+    v, s = np.asarray(values, dtype=np.float64), np.asarray(sample, dtype=np.float64)
+    return [
+        {"lo": float(lo), "hi": float(hi), **robust_stats(s[(v >= lo) & (v < hi)])}
+        for lo, hi in itertools.pairwise(edges)
+    ]
 
 
 def mag_at_fraction(bins: list[dict[str, Any]], level: float, min_n: int = 5) -> float:
     """Magnitude where a binned fraction first drops below ``level``.
 
-    Bins with fewer than ``min_n`` entries are skipped. The magnitude is
-    interpolated linearly between the centres of the last bin at or above
-    ``level`` and the first bin below it.
+    Interpolated linearly between the centres of the last bin at or above ``level`` and the
+    first bin below it.
 
     Parameters
     ----------
@@ -140,7 +233,7 @@ def mag_at_fraction(bins: list[dict[str, Any]], level: float, min_n: int = 5) ->
     level : float
         Fraction, e.g. 0.9.
     min_n : int
-        Smallest bin population used.
+        Bins with fewer entries are skipped.
 
     Returns
     -------
@@ -162,14 +255,14 @@ def mag_at_fraction(bins: list[dict[str, Any]], level: float, min_n: int = 5) ->
 def close_pairs(
     x: np.ndarray, y: np.ndarray, max_sep: float
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """All pairs ``i < j`` closer than ``max_sep`` (same unit as ``x``, ``y``).
+    """All pairs ``i < j`` closer than ``max_sep``.
 
     Parameters
     ----------
     x, y : numpy.ndarray
         Positions.
     max_sep : float
-        Largest separation (exclusive).
+        Largest separation (exclusive), same unit.
 
     Returns
     -------
@@ -182,9 +275,7 @@ def close_pairs(
     ok = np.flatnonzero(np.isfinite(p).all(axis=1))
     if len(ok) < 2:
         return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0)
-    pairs = cKDTree(p[ok]).query_pairs(max_sep, output_type="ndarray")
-    if len(pairs) == 0:
-        return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0)
+    pairs = cKDTree(p[ok]).query_pairs(max_sep, output_type="ndarray")  # (0, 2) int64 if none
     i, j = ok[pairs[:, 0]], ok[pairs[:, 1]]
     i, j = np.minimum(i, j), np.maximum(i, j)
     sep = np.hypot(p[i, 0] - p[j, 0], p[i, 1] - p[j, 1])
@@ -203,12 +294,10 @@ def blended_in_truth(
     ----------
     n : int
         Number of objects.
-    i, j : numpy.ndarray
-        Close pairs (from :func:`close_pairs`).
-    flux : numpy.ndarray
-        Flux of every object (any linear unit).
+    i, j, flux : numpy.ndarray
+        Close pairs (from :func:`close_pairs`); flux of every object (any linear unit).
     ratio : float
-        Neighbour flux ÷ own flux at and above which an object counts as blended.
+        Neighbour flux ÷ own flux from which an object counts as blended.
 
     Returns
     -------
@@ -228,10 +317,8 @@ def pair_recovery(
 
     Parameters
     ----------
-    sep : numpy.ndarray
-        Separation of each pair.
-    found_i, found_j : numpy.ndarray of bool
-        Whether each member was matched.
+    sep, found_i, found_j : numpy.ndarray
+        Separation of each pair; whether each member was matched (bool).
     edges : sequence of float
         Separation bin edges (``[lo, hi)``).
 
@@ -265,15 +352,13 @@ def segmentation_iou(
 ) -> np.ndarray:
     """Intersection over union of the footprints of matched objects.
 
-    Both maps are read in row strips (any object with numpy-style 2-D slicing:
-    numpy or Zarr arrays), so mosaics larger than memory can be evaluated.
+    Both maps are read in row strips (numpy, Zarr: any numpy-style 2-D slicing), so mosaics
+    larger than memory can be evaluated.
 
     Parameters
     ----------
-    segmentation : array-like
-        ``(y, x)`` catalog segmentation: catalog id per pixel, 0 = none.
-    truth_segmentation : array-like
-        ``(y, x)`` truth segmentation: truth id per pixel, 0 = none.
+    segmentation, truth_segmentation : array-like
+        ``(y, x)`` catalog and truth segmentations: catalog or truth id per pixel, 0 = none.
     catalog_ids, truth_ids : numpy.ndarray
         Ids of the catalog rows and truth rows (values in the maps).
     cat_index, truth_index : numpy.ndarray
@@ -297,13 +382,11 @@ def segmentation_iou(
             f"segmentation shape {tuple(truth_segmentation.shape)}"
         )
         raise ValueError(msg)
-    cids = np.asarray(catalog_ids, dtype=np.int64)
-    tids = np.asarray(truth_ids, dtype=np.int64)
+    cids, tids = np.asarray(catalog_ids, dtype=np.int64), np.asarray(truth_ids, dtype=np.int64)
     nc, nt = len(cids), len(tids)
     c_order, t_order = np.argsort(cids), np.argsort(tids)
     c_sorted, t_sorted = cids[c_order], tids[t_order]
-    area_c = np.zeros(nc, np.int64)
-    area_t = np.zeros(nt, np.int64)
+    area_c, area_t = np.zeros(nc, np.int64), np.zeros(nt, np.int64)
     keys, counts = [], []
     ny = int(segmentation.shape[0])
     for y0 in range(0, ny, strip):
@@ -318,16 +401,12 @@ def segmentation_iou(
             k, c = np.unique(ci[both] * nt + ti[both], return_counts=True)
             keys.append(k)
             counts.append(c)
-    if keys:
-        allk, inv = np.unique(np.concatenate(keys), return_inverse=True)
-        allc = np.bincount(inv, weights=np.concatenate(counts))
-    else:
-        allk, allc = np.zeros(0, np.int64), np.zeros(0)
-    ci = np.asarray(cat_index, np.int64)
-    ti = np.asarray(truth_index, np.int64)
+    ci, ti = np.asarray(cat_index, np.int64), np.asarray(truth_index, np.int64)
     want = ci * nt + ti
     inter = np.zeros(len(want))
-    if len(allk):
+    if keys:  # pixel counts of every (catalog, truth) overlap
+        allk, inv = np.unique(np.concatenate(keys), return_inverse=True)
+        allc = np.bincount(inv, weights=np.concatenate(counts))
         pos = np.clip(np.searchsorted(allk, want), 0, len(allk) - 1)
         inter = np.where(allk[pos] == want, allc[pos], 0.0)
     union = area_c[ci] + area_t[ti] - inter

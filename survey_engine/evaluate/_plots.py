@@ -1,8 +1,6 @@
 """Renderings of an evaluation: the text report and the PNG plots (matplotlib, Agg only).
 
-matplotlib is imported when a plot is written, never at import time; figures are
-:class:`matplotlib.figure.Figure` objects saved through the Agg canvas, so no
-pyplot state or interactive backend is involved.
+matplotlib is imported when a plot is written; figures go through the Agg canvas (no pyplot).
 """
 
 from __future__ import annotations
@@ -22,13 +20,10 @@ __all__ = ["format_report", "write_plots"]
 logger = logging.getLogger(__name__)
 
 
-# ----------------------------------------------------------------------------------------
-# Text
-# ----------------------------------------------------------------------------------------
+# --- text ------------------------------------------------------------------------------
 def _f(v: Any, fmt: str = ".3f") -> str:
-    if v is None or (isinstance(v, float) and not math.isfinite(v)):
-        return "-"
-    return format(v, fmt)
+    """``v`` formatted, ``-`` for None and non-finite values."""
+    return "-" if v is None or (isinstance(v, float) and not math.isfinite(v)) else format(v, fmt)
 
 
 def format_report(s: dict[str, Any]) -> str:
@@ -82,15 +77,11 @@ def format_report(s: dict[str, Any]) -> str:
         )
     lines += ["", f"Δmag ({b} < {lim:g}): median, robust scatter (1.4826 MAD)"]
     names = {
-        "all": "all matched",
-        "isolated": "isolated (truth)",
-        "blended": "blended (truth)",
-        "flag_isolated": "no BLENDED flag",
-        "flag_blended": "BLENDED flag",
-    }
+        "all": "all matched", "isolated": "isolated (truth)", "blended": "blended (truth)",
+        "flag_isolated": "no BLENDED flag", "flag_blended": "BLENDED flag",
+    }  # fmt: skip
     for k, label in names.items():
-        if k in s["dmag"]:
-            d = s["dmag"][k]
+        if (d := s["dmag"].get(k)) is not None:
             lines.append(
                 f"  {label:18s} n={d['n']:6d}  {_f(d['median'], '+.4f'):>8s}  {_f(d['scatter'], '.4f')}"
             )
@@ -118,9 +109,7 @@ def format_report(s: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-# ----------------------------------------------------------------------------------------
-# Figures
-# ----------------------------------------------------------------------------------------
+# --- figures ---------------------------------------------------------------------------
 def write_plots(result: EvaluationResult, outdir: Path, *, gallery: int = 12) -> list[Path]:
     """Write the evaluation plots; see :meth:`EvaluationResult.plot`."""
     outdir.mkdir(parents=True, exist_ok=True)
@@ -129,18 +118,18 @@ def write_plots(result: EvaluationResult, outdir: Path, *, gallery: int = 12) ->
         _pairs(result.summary, outdir / "pairs.png"),
         _dmag(result, outdir / "dmag.png"),
     ]
-    if gallery > 0:
-        path = _gallery(result, outdir / "missed_blends.png", gallery)
-        if path is not None:
-            written.append(path)
+    if gallery > 0 and (path := _gallery(result, outdir / "missed_blends.png", gallery)):
+        written.append(path)
     logger.info("wrote %d plot(s) to %s", len(written), outdir)
     return written
 
 
-def _figure(w: float = 6.4, h: float = 4.4):
+def _figure(w: float = 6.4, h: float = 4.4, *, axes: bool = True):
+    """A figure and, with ``axes``, its one subplot."""
     from matplotlib.figure import Figure
 
-    return Figure(figsize=(w, h), dpi=100, layout="constrained")
+    fig = Figure(figsize=(w, h), dpi=100, layout="constrained")
+    return (fig, fig.add_subplot()) if axes else fig
 
 
 def _save(fig, path: Path) -> Path:
@@ -158,8 +147,7 @@ def _centres(rows) -> np.ndarray:
 def _completeness(s: dict[str, Any], path: Path) -> Path:
     rows = s["magnitude_bins"]
     x = _centres(rows)
-    fig = _figure()
-    ax = fig.add_subplot()
+    fig, ax = _figure()
     comp = np.array([r["completeness"] for r in rows], float)
     err = np.array([r["completeness_err"] for r in rows], float)
     ax.errorbar(x, comp, yerr=err, marker="o", label="completeness (truth mag)")
@@ -168,12 +156,9 @@ def _completeness(s: dict[str, Any], path: Path) -> Path:
     for level in (0.9, 0.5):
         ax.axhline(level, color="0.6", lw=0.8, ls=":")
     ax.axvline(s["mag_limit"], color="0.6", lw=0.8, ls="--")
-    ax.set_xlabel(f"{s['band']} magnitude (AB)")
-    ax.set_ylabel("fraction")
-    ax.set_ylim(-0.02, 1.05)
-    ax.set_title(
-        f"{s['n_matched']} / {s['n_truth']} matched; 90% at {_f(s['mag_complete_90'], '.2f')}"
-    )
+    ax.set(xlabel=f"{s['band']} magnitude (AB)", ylabel="fraction", ylim=(-0.02, 1.05))
+    title = f"{s['n_matched']} / {s['n_truth']} matched; 90% at {_f(s['mag_complete_90'], '.2f')}"
+    ax.set_title(title)
     ax.legend(loc="lower left", fontsize=8)
     return _save(fig, path)
 
@@ -181,42 +166,34 @@ def _completeness(s: dict[str, Any], path: Path) -> Path:
 def _pairs(s: dict[str, Any], path: Path) -> Path:
     rows = s["pairs"]["bins"]
     x = _centres(rows)
-    fig = _figure()
-    ax = fig.add_subplot()
-    frac = np.array([r["fraction"] for r in rows], float)
-    err = np.array([r["error"] for r in rows], float)
+    fig, ax = _figure()
+    frac, err = (np.array([r[k] for r in rows], float) for k in ("fraction", "error"))
     widths = np.array([r["hi"] - r["lo"] for r in rows])
     ax.bar(x, np.nan_to_num(frac), width=0.9 * widths, yerr=np.nan_to_num(err), alpha=0.7)
     for xi, r in zip(x, rows, strict=True):
         ax.annotate(f"n={r['n']}", (xi, 0.02), ha="center", fontsize=8)
-    ax.set_xlabel("separation of the truth pair (arcsec)")
-    ax.set_ylabel("fraction with both members found")
-    ax.set_ylim(0, 1.05)
-    ax.set_title(f"close pairs, both {s['band']} < {s['mag_limit']:g}")
+    ax.set(xlabel="separation of the truth pair (arcsec)", ylim=(0, 1.05),
+           ylabel="fraction with both members found",
+           title=f"close pairs, both {s['band']} < {s['mag_limit']:g}")  # fmt: skip
     return _save(fig, path)
 
 
 def _dmag(result: EvaluationResult, path: Path) -> Path:
     s, mt = result.summary, result.matches
-    tm = np.asarray(mt["truth_mag"], float)
-    dm = np.asarray(mt["dmag"], float)
+    tm, dm = (np.asarray(mt[c], float) for c in ("truth_mag", "dmag"))
     bl = np.asarray(mt["blended"], bool)
-    fig = _figure()
-    ax = fig.add_subplot()
+    fig, ax = _figure()
     ax.scatter(tm[~bl], dm[~bl], s=2, alpha=0.4, label="isolated", rasterized=True)
     ax.scatter(tm[bl], dm[bl], s=3, alpha=0.6, label="blended", rasterized=True)
     rows = [r for r in s["magnitude_bins"] if r["dmag_n"] >= 3]
     if rows:
         x = _centres(rows)
-        med = np.array([r["dmag_median"] for r in rows])
-        sig = np.array([r["dmag_scatter"] for r in rows])
+        med, sig = (np.array([r[k] for r in rows]) for k in ("dmag_median", "dmag_scatter"))
         ax.plot(x, med, "k-", lw=1.5, label="median")
         ax.fill_between(x, med - sig, med + sig, color="k", alpha=0.15, label="±1.4826 MAD")
     ax.axhline(0, color="0.5", lw=0.8)
     ax.axvline(s["mag_limit"], color="0.6", lw=0.8, ls="--")
-    ax.set_ylim(-1, 1)
-    ax.set_xlabel(f"truth {s['band']} magnitude")
-    ax.set_ylabel("Δmag = catalog − truth")
+    ax.set(ylim=(-1, 1), xlabel=f"truth {s['band']} magnitude", ylabel="Δmag = catalog − truth")
     ax.legend(loc="upper left", fontsize=8, markerscale=3)
     return _save(fig, path)
 
@@ -235,20 +212,16 @@ def _gallery(result: EvaluationResult, path: Path, n_max: int) -> Path | None:
     mags = np.maximum(np.asarray(pairs["mag_i"], float), np.asarray(pairs["mag_j"], float))
     idx = np.flatnonzero(missed)
     idx = idx[np.lexsort((mags[idx], sep[idx]))][:n_max]
-    tx = np.asarray(_plain(result.truth["x"]), float)
-    ty = np.asarray(_plain(result.truth["y"]), float)
-    cx = np.asarray(_plain(result.catalog["x"]), float)
-    cy = np.asarray(_plain(result.catalog["y"]), float)
+    tx, ty = (np.asarray(_plain(result.truth[c]), float) for c in ("x", "y"))
+    cx, cy = (np.asarray(_plain(result.catalog[c]), float) for c in ("x", "y"))
     found = np.asarray(result.truth["matched"], bool)
     tmag = np.asarray(_plain(result.truth[result.summary["truth_mag_column"]]), float)
     ny, nx = (m.ny, m.nx) if m is not None else tuple(seg.shape)
-    bi = None
-    if m is not None:
-        band = result.summary["band"]
-        bi = m.bands.index(band) if band in m.bands else 0
+    band = result.summary["band"]
+    bi = None if m is None else (m.bands.index(band) if band in m.bands else 0)
     ncol = min(4, len(idx))
     nrow = math.ceil(len(idx) / ncol)
-    fig = _figure(3.0 * ncol, 3.1 * nrow)
+    fig = _figure(3.0 * ncol, 3.1 * nrow, axes=False)
     scale = result.summary["pixel_scale_arcsec"]
     for k, p in enumerate(idx):
         i, j = int(pairs["i"][p]), int(pairs["j"][p])
@@ -277,20 +250,16 @@ def _gallery(result: EvaluationResult, path: Path, n_max: int) -> Path | None:
         inc = (cx >= x0 - 0.5) & (cx < x1 - 0.5) & (cy >= y0 - 0.5) & (cy < y1 - 0.5)
         ax.plot(cx[inc], cy[inc], "+", color="cyan", ms=8, mew=1.2)
         for t in (i, j):
-            ax.plot(
-                tx[t], ty[t], "o" if found[t] else "x", ms=9, mfc="none",
-                color="lime" if found[t] else "red", mew=1.5,
-            )  # fmt: skip
-        ax.set_xlim(ext[0], ext[1])
-        ax.set_ylim(ext[2], ext[3])
+            color = "lime" if found[t] else "red"
+            ax.plot(tx[t], ty[t], "o" if found[t] else "x", ms=9, mfc="none", color=color, mew=1.5)
+        ax.set(xlim=(ext[0], ext[1]), ylim=(ext[2], ext[3]))
         ax.set_title(f'{sep[p]:.2f}"  {tmag[i]:.1f} / {tmag[j]:.1f}', fontsize=9)
         ax.tick_params(labelsize=6)
-    fig.suptitle(
-        "missed blends\ntruth found (o) / missed (x), detections (+), footprints (yellow)",
-        fontsize=9,
-    )
+    title = "missed blends\ntruth found (o) / missed (x), detections (+), footprints (yellow)"
+    fig.suptitle(title, fontsize=9)
     return _save(fig, path)
 
 
 def _plain(col) -> np.ndarray:
+    """A column's values without unit."""
     return np.asarray(getattr(col, "value", col))
