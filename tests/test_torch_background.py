@@ -1,8 +1,9 @@
 """The torch background kernels against the numpy/scipy reference.
 
-Measured on the meshes and windows below (CPU): :func:`mesh_statistics_torch` equals
-:func:`mesh_statistics` bit for bit (the tests allow 1e-9 relative); the B-spline
-evaluation equals :func:`interpolate_background` bit for bit in float32, in both
+Measured on the meshes and windows below (CPU): :func:`mesh_statistics_torch` (the one
+implementation, behind :func:`mesh_statistics` too) equals the former numpy implementation
+(``_reference.mesh_statistics_reference``) bit for bit (the tests allow 1e-9 relative); the
+B-spline evaluation equals :func:`interpolate_background` bit for bit in float32, in both
 accumulation orders (the tests allow one float32 ulp for the default separable order,
 and require bit equality for ``scipy_order=True``).
 """
@@ -14,6 +15,7 @@ import pickle
 import numpy as np
 import pytest
 import torch
+from _reference import mesh_statistics_reference
 
 from survey_engine.kernels import torch_background as tbg
 from survey_engine.kernels.background import (
@@ -52,9 +54,9 @@ def _block(seed, shape, *, nsrc=6, bad_fraction=0.03):
 
 
 def _reference(img, bad, box, **kw):
-    """numpy :func:`mesh_statistics`; it warns on ``inf − inf`` in cells holding ±inf."""
+    """The former numpy mesh statistics; it warns on ``inf − inf`` in cells holding ±inf."""
     with np.errstate(invalid="ignore"):
-        return mesh_statistics(img, bad, box, **kw)
+        return mesh_statistics_reference(img, bad, box, **kw)
 
 
 def _assert_close_nan(got, ref, rtol):
@@ -157,6 +159,9 @@ def test_mesh_statistics_large_block_bitwise():
     tl, tr = mesh_statistics_torch(torch.from_numpy(img), torch.from_numpy(bad), 128)
     np.testing.assert_array_equal(tl.numpy(), level)
     np.testing.assert_array_equal(tr.numpy(), rms)
+    nl, nr = mesh_statistics(img, bad, 128)  # the numpy entry point
+    np.testing.assert_array_equal(nl, level)
+    np.testing.assert_array_equal(nr, rms)
 
 
 def test_mesh_statistics_infinities_like_numpy():
@@ -208,11 +213,34 @@ def test_mesh_statistics_torch_sort_path(monkeypatch):
         np.testing.assert_array_equal(g.numpy(), r.numpy())
 
 
+def test_mesh_statistics_numpy_in_numpy_out():
+    """numpy input (read-only, one block or a batch): numpy results, equal to the tensor path."""
+    img, bad = _block(13, (200, 150))
+    ref = mesh_statistics_torch(torch.from_numpy(img), torch.from_numpy(bad), 32)
+    img.flags.writeable = bad.flags.writeable = False
+    one = mesh_statistics_torch(img, bad, 32)
+    two = mesh_statistics_torch(np.stack([img, img]), bad, 32)
+    for o, t, r in zip(one, two, ref, strict=True):
+        assert isinstance(o, np.ndarray) and isinstance(t, np.ndarray)
+        np.testing.assert_array_equal(o, r.numpy())
+        np.testing.assert_array_equal(t[1], r.numpy())
+
+
+def test_mesh_statistics_sign_of_zero_like_numpy():
+    """A cell of −0.0 pixels: numpy's cumulative sums keep −0.0, so the level is +0.0."""
+    img = np.full((32, 32), -0.0, np.float32)
+    for level in (_reference(img, None, 16)[0], mesh_statistics(img, None, 16)[0],
+                  mesh_statistics_torch(torch.from_numpy(img), None, 16)[0].numpy()):  # fmt: skip
+        assert np.all(level == 0.0) and not np.signbit(level).any()
+
+
 def test_mesh_statistics_errors():
     with pytest.raises(ValueError, match="≥ 4"):
         mesh_statistics_torch(torch.zeros(16, 16), None, 2)
     with pytest.raises(ValueError, match="2-D or 3-D"):
         mesh_statistics_torch(torch.zeros(16), None, 4)
+    with pytest.raises(ValueError, match="2-D or 3-D"):
+        mesh_statistics_torch(np.zeros(16), None, 4)
     with pytest.raises(ValueError, match="bad has shape"):
         mesh_statistics_torch(torch.zeros(16, 16), torch.zeros(8, 16, dtype=torch.bool), 4)
 

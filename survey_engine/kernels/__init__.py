@@ -5,14 +5,7 @@ from .detect import DetectionConfig, DetectionResult, detect_sources, detection_
 from .measure import MeasureConfig, measure_sources
 
 __all__ = [
-    "BackgroundMesh",
-    "DetectionConfig",
-    "DetectionResult",
-    "MeasureConfig",
-    "detect_sources",
-    "detection_image",
-    "filter_mesh",
-    "interpolate_background",
-    "measure_sources",
+    "BackgroundMesh", "DetectionConfig", "DetectionResult", "MeasureConfig", "detect_sources",
+    "detection_image", "filter_mesh", "interpolate_background", "measure_sources",
     "mesh_statistics",
-]
+]  # fmt: skip

@@ -1,19 +1,13 @@
-"""Global background on a fixed mesh anchored at the mosaic origin (pure numpy/scipy).
+"""Global background on a fixed mesh anchored at the mosaic origin (numpy/scipy; torch kernel).
 
-The background is estimated in three steps, each independent of any tiling:
+Three steps, each independent of any tiling (``docs/kernels.md``):
 
-1. :func:`mesh_statistics` — per mesh cell of ``box × box`` pixels (cells at
-   ``k * box`` from the mosaic origin), a sigma-clipped mode of the unmasked
-   pixels, SExtractor-style (``2.5 median − 1.5 mean`` unless the cell is
-   crowded, then the median). Blocks of whole cells can be processed anywhere.
-2. :func:`filter_mesh` — the assembled mesh of the whole mosaic: empty cells
-   filled from the nearest valid cell, then a median filter.
-3. :func:`interpolate_background` — a bicubic spline through the cell centres,
-   evaluated at absolute mosaic pixel positions, so every pixel gets the same
-   value whichever tile asks for it.
-
-sep's own ``Background`` fits a spline to the whole array it is given, so its
-value under a pixel depends on the read window; it cannot be anchored globally.
+1. :func:`mesh_statistics` — a sigma-clipped mode per ``box × box`` cell at ``k * box``
+   from the mosaic origin, so blocks of whole cells can be processed anywhere;
+2. :func:`filter_mesh` — the whole-mosaic mesh: empty cells filled from the nearest valid
+   cell, then a median filter;
+3. :func:`interpolate_background` — a bicubic spline through the cell centres, evaluated at
+   absolute mosaic pixel positions, whichever tile asks.
 """
 
 from __future__ import annotations
@@ -35,95 +29,37 @@ MIN_VALID_FRACTION = 0.3
 
 
 def mesh_statistics(
-    image: np.ndarray,
-    bad: np.ndarray | None,
-    box: int,
-    *,
-    nsigma: float = 3.0,
-    iterations: int = 5,
+    image: np.ndarray, bad: np.ndarray | None, box: int, *, nsigma: float = 3.0, iterations: int = 5
 ) -> tuple[np.ndarray, np.ndarray]:
     """Sigma-clipped background level and rms of every mesh cell of a block.
+
+    :func:`~survey_engine.kernels.torch_background.mesh_statistics_torch` (the one
+    implementation, shared with the torch backend) on one 2-D numpy block.
 
     Parameters
     ----------
     image : numpy.ndarray
-        2-D block whose first pixel sits on a cell corner (``y0 % box == 0``).
-        A partial last row/column of cells is allowed (the mosaic edge).
+        2-D block whose first pixel sits on a cell corner (``y0 % box == 0``); a partial
+        last row/column of cells is allowed (the mosaic edge).
     bad : numpy.ndarray of bool, optional
         Pixels to ignore (masked, no data). Non-finite pixels are always ignored.
     box : int
         Cell size in pixels.
-    nsigma : float
-        Clipping threshold around the median.
-    iterations : int
-        Clipping iterations.
+    nsigma, iterations : float, int
+        Clipping threshold around the median; clipping iterations.
 
     Returns
     -------
     level, rms : numpy.ndarray
-        ``(ceil(h / box), ceil(w / box))`` float64 arrays; NaN where a cell has
-        fewer than ``MIN_VALID_FRACTION`` usable pixels.
+        ``(ceil(h / box), ceil(w / box))`` float64; NaN where a cell has fewer than
+        ``MIN_VALID_FRACTION`` usable pixels.
     """
     if image.ndim != 2:
         msg = f"image must be 2-D, got shape {image.shape}"
         raise ValueError(msg)
-    if box < 4:
-        msg = f"background box must be ≥ 4 pixels, got {box}"
-        raise ValueError(msg)
-    h, w = image.shape
-    ncy, ncx = -(-h // box), -(-w // box)
-    data = np.full((ncy * box, ncx * box), np.nan, dtype=np.float32)
-    data[:h, :w] = image
-    if bad is not None:
-        data[:h, :w][bad] = np.nan
-    cells = data.reshape(ncy, box, ncx, box).transpose(0, 2, 1, 3).reshape(ncy * ncx, box * box)
-    cells = np.sort(cells, axis=1)  # NaNs last
-    n = np.count_nonzero(np.isfinite(cells), axis=1)
-    csum = np.concatenate(
-        [np.zeros((cells.shape[0], 1)), np.nancumsum(cells, axis=1, dtype=np.float64)], axis=1
-    )
-    csq = np.concatenate(
-        [np.zeros((cells.shape[0], 1)), np.nancumsum(np.square(cells, dtype=np.float64), axis=1)],
-        axis=1,
-    )
-    rows = np.arange(cells.shape[0])
-    lo = np.zeros_like(n)
-    hi = n.copy()
-    for _ in range(iterations):
-        cnt = np.maximum(hi - lo, 1)
-        mean = (csum[rows, hi] - csum[rows, lo]) / cnt
-        var = (csq[rows, hi] - csq[rows, lo]) / cnt - mean**2
-        std = np.sqrt(np.maximum(var, 0.0))
-        med = _sorted_median(cells, lo, hi)
-        lo_new = np.sum(cells < (med - nsigma * std)[:, None], axis=1)
-        hi_new = np.sum(cells <= (med + nsigma * std)[:, None], axis=1)
-        if np.array_equal(lo_new, lo) and np.array_equal(hi_new, hi):
-            break
-        lo, hi = lo_new, np.maximum(hi_new, lo_new + 1)
-    cnt = np.maximum(hi - lo, 1)
-    mean = (csum[rows, hi] - csum[rows, lo]) / cnt
-    std = np.sqrt(np.maximum((csq[rows, hi] - csq[rows, lo]) / cnt - mean**2, 0.0))
-    med = _sorted_median(cells, lo, hi)
-    crowded = np.abs(mean - med) > 0.3 * std
-    level = np.where(crowded, med, 2.5 * med - 1.5 * mean)
-    valid = n >= MIN_VALID_FRACTION * _cell_area(h, w, box).ravel()
-    level = np.where(valid, level, np.nan).reshape(ncy, ncx)
-    std = np.where(valid, std, np.nan).reshape(ncy, ncx)
-    return level, std
+    from .torch_background import mesh_statistics_torch  # imports torch on first use
 
-
-def _cell_area(h: int, w: int, box: int) -> np.ndarray:
-    hy = np.minimum(box, h - box * np.arange(-(-h // box)))
-    wx = np.minimum(box, w - box * np.arange(-(-w // box)))
-    return np.outer(hy, wx)
-
-
-def _sorted_median(cells: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
-    rows = np.arange(cells.shape[0])
-    cnt = hi - lo
-    a = cells[rows, np.clip(lo + (cnt - 1) // 2, 0, cells.shape[1] - 1)]
-    b = cells[rows, np.clip(lo + cnt // 2, 0, cells.shape[1] - 1)]
-    return 0.5 * (a.astype(np.float64) + b)
+    return mesh_statistics_torch(image, bad, box, nsigma=nsigma, iterations=iterations)
 
 
 @dataclass(frozen=True)
@@ -149,15 +85,12 @@ class BackgroundMesh:
     def cell_centres(self) -> tuple[np.ndarray, np.ndarray]:
         """Pixel coordinates (y, x) of the centres of the (possibly partial) cells."""
         ny, nx = self.shape
-        yc = np.minimum(np.arange(self.level.shape[0]) * self.box + (self.box - 1) / 2.0, ny - 1)
-        xc = np.minimum(np.arange(self.level.shape[1]) * self.box + (self.box - 1) / 2.0, nx - 1)
+        (ncy, ncx), box = self.level.shape, self.box
+        yc = np.minimum(np.arange(ncy) * box + (box - 1) / 2.0, ny - 1)
+        xc = np.minimum(np.arange(ncx) * box + (box - 1) / 2.0, nx - 1)
         # A clipped last cell has its centre in the middle of its real pixels.
-        yc[-1] = (self.level.shape[0] - 1) * self.box + (
-            ny - (self.level.shape[0] - 1) * self.box - 1
-        ) / 2
-        xc[-1] = (self.level.shape[1] - 1) * self.box + (
-            nx - (self.level.shape[1] - 1) * self.box - 1
-        ) / 2
+        yc[-1] = (ncy - 1) * box + (ny - (ncy - 1) * box - 1) / 2
+        xc[-1] = (ncx - 1) * box + (nx - (ncx - 1) * box - 1) / 2
         return yc, xc
 
 
@@ -214,20 +147,26 @@ def interpolate_background(mesh: BackgroundMesh, y0: int, y1: int, x0: int, x1: 
     numpy.ndarray
         ``(y1 - y0, x1 - x0)`` float32.
     """
-    yc, xc = mesh.cell_centres()
-    ys = np.arange(y0, y1, dtype=float)
-    xs = np.arange(x0, x1, dtype=float)
-    ncy, ncx = mesh.level.shape
-    if ncy == 1 and ncx == 1:
+    if mesh.level.shape == (1, 1):
         return np.full((y1 - y0, x1 - x0), mesh.level[0, 0], dtype=np.float32)
+    spline, yc, xc = _scipy_spline(mesh)
+    ys = np.clip(np.arange(y0, y1, dtype=float), yc[0], yc[-1])
+    xs = np.clip(np.arange(x0, x1, dtype=float), xc[0], xc[-1])
+    return spline(ys, xs, grid=True).astype(np.float32)
+
+
+def _scipy_spline(mesh: BackgroundMesh):
+    """scipy's spline through the cell centres (of a mesh of more than one cell), and the centres.
+
+    Lower order when the mesh has fewer than four cells along an axis; an axis of a single
+    cell gets the level row/column duplicated one pixel further.
+    """
+    yc, xc = mesh.cell_centres()
     level = mesh.level
-    if ncy == 1:
+    if level.shape[0] == 1:
         level, yc = np.vstack([level, level]), np.array([yc[0], yc[0] + 1.0])
-    if ncx == 1:
+    if level.shape[1] == 1:
         level, xc = np.hstack([level, level]), np.array([xc[0], xc[0] + 1.0])
     ky = min(3, len(yc) - 1)
     kx = min(3, len(xc) - 1)
-    spline = interpolate.RectBivariateSpline(yc, xc, level, kx=ky, ky=kx, s=0)
-    ys = np.clip(ys, yc[0], yc[-1])
-    xs = np.clip(xs, xc[0], xc[-1])
-    return spline(ys, xs, grid=True).astype(np.float32)
+    return interpolate.RectBivariateSpline(yc, xc, level, kx=ky, ky=kx, s=0), yc, xc

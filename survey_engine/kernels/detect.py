@@ -1,19 +1,9 @@
 """Detection and deblending with sep, made independent of the read window (pure numpy/sep).
 
-sep allocates the faint pixels of a blended parent to its children at random,
-from a seed reset at the start of every ``sep.extract`` call, so a child's
-footprint depends on everything else detected in the same call (see
-``NOTES.md``). :func:`detect_sources` therefore works in two steps:
-
-1. one ``sep.extract`` call over the whole window (deblending on, cleaning off)
-   finds the parents: the 8-connected components of its segmentation map;
-2. every parent that was split into several children is deblended again in a
-   ``sep.extract`` call of its own, on a cutout anchored at the parent's
-   bounding box in mosaic coordinates. The cutout's content depends only on
-   the mosaic, so the children and their pixels are the same whichever tile,
-   window or worker processes the parent.
-
-Isolated parents (one child) involve no random allocation and are kept as found.
+sep allocates a blended parent's faint pixels to its children at random, so
+:func:`detect_sources` finds the parents in one ``sep.extract`` call over the window and
+deblends every parent of several children again in a call of its own, on a cutout anchored
+at the parent's bounding box in mosaic coordinates (``docs/kernels.md``).
 """
 
 from __future__ import annotations
@@ -29,12 +19,8 @@ from scipy import ndimage
 from .arrays import INF, as_dtype, clip_min, namespace, quiet, sqrt
 
 __all__ = [
-    "DetectionConfig",
-    "DetectionResult",
-    "detect_sources",
-    "detection_image",
-    "matched_filter",
-]
+    "DetectionConfig", "DetectionResult", "detect_sources", "detection_image", "matched_filter",
+]  # fmt: skip
 
 logger = logging.getLogger(__name__)
 
@@ -48,11 +34,10 @@ class DetectionConfig:
     Attributes
     ----------
     thresh : float
-        Detection threshold in units of the per-pixel noise (sqrt of the variance
-        plane), SExtractor's ``DETECT_THRESH`` convention: the filtered image is
-        compared with ``thresh`` times the noise of an unfiltered pixel. (sep's
-        matched filter normalises to the *filtered* noise, so sep is given
-        ``thresh × Σk / sqrt(Σk²)``; see :attr:`sep_thresh`.)
+        Detection threshold in units of the per-pixel noise (sqrt of the variance plane),
+        SExtractor's ``DETECT_THRESH`` convention: the filtered image is compared with
+        ``thresh`` times the noise of an unfiltered pixel (sep, which normalises to the
+        *filtered* noise, is given :attr:`sep_thresh` = ``thresh × Σk / sqrt(Σk²)``).
     minarea : int
         Minimum number of pixels above threshold.
     deblend_nthresh : int
@@ -100,9 +85,8 @@ class DetectionConfig:
     @property
     def kernel(self) -> np.ndarray | None:
         """The filter kernel as a float32 array (or None)."""
-        if self.filter_kernel is None:
-            return None
-        return np.asarray(self.filter_kernel, dtype=np.float32)
+        k = self.filter_kernel
+        return None if k is None else np.asarray(k, dtype=np.float32)
 
     @property
     def sep_thresh(self) -> float:
@@ -224,10 +208,8 @@ def matched_filter(data, variance, kernel: np.ndarray | None):
     Returns
     -------
     numpy.ndarray or torch.Tensor
-        The filtered image (float32). numpy correlates with ``scipy.ndimage``; torch sums
-        the shifted images over the kernel elements in row-major order, accumulated in
-        float64, as ``ndimage.correlate`` does, so every pixel is computed the same way in
-        any window (a convolution routine, blocked and chosen by size, would not be).
+        The filtered image (float32): ``scipy.ndimage.correlate`` in numpy, the same sums
+        in the same order in torch, the same in any window (``docs/kernels.md``).
     """
     xp = namespace(data)
     with quiet(xp):
@@ -270,48 +252,29 @@ def _extract(data, var, mask, cfg: DetectionConfig, deblend_cont: float):
     sublimit = int(cfg.sub_object_limit)
     saved = (sep.get_extract_pixstack(), sep.get_sub_object_limit())
     try:
-        return _extract_loop(data, var, mask, cfg, deblend_cont, pixstack, max_stack, sublimit)
+        while True:
+            sep.set_extract_pixstack(pixstack)
+            sep.set_sub_object_limit(sublimit)
+            try:
+                return sep.extract(
+                    data, cfg.sep_thresh, var=var, mask=mask, minarea=int(cfg.minarea),
+                    filter_kernel=cfg.kernel, filter_type="matched",
+                    deblend_nthresh=int(cfg.deblend_nthresh), deblend_cont=deblend_cont,
+                    clean=False, segmentation_map=True,
+                )  # fmt: skip
+            except Exception as err:
+                text = str(err)
+                if "pixel buffer full" in text and pixstack < max_stack:
+                    pixstack = min(pixstack * 4, max_stack)
+                    logger.info("sep pixel stack full; retrying with %d", pixstack)
+                elif "deblending overflow" in text and sublimit < cfg.max_sub_object_limit:
+                    sublimit = min(sublimit * 4, int(cfg.max_sub_object_limit))
+                    logger.info("sep sub-object limit reached; retrying with %d", sublimit)
+                else:
+                    raise
     finally:  # sep's limits are process-global: leave them as the caller had them
         sep.set_extract_pixstack(saved[0])
         sep.set_sub_object_limit(saved[1])
-
-
-def _extract_loop(data, var, mask, cfg, deblend_cont, pixstack, max_stack, sublimit):
-    while True:
-        sep.set_extract_pixstack(pixstack)
-        sep.set_sub_object_limit(sublimit)
-        try:
-            return sep.extract(
-                data,
-                cfg.sep_thresh,
-                var=var,
-                mask=mask,
-                minarea=int(cfg.minarea),
-                filter_kernel=cfg.kernel,
-                filter_type="matched",
-                deblend_nthresh=int(cfg.deblend_nthresh),
-                deblend_cont=deblend_cont,
-                clean=False,
-                segmentation_map=True,
-            )
-        except Exception as err:
-            text = str(err)
-            if "pixel buffer full" in text and pixstack < max_stack:
-                pixstack = min(pixstack * 4, max_stack)
-                logger.info("sep pixel stack full; retrying with %d", pixstack)
-                continue
-            if "deblending overflow" in text and sublimit < cfg.max_sub_object_limit:
-                sublimit = min(sublimit * 4, int(cfg.max_sub_object_limit))
-                logger.info("sep sub-object limit reached; retrying with %d", sublimit)
-                continue
-            raise
-
-
-def _no_deblend(cfg: DetectionConfig) -> DetectionConfig:
-    """The same detection without deblending (fallback after an overflow)."""
-    return dataclasses.replace(
-        cfg, deblend_nthresh=1, sub_object_limit=1024, max_sub_object_limit=1024
-    )
 
 
 def detect_sources(
@@ -345,38 +308,32 @@ def detect_sources(
         # fall back to no deblending, then flag.
         logger.warning("sep failed with deblending (%s); retrying without deblending", err)
         overflow = True
-        _, seg = _extract(data, var, mask, _no_deblend(cfg), 1.0)
+        plain = dataclasses.replace(
+            cfg, deblend_nthresh=1, sub_object_limit=1024, max_sub_object_limit=1024
+        )
+        _, seg = _extract(data, var, mask, plain, 1.0)
 
     parents, n_parents = ndimage.label(seg > 0, structure=_EIGHT)
-    labels = np.zeros(seg.shape, dtype=np.int32)
     n_seg = int(seg.max()) if seg.size else 0
     if n_seg == 0:
-        return DetectionResult(
-            labels, np.zeros(0, np.int32), parents, np.zeros(0, np.int32), overflow
-        )
+        none = np.zeros(0, np.int32)
+        return DetectionResult(np.zeros(seg.shape, np.int32), none, parents, none, overflow)
 
-    # Parent of each sep child, and number of children per parent.
+    # Parent of each sep child (0 for labels sep did not use), and children per parent.
     flat = np.flatnonzero(seg)
     child_parent = np.zeros(n_seg + 1, dtype=np.int64)
     child_parent[seg.ravel()[flat]] = parents.ravel()[flat]
-    present = np.zeros(n_seg + 1, dtype=bool)
-    present[seg.ravel()[flat]] = True
-    kids = np.bincount(child_parent[present], minlength=n_parents + 1)
+    kids = np.bincount(child_parent[child_parent > 0], minlength=n_parents + 1)
 
-    # Isolated parents keep their single child as found.
-    iso_parent = kids == 1
-    iso_parent[0] = False
-    next_label = 1
-    out_parent: list[np.ndarray] = []
-    iso_ids = np.flatnonzero(iso_parent)
-    # Relabel isolated parents 1..n in parent order (deterministic, window-independent order
-    # is not required: final IDs come from peak positions).
+    # Isolated parents keep their single child as found, relabelled 1..n in parent order
+    # (a window-independent order is not required: final IDs come from peak positions).
+    iso_ids = np.flatnonzero(kids == 1)
     remap = np.zeros(n_parents + 1, dtype=np.int32)
     remap[iso_ids] = np.arange(1, len(iso_ids) + 1, dtype=np.int32)
     labels = remap[parents]  # blended parents map to 0 and are filled below
-    out_parent.append(iso_ids.astype(np.int32))
-    next_label += len(iso_ids)
+    out_parent = [iso_ids.astype(np.int32)]
     n_children = [np.ones(len(iso_ids), dtype=np.int32)]
+    next_label = len(iso_ids) + 1
 
     # Blended parents: deblend each in a call of its own on a mosaic-anchored cutout.
     blended = np.flatnonzero(kids > 1)
@@ -391,13 +348,8 @@ def detect_sources(
             cut = (slice(y0, y1), slice(x0, x1))
             in_parent = parents[cut] == p
             try:
-                _, cseg = _extract(
-                    np.ascontiguousarray(data[cut]),
-                    np.ascontiguousarray(var[cut]),
-                    np.ascontiguousarray(mask[cut]),
-                    cfg,
-                    cfg.deblend_cont,
-                )
+                cutouts = (np.ascontiguousarray(a[cut]) for a in (data, var, mask))
+                _, cseg = _extract(*cutouts, cfg, cfg.deblend_cont)
             except Exception as err:
                 logger.warning("deblending overflow in a parent of %d px: %s", in_parent.sum(), err)
                 overflow = True
@@ -411,14 +363,11 @@ def detect_sources(
                 cseg = np.where(in_parent, 1, 0).astype(np.int32)
             lut = np.zeros(int(cseg.max()) + 1, dtype=np.int32)
             lut[child_ids] = np.arange(next_label, next_label + len(child_ids), dtype=np.int32)
-            new = np.where(in_parent, lut[cseg], 0)
             # Pixels of the parent that the cutout call left unassigned go to nobody.
-            region = labels[cut]
-            region[in_parent] = new[in_parent]
+            labels[cut][in_parent] = lut[cseg][in_parent]
             out_parent.append(np.full(len(child_ids), p, dtype=np.int32))
             n_children.append(np.full(len(child_ids), len(child_ids), dtype=np.int32))
             next_label += len(child_ids)
-
-    parent = np.concatenate(out_parent)
-    nchild = np.concatenate(n_children)
-    return DetectionResult(labels, parent, parents, nchild, overflow)
+    return DetectionResult(
+        labels, np.concatenate(out_parent), parents, np.concatenate(n_children), overflow
+    )

@@ -1,17 +1,10 @@
 """Measurement of labelled sources, vectorised over sources (pure numpy/sep).
 
-Given background-subtracted images, their variances and masks, and a label
-image (from any deblender), :func:`measure_sources` returns one value per
-object for every column of the catalog that does not need the mosaic WCS:
-
-* footprint quantities by segment reductions (``np.bincount``): area, peak,
-  isophotal flux, barycentre, second moments (a, b, theta, e1, e2) and errors;
-* aperture quantities with sep's vectorised C routines, neighbours' pixels
-  masked through the label image: Kron radius and flux, circular apertures,
-  half-light radius, windowed centroid.
-
-Detection-image quantities come first; every band is then measured on the same
-footprints and apertures (forced photometry).
+:func:`measure_sources` returns every catalog column that does not need the WCS: footprint
+quantities by segment reductions (``np.bincount``: area, peak, isophotal flux, barycentre,
+moments), aperture quantities with sep's C routines, neighbours masked through the label
+image (Kron radius and flux, apertures, half-light radius, windowed centroid); every band
+on the detection footprints and apertures (forced photometry).
 """
 
 from __future__ import annotations
@@ -90,21 +83,11 @@ def _peaks(labels: np.ndarray, values: np.ndarray, n: int):
 
 
 def measure_sources(
-    det: np.ndarray,
-    det_var: np.ndarray,
-    det_bad: np.ndarray,
-    images: np.ndarray,
-    variances: np.ndarray,
-    masks: np.ndarray,
-    labels: np.ndarray,
-    bands: tuple[str, ...],
-    cfg: MeasureConfig,
-    *,
-    usable_bits: int,
-    sat_bit: int,
-    origin: tuple[int, int] = (0, 0),
+    det: np.ndarray, det_var: np.ndarray, det_bad: np.ndarray, images: np.ndarray,
+    variances: np.ndarray, masks: np.ndarray, labels: np.ndarray, bands: tuple[str, ...],
+    cfg: MeasureConfig, *, usable_bits: int, sat_bit: int, origin: tuple[int, int] = (0, 0),
     filtered: np.ndarray | None = None,
-) -> Measurements:
+) -> Measurements:  # fmt: skip
     """Measure every labelled object of a window.
 
     Parameters
@@ -159,17 +142,13 @@ def measure_sources(
     v = det.ravel()[flat].astype(np.float64)
     iso = bsum(v)
     iso_var = bsum(det_var_clean.ravel()[flat].astype(np.float64))
-    if filtered is not None:
-        wgt = filtered.ravel()[flat].astype(np.float64)
-    else:
-        wgt = np.maximum(v, 0.0)
+    wgt = np.maximum(v, 0.0) if filtered is None else filtered.ravel()[flat].astype(np.float64)
     wsum = bsum(wgt)
     # Barycentre and moments relative to the peak pixel: the sums see the same numbers in
     # the same (raster) order in any window holding the footprint, so they are bit-identical.
     dx = xx - px[lab - 1]
     dy = yy - py[lab - 1]
-    good = wsum > 0
-    safe_w = np.where(good, wsum, 1.0)
+    safe_w = np.where(wsum > 0, wsum, 1.0)
     mx = bsum(wgt * dx) / safe_w
     my = bsum(wgt * dy) / safe_w
     x2 = bsum(wgt * dx * dx) / safe_w - mx**2
@@ -179,16 +158,13 @@ def measure_sources(
     x2 = np.where(singular, x2 + 1.0 / 12.0, x2)
     y2 = np.where(singular, y2 + 1.0 / 12.0, y2)
     vpix = det_var_clean.ravel()[flat]
-    ex = dx - mx[lab - 1]
-    ey = dy - my[lab - 1]
+    ex, ey = dx - mx[lab - 1], dy - my[lab - 1]
     x_err = np.sqrt(bsum(vpix * ex * ex)) / safe_w
     y_err = np.sqrt(bsum(vpix * ey * ey)) / safe_w
     # Mosaic coordinates first, then the window's integer origin subtracted: exact, so sep
     # sees pixel offsets (i - x) that do not depend on where the window starts.
-    xm = (px + ox) + mx
-    ym = (py + oy) + my
-    xb = xm - ox
-    yb = ym - oy
+    xb = ((px + ox) + mx) - ox
+    yb = ((py + oy) + my) - oy
     t1 = 0.5 * (x2 + y2)
     t2 = np.sqrt(0.25 * (x2 - y2) ** 2 + xy**2)
     a = np.sqrt(np.maximum(t1 + t2, 1e-6))
@@ -264,12 +240,9 @@ def measure_sources(
 
 
 def measurements_from(
-    raw: dict[str, np.ndarray],
-    labels: np.ndarray,
-    bands: tuple[str, ...],
-    cfg: MeasureConfig,
+    raw: dict[str, np.ndarray], labels: np.ndarray, bands: tuple[str, ...], cfg: MeasureConfig,
     origin: tuple[int, int],
-) -> Measurements:
+) -> Measurements:  # fmt: skip
     """:class:`Measurements` of one window from a measurement kernel's per-object arrays.
 
     The one place where measured quantities become catalog-ready columns, whichever
@@ -298,22 +271,18 @@ def measurements_from(
     -------
     Measurements
     """
-    m = Measurements()
     n = len(raw["area"])
-    m.bbox = np.zeros((0, 4), dtype=np.int64)
-    m.extent = np.zeros(0)
     if n == 0:
-        return m
+        return Measurements(bbox=np.zeros((0, 4), dtype=np.int64), extent=np.zeros(0))
+    m = Measurements()
     oy, ox = origin
     px = raw["x_peak"].astype(np.int64)
     py = raw["y_peak"].astype(np.int64)
     flags = np.zeros(n, dtype=np.int64)
     for key, flag in (
-        ("window_failed", Flag.WINDOW_FAILED),
-        ("kron_truncated", Flag.APERTURE_TRUNCATED),
-        ("masked", Flag.MASKED),
-        ("saturated", Flag.SATURATED),
-    ):
+        ("window_failed", Flag.WINDOW_FAILED), ("kron_truncated", Flag.APERTURE_TRUNCATED),
+        ("masked", Flag.MASKED), ("saturated", Flag.SATURATED),
+    ):  # fmt: skip
         flags |= np.where(raw[key], int(flag), 0)
     m.columns = {
         "x": (px + ox) + raw["dx"], "y": (py + oy) + raw["dy"],
@@ -332,13 +301,8 @@ def measurements_from(
     )
     # Pixels read by the measurement, as a radius around the barycentre.
     a, sig = raw["a"], raw["window_sigma"]
-    m.extent = (
-        np.maximum.reduce(
-            [cfg.kron_max_radius * a, raw["kron_aperture"] * a, np.full(n, cfg.max_aperture),
-             np.ceil(4 * sig) + 3]
-        )
-        + 2.0
-    )  # fmt: skip
+    radii = [cfg.kron_max_radius * a, raw["kron_aperture"] * a, np.full(n, cfg.max_aperture)]
+    m.extent = np.maximum.reduce([*radii, np.ceil(4 * sig) + 3]) + 2.0
     band_keys = [k for k in raw if k.startswith(("iso_flux", "kron_flux", "aper_flux_"))]
     for bi, band in enumerate(bands):
         col = {k: raw[k][:, bi] for k in band_keys}
@@ -348,18 +312,9 @@ def measurements_from(
 
 
 def windowed_centroid(
-    image: np.ndarray,
-    variance: np.ndarray,
-    labels: np.ndarray,
-    py: np.ndarray,
-    px: np.ndarray,
-    u0: np.ndarray,
-    v0: np.ndarray,
-    sig: np.ndarray,
-    *,
-    max_iter: int = 16,
-    tol: float = 2e-4,
-):
+    image: np.ndarray, variance: np.ndarray, labels: np.ndarray, py: np.ndarray, px: np.ndarray,
+    u0: np.ndarray, v0: np.ndarray, sig: np.ndarray, *, max_iter: int = 16, tol: float = 2e-4,
+):  # fmt: skip
     """Gaussian-windowed centroids (SExtractor's XWIN/YWIN), vectorised over objects.
 
     Iterates ``x ← x + 2 Σ w I (x_i − x) / Σ w I`` with ``w = exp(−r² / 2σ²)`` over the
@@ -406,23 +361,18 @@ def windowed_centroid(
         parts_obj.append(np.repeat(members.astype(np.int32), len(ty)))
         parts_dy.append(np.tile(ty, len(members)))
         parts_dx.append(np.tile(tx, len(members)))
-    obj = np.concatenate(parts_obj)
-    dy = np.concatenate(parts_dy)
-    dx = np.concatenate(parts_dx)
+    obj, dy, dx = (np.concatenate(parts) for parts in (parts_obj, parts_dy, parts_dx))
     yy = py.astype(np.int32)[obj] + dy
     xx = px.astype(np.int32)[obj] + dx
-    inside = (yy >= 0) & (yy < h) & (xx >= 0) & (xx < w)
-    keep = np.flatnonzero(inside)
+    keep = np.flatnonzero((yy >= 0) & (yy < h) & (xx >= 0) & (xx < w))
     obj, dy, dx, yy, xx = obj[keep], dy[keep], dx[keep], yy[keep], xx[keep]
     lab = labels[yy, xx]
     keep = np.flatnonzero((lab == 0) | (lab == obj + 1))  # neighbours' pixels excluded
     obj, dy, dx, yy, xx = obj[keep], dy[keep], dx[keep], yy[keep], xx[keep]
     val = image[yy, xx].astype(np.float64)
     var = variance[yy, xx].astype(np.float64)
-    dxf = dx.astype(np.float64)
-    dyf = dy.astype(np.float64)
-    u = u0.astype(np.float64).copy()
-    v = v0.astype(np.float64).copy()
+    dxf, dyf = dx.astype(np.float64), dy.astype(np.float64)
+    u, v = u0.astype(np.float64).copy(), v0.astype(np.float64).copy()
     inv2s2 = 1.0 / (2.0 * sig**2)
     r2max = (4.0 * sig) ** 2
     active = np.ones(n, dtype=bool)
@@ -448,8 +398,7 @@ def windowed_centroid(
         safe0 = np.where(s0 > 0, s0, 1.0)
         step_u = np.where(ok, 2.0 * sx / safe0, 0.0)
         step_v = np.where(ok, 2.0 * sy / safe0, 0.0)
-        u = u + step_u
-        v = v + step_v
+        u, v = u + step_u, v + step_v
         done = ok & (step_u * step_u + step_v * step_v < tol * tol)
         converged |= done
         active &= ok & ~done

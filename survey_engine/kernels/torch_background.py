@@ -1,43 +1,11 @@
-"""Background estimation and evaluation in torch (CPU and CUDA, same code).
+"""Background in torch (CPU and CUDA, same code): mesh statistics and a local B-spline.
 
-The torch counterparts of :mod:`survey_engine.kernels.background`:
-
-* :func:`mesh_statistics_torch` — the sigma-clipped mode of every ``box × box`` cell of
-  one block or of a batch of equally-shaped blocks, vectorised over all cells with the
-  very algorithm of :func:`~survey_engine.kernels.background.mesh_statistics` (cells
-  sorted with NaN last, float64 cumulative sums, the same clipping iterations, early
-  stop, crowded rule and ``MIN_VALID_FRACTION``; non-finite pixels are handled as
-  numpy handles them, −inf included). The clipping counts are binary searches in the
-  sorted cells instead of full comparisons. On CPU the float64 cumulative sums run in
-  numpy's sequential order, the rows are sorted by numpy (its SIMD sort is ~15× faster
-  than ``torch.sort`` there) and square roots are correctly rounded (``torch.sqrt`` is
-  not on AVX-512 CPUs), so the results equal numpy's bit for bit in practice; on CUDA
-  the cumulative sums are parallel scans and agree to rounding.
-* :func:`background_spline` / :func:`evaluate_background` /
-  :func:`background_windows` — the background under any window as a **local**
-  tensor-product B-spline. The knots, coefficients and degrees are taken from the
-  very same :class:`scipy.interpolate.RectBivariateSpline` that
-  :func:`~survey_engine.kernels.background.interpolate_background` builds (with the
-  same special cases for meshes one cell high or wide and the same clipping to the
-  first and last cell centre). The one-dimensional basis values (knot interval and the
-  ``k + 1`` non-zero B-splines) are computed on the host exactly as FITPACK's
-  ``fpbisp``/``fpbspl`` do; the tensor product is evaluated on the device in float64
-  with elementwise operations only (gathers, one multiplication or one addition per
-  kernel, so no fused multiply-add can creep in), then cast to float32:
-
-  - by default in the separable order ``Σ_b (Σ_a C[iy+a, ix+b] · By[y, a]) · Bx[x, b]``
-    (``kx + 1`` full-size terms): equal to scipy to float32 rounding (≤ 1 ulp; no pixel
-    differed in the tests);
-  - with ``scipy_order=True`` in FITPACK's own order ``Σ_a Σ_b (C · By) · Bx``
-    (``(ky + 1)(kx + 1)`` terms): bit-identical to scipy, ~3.5× slower on CPU.
-
-  No reduction over cells (matmul, ``sum``) is involved, so every pixel's value depends
-  only on its absolute mosaic position: never on the window asked, the batch it belongs
-  to, the CPU chunking, or the device (CUDA float64 ``*``/``+`` are IEEE operations
-  too, so CUDA should agree with CPU bit for bit; the tests only assert 1e-6).
-
-The filtering of the whole-mosaic mesh (:func:`~survey_engine.kernels.background.filter_mesh`)
-stays on the host in numpy: it is small and global.
+:func:`mesh_statistics_torch` is the one implementation of the mesh statistics (numpy
+arrays or tensors, one block or a batch); :func:`background_spline`,
+:func:`evaluate_background` and :func:`background_windows` evaluate scipy's background
+spline as a local tensor-product B-spline, so that a pixel's value depends only on its
+absolute mosaic position. How they match numpy/scipy, bit for bit or to one float32 ulp:
+``docs/kernels.md``. The whole-mosaic mesh filtering stays in numpy (small and global).
 """
 
 from __future__ import annotations
@@ -47,61 +15,45 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from scipy import interpolate
 
-from .arrays import sqrt
-from .background import MIN_VALID_FRACTION, BackgroundMesh, _cell_area
+from .arrays import INF, is_torch, sqrt
+from .background import MIN_VALID_FRACTION, BackgroundMesh, _scipy_spline
 
 __all__ = [
-    "BackgroundSpline",
-    "background_spline",
-    "background_windows",
-    "evaluate_background",
+    "BackgroundSpline", "background_spline", "background_windows", "evaluate_background",
     "mesh_statistics_torch",
-]
+]  # fmt: skip
 
 
-# --------------------------------------------------------------------------------------
-# Mesh statistics
-# --------------------------------------------------------------------------------------
-
-
-def mesh_statistics_torch(
-    image: torch.Tensor,
-    bad: torch.Tensor | None,
-    box: int,
-    *,
-    nsigma: float = 3.0,
-    iterations: int = 5,
-) -> tuple[torch.Tensor, torch.Tensor]:
+def mesh_statistics_torch(image, bad, box: int, *, nsigma: float = 3.0, iterations: int = 5):
     """Sigma-clipped background level and rms of every mesh cell of a block (or a batch).
 
-    The torch version of :func:`~survey_engine.kernels.background.mesh_statistics`,
-    vectorised over all cells of all blocks; every block of a batch has the same shape
-    and hence the same cell grid.
+    The one implementation, used by both backends and by
+    :func:`~survey_engine.kernels.background.mesh_statistics`: per cell, a SExtractor-style
+    mode (``2.5 median − 1.5 mean``, or the median in a crowded cell) of the unmasked
+    pixels after sigma clipping, vectorised over all cells of all blocks; every block of a
+    batch has the same shape and hence the same cell grid.
 
     Parameters
     ----------
-    image : torch.Tensor
+    image : torch.Tensor or numpy.ndarray
         ``(H, W)`` block or ``(B, H, W)`` batch of blocks whose first pixel sits on a cell
         corner. A partial last row/column of cells is allowed (the mosaic edge). Cast to
-        float32, as the numpy version does.
-    bad : torch.Tensor of bool, optional
+        float32.
+    bad : torch.Tensor or numpy.ndarray of bool, optional
         Pixels to ignore, ``(H, W)`` (the same for every block) or ``(B, H, W)``.
-        Non-finite pixels are ignored as in the numpy version.
+        Non-finite pixels are always ignored (−inf: see ``docs/kernels.md``).
     box : int
         Cell size in pixels (≥ 4).
-    nsigma : float
-        Clipping threshold around the median.
-    iterations : int
-        Clipping iterations.
+    nsigma, iterations : float, int
+        Clipping threshold around the median; clipping iterations.
 
     Returns
     -------
-    level, rms : torch.Tensor
+    level, rms : torch.Tensor or numpy.ndarray
         float64, ``(ceil(H / box), ceil(W / box))`` or ``(B, ceil(H / box),
-        ceil(W / box))`` on the device of ``image``; NaN where a cell has fewer than
-        ``MIN_VALID_FRACTION`` usable pixels.
+        ceil(W / box))``, on the device of ``image`` (numpy arrays for a numpy ``image``);
+        NaN where a cell has fewer than ``MIN_VALID_FRACTION`` usable pixels.
 
     Raises
     ------
@@ -110,17 +62,21 @@ def mesh_statistics_torch(
 
     Notes
     -----
-    The clipping loop stops early, as numpy's does, once no cell of the whole batch
-    changes its clipping range (one host synchronisation per iteration). A cell that has
-    converged keeps its range in later iterations, so the result of each block equals
-    the result of the numpy function on that block alone.
+    The clipping loop stops early once no cell of the whole batch changes its clipping
+    range (one host synchronisation per iteration). A cell that has converged keeps its
+    range in later iterations, so the result of each block equals the result on that
+    block alone.
     """
-    if not isinstance(image, torch.Tensor) or image.dim() not in (2, 3):
-        msg = f"image must be a 2-D or 3-D tensor, got shape {tuple(getattr(image, 'shape', ()))}"
+    if getattr(image, "ndim", None) not in (2, 3):
+        msg = f"image must be a 2-D or 3-D array, got shape {tuple(getattr(image, 'shape', ()))}"
         raise ValueError(msg)
     if box < 4:
         msg = f"background box must be ≥ 4 pixels, got {box}"
         raise ValueError(msg)
+    as_numpy = not is_torch(image)
+    if as_numpy:  # copies: the input may be read-only, which torch.from_numpy warns about
+        image = torch.from_numpy(np.array(image, dtype=np.float32))
+        bad = None if bad is None else torch.from_numpy(np.array(bad, dtype=bool))
     single = image.dim() == 2
     img = image.unsqueeze(0) if single else image
     nblk, h, w = img.shape
@@ -130,44 +86,34 @@ def mesh_statistics_torch(
     data[:, :h, :w] = img
     if bad is not None:
         bad = torch.as_tensor(bad, device=dev).to(torch.bool)
-        if bad.dim() == 2 and not single:
-            bad = bad.unsqueeze(0)
-        elif single:
-            bad = bad.reshape(1, *bad.shape[-2:]) if bad.dim() == 2 else bad
+        bad = bad.unsqueeze(0) if bad.dim() == 2 else bad
         if bad.dim() != 3 or bad.shape[-2:] != (h, w) or bad.shape[0] not in (1, nblk):
             msg = f"bad has shape {tuple(bad.shape)}, image has shape {tuple(image.shape)}"
             raise ValueError(msg)
         data[:, :h, :w].masked_fill_(bad, float("nan"))
     npix = box * box
-    cells = (
-        data.reshape(nblk, ncy, box, ncx, box).permute(0, 1, 3, 2, 4).reshape(-1, npix)
-    )  # (ncell, npix)
+    cells = data.reshape(nblk, ncy, box, ncx, box).permute(0, 1, 3, 2, 4).reshape(-1, npix)
     cells = _sort_rows(cells)  # NaNs last, as numpy
-    n = torch.isfinite(cells).sum(dim=1)
+    nan = torch.isnan(cells)
+    not_nan = npix - nan.sum(dim=1)
     c64 = cells.to(torch.float64)
-    nan = torch.isnan(c64)
-    zero = torch.zeros((cells.shape[0], 1), dtype=torch.float64, device=dev)
-    csum = torch.cat([zero, torch.where(nan, 0.0, c64).cumsum(dim=1)], dim=1)
-    csq = torch.cat([zero, torch.where(nan, 0.0, c64 * c64).cumsum(dim=1)], dim=1)
-    # numpy counts ``sum(cells < thr)`` and ``sum(cells <= thr)`` over each sorted cell; a
-    # binary search gives the same counts with NaN (sorted last) read as +inf, except for
-    # a NaN threshold (counts nothing) and ``<= +inf`` (counts every non-NaN pixel).
-    not_nan = cells.shape[1] - nan.sum(dim=1)
-    bounds = c64.masked_fill_(nan, float("inf"))
+    # Prefix sums over each sorted cell, NaN counted as 0 (float64, sequential on CPU).
+    zeroed = torch.nan_to_num(c64, nan=0.0, posinf=INF, neginf=-INF)
+    csum = _cumsum_rows(zeroed)
+    csq = _cumsum_rows(zeroed.mul_(zeroed))
+    del zeroed
+    # Clipping counts ``sum(cells < thr)`` and ``sum(cells <= thr)`` as binary searches in the
+    # sorted cells, NaN (sorted last) read as +inf, except for a NaN threshold (counts
+    # nothing) and ``<= +inf`` (counts every non-NaN pixel).
+    bounds = c64.masked_fill_(nan, INF)
     del nan
-
-    def count(thr, side):
-        k = torch.searchsorted(bounds, thr[:, None].contiguous(), side=side)[:, 0]
-        if side == "right":
-            k = torch.where(thr == float("inf"), not_nan, k)
-        return torch.where(torch.isnan(thr), 0, k)
+    ends = torch.full_like(bounds[:, 0], INF)  # finite pixels: those < +inf less those <= −inf
+    n = _count(bounds, ends, "left", not_nan) - _count(bounds, -ends, "right", not_nan)
 
     def window_stats(lo, hi):
         cnt = torch.clamp(hi - lo, min=1)
-        s = csum.gather(1, hi[:, None])[:, 0] - csum.gather(1, lo[:, None])[:, 0]
-        q = csq.gather(1, hi[:, None])[:, 0] - csq.gather(1, lo[:, None])[:, 0]
-        mean = s / cnt
-        std = sqrt(torch.clamp(q / cnt - mean**2, min=0.0))
+        mean = (_prefix(csum, hi) - _prefix(csum, lo)) / cnt
+        std = sqrt(torch.clamp((_prefix(csq, hi) - _prefix(csq, lo)) / cnt - mean**2, min=0.0))
         return mean, std
 
     lo = torch.zeros_like(n)
@@ -175,8 +121,8 @@ def mesh_statistics_torch(
     for _ in range(iterations):
         mean, std = window_stats(lo, hi)
         med = _sorted_median(cells, lo, hi)
-        lo_new = count(med - nsigma * std, "left")
-        hi_new = count(med + nsigma * std, "right")
+        lo_new = _count(bounds, med - nsigma * std, "left", not_nan)
+        hi_new = _count(bounds, med + nsigma * std, "right", not_nan)
         if torch.equal(lo_new, lo) and torch.equal(hi_new, hi):
             break
         lo, hi = lo_new, torch.maximum(hi_new, lo_new + 1)
@@ -184,13 +130,15 @@ def mesh_statistics_torch(
     med = _sorted_median(cells, lo, hi)
     crowded = torch.abs(mean - med) > 0.3 * std
     level = torch.where(crowded, med, 2.5 * med - 1.5 * mean)
-    area = torch.as_tensor(_cell_area(h, w, box).ravel(), dtype=torch.float64, device=dev)
+    hy = np.minimum(box, h - box * np.arange(ncy))
+    wx = np.minimum(box, w - box * np.arange(ncx))
+    area = torch.as_tensor(np.outer(hy, wx).ravel(), dtype=torch.float64, device=dev)
     valid = n >= (MIN_VALID_FRACTION * area).repeat(nblk)
     level = torch.where(valid, level, float("nan")).reshape(nblk, ncy, ncx)
     std = torch.where(valid, std, float("nan")).reshape(nblk, ncy, ncx)
     if single:
-        return level[0], std[0]
-    return level, std
+        level, std = level[0], std[0]
+    return (level.numpy(), std.numpy()) if as_numpy else (level, std)
 
 
 def _sort_rows(cells: torch.Tensor) -> torch.Tensor:
@@ -204,8 +152,28 @@ def _sort_rows(cells: torch.Tensor) -> torch.Tensor:
     return torch.sort(cells, dim=1).values
 
 
+def _cumsum_rows(x: torch.Tensor) -> torch.Tensor:
+    """Cumulative sums along rows; numpy's on CPU (torch's start from +0.0 and lose a −0.0)."""
+    if x.device.type == "cpu":
+        return torch.from_numpy(np.cumsum(x.numpy(), axis=1))
+    return x.cumsum(dim=1)
+
+
+def _prefix(csum: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """Sum of the first ``k[i]`` values of row ``i`` (0 for none) from its cumulative sums."""
+    return torch.where(k > 0, csum.gather(1, (k - 1).clamp(min=0)[:, None])[:, 0], 0.0)
+
+
+def _count(bounds: torch.Tensor, thr: torch.Tensor, side: str, not_nan: torch.Tensor):
+    """Per row, the values ``< thr`` (left) or ``<= thr`` (right), as numpy's comparisons count."""
+    k = torch.searchsorted(bounds, thr[:, None].contiguous(), side=side)[:, 0]
+    if side == "right":
+        k = torch.where(thr == INF, not_nan, k)
+    return torch.where(torch.isnan(thr), 0, k)
+
+
 def _sorted_median(cells: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
-    """Median of ``cells[i, lo[i]:hi[i]]`` of row-sorted cells, as the numpy helper."""
+    """Median of ``cells[i, lo[i]:hi[i]]`` of row-sorted cells."""
     cnt = hi - lo
     last = cells.shape[1] - 1
     ia = torch.clamp(lo + torch.div(cnt - 1, 2, rounding_mode="floor"), 0, last)
@@ -213,11 +181,6 @@ def _sorted_median(cells: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> t
     a = cells.gather(1, ia[:, None])[:, 0].to(torch.float64)
     b = cells.gather(1, ib[:, None])[:, 0].to(torch.float64)
     return 0.5 * (a + b)
-
-
-# --------------------------------------------------------------------------------------
-# Background spline
-# --------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True, eq=False)
@@ -267,72 +230,30 @@ def background_spline(mesh: BackgroundMesh) -> BackgroundSpline:
     -------
     BackgroundSpline
     """
-    yc, xc = mesh.cell_centres()
-    ncy, ncx = mesh.level.shape
     shape = (int(mesh.shape[0]), int(mesh.shape[1]))
-    if ncy == 1 and ncx == 1:
-        knots_y = np.array([yc[0], yc[0] + 1.0])
-        knots_x = np.array([xc[0], xc[0] + 1.0])
+    if mesh.level.shape == (1, 1):
+        yc, xc = mesh.cell_centres()
         return BackgroundSpline(
-            ty=knots_y,
-            tx=knots_x,
-            ky=0,
-            kx=0,
-            coef=np.array([[float(mesh.level[0, 0])]]),
-            ybounds=(float(yc[0]), float(yc[0])),
-            xbounds=(float(xc[0]), float(xc[0])),
-            shape=shape,
-        )
-    level = mesh.level
-    if ncy == 1:
-        level, yc = np.vstack([level, level]), np.array([yc[0], yc[0] + 1.0])
-    if ncx == 1:
-        level, xc = np.hstack([level, level]), np.array([xc[0], xc[0] + 1.0])
-    ky = min(3, len(yc) - 1)
-    kx = min(3, len(xc) - 1)
-    spline = interpolate.RectBivariateSpline(yc, xc, level, kx=ky, ky=kx, s=0)
+            ty=np.array([yc[0], yc[0] + 1.0]), tx=np.array([xc[0], xc[0] + 1.0]), ky=0, kx=0,
+            coef=np.array([[float(mesh.level[0, 0])]]), ybounds=(float(yc[0]), float(yc[0])),
+            xbounds=(float(xc[0]), float(xc[0])), shape=shape,
+        )  # fmt: skip
+    spline, yc, xc = _scipy_spline(mesh)
     ty, tx = (np.asarray(t, dtype=np.float64).copy() for t in spline.get_knots())
-    deg_y, deg_x = (int(d) for d in spline.degrees)
-    coef = np.asarray(spline.get_coeffs(), dtype=np.float64).reshape(
-        len(ty) - deg_y - 1, len(tx) - deg_x - 1
-    )
+    ky, kx = (int(d) for d in spline.degrees)
+    coef = np.asarray(spline.get_coeffs(), dtype=np.float64)
     return BackgroundSpline(
-        ty=ty,
-        tx=tx,
-        ky=deg_y,
-        kx=deg_x,
-        coef=coef.copy(),
-        ybounds=(float(yc[0]), float(yc[-1])),
-        xbounds=(float(xc[0]), float(xc[-1])),
-        shape=shape,
-    )
+        ty=ty, tx=tx, ky=ky, kx=kx, coef=coef.reshape(len(ty) - ky - 1, len(tx) - kx - 1).copy(),
+        ybounds=(float(yc[0]), float(yc[-1])), xbounds=(float(xc[0]), float(xc[-1])), shape=shape,
+    )  # fmt: skip
 
 
 def _basis(
     t: np.ndarray, k: int, bounds: tuple[float, float], pos: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Knot interval and the ``k + 1`` non-zero B-spline values at each position.
+    """First coefficient index and the ``k + 1`` non-zero B-splines at each clipped position.
 
-    Replicates FITPACK's ``fpbisp`` interval search (clamped to the spline's base
-    interval) and ``fpbspl`` Cox–de Boor recursion operation for operation, in float64.
-
-    Parameters
-    ----------
-    t : numpy.ndarray
-        Knot vector.
-    k : int
-        Degree.
-    bounds : (float, float)
-        Clipping range of the positions.
-    pos : numpy.ndarray
-        Positions (pixel coordinates).
-
-    Returns
-    -------
-    first : numpy.ndarray of int64
-        Index of the first coefficient of each position's non-zero basis functions.
-    values : numpy.ndarray
-        ``(len(pos), k + 1)`` basis values.
+    FITPACK's ``fpbisp`` interval search and ``fpbspl`` recursion, operation for operation.
     """
     x = np.clip(np.asarray(pos, dtype=np.float64), bounds[0], bounds[1])
     nt = len(t)
@@ -369,12 +290,9 @@ _CPU_CHUNK_ROWS = 32
 
 
 def _evaluate_batch(
-    spline: BackgroundSpline,
-    boxes: Sequence[tuple[int, int, int, int]],
-    device: str | torch.device,
-    scipy_order: bool,
-    chunk_rows: int | None = None,
-) -> torch.Tensor:
+    spline: BackgroundSpline, boxes: Sequence[tuple[int, int, int, int]],
+    device: str | torch.device, scipy_order: bool, chunk_rows: int | None = None,
+) -> torch.Tensor:  # fmt: skip
     """``(B, h, w)`` float32 background of one band under equally-sized windows.
 
     ``chunk_rows`` None picks row chunks on CPU and one pass over the whole batch
@@ -400,18 +318,14 @@ def _evaluate_batch(
     # Separable order: R[y, :] = Σ_a C[iy+a, :] · By[y, a] first, then Σ_b R · Bx[x, b].
     factors = [coef.index_select(0, iy_t + a) * by_t[:, a, None] for a in range(spline.ky + 1)]
     if not scipy_order:
-        total = factors[0]
-        for f in factors[1:]:
-            total = total + f
-        factors = [total]
+        factors = [sum(factors[1:], factors[0])]  # ((F0 + F1) + F2) + …, in this order
     ncx = coef.shape[1]
     nterm_x = spline.kx + 1
     if chunk_rows is None:
         chunk_rows = _CPU_CHUNK_ROWS if device.type == "cpu" else 0
     if chunk_rows <= 0:
-        facs = [f.reshape(nwin, h, ncx) for f in factors]
         acc = None
-        for fac in facs:
+        for fac in (f.reshape(nwin, h, ncx) for f in factors):
             for b in range(nterm_x):
                 idx = (ix_t + b)[:, None, :].expand(nwin, h, w)
                 term = fac.gather(2, idx).mul_(bx_t[:, None, :, b])
@@ -426,31 +340,21 @@ def _evaluate_batch(
         for r0 in range(0, h, chunk_rows):
             r1 = min(h, r0 + chunk_rows)
             a_, g_ = acc[: r1 - r0], buf[: r1 - r0]
-            first = True
-            for fac in factors:
+            for j, (fac, b) in enumerate((f, b) for f in factors for b in range(nterm_x)):
                 rows = fac[i * h + r0 : i * h + r1]
-                for b in range(nterm_x):
-                    if first:
-                        torch.index_select(rows, 1, cols[b], out=a_)
-                        a_.mul_(weights[b])
-                        first = False
-                    else:
-                        torch.index_select(rows, 1, cols[b], out=g_)
-                        a_.add_(g_.mul_(weights[b]))
+                torch.index_select(rows, 1, cols[b], out=g_ if j else a_)
+                if j:
+                    a_.add_(g_.mul_(weights[b]))
+                else:
+                    a_.mul_(weights[b])
             out[i, r0:r1].copy_(a_)
     return out
 
 
 def evaluate_background(
-    spline: BackgroundSpline,
-    y0: int,
-    y1: int,
-    x0: int,
-    x1: int,
-    *,
-    device: str | torch.device = "cpu",
-    scipy_order: bool = False,
-) -> torch.Tensor:
+    spline: BackgroundSpline, y0: int, y1: int, x0: int, x1: int, *,
+    device: str | torch.device = "cpu", scipy_order: bool = False,
+) -> torch.Tensor:  # fmt: skip
     """Background under mosaic pixels ``[y0, y1) × [x0, x1)`` (float32, on ``device``).
 
     Each pixel's value is a function of its absolute position only; it equals
@@ -469,9 +373,7 @@ def evaluate_background(
         Accumulate the ``(ky + 1)(kx + 1)`` terms in FITPACK's own order,
         ``Σ_a Σ_b (C[iy+a, ix+b] · By[y, a]) · Bx[x, b]``: bit-identical to scipy in
         practice, ~3.5× slower on CPU. By default the separable order
-        ``Σ_b (Σ_a C[iy+a, ix+b] · By[y, a]) · Bx[x, b]`` (the row sums are computed once
-        per row), which differs from scipy only in the last float64 bits, hence by at most
-        one float32 ulp on the rare pixels where that changes the float32 rounding.
+        ``Σ_b (Σ_a C[iy+a, ix+b] · By[y, a]) · Bx[x, b]``, at most one float32 ulp from scipy.
 
     Returns
     -------
@@ -482,12 +384,9 @@ def evaluate_background(
 
 
 def background_windows(
-    splines: Sequence[BackgroundSpline],
-    boxes: Sequence[tuple[int, int, int, int]],
-    *,
-    device: str | torch.device = "cpu",
-    scipy_order: bool = False,
-) -> torch.Tensor:
+    splines: Sequence[BackgroundSpline], boxes: Sequence[tuple[int, int, int, int]], *,
+    device: str | torch.device = "cpu", scipy_order: bool = False,
+) -> torch.Tensor:  # fmt: skip
     """Background of every band under a batch of equally-sized windows.
 
     Parameters

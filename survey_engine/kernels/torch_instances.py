@@ -1,65 +1,12 @@
 """U-Net instance extraction in torch, batched over windows (CPU and CUDA, same code).
 
-:func:`extract_instances_batch` is :func:`~survey_engine.unet.infer.extract_instances`
-for a batch of ``B`` equally-sized windows, with no host round trip (no scipy) and no
-Python loop over windows or objects: the maps can stay on the device that produced
-them. ``extract_instances_batch(...).window(b)`` equals ``extract_instances`` on window
-``b`` array for array (labels, parent, parents, n_children).
-
-Connected components
---------------------
-:func:`connected_components` labels the 8-connected components of a ``(B, H, W)`` mask
-as a graph problem on the foreground only, so its cost follows the foreground, not the
-image size:
-
-1. the foreground pixels are listed in global raster order (window-major, then row,
-   then column: ``torch.nonzero`` of the flattened batch) and cut into horizontal
-   *runs* (maximal row segments). Runs are the graph's nodes, numbered ``0..R-1`` in
-   raster order of their first pixel, so the smallest run of a component holds the
-   component's first pixel;
-2. edges join a pixel to its down-left, down and down-right foreground neighbours in
-   the same window (windows never connect to each other), found by gathers at
-   ``flat index + W + dx`` and a ``searchsorted`` in the pixel list. An edge is dropped
-   when the pixel's left neighbour has the same contact one pixel to the left: that
-   pair links the same two runs, so only the leftmost contact of each run pair and
-   direction is kept;
-3. a parent array ``L`` over runs (``L[i] <= i``, ``L[i]`` in the component of ``i``,
-   initially ``L[i] = i``) is merged by *min-hooking* — for every edge with current
-   labels ``r < s``, ``L[s] = min(L[s], r)`` (``scatter_reduce`` ``amin``, whose result
-   does not depend on the order of the updates) — followed by two *pointer-jumping*
-   steps ``L = L[L]``. Every ``_CHECK_EVERY`` rounds (one host synchronisation) the
-   edges whose ends already share a label are dropped (trees only ever merge) and the
-   loop stops when none is left; ``L`` is then compressed to its roots (``L = L[L]``
-   until stable). Each tree's root is its smallest run, i.e. the one that holds the
-   component's first pixel (a few rounds suffice even for spirals and serpentines:
-   the hooking links whole trees and the jumps halve the paths);
-4. the roots, already sorted, are numbered per window by a cumulative count minus the
-   count of the windows before: exactly ``scipy.ndimage.label``'s numbering with a
-   3×3 structure.
-
-Instances
----------
-The rest follows the reference step by step on the flattened batch, with one *global*
-index per component (window-major, then the window's own numbering) and per peak:
-peaks are the 3×3 local maxima of the centre map above the threshold on foreground
-(plateaus keep their first pixel in raster order, as in ``_find_peaks``), tested at
-those foreground pixels only with gathers of their neighbours (the same comparisons
-as ``centre >= max_pool2d(centre)``, without full-image passes); components
-with no peak or fewer than ``minarea`` pixels are dropped; every pixel of a component
-with several peaks goes to the peak nearest to where its offset points, computed as
-``ey = float32(peak_y - y) - dy`` (exact integer difference first) in float32 with the
-same operations as the reference, ties to the first peak (raster order), in chunks of
-at most ``_MAX_PAIRS`` pixel × candidate pairs. Objects (peaks that got a pixel) and
-parents (kept components) are numbered per window by subtracting the count of the
-windows before. Since a component and its peaks lie in one window, the global order of
-components and peaks restricted to a window is the reference's order, and the float
-operations are elementwise and identical, so the CPU results are bit-identical. On
-CUDA they are equal too: the only reductions are ``min`` and integer counts, which do
-not depend on the order of evaluation.
-
-Host synchronisations: the sizes of the boolean selections (a dozen), one every
-``_CHECK_EVERY`` merging rounds of the components and one per compression step, and
-two per assignment chunk.
+:func:`extract_instances_batch` is :func:`~survey_engine.unet.infer.extract_instances` for a
+batch of equally-sized windows, with no host round trip (no scipy) and no Python loop over
+windows or objects; ``extract_instances_batch(...).window(b)`` equals ``extract_instances``
+on window ``b`` array for array. :func:`connected_components` labels 8-connected
+components as a graph of horizontal runs (min-hooking and pointer jumping), numbered as
+``scipy.ndimage.label``. The algorithms, why CPU and CUDA results are identical, and the
+host synchronisations: ``docs/kernels.md``.
 """
 
 from __future__ import annotations
@@ -126,39 +73,27 @@ class InstanceBatch:
             raise IndexError(msg)
         b = int(b) % nb
         counts = self.n_objects.cpu().tolist()
-        start = sum(counts[:b])
-        stop = start + counts[b]
+        objects = slice(sum(counts[:b]), sum(counts[: b + 1]))
+
+        def host(t):
+            return t.cpu().numpy().astype(np.int32, copy=True)
+
         return DetectionResult(
-            self.labels[b].cpu().numpy().astype(np.int32, copy=True),
-            self.parent[start:stop].cpu().numpy().astype(np.int32, copy=True),
-            self.parents[b].cpu().numpy().astype(np.int32, copy=True),
-            self.n_children[start:stop].cpu().numpy().astype(np.int32, copy=True),
-            False,
-        )
+            host(self.labels[b]), host(self.parent[objects]), host(self.parents[b]),
+            host(self.n_children[objects]), False,
+        )  # fmt: skip
 
 
-def _components(
-    mask: torch.Tensor, gidx: torch.Tensor | None = None
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Components of the foreground pixels of a ``(B, H, W)`` mask.
+def _components(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Components of the foreground of a ``(B, H, W)`` mask: ``gidx, comp, counts``.
 
-    ``gidx``, if given, must be ``torch.nonzero(mask.reshape(-1)).reshape(-1)``.
-
-    Returns
-    -------
-    gidx : torch.Tensor
-        ``(n,)`` int64 flat indices (into ``mask.reshape(-1)``) of the foreground pixels,
-        in increasing order.
-    comp : torch.Tensor
-        ``(n,)`` int64 global component number of each, ``1..sum(counts)``, window-major
-        then in raster order of the components' first pixels.
-    counts : torch.Tensor
-        ``(B,)`` int64 number of components per window.
+    ``gidx``: int64 flat indices of the foreground pixels, increasing; ``comp``: the global
+    component number of each, ``1..sum(counts)``, window-major then in raster order of the
+    components' first pixels; ``counts``: ``(B,)`` components per window.
     """
     nb, h, w = mask.shape
     dev = mask.device
-    if gidx is None:
-        gidx = torch.nonzero(mask.reshape(-1)).reshape(-1)
+    gidx = torch.nonzero(mask.reshape(-1)).reshape(-1)
     n = gidx.numel()
     if n == 0:
         return gidx, gidx.clone(), torch.zeros(nb, dtype=torch.int64, device=dev)
@@ -247,18 +182,13 @@ def connected_components(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
 def _find_peaks(
     centre: torch.Tensor, gidx: torch.Tensor, threshold: float, h: int, w: int
 ) -> torch.Tensor:
-    """Peaks among the foreground pixels ``gidx`` (flat indices into the batch, sorted).
+    """Positions in ``gidx`` (sorted flat foreground indices) of the peaks, increasing.
 
-    The batched ``_find_peaks`` of :mod:`survey_engine.unet.infer`, evaluated at the
-    foreground pixels above ``threshold`` only: a pixel is a candidate if no 3×3
-    neighbour inside its window is larger (``centre >= max_pool2d(centre)``, NaN never a
-    candidate), and a peak if, in addition, none of its four earlier neighbours in raster
-    order (up-left, up, up-right, left) is a candidate (plateaus keep their first pixel).
-
-    Returns
-    -------
-    torch.Tensor
-        int64 positions in ``gidx`` of the peaks, increasing.
+    The batched ``_find_peaks`` of :mod:`survey_engine.unet.infer` at the foreground pixels
+    above ``threshold`` only: a candidate has no larger 3×3 neighbour inside its window
+    (``centre >= max_pool2d(centre)``, NaN never a candidate), a peak has, in addition, no
+    candidate among its four earlier neighbours in raster order (plateaus keep their first
+    pixel).
     """
     flat = centre.reshape(-1)
     last = flat.numel() - 1
@@ -302,15 +232,10 @@ def _per_window_rank(selected: torch.Tensor, window: torch.Tensor, nb: int):
 
 
 def extract_instances_batch(
-    foreground: torch.Tensor,
-    centre: torch.Tensor,
-    offset: torch.Tensor,
-    bad: torch.Tensor | None = None,
-    *,
-    foreground_threshold: float = 0.5,
-    centre_threshold: float = 0.3,
-    minarea: int = 5,
-) -> InstanceBatch:
+    foreground: torch.Tensor, centre: torch.Tensor, offset: torch.Tensor,
+    bad: torch.Tensor | None = None, *, foreground_threshold: float = 0.5,
+    centre_threshold: float = 0.3, minarea: int = 5,
+) -> InstanceBatch:  # fmt: skip
     """Objects and parents of a batch of windows from their U-Net maps.
 
     Parameters
@@ -355,16 +280,11 @@ def extract_instances_batch(
         fg &= ~bad
 
     # Foreground pixels and their global component numbers 1..n_comp (window-major).
-    gidx = torch.nonzero(fg.reshape(-1)).reshape(-1)
-    gidx, comp, ccount = _components(fg, gidx)
+    gidx, comp, ccount = _components(fg)
     n_comp = int(ccount.sum())
     # Window of each component (entry 0: background, counted in window 0 and never kept).
-    comp_win = torch.cat(
-        [
-            torch.zeros(1, dtype=torch.int64, device=dev),
-            torch.repeat_interleave(torch.arange(nb, device=dev), ccount),
-        ]
-    )
+    zero = torch.zeros(1, dtype=torch.int64, device=dev)
+    comp_win = torch.cat([zero, torch.repeat_interleave(torch.arange(nb, device=dev), ccount)])
     area = torch.bincount(comp, minlength=n_comp + 1)
     pk_node = _find_peaks(cen, gidx, centre_threshold, h, w)
     pk_flat, pk_comp = gidx[pk_node], comp[pk_node]
@@ -401,8 +321,7 @@ def extract_instances_batch(
         a = 0
         while a < mp.numel():
             base = int(csum[a - 1]) if a else 0
-            b = int(torch.searchsorted(csum, base + _MAX_PAIRS, right=True))
-            b = max(b, a + 1)
+            b = max(int(torch.searchsorted(csum, base + _MAX_PAIRS, right=True)), a + 1)
             cnt = counts[a:b]
             owner = torch.repeat_interleave(torch.arange(a, b, device=dev), cnt)
             within = torch.arange(owner.numel(), device=dev) - torch.repeat_interleave(
@@ -434,9 +353,6 @@ def extract_instances_batch(
     obj_comp = pk_comp[alive]
     kids = torch.bincount(obj_comp, minlength=n_comp + 1)
     return InstanceBatch(
-        labels=labels.reshape(nb, h, w),
-        parents=parents.reshape(nb, h, w),
-        n_objects=n_objects,
-        parent=plut[obj_comp].to(torch.int32),
-        n_children=kids[obj_comp].to(torch.int32),
-    )
+        labels=labels.reshape(nb, h, w), parents=parents.reshape(nb, h, w), n_objects=n_objects,
+        parent=plut[obj_comp].to(torch.int32), n_children=kids[obj_comp].to(torch.int32),
+    )  # fmt: skip

@@ -1,55 +1,11 @@
 """Measurement of labelled sources in torch, batched over windows (CPU and CUDA, same code).
 
-The building block of GPU measurement (issue 6): the footprint and aperture quantities
-of :func:`~survey_engine.kernels.measure.measure_sources`, computed as segment reductions
-(``index_add_`` / ``scatter_reduce`` over one global object index) on a batch of
-equally-sized windows. There is no Python loop over objects: per-object pixel
-neighbourhoods (Kron ellipse, apertures, windowed-centroid disc) are ragged boxes built
-by index arithmetic around each object's centre, concatenated object after object.
-
-Agreement with the numpy/sep reference on the same segmentation (see
-``tests/test_torch_measure.py`` for the measured figures):
-
-* footprint quantities (peak and peak pixel, area, isophotal fluxes and errors,
-  barycentre, second moments, a, b, theta, e1, e2, barycentre errors): the same sums in
-  the same pixel order, equal to rounding (~1e-12 relative in float64);
-* windowed centroid (:func:`windowed_centroid_batch`, same iteration as
-  :func:`~survey_engine.kernels.measure.windowed_centroid`): equal to rounding given the
-  same window sigma;
-* Kron radius: sep's own rule (pixel centres within ``kron_max_radius``, neighbours and
-  unusable pixels skipped), equal to rounding;
-* Kron flux: sep is called with ``subpix=1``, which is pixel-centre sampling too, with
-  the same masked-area correction (``flux × total / unmasked``): equal to rounding
-  given the same Kron radius;
-* circular apertures: **pixel-centre sampling** (a pixel counts if its centre is strictly
-  inside the circle) where the reference uses sep's 5×5 sub-pixel sampling of the
-  boundary pixels (``subpix=5``). Measured on Gaussian blobs (σ 1.2–3.5 px): median
-  relative difference 1.0–1.8 % for the 3 px radius (99th percentile ~9 %), 0.15–0.25 %
-  for 6 px, 0.08–0.16 % for 12 px; the difference is a boundary effect, ~(perimeter
-  pixels × surface brightness there) / flux, so it shrinks with the radius;
-* half-light radius: pixel-centre cumulative profile in the circle of radius
-  ``max(2.5 r_kron, 3.5) a``, linearly interpolated between consecutive pixel radii,
-  where sep bins the profile: median 1–2 %, 99th percentile ~8 %. It sets the window
-  sigma of the windowed centroid, so the windowed positions returned by
-  :func:`measure_batch` differ from the reference by ~1e-4 px median, ~0.01 px at the
-  99th percentile (with the reference's sigma, :func:`windowed_centroid_batch` agrees to
-  ~1e-15 px).
-
-Batched results equal one-window results bit for bit on CPU: every per-object sum
-(``index_add_`` and per-row ``cumsum``, sequential on CPU) sees the object's own pixels in
-the same order, and transcendental functions go through :func:`_pw`. On CUDA the sums use
-atomics, so results match the CPU ones to rounding (float64: ~1e-13 relative;
-float32: ~1e-6 typical, 1e-4 worst on angles and large apertures), not bit for bit.
-
-Host synchronisations: one per ragged gather (its total size), one per windowed-centroid
-iteration (early stop) and one per size bucket of the half-light profile.
-
-Flags: sep's ``APER_TRUNC`` of the Kron ellipse (its pixel box leaves the window) and
-``APER_HASMASKED`` per band are reproduced (``kron_truncated``, ``kron_masked``), and with
-the mask planes the footprint's MASKED / SATURATED bits. With ``origin`` the barycentre is
-formed in mosaic coordinates, so results do not depend on where the window starts.
-Left to the caller: footprint bounding boxes and extents (host), mosaic-origin offsets of
-the returned positions.
+The footprint and aperture quantities of :func:`~survey_engine.kernels.measure.measure_sources`
+as segment reductions (``index_add_`` / ``scatter_reduce`` over one global object index) on a
+batch of equally-sized windows, with no Python loop over objects: per-object neighbourhoods
+(Kron ellipse, apertures, windowed-centroid disc) are ragged boxes built by index arithmetic.
+Pixel-centre apertures where sep samples sub-pixels; the agreement with sep, batched vs
+one-window equality, CUDA vs CPU and the host synchronisations: ``docs/kernels.md``.
 """
 
 from __future__ import annotations
@@ -75,11 +31,7 @@ def _check_inputs(det, det_var, filtered, images, variances, labels):
     if images.dim() != 4 or tuple(images.shape[:1] + images.shape[2:]) != shape:
         msg = f"images must have shape (B, nb, H, W) with (B, H, W) = {shape}, got {tuple(images.shape)}"
         raise ValueError(msg)
-    if tuple(variances.shape) != tuple(images.shape):
-        msg = (
-            f"variances has shape {tuple(variances.shape)}, images has shape {tuple(images.shape)}"
-        )
-        raise ValueError(msg)
+    _check_like_images("variances", variances, images)
     if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
         msg = f"labels must be an integer tensor, got dtype {labels.dtype}"
         raise TypeError(msg)
@@ -89,15 +41,17 @@ def _check_inputs(det, det_var, filtered, images, variances, labels):
         raise ValueError(msg)
 
 
+def _check_like_images(name, t, images):
+    if tuple(t.shape) != tuple(images.shape):
+        msg = f"{name} has shape {tuple(t.shape)}, images has shape {tuple(images.shape)}"
+        raise ValueError(msg)
+
+
 def _pw(fn, *args):
     """Element-wise ``fn`` whose result per element does not depend on its position.
 
-    On CPU, torch evaluates transcendental functions of contiguous tensors with SIMD
-    (SLEEF) kernels and the leftover tail elements with the scalar libm routine; the two
-    can differ in the last bit, so an object's value would depend on where it sits in
-    the batch. Strided (non-contiguous) inputs take the scalar path for every element,
-    which keeps a batched run bit-identical to a one-by-one run. On CUDA every element
-    runs the same code anyway; the copy is cheap.
+    On CPU, strided inputs take torch's scalar libm path for every element (contiguous ones
+    mix SIMD and scalar code, which can differ in the last bit); ``docs/kernels.md``.
     """
     return fn(*(torch.stack((t, t), -1)[..., 0] for t in args))
 
@@ -120,31 +74,19 @@ def _boxes(cy, cx, half, h, w):
     obj = torch.repeat_interleave(torch.arange(len(cy), device=cy.device), cnt, output_size=n_el)
     start = torch.cumsum(cnt, 0) - cnt
     k = torch.arange(n_el, device=cy.device) - start[obj]
-    s = side[obj]
-    hh = half[obj]
+    s, hh = side[obj], half[obj]
     dy = torch.div(k, s, rounding_mode="floor") - hh
     dx = k - (dy + hh) * s - hh
-    yy = cy[obj] + dy
-    xx = cx[obj] + dx
+    yy, xx = cy[obj] + dy, cx[obj] + dx
     keep = (yy >= 0) & (yy < h) & (xx >= 0) & (xx < w)
     return obj[keep], yy[keep], xx[keep], dy[keep], dx[keep]
 
 
 def windowed_centroid_batch(
-    image: torch.Tensor,
-    variance: torch.Tensor,
-    labels: torch.Tensor,
-    win: torch.Tensor,
-    own: torch.Tensor,
-    py: torch.Tensor,
-    px: torch.Tensor,
-    u0: torch.Tensor,
-    v0: torch.Tensor,
-    sig: torch.Tensor,
-    *,
-    max_iter: int = 16,
-    tol: float = 2e-4,
-):
+    image: torch.Tensor, variance: torch.Tensor, labels: torch.Tensor, win: torch.Tensor,
+    own: torch.Tensor, py: torch.Tensor, px: torch.Tensor, u0: torch.Tensor, v0: torch.Tensor,
+    sig: torch.Tensor, *, max_iter: int = 16, tol: float = 2e-4,
+):  # fmt: skip
     """Gaussian-windowed centroids of every object of a batch (SExtractor's XWIN/YWIN).
 
     Same iteration, pixel selection (disc of radius ``half − 0.5``, ``half = clip(ceil(4σ) + 2,
@@ -182,10 +124,8 @@ def windowed_centroid_batch(
     obj, dy, dx, flat = obj[keep], dy[keep], dx[keep], flat[keep]
     val = image.reshape(-1)[flat]
     var = variance.reshape(-1)[flat]
-    dxf = dx.to(dt)
-    dyf = dy.to(dt)
-    u = u0.to(dt).clone()
-    v = v0.to(dt).clone()
+    dxf, dyf = dx.to(dt), dy.to(dt)
+    u, v = u0.to(dt).clone(), v0.to(dt).clone()
     inv2s2 = 1.0 / (2.0 * sig.to(dt) ** 2)
     r2max = (4.0 * sig.to(dt)) ** 2
     active = torch.ones(n, dtype=torch.bool, device=u.device)
@@ -203,8 +143,7 @@ def windowed_centroid_batch(
         safe0 = torch.where(s0 > 0, s0, 1.0)
         step_u = torch.where(ok, 2.0 * sx / safe0, 0.0)
         step_v = torch.where(ok, 2.0 * sy / safe0, 0.0)
-        u = u + step_u
-        v = v + step_v
+        u, v = u + step_u, v + step_v
         done = ok & (step_u * step_u + step_v * step_v < tol * tol)
         converged |= done
         active &= ok & ~done
@@ -262,20 +201,11 @@ def _half_light_radius(obj, r, val, norm, n):
 
 
 def measure_batch(
-    det: torch.Tensor,
-    det_var: torch.Tensor,
-    filtered: torch.Tensor,
-    images: torch.Tensor,
-    variances: torch.Tensor,
-    labels: torch.Tensor,
-    cfg: MeasureConfig | None = None,
-    *,
-    dtype: torch.dtype = torch.float64,
-    origin: torch.Tensor | None = None,
-    masks: torch.Tensor | None = None,
-    usable_bits: int = 0,
-    sat_bit: int = 0,
-) -> dict[str, torch.Tensor]:
+    det: torch.Tensor, det_var: torch.Tensor, filtered: torch.Tensor, images: torch.Tensor,
+    variances: torch.Tensor, labels: torch.Tensor, cfg: MeasureConfig | None = None, *,
+    dtype: torch.dtype = torch.float64, origin: torch.Tensor | None = None,
+    masks: torch.Tensor | None = None, usable_bits: int = 0, sat_bit: int = 0,
+) -> dict[str, torch.Tensor]:  # fmt: skip
     """Measure every labelled object of a batch of equally-sized windows.
 
     Parameters
@@ -310,18 +240,16 @@ def measure_batch(
     dict of str to torch.Tensor
         Per object (window after window, label order within a window): ``window``,
         ``label``, positions in window pixel coordinates (``x_peak``, ``y_peak``, ``x_iso``,
-        ``y_iso``, ``x``, ``y`` — windowed, falling back to isophotal — and errors),
-        ``peak``, ``area``, ``a``, ``b``, ``theta``, ``e1``, ``e2``, ``kron_radius``,
-        ``half_light_radius``, ``window_failed``, ``det_iso_flux(_err)``,
-        ``det_kron_flux(_err)``; per band, shape ``(n, nb)``: ``iso_flux(_err)``,
-        ``kron_flux(_err)``, ``aper_flux_{r}(_err)``.
-        Also: ``dx_iso``, ``dy_iso``, ``dx``, ``dy`` (the positions as offsets from the peak
-        pixel), ``kron_aperture`` (the Kron ellipse's scale in units of a, b),
-        ``window_sigma``, ``kron_truncated`` (the Kron ellipse's pixel box leaves the window:
-        sep's ``APER_TRUNC``), ``kron_masked`` ``(n, nb)`` (an unusable or a neighbour's
-        pixel among those sep visits for the Kron ellipse: sep's ``APER_HASMASKED``), and with ``masks``:
-        ``masked`` / ``saturated`` (a footprint pixel carries an unusable / the saturation
-        bit in any band).
+        ``y_iso``, ``x``, ``y`` — windowed, falling back to isophotal — and errors) and as
+        offsets from the peak pixel (``dx_iso``, ``dy_iso``, ``dx``, ``dy``), ``peak``,
+        ``area``, ``a``, ``b``, ``theta``, ``e1``, ``e2``, ``kron_radius``, ``kron_aperture``
+        (the Kron ellipse's scale in units of a, b), ``half_light_radius``, ``window_sigma``,
+        ``window_failed``, ``det_iso_flux(_err)``, ``det_kron_flux(_err)``, ``kron_truncated``
+        (sep's ``APER_TRUNC``: the Kron ellipse's pixel box leaves the window); per band,
+        ``(n, nb)``: ``iso_flux(_err)``, ``kron_flux(_err)``, ``aper_flux_{r}(_err)``,
+        ``kron_masked`` (sep's ``APER_HASMASKED``: an unusable or a neighbour's pixel among
+        those sep visits for the Kron ellipse); with ``masks``, ``masked`` / ``saturated`` (a
+        footprint pixel carries an unusable / the saturation bit in any band).
     """
     cfg = cfg or MeasureConfig()
     _check_inputs(det, det_var, filtered, images, variances, labels)
@@ -385,8 +313,7 @@ def measure_batch(
     x2 = torch.where(singular, x2 + 1.0 / 12.0, x2)
     y2 = torch.where(singular, y2 + 1.0 / 12.0, y2)
     vpix = dvar.reshape(-1)[flat_all]
-    ex = dx - mx[seg]
-    ey = dy - my[seg]
+    ex, ey = dx - mx[seg], dy - my[seg]
     x_err = torch.sqrt(_segsum(vpix * ex * ex, seg, n)) / safe_w
     y_err = torch.sqrt(_segsum(vpix * ey * ey, seg, n)) / safe_w
     if origin is None:
@@ -411,17 +338,21 @@ def measure_batch(
     cxx = ct * ct / (a * a) + st * st / (b * b)
     cyy = st * st / (a * a) + ct * ct / (b * b)
     cxy = 2.0 * ct * st * (1.0 / (a * a) - 1.0 / (b * b))
-    cyi = torch.round(yb).to(torch.int64)
-    cxi = torch.round(xb).to(torch.int64)
+    cyi, cxi = torch.round(yb).to(torch.int64), torch.round(xb).to(torch.int64)
     lab_flat = labels.reshape(-1)
+
+    def band_index(fl):
+        """Flat indices into the ``(B, nb, H, W)`` planes of the pixels ``fl``, ``(nb, E)``."""
+        wi = torch.div(fl, h * w, rounding_mode="floor")
+        pos = fl - wi * (h * w)
+        return (wi[None, :] * nb + torch.arange(nb, device=dev)[:, None]) * (h * w) + pos[None, :]
 
     def gather(radius):
         """Pixels of a box covering a disc of ``radius`` around the barycentre."""
         half = torch.ceil(radius).to(torch.int64) + 1
         o, gy, gx, _, _ = _boxes(cyi, cxi, half, h, w)
         fl = (win[o] * h + gy) * w + gx
-        ddx = gx.to(dt) - xb[o]
-        ddy = gy.to(dt) - yb[o]
+        ddx, ddy = gx.to(dt) - xb[o], gy.to(dt) - yb[o]
         lab = lab_flat[fl]
         neighbour = (lab > 0) & (lab != own[o])
         return o, fl, ddx, ddy, neighbour, gy, gx
@@ -460,43 +391,28 @@ def measure_batch(
 
     det_masked = nbr | det_bad.reshape(-1)[fl]
     kflux, kerr = aperture_sums(inside, det_masked, d.reshape(-1)[fl], dvar32.reshape(-1)[fl], o)
-    # sep's APER_TRUNC: the ellipse's pixel box (boxextent_ellipse, C truncation) leaves
-    # the window.
+    # The ellipse's pixel box [xmin, xmax) × [ymin, ymax) (sep's boxextent_ellipse, C
+    # truncation); sep's APER_TRUNC: the box leaves the window.
     rx = cxx - cxy * cxy / (4.0 * cyy)
     rx = torch.where(rx > 0, rk / torch.sqrt(torch.where(rx > 0, rx, 1.0)), 0.0)
     ry = cyy - cxy * cxy / (4.0 * cxx)
     ry = torch.where(ry > 0, rk / torch.sqrt(torch.where(ry > 0, ry, 1.0)), 0.0)
-    kron_trunc = (
-        (torch.trunc(xb - rx + 0.5) < 0)
-        | (torch.trunc(xb + rx + 1.4999999) > w)
-        | (torch.trunc(yb - ry + 0.5) < 0)
-        | (torch.trunc(yb + ry + 1.4999999) > h)
-    )
+    xmin, xmax = torch.trunc(xb - rx + 0.5), torch.trunc(xb + rx + 1.4999999)
+    ymin, ymax = torch.trunc(yb - ry + 0.5), torch.trunc(yb + ry + 1.4999999)
+    kron_trunc = (xmin < 0) | (xmax > w) | (ymin < 0) | (ymax > h)
     # Bands: values (nb, E) gathered at the same pixels.
-    wi = torch.div(fl, h * w, rounding_mode="floor")
-    pos = fl - wi * (h * w)
-    bidx = (wi[None, :] * nb + torch.arange(nb, device=dev)[:, None]) * (h * w) + pos[None, :]
+    bidx = band_index(fl)
+    b_masked = nbr[None, :] | b_bad.reshape(-1)[bidx]
     bkf, bke = aperture_sums(
-        inside[None, :],
-        nbr[None, :] | b_bad.reshape(-1)[bidx],
-        bimg.reshape(-1)[bidx],
-        bvar.reshape(-1)[bidx],
-        o,
+        inside[None, :], b_masked, bimg.reshape(-1)[bidx], bvar.reshape(-1)[bidx], o
     )
     # sep's APER_HASMASKED: an unusable pixel or a neighbour's pixel (sep counts the pixels
     # its segmap excludes as masked) that sep visits: inside the ellipse's pixel box and
     # within its outer oversampling radius r + 0.7072 / b, whether or not it overlaps.
     xg, yg = gx.to(dt), gy.to(dt)
-    in_box = (
-        (xg >= torch.trunc(xb - rx + 0.5)[o])
-        & (xg < torch.trunc(xb + rx + 1.4999999)[o])
-        & (yg >= torch.trunc(yb - ry + 0.5)[o])
-        & (yg < torch.trunc(yb + ry + 1.4999999)[o])
-    )
+    in_box = (xg >= xmin[o]) & (xg < xmax[o]) & (yg >= ymin[o]) & (yg < ymax[o])
     visited = in_box & (rp2 < ((rk + 0.7072 / b) ** 2)[o])
-    kron_masked = (
-        _segsum((visited[None, :] & (nbr[None, :] | b_bad.reshape(-1)[bidx])).to(dt), o, n) > 0
-    )
+    kron_masked = _segsum((visited[None, :] & b_masked).to(dt), o, n) > 0
     # Half-light radius in the circle of radius rk·a (sep.flux_radius: unusable pixels masked,
     # neighbours included), normalised by the Kron flux (the isophotal flux if not positive).
     rr = torch.sqrt(ddx * ddx + ddy * ddy)
@@ -508,84 +424,49 @@ def measure_batch(
     # --- circular apertures (pixel centres, neighbours and unusable pixels masked) -----------
     o, fl, ddx, ddy, nbr, _, _ = gather(torch.full_like(a, cfg.max_aperture))
     rr2 = ddx * ddx + ddy * ddy
-    wi = torch.div(fl, h * w, rounding_mode="floor")
-    pos = fl - wi * (h * w)
-    bidx = (wi[None, :] * nb + torch.arange(nb, device=dev)[:, None]) * (h * w) + pos[None, :]
+    bidx = band_index(fl)
     bmask = nbr[None, :] | b_bad.reshape(-1)[bidx]
     bi_v = bimg.reshape(-1)[bidx]
     bv_v = bvar.reshape(-1)[bidx]
+
+    def footprint_sum(planes):
+        return _segsum(
+            planes.reshape(bsz, nb, -1).transpose(0, 1).reshape(nb, -1)[:, flat_all], seg, n
+        )
+
     out_bands: dict[str, torch.Tensor] = {
-        "iso_flux": _segsum(
-            bimg.reshape(bsz, nb, -1).transpose(0, 1).reshape(nb, -1)[:, flat_all], seg, n
-        ).T,
-        "iso_flux_err": torch.sqrt(
-            _segsum(bvar.reshape(bsz, nb, -1).transpose(0, 1).reshape(nb, -1)[:, flat_all], seg, n)
-        ).T,
-        "kron_flux": bkf.T,
-        "kron_flux_err": bke.T,
-    }
+        "iso_flux": footprint_sum(bimg).T, "iso_flux_err": torch.sqrt(footprint_sum(bvar)).T,
+        "kron_flux": bkf.T, "kron_flux_err": bke.T,
+    }  # fmt: skip
     for r in cfg.apertures:
         f, fe = aperture_sums((rr2 < r * r)[None, :], bmask, bi_v, bv_v, o)
         tag = aper_tag(r)
-        out_bands[f"aper_flux_{tag}"] = f.T
-        out_bands[f"aper_flux_{tag}_err"] = fe.T
+        out_bands[f"aper_flux_{tag}"], out_bands[f"aper_flux_{tag}_err"] = f.T, fe.T
 
     # --- windowed centroid -------------------------------------------------------------------
     sig = torch.clamp(2.0 * hlr / 2.3548, min=0.5)
     uw, vw, uw_err, vw_err, wfail = windowed_centroid_batch(
-        d.reshape(bsz, h, w),
-        dvar32.reshape(bsz, h, w),
-        labels,
-        win,
-        own,
-        py,
-        px,
-        mx,
-        my,
-        sig,
+        d.reshape(bsz, h, w), dvar32.reshape(bsz, h, w), labels, win, own, py, px, mx, my, sig,
         max_iter=cfg.window_iterations,
-    )
+    )  # fmt: skip
 
     out = {
-        "window": win,
-        "label": own,
-        "x": torch.where(wfail, xb, px.to(dt) + uw),
-        "y": torch.where(wfail, yb, py.to(dt) + vw),
-        "x_err": torch.where(wfail, x_err, uw_err),
-        "y_err": torch.where(wfail, y_err, vw_err),
-        "x_iso": xb,
-        "y_iso": yb,
-        "x_iso_err": x_err,
-        "y_iso_err": y_err,
-        "x_peak": px,
-        "y_peak": py,
-        "peak": peak,
-        "area": area,
-        "a": a,
-        "b": b,
-        "theta": theta,
-        "e1": e1,
-        "e2": e2,
-        "kron_radius": kron,
-        "half_light_radius": hlr,
-        "window_failed": wfail,
-        "det_iso_flux": iso,
-        "det_iso_flux_err": torch.sqrt(iso_var),
-        "det_kron_flux": kflux,
-        "det_kron_flux_err": kerr,
-        "dx_iso": mx,
-        "dy_iso": my,
-        "dx": torch.where(wfail, mx, uw),
-        "dy": torch.where(wfail, my, vw),
-        "kron_aperture": rk,
-        "window_sigma": sig,
-        "kron_truncated": kron_trunc,
+        "window": win, "label": own,
+        "x": torch.where(wfail, xb, px.to(dt) + uw), "y": torch.where(wfail, yb, py.to(dt) + vw),
+        "x_err": torch.where(wfail, x_err, uw_err), "y_err": torch.where(wfail, y_err, vw_err),
+        "x_iso": xb, "y_iso": yb, "x_iso_err": x_err, "y_iso_err": y_err,
+        "x_peak": px, "y_peak": py, "peak": peak, "area": area,
+        "a": a, "b": b, "theta": theta, "e1": e1, "e2": e2,
+        "kron_radius": kron, "half_light_radius": hlr, "window_failed": wfail,
+        "det_iso_flux": iso, "det_iso_flux_err": torch.sqrt(iso_var),
+        "det_kron_flux": kflux, "det_kron_flux_err": kerr,
+        "dx_iso": mx, "dy_iso": my,
+        "dx": torch.where(wfail, mx, uw), "dy": torch.where(wfail, my, vw),
+        "kron_aperture": rk, "window_sigma": sig, "kron_truncated": kron_trunc,
         "kron_masked": kron_masked.T,
-    }
+    }  # fmt: skip
     if masks is not None:
-        if tuple(masks.shape) != tuple(images.shape):
-            msg = f"masks has shape {tuple(masks.shape)}, images has shape {tuple(images.shape)}"
-            raise ValueError(msg)
+        _check_like_images("masks", masks, images)
         mk = masks.to(torch.int64)
         fp_bits = mk[:, 0].reshape(-1)[flat_all]
         for bi in range(1, nb):
@@ -597,23 +478,9 @@ def measure_batch(
 
 
 def measure_window(
-    det: torch.Tensor,
-    det_var: torch.Tensor,
-    filtered: torch.Tensor,
-    images: torch.Tensor,
-    variances: torch.Tensor,
-    labels: torch.Tensor,
-    cfg: MeasureConfig | None = None,
-    **kwargs,
-) -> dict[str, torch.Tensor]:
+    det: torch.Tensor, det_var: torch.Tensor, filtered: torch.Tensor, images: torch.Tensor,
+    variances: torch.Tensor, labels: torch.Tensor, cfg: MeasureConfig | None = None, **kwargs,
+) -> dict[str, torch.Tensor]:  # fmt: skip
     """:func:`measure_batch` for one window: ``(H, W)`` and ``(nb, H, W)`` inputs."""
-    return measure_batch(
-        det[None],
-        det_var[None],
-        filtered[None],
-        images[None],
-        variances[None],
-        labels[None],
-        cfg,
-        **kwargs,
-    )
+    planes = (det, det_var, filtered, images, variances, labels)
+    return measure_batch(*(t[None] for t in planes), cfg, **kwargs)
