@@ -1,21 +1,13 @@
 """Array backends of the per-window stages: numpy (sep/scipy, window by window) and torch (batched).
 
-The stage sequence (:mod:`survey_engine.stages`) is written once; a backend supplies
-only what the array library decides:
-
-* ``stack`` / ``to_device`` — the windows of a batch as ``(B, band, H, W)`` arrays
-  (pinned host memory and an asynchronous copy on CUDA);
-* ``background`` — the global background mesh evaluated under each window (scipy's
-  bicubic spline, or the same spline as a local B-spline on the device);
-* ``mesh_statistics`` — the sigma-clipped mesh cells of a background block;
-* ``measure`` — the measurement kernel (:func:`~survey_engine.kernels.measure.measure_sources`
-  with sep, or :func:`~survey_engine.kernels.torch_measure.measure_batch`), whose per-object
-  arrays become :class:`~survey_engine.kernels.measure.Measurements` through the one
-  shared :func:`~survey_engine.kernels.measure.measurements_from`;
-* batch sizes, stage timing (device synchronisation) and device memory.
-
-:func:`make_backend` picks one from :attr:`ExecutionConfig.backend
-<survey_engine.config.ExecutionConfig.backend>`.
+The stage sequence (:mod:`survey_engine.stages`) is written once; a backend supplies only
+what the array library decides: the windows of a batch as ``(B, band, H, W)`` arrays
+(``stack``, ``to_device``: pinned memory and asynchronous copies on CUDA), the background
+under them (``background``), the mesh statistics of a block, the measurement kernel (sep's
+:func:`~survey_engine.kernels.measure.measure_sources` or torch's
+:func:`~survey_engine.kernels.torch_measure.measure_batch`, both turned into
+:class:`~survey_engine.kernels.measure.Measurements` by the one ``measurements_from``), batch
+sizes, stage timing and device memory. :func:`make_backend` picks one by name.
 """
 
 from __future__ import annotations
@@ -83,17 +75,36 @@ def windows_fitting(shape: tuple[int, int], n_bands: int, free_bytes: int) -> in
     return int(min(32, max(1, (0.6 * free_bytes) // per_window)))
 
 
-def _origins(windows: Sequence[Box]) -> list[tuple[int, int]]:
-    return [(b.y0, b.x0) for b in windows]
+class _Backend:
+    """What both backends share; device methods are no-ops for the host."""
 
-
-class NumpyBackend:
-    """numpy arrays, sep and scipy; the stages run window by window (batches of one)."""
-
-    name = "numpy"
+    name = ""
 
     def __init__(self, execution: ExecutionConfig):
         self.execution = execution
+
+    def stage_times(self) -> StageTimes:
+        """A fresh stage timer."""
+        return StageTimes()
+
+    def check_device(self) -> None:
+        """Raise unless the device can be used by this process."""
+
+    def reset_peak_memory(self) -> None:
+        """Start counting the device's peak memory."""
+
+    def peak_memory(self) -> int | None:
+        """Peak device memory (bytes) since :meth:`reset_peak_memory`; None on the host."""
+        return None
+
+    def release_memory(self) -> None:
+        """Hand cached device memory back (after a failed batch)."""
+
+
+class NumpyBackend(_Backend):
+    """numpy arrays, sep and scipy; the stages run window by window (batches of one)."""
+
+    name = "numpy"
 
     def capacity(self, shape: tuple[int, int], n_bands: int) -> int:
         """Windows analysed together: one."""
@@ -103,10 +114,6 @@ class NumpyBackend:
     def tiles_per_task(client, shape, n_bands: int, execution: ExecutionConfig) -> int:
         """Tiles per task of the tile stage (``tile_batch``, default 1)."""
         return int(execution.tile_batch or 1)
-
-    def stage_times(self) -> StageTimes:
-        """A fresh stage timer."""
-        return StageTimes()
 
     def stack(self, regions: Sequence[MosaicRegion]):
         """``(B, band, H, W)`` image, variance and mask of equally-sized windows (host)."""
@@ -143,19 +150,6 @@ class NumpyBackend:
             ))  # fmt: skip
         return out
 
-    def check_device(self) -> None:
-        """Raise unless the device can be used by this process (numpy: always can)."""
-
-    def reset_peak_memory(self) -> None:
-        """Start counting the device's peak memory (numpy: nothing to count)."""
-
-    def peak_memory(self) -> int | None:
-        """Peak device memory since :meth:`reset_peak_memory` (numpy: None)."""
-        return None
-
-    def release_memory(self) -> None:
-        """Hand cached device memory back (after a failed batch)."""
-
 
 def _check_shapes(regions: Sequence[MosaicRegion]) -> None:
     shapes = {r.image.shape for r in regions}
@@ -182,13 +176,12 @@ def _splines(meshes: Sequence[BackgroundMesh]) -> list:
     return out
 
 
-class TorchBackend:
+class TorchBackend(_Backend):
     """torch tensors on ``execution.device``; the stages run batched over windows.
 
-    On CPU every stage gives the numpy backend's bits up to the measurement (the
-    measurement's circular apertures and half-light radius differ: see
-    :mod:`survey_engine.kernels.torch_measure`); on CUDA the sums use atomics, so numbers
-    match the CPU ones to rounding.
+    On CPU every stage gives the numpy backend's bits up to the measurement (whose circular
+    apertures and half-light radius differ: ``docs/kernels.md``); on CUDA the sums use
+    atomics, so numbers match the CPU ones to rounding.
     """
 
     name = "torch"
@@ -196,12 +189,11 @@ class TorchBackend:
     def __init__(self, execution: ExecutionConfig):
         import torch
 
+        super().__init__(execution)
         self.torch = torch
-        self.execution = execution
         self.device = torch.device(execution.device)
 
     def check_device(self) -> None:
-        """Raise unless the device can be used by this process."""
         if self._cuda and not self.torch.cuda.is_available():
             msg = f"device {self.execution.device!r} requested but no CUDA GPU is visible to this process"
             raise RuntimeError(msg)
@@ -275,7 +267,7 @@ class TorchBackend:
         raw = None
         if sum(counts):
             labels = torch.as_tensor(found.labels, device=self.device)
-            origin = torch.tensor(_origins(windows), dtype=torch.int64, device=self.device)
+            origin = torch.tensor([(w.y0, w.x0) for w in windows], dtype=torch.int64, device=self.device)
             res = measure_batch(
                 det.det, det.var, matched_filter(det.det, det.var, science.detection.kernel),
                 px.images, px.variances, labels, science.measure, origin=origin, masks=px.masks,
@@ -295,16 +287,13 @@ class TorchBackend:
         return out
 
     def reset_peak_memory(self) -> None:
-        """Start counting the device's peak memory."""
         if self._cuda:
             self.torch.cuda.reset_peak_memory_stats(self.device)
 
     def peak_memory(self) -> int | None:
-        """Peak device memory (bytes) since :meth:`reset_peak_memory`; None on CPU."""
         return int(self.torch.cuda.max_memory_allocated(self.device)) if self._cuda else None
 
     def release_memory(self) -> None:
-        """Hand the CUDA cache back (e.g. after an out-of-memory batch)."""
         if self._cuda:
             self.torch.cuda.empty_cache()
 

@@ -31,16 +31,8 @@ from .mosaic import MosaicRegion
 from .schema import Flag
 from .tiling import Box
 
-__all__ = [
-    "Prepared",
-    "WindowPlan",
-    "WindowResult",
-    "analyse_regions",
-    "analyse_windows",
-    "finish_window",
-    "guard_band",
-    "usable_pixels",
-]
+__all__ = ["Prepared", "WindowPlan", "WindowResult", "analyse_regions", "analyse_windows",
+           "finish_window", "guard_band", "usable_pixels"]  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -54,10 +46,9 @@ class WindowPlan:
     deblender : object
         The deblender strategy (:mod:`survey_engine.deblend`).
     guard : int
-        Pixels kept between a footprint and a cut window edge (the reach of detection and
-        filter, plus ``minarea`` slivers).
+        Pixels kept between a footprint and a cut window edge (:func:`guard_band`).
     mosaic : Box
-        The whole mosaic (sides of a window at the mosaic edge need no margin).
+        The whole mosaic (a window side at the mosaic edge needs no margin).
     bands : tuple of str
         The mosaic's bands.
     meshes : list of BackgroundMesh
@@ -150,8 +141,7 @@ def analyse_windows(
     Parameters
     ----------
     host : tuple
-        ``(B, band, H, W)`` image, variance and mask of the windows
-        (``plan.backend.stack(regions)``).
+        ``(B, band, H, W)`` image, variance and mask (``plan.backend.stack(regions)``).
     windows : sequence of Box
         The windows in mosaic pixels, in the batch's order.
     plan : WindowPlan
@@ -170,10 +160,8 @@ def analyse_windows(
     with times.stage("measure"):
         results = [found.window(b) for b in range(len(windows))]
         meas = plan.backend.measure(px, det, found, results, plan.science, plan.bands, windows)
-        return [
-            finish_window(w, r, m, guard=plan.guard, mosaic=plan.mosaic)
-            for w, r, m in zip(windows, results, meas, strict=True)
-        ]
+        return [finish_window(w, r, m, guard=plan.guard, mosaic=plan.mosaic)
+                for w, r, m in zip(windows, results, meas, strict=True)]  # fmt: skip
 
 
 def analyse_regions(regions: Sequence[MosaicRegion], plan: WindowPlan, times=None) -> list[WindowResult]:
@@ -235,27 +223,18 @@ def finish_window(
     h, w = window.shape
     n = res.n_objects
     if n == 0:
-        empty = np.zeros(0, dtype=np.int64)
-        none = np.zeros(0, bool)
+        empty, none = np.zeros(0, dtype=np.int64), np.zeros(0, bool)
         return WindowResult(window, res, meas, none, none, empty, empty, empty)
-
-    # --- safety: every pixel that shaped the result lies inside the window -------------
-    g = guard
-    lo_y = 0 if window.y0 == mosaic.y0 else g
-    lo_x = 0 if window.x0 == mosaic.x0 else g
-    hi_y = h if window.y1 == mosaic.y1 else h - g
-    hi_x = w if window.x1 == mosaic.x1 else w - g
-    pslices = ndimage.find_objects(res.parents)
-    pbox = np.array(
-        [[s[0].start, s[0].stop, s[1].start, s[1].stop] for s in pslices], dtype=np.int64
-    )[res.parent - 1]
-    parent_safe = (
-        (pbox[:, 0] >= lo_y) & (pbox[:, 1] <= hi_y) & (pbox[:, 2] >= lo_x) & (pbox[:, 3] <= hi_x)
-    )
-    c = meas.columns
-    r = meas.extent
-    yw = c["y_iso"] - window.y0
-    xw = c["x_iso"] - window.x0
+    # Safety: every pixel that shaped the result lies inside the window.
+    lo_y = 0 if window.y0 == mosaic.y0 else guard
+    lo_x = 0 if window.x0 == mosaic.x0 else guard
+    hi_y = h if window.y1 == mosaic.y1 else h - guard
+    hi_x = w if window.x1 == mosaic.x1 else w - guard
+    pbox = np.array([[s[0].start, s[0].stop, s[1].start, s[1].stop]
+                     for s in ndimage.find_objects(res.parents)], dtype=np.int64)[res.parent - 1]  # fmt: skip
+    parent_safe = (pbox[:, 0] >= lo_y) & (pbox[:, 1] <= hi_y) & (pbox[:, 2] >= lo_x) & (pbox[:, 3] <= hi_x)
+    c, r = meas.columns, meas.extent
+    yw, xw = c["y_iso"] - window.y0, c["x_iso"] - window.x0
     # Apertures are clipped by sep at the mosaic edge (flagged), so only cut window edges count.
     ext_ok = (
         ((yw - r >= lo_y - 0.5) | (window.y0 == mosaic.y0))
@@ -264,7 +243,6 @@ def finish_window(
         & ((xw + r <= hi_x - 0.5) | (window.x1 == mosaic.x1))
     )
     safe = parent_safe & ext_ok
-
     # EDGE: footprint touches the mosaic edge.
     bb = meas.bbox
     at_edge = (
@@ -278,12 +256,9 @@ def finish_window(
     flags |= np.where(res.n_children > 1, int(Flag.BLENDED), 0)
     if res.overflow:
         flags |= int(Flag.DEBLEND_OVERFLOW)
-
     # Parent ID = the brightest child's ID (ties: lowest mosaic pixel index).
-    peak_y = c["y_peak"] + window.y0
-    peak_x = c["x_peak"] + window.x0
-    flat = peak_y * mosaic.x1 + peak_x
-    order = np.lexsort((flat, -c["peak"], res.parent))
+    peak_y, peak_x = c["y_peak"] + window.y0, c["x_peak"] + window.x0
+    order = np.lexsort((peak_y * mosaic.x1 + peak_x, -c["peak"], res.parent))
     first = np.ones(n, dtype=bool)
     first[1:] = res.parent[order][1:] != res.parent[order][:-1]
     brightest = np.zeros(int(res.parent.max()) + 1, dtype=np.int64)
