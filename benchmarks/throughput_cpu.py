@@ -3,6 +3,7 @@
 Usage::
 
     python benchmarks/throughput_cpu.py [--size 2048] [--tile 1024] [--workdir bench_output]
+                                        [--mosaic M.zarr]   # reuse a mosaic
 
 Simulates one LSST-like r-band mosaic with GalSim (not timed), then times, in one run:
 
@@ -92,18 +93,24 @@ def main() -> None:
     ap.add_argument("--halo", type=int, default=64)
     ap.add_argument("--seed", type=int, default=11)
     ap.add_argument("--workdir", default=None)
+    ap.add_argument("--mosaic", default=None,
+                    help="reuse this mosaic instead of simulating one (e.g. to time two versions "
+                    "of the package on the same pixels)")  # fmt: skip
     args = ap.parse_args()
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="se_bench_"))
     workdir.mkdir(parents=True, exist_ok=True)
-    mosaic = str(workdir / "mosaic.zarr")
+    import survey_engine
+
     print(f"machine: {platform.platform()}, {platform.processor() or platform.machine()}, "
-          f"{os.cpu_count()} cores; python {platform.python_version()}; sep {sep.__version__}")  # fmt: skip
-    t0 = time.perf_counter()
-    sim = simulate(
-        mosaic, size=args.size, bands=("r",), seed=args.seed, overwrite=True, progress=False
-    )
-    print(f"simulated {args.size}² r-band mosaic with {len(sim.truth)} objects in "
-          f"{time.perf_counter() - t0:.1f} s (not timed below)")  # fmt: skip
+          f"{os.cpu_count()} cores; python {platform.python_version()}; sep {sep.__version__}; "
+          f"survey_engine from {Path(survey_engine.__file__).parent}")  # fmt: skip
+    mosaic = args.mosaic or str(workdir / "mosaic.zarr")
+    if args.mosaic is None:
+        t0 = time.perf_counter()
+        sim = simulate(mosaic, size=args.size, bands=("r",), seed=args.seed, overwrite=True,
+                       progress=False)  # fmt: skip
+        print(f"simulated {args.size}² r-band mosaic with {len(sim.truth)} objects in "
+              f"{time.perf_counter() - t0:.1f} s (not timed below)")  # fmt: skip
 
     m = open_mosaic(mosaic)
     reg = m.read((0, m.ny), (0, m.nx))

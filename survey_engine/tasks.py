@@ -15,6 +15,7 @@ from __future__ import annotations
 import concurrent.futures as cf
 import functools
 import logging
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -44,19 +45,8 @@ class TileError(RuntimeError):
 
 @dataclass(frozen=True)
 class TaskContext:
-    """What every task of a run needs (small: sent with each task).
-
-    Attributes
-    ----------
-    mosaic_path : str
-        The mosaic (each worker opens it once).
-    plan : WindowPlan
-        The resolved parameters, deblender and background.
-    store : PartStore
-        Where parts go.
-    grid : TileGrid
-        The tiling (ownership of retried objects).
-    """
+    """What every task of a run needs (small: sent with each task): the mosaic (each worker
+    opens it once), the window plan, the part store and the tiling."""
 
     mosaic_path: str
     plan: WindowPlan
@@ -75,23 +65,20 @@ _POOLS: dict[str, cf.ThreadPoolExecutor] = {}
 def _pool(name: str, threads: int = 1) -> cf.ThreadPoolExecutor:
     """A thread pool kept for the life of the worker process.
 
-    Threads are never torn down between tasks: besides the cost, Dask's profiler samples
-    every thread's frames (``sys._current_frames``), which can crash CPython 3.11 when
-    it races with a thread that is exiting (seen here: tasks that each started and
-    stopped their own pools segfaulted an in-process worker).
+    Never torn down between tasks: Dask's profiler samples every thread's frames, which can
+    crash CPython 3.11 when it races with an exiting thread (seen: per-task pools segfaulted
+    an in-process worker).
     """
     if name not in _POOLS:
         _POOLS[name] = cf.ThreadPoolExecutor(threads, thread_name_prefix=f"survey_engine-{name}")
     return _POOLS[name]
 
 
-def _describe(tile: Tile) -> str:
-    c, r = tile.core, tile.read
-    return (f"tile {tile.name} (core y {c.y0}:{c.y1}, x {c.x0}:{c.x1}; "
-            f"read window y {r.y0}:{r.y1}, x {r.x0}:{r.x1})")  # fmt: skip
-
-
-def _failure(what: str, err: Exception) -> str:
+def _failure(what: str | Tile, err: Exception) -> str:
+    if isinstance(what, Tile):
+        c, r = what.core, what.read
+        what = (f"tile {what.name} (core y {c.y0}:{c.y1}, x {c.x0}:{c.x1}; "
+                f"read window y {r.y0}:{r.y1}, x {r.x0}:{r.x1})")  # fmt: skip
     return f"{what}: {type(err).__name__}: {err}"
 
 
@@ -161,11 +148,8 @@ class _TileRun:
         by_shape: dict[tuple[int, int], list[Tile]] = {}
         for t in tiles:
             by_shape.setdefault(t.read.shape, []).append(t)
-        out = []
-        for shape, group in by_shape.items():
-            cap = self.backend.capacity(shape, len(self.m.bands))
-            out += [group[i : i + cap] for i in range(0, len(group), cap)]
-        return out
+        caps = {shape: self.backend.capacity(shape, len(self.m.bands)) for shape in by_shape}
+        return [g[i : i + caps[s]] for s, g in by_shape.items() for i in range(0, len(g), caps[s])]
 
     def read(self, group: list[Tile]):
         """The batch's pixels, stacked (or the exception, reported per tile later)."""
@@ -201,10 +185,8 @@ class _TileRun:
         return wr
 
     def write(self, tile: Tile, wr: WindowResult) -> tuple[dict[str, int], float]:
-        times = self.backend.stage_times()
-        with times.stage("write"):
-            out = write_tile_part(tile, wr, self.ctx.store, self.layout)
-        return out, times["write"]
+        t0 = time.perf_counter()
+        return write_tile_part(tile, wr, self.ctx.store, self.layout), time.perf_counter() - t0
 
     def collect(self, tile: Tile, fut: cf.Future) -> None:
         try:
@@ -214,7 +196,7 @@ class _TileRun:
             self.fail(tile, err)
 
     def fail(self, tile: Tile, err: Exception) -> None:
-        self.failed[tile.name] = _failure(_describe(tile), err)
+        self.failed[tile.name] = _failure(tile, err)
         logger.error("%s", self.failed[tile.name])
 
     def report(self) -> dict[str, Any]:
@@ -243,11 +225,9 @@ def footprints_of(wr: WindowResult, idx: np.ndarray, width: int) -> Footprints:
         y0, y1, x0, x1 = wr.meas.bbox[i]
         crops.append((wr.detection.labels[y0:y1, x0:x1] == i + 1).ravel())
         boxes.append([y0 + wr.window.y0, y1 + wr.window.y0, x0 + wr.window.x0, x1 + wr.window.x0])
-    return Footprints(
-        np.asarray(object_ids(wr.peak_y[idx], wr.peak_x[idx], width), dtype=np.int64),
-        np.asarray(boxes, dtype=np.int64).reshape(-1, 4),
-        np.concatenate(crops) if crops else np.zeros(0, bool),
-    )
+    ids = np.asarray(object_ids(wr.peak_y[idx], wr.peak_x[idx], width), dtype=np.int64)
+    return Footprints(ids, np.asarray(boxes, dtype=np.int64).reshape(-1, 4),
+                      np.concatenate(crops) if crops else np.zeros(0, bool))  # fmt: skip
 
 
 def write_tile_part(tile: Tile, wr: WindowResult, store: PartStore, layout: CatalogLayout) -> dict[str, int]:
@@ -265,13 +245,9 @@ def write_tile_part(tile: Tile, wr: WindowResult, store: PartStore, layout: Cata
     lut[1:][done] = ids[done]
     core = lut[wr.detection.labels[cy, cx]]
     # Footprints of finished objects that leave the core (painted into other cores later).
-    bb = wr.meas.bbox
-    leaves = done & (
-        (bb[:, 0] + tile.read.y0 < tile.core.y0)
-        | (bb[:, 1] + tile.read.y0 > tile.core.y1)
-        | (bb[:, 2] + tile.read.x0 < tile.core.x0)
-        | (bb[:, 3] + tile.read.x0 > tile.core.x1)
-    )
+    bb, (ry, rx), core_box = wr.meas.bbox, (tile.read.y0, tile.read.x0), tile.core
+    leaves = done & ((bb[:, 0] + ry < core_box.y0) | (bb[:, 1] + ry > core_box.y1)
+                     | (bb[:, 2] + rx < core_box.x0) | (bb[:, 3] + rx > core_box.x1))  # fmt: skip
     pending = pending_items(tile, wr, np.flatnonzero(owned & ~wr.safe))
     n = int(done.sum())
     store.write_tile(
@@ -286,15 +262,11 @@ def pending_items(tile: Tile, wr: WindowResult, idx: np.ndarray) -> list[dict]:
     """Group owned-but-unsafe objects by parent into retry items."""
     if len(idx) == 0:
         return []
-    det = wr.detection
-    c = wr.meas.columns
-    oy, ox = wr.window.y0, wr.window.x0
+    det, c, (oy, ox) = wr.detection, wr.meas.columns, (wr.window.y0, wr.window.x0)
     items = []
     for p in np.unique(det.parent[idx]):
-        members = idx[det.parent[idx] == p]
-        siblings = np.flatnonzero(det.parent == p)
-        r = wr.meas.extent[siblings]
-        bb = wr.meas.bbox[siblings]
+        members, siblings = idx[det.parent[idx] == p], np.flatnonzero(det.parent == p)
+        r, bb = wr.meas.extent[siblings], wr.meas.bbox[siblings]
         box = [
             int(min(bb[:, 0].min() + oy, np.floor(c["y"][siblings] - r).min())),
             int(max(bb[:, 1].max() + oy, np.ceil(c["y"][siblings] + r).max() + 1)),
