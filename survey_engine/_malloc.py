@@ -1,17 +1,8 @@
 """Keep glibc's allocator from thrashing while a task runs on a Dask worker.
 
-Dask's nanny starts workers with ``MALLOC_TRIM_THRESHOLD_=65536``. Setting any
-malloc threshold switches off glibc's dynamic mmap threshold, so every buffer
-of 128 KiB or more (GalSim's FFT and k-space images) is mmap-ed, page-faulted
-and unmapped again, and the heap top is trimmed after every free: measured,
-this doubles the time GalSim takes to draw a block (3.6 s instead of 1.8 s)
-and slows the engine's per-tile numpy/sep work the same way.
-
-:func:`task_allocator` raises the mmap and trim thresholds for the duration
-of a task (a simulated block, a tile) and afterwards restores the values from the environment and trims
-the heap, so the worker still hands its memory back as Dask intends. It does
-nothing unless the process runs on glibc with such a variable set (otherwise
-glibc's dynamic thresholds are already in force).
+Under Dask's nanny (``MALLOC_TRIM_THRESHOLD_`` set) glibc mmaps and unmaps every buffer of
+128 KiB or more; :func:`task_allocator` raises the mmap and trim thresholds for the duration of
+a task. Why, and what it was measured to save: ``docs/architecture.md`` ("Worker allocator").
 """
 
 from __future__ import annotations

@@ -15,20 +15,12 @@ import pyarrow.parquet as pq
 
 from .schema import BAND_INHERITED_FLAGS, ColumnSpec, catalog_columns, empty_columns, object_ids
 
-__all__ = [
-    "CatalogLayout",
-    "catalog_metadata",
-    "read_catalog",
-    "reference_band",
-    "to_arrow",
-    "write_parquet_atomic",
-]
+__all__ = ["CatalogLayout", "catalog_metadata", "read_catalog", "reference_band", "to_arrow",
+           "write_parquet_atomic"]  # fmt: skip
 
 #: Detection-image columns copied from the measurements unchanged.
-_COPIED = (
-    "x", "y", "x_iso", "y_iso", "x_err", "y_err", "a", "b", "theta", "e1", "e2",
-    "half_light_radius", "kron_radius", "area", "peak", "flags",
-)  # fmt: skip
+_COPIED = ("x", "y", "x_iso", "y_iso", "x_err", "y_err", "a", "b", "theta", "e1", "e2",
+           "half_light_radius", "kron_radius", "area", "peak", "flags")  # fmt: skip
 
 
 def reference_band(bands: tuple[str, ...], detection_band: str | None) -> str:
@@ -44,10 +36,8 @@ class CatalogLayout:
     ----------
     specs : list of ColumnSpec
         The columns, in order (:func:`~survey_engine.schema.catalog_columns`).
-    bands : tuple of str
-        Band order of the mosaic.
-    reference_band : str
-        Band behind ``flux``/``flux_err``.
+    bands, reference_band : tuple of str, str
+        Band order of the mosaic, and the band behind ``flux``/``flux_err``.
     zero_points : mapping
         AB zero point per band (None if unknown: nJy and magnitudes are NaN).
     width : int
@@ -67,32 +57,27 @@ class CatalogLayout:
     def for_mosaic(cls, m, apertures: tuple[float, ...], detection_band: str | None):
         """The layout of a catalog of mosaic ``m`` (a :class:`~survey_engine.mosaic.Mosaic`)."""
         ref = reference_band(m.bands, detection_band)
-        specs = catalog_columns(
-            m.bands, apertures, image_unit=m.units.get("image", "count"), reference_band=ref
-        )
+        specs = catalog_columns(m.bands, apertures, image_unit=m.units.get("image", "count"),
+                                reference_band=ref)  # fmt: skip
         sky = m.pixel_to_sky if m.has_wcs else None
         return cls(specs, tuple(m.bands), ref, dict(m.zero_points), m.nx, sky)
 
-    def rows(
-        self, meas, idx: np.ndarray, *, origin: tuple[int, int], parent_index: np.ndarray,
-        n_children: np.ndarray,
-    ) -> dict[str, np.ndarray]:  # fmt: skip
+    def rows(self, meas, idx: np.ndarray, *, origin: tuple[int, int], parent_index: np.ndarray,
+             n_children: np.ndarray) -> dict[str, np.ndarray]:  # fmt: skip
         """Catalog columns of objects ``idx`` of one measured window.
 
         Parameters
         ----------
         meas : Measurements
-            Per-object measurements of the window (window pixel coordinates for the peaks,
-            mosaic coordinates for the positions; per-band columns in ``meas.bands``).
+            Per-object measurements of the window (peaks in window pixels, positions in
+            mosaic pixels; per-band columns in ``meas.bands``).
         idx : numpy.ndarray of int
             Objects to output.
         origin : (int, int)
             Mosaic pixel (y, x) of the window's first pixel.
-        parent_index : numpy.ndarray
-            Per object of the window: index of its parent's brightest child (its ID is the
-            parent ID).
-        n_children : numpy.ndarray
-            Per object of the window: children of its parent.
+        parent_index, n_children : numpy.ndarray
+            Per object of the window: index of its parent's brightest child (whose ID is the
+            parent ID), and the number of children of its parent.
 
         Returns
         -------
@@ -105,12 +90,9 @@ class CatalogLayout:
         c = meas.columns
         ids = object_ids(c["y_peak"] + origin[0], c["x_peak"] + origin[1], self.width)
         out: dict[str, np.ndarray] = {
-            "id": ids[idx],
-            "parent_id": ids[parent_index[idx]],
-            "n_children": n_children[idx],
-            "x_peak": c["x_peak"][idx] + origin[1],
-            "y_peak": c["y_peak"][idx] + origin[0],
-        }
+            "id": ids[idx], "parent_id": ids[parent_index[idx]], "n_children": n_children[idx],
+            "x_peak": c["x_peak"][idx] + origin[1], "y_peak": c["y_peak"][idx] + origin[0],
+        }  # fmt: skip
         out.update({k: c[k][idx] for k in _COPIED})
         if self.pixel_to_sky is not None:
             out["ra"], out["dec"] = self.pixel_to_sky(out["x"], out["y"])
@@ -153,19 +135,15 @@ class CatalogLayout:
 _META_KEY = b"survey_engine"
 
 
-def to_arrow(
-    columns: Mapping[str, np.ndarray],
-    specs: list[ColumnSpec],
-    meta: Mapping[str, Any] | None = None,
-) -> pa.Table:
+def to_arrow(columns: Mapping[str, np.ndarray], specs: list[ColumnSpec],
+             meta: Mapping[str, Any] | None = None) -> pa.Table:  # fmt: skip
     """Build an Arrow table in schema order, with units and descriptions as field metadata.
 
     Parameters
     ----------
     columns : mapping of str to numpy.ndarray
-        One array per column named in ``specs`` (extra keys are an error).
+        One array per column of the schema ``specs`` (extra keys are an error).
     specs : list of ColumnSpec
-        The schema.
     meta : mapping, optional
         Catalog-level metadata (JSON-serialisable), stored under ``survey_engine``.
 
@@ -173,9 +151,8 @@ def to_arrow(
     -------
     pyarrow.Table
     """
-    names = [s.name for s in specs]
-    extra = set(columns) - set(names)
-    missing = set(names) - set(columns)
+    names = {s.name for s in specs}
+    extra, missing = set(columns) - names, names - set(columns)
     if extra or missing:
         msg = f"catalog columns do not match the schema: missing {sorted(missing)}, extra {sorted(extra)}"
         raise ValueError(msg)
@@ -196,7 +173,6 @@ def write_parquet_atomic(table: pa.Table, path: str | os.PathLike) -> None:
     Parameters
     ----------
     table : pyarrow.Table
-        What to write.
     path : path-like
         Destination.
     """
@@ -208,8 +184,7 @@ def write_parquet_atomic(table: pa.Table, path: str | os.PathLike) -> None:
 
 def catalog_metadata(path: str | os.PathLike) -> dict[str, Any]:
     """The catalog-level metadata (run configuration, bands, flags…) of a catalog file."""
-    schema = pq.read_schema(path)
-    raw = (schema.metadata or {}).get(_META_KEY)
+    raw = (pq.read_schema(path).metadata or {}).get(_META_KEY)
     return {} if raw is None else json.loads(raw)
 
 
@@ -240,13 +215,7 @@ def read_catalog(path: str | os.PathLike):
         data = col.to_numpy(zero_copy_only=False)
         fmeta = fld.metadata or {}
         unit = fmeta.get(b"unit")
-        desc = fmeta.get(b"description", b"").decode()
-        if unit:
-            q = data * u.Unit(unit.decode(), parse_strict="silent")
-            out[fld.name] = q
-            out[fld.name].info.description = desc
-        else:
-            out[fld.name] = data
-            out[fld.name].info.description = desc
+        out[fld.name] = data * u.Unit(unit.decode(), parse_strict="silent") if unit else data
+        out[fld.name].info.description = fmeta.get(b"description", b"").decode()
     out.meta.update(catalog_metadata(path))
     return out

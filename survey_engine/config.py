@@ -1,18 +1,9 @@
 """Run parameters in two parts — science (decides the objects) and execution (how they are computed).
 
-* :class:`ScienceConfig`: detection, deblending and measurement parameters; stored with
-  every catalog (``read_catalog(p).meta["science"]``). Two runs with the same science
-  parameters on the same mosaic give the same catalog, whatever the tiling or the cluster.
-* :class:`ExecutionConfig`: backend, device, batch sizes, bfloat16, measurement precision,
-  workers, scheduler. Stored too (``meta["execution"]``); only the kernel settings among them
-  (:meth:`ExecutionConfig.kernel_settings`) can change a catalog's last bits.
-
+Both are stored with every catalog (``read_catalog(p).meta["science"]`` and ``["execution"]``);
+only :meth:`ExecutionConfig.kernel_settings` among the latter can change a catalog's last bits.
 Defaults come from the Dask configuration under ``survey_engine`` (``survey_engine.yaml``,
-registered here with :func:`dask.config.update_defaults`; user YAML files,
-``DASK_SURVEY_ENGINE__*`` environment variables and :func:`dask.config.set` take
-precedence and, following the Dask convention, a commented copy is put in
-``~/.config/dask/``). :func:`survey_engine.driver.resolve_run` combines them with the
-arguments of a run, once.
+registered here); how the two parts and the defaults combine: ``docs/architecture.md``.
 """
 
 from __future__ import annotations
@@ -28,25 +19,16 @@ import yaml
 from .kernels.detect import DetectionConfig
 from .kernels.measure import MeasureConfig
 
-__all__ = [
-    "CONFIG_FILE",
-    "EXECUTION_KEYS",
-    "SCIENCE_KEYS",
-    "ExecutionConfig",
-    "ScienceConfig",
-    "configured",
-    "get",
-]
+__all__ = ["CONFIG_FILE", "EXECUTION_KEYS", "SCIENCE_KEYS", "ExecutionConfig", "ScienceConfig",
+           "configured", "get"]  # fmt: skip
 
 #: The YAML file of the shipped defaults.
 CONFIG_FILE = os.path.join(os.path.dirname(__file__), "survey_engine.yaml")
 
 #: Dask-config keys of science parameters (fields of ScienceConfig or of its parts); applied
 #: only when no explicit ``science=`` is given to a run.
-SCIENCE_KEYS = (
-    "deblender", "thresh", "minarea", "deblend_nthresh", "deblend_cont", "detection_band",
-    "background_box",
-)  # fmt: skip
+SCIENCE_KEYS = ("deblender", "thresh", "minarea", "deblend_nthresh", "deblend_cont",
+                "detection_band", "background_box")  # fmt: skip
 #: Dask-config keys of execution parameters (fields of ExecutionConfig).
 EXECUTION_KEYS = ("backend", "device", "measure_dtype", "tile_batch", "workers", "scheduler")
 
@@ -59,9 +41,7 @@ dask.config.update_defaults(DEFAULTS)
 
 def get(key: str, value: Any = None) -> Any:
     """``value`` when it is not None, else the configured ``survey_engine.<key>``."""
-    if value is not None:
-        return value
-    return dask.config.get(f"survey_engine.{key}", default=None)
+    return value if value is not None else dask.config.get(f"survey_engine.{key}", default=None)
 
 
 def configured(keys: tuple[str, ...]) -> dict[str, Any]:
@@ -88,9 +68,7 @@ def _nested_replace(obj, params: dict[str, Any], parts: tuple[str, ...], what: s
             known = sorted(top | set().union(*sub.values()))
             msg = f"unknown {what} parameter {k!r}; known: {', '.join(known)}"
             raise TypeError(msg)
-    for p, kv in nested.items():
-        if kv:
-            changes[p] = dataclasses.replace(getattr(obj, p), **kv)
+    changes |= {p: dataclasses.replace(getattr(obj, p), **kv) for p, kv in nested.items() if kv}
     return dataclasses.replace(obj, **changes)
 
 
@@ -100,22 +78,18 @@ class ScienceConfig:
 
     Attributes
     ----------
-    detection : DetectionConfig
-        Detection threshold, minimum area and sep's deblending parameters.
-    measure : MeasureConfig
-        Apertures, Kron and windowed-centroid parameters.
+    detection, measure : DetectionConfig, MeasureConfig
+        Detection threshold, minimum area and sep's deblending parameters; apertures, Kron and
+        windowed-centroid parameters.
     detection_band : str or None
         Detect on this band alone; None combines all bands (``combine``).
     combine : {"ivar", "chi2"}
         How bands are combined into the detection image.
-    background_box : int
-        Background mesh cell size (pixels), anchored at the mosaic origin.
-    background_filter : int
-        Median filter size of the background mesh (cells).
+    background_box, background_filter : int
+        Background mesh cell (pixels, anchored at mosaic origin) and median filter (cells) sizes.
     deblender : str
-        A name of :data:`survey_engine.deblend.DEBLENDERS`: ``sep`` (sep's multi-threshold
-        deblending, made window-independent) or ``unet`` (the U-Net of
-        :mod:`survey_engine.unet`: foreground + centre maps → instances).
+        A name of :data:`survey_engine.deblend.DEBLENDERS`: ``sep`` (window-independent
+        multi-threshold deblending) or ``unet`` (the U-Net of :mod:`survey_engine.unet`).
     unet_model : str or None
         Checkpoint of the ``unet`` deblender; None: the model shipped with the package.
     """
@@ -178,14 +152,11 @@ class ExecutionConfig:
     ----------
     backend : {"numpy", "torch"}
         Array library of the per-window stages (:data:`survey_engine.backends.BACKENDS`):
-        ``numpy`` (sep/scipy, one window at a time) or ``torch`` (every stage in torch on
-        ``device``, batched over tiles).
+        ``numpy`` (sep/scipy, window by window) or ``torch`` (on ``device``, batched over tiles).
     device : str
-        ``"cpu"`` or ``"cuda"`` (``"cuda:N"``): where torch work (the U-Net, the torch
-        backend) runs.
+        ``"cpu"`` or ``"cuda"`` (``"cuda:N"``): where torch work (U-Net, torch backend) runs.
     unet_batch_size : int or None
-        Patches per forward pass of the U-Net (None: 1 on CPU, where it is fastest, 32 on
-        CUDA).
+        Patches per U-Net forward pass (None: 1 on CPU, where it is fastest, 32 on CUDA).
     unet_amp : bool or None
         bfloat16 autocast of the U-Net; None: on for CUDA, off on CPU. ``False`` on CUDA runs
         the network in float32 with TF32 off (maps within float32 rounding of the CPU ones).
@@ -194,12 +165,10 @@ class ExecutionConfig:
         positions within 3e-6 px, fluxes within 6e-7 relative of float64, measured on CPU).
     tile_batch : int or None
         Tiles per task (None: 1 for numpy; for torch 2 on CPU, from free GPU memory on CUDA).
-    workers : int or None
-        Worker processes of a LocalCluster (None: one per core, or per GPU with ``gpu``).
-    scheduler : str or None
-        Address of an existing Dask scheduler; None: start a local cluster.
-    gpu : bool
-        Start a ``dask_cuda.LocalCUDACluster`` (without ``scheduler``).
+    workers, scheduler, gpu : int or None, str or None, bool
+        The cluster (:func:`~survey_engine.parallel.dask_client`): an existing scheduler's address,
+        else a LocalCluster of ``workers`` processes (None: one per core) or, with ``gpu``, a
+        ``dask_cuda.LocalCUDACluster`` (None: one worker per GPU).
     resources : dict
         Dask resources every tile task needs (``gpu`` implies ``{"GPU": 1}``).
     """

@@ -1,9 +1,8 @@
 """Catalog export for LSST-scale use: HATS (HEALPix-partitioned Parquet) readable by LSDB.
 
-:func:`export_hats` hands a survey_engine catalog to hats-import, which partitions it
-by HEALPix pixel on the same Dask cluster the engine uses. The result opens with
-``lsdb.open_catalog(path)`` for cross-matching and analysis at survey scale.
-Needs the ``hats`` extra (``pip install "survey_engine[hats]"``).
+:func:`export_hats` hands a survey_engine catalog to hats-import, which partitions it by HEALPix
+pixel on the same Dask cluster the engine uses; ``lsdb.open_catalog(path)`` opens the result for
+cross-matching and analysis at survey scale. Needs ``pip install "survey_engine[hats]"``.
 """
 
 from __future__ import annotations
@@ -24,36 +23,23 @@ logger = logging.getLogger(__name__)
 
 
 def export_hats(
-    catalog: str | os.PathLike,
-    output_path: str | os.PathLike,
-    *,
-    name: str = "survey_engine",
-    pixel_threshold: int = 1_000_000,
-    highest_healpix_order: int = 10,
-    workers: int | None = None,
-    scheduler: str | None = None,
-    client: Any | None = None,
-    progress: bool = True,
-) -> Path:
+    catalog: str | os.PathLike, output_path: str | os.PathLike, *, name: str = "survey_engine",
+    pixel_threshold: int = 1_000_000, highest_healpix_order: int = 10, workers: int | None = None,
+    scheduler: str | None = None, client: Any | None = None, progress: bool = True,
+) -> Path:  # fmt: skip
     """Write a catalog as a HATS catalog (hats-import) readable by LSDB.
 
     Parameters
     ----------
     catalog : path-like
-        ``catalog.parquet`` written by :func:`survey_engine.run` (needs ``ra``/``dec``,
-        i.e. a mosaic with a WCS).
-    output_path : path-like
-        Directory that receives the catalog directory ``name``.
-    name : str
-        Name of the HATS catalog (its directory under ``output_path``).
-    pixel_threshold : int
-        Largest number of rows in one HEALPix partition.
-    highest_healpix_order : int
-        Finest HEALPix order a partition may have.
-    workers, scheduler, client
-        Cluster to run hats-import on (see :func:`survey_engine.parallel.dask_client`).
-    progress : bool
-        Show hats-import's progress bars.
+        ``catalog.parquet`` of :func:`survey_engine.run` (needs ``ra``/``dec``: a mosaic WCS).
+    output_path, name
+        The HATS catalog named ``name`` (str) is written to the directory ``output_path / name``.
+    pixel_threshold, highest_healpix_order : int
+        Largest number of rows in one HEALPix partition, and the finest order it may have.
+    workers, scheduler, client, progress
+        Cluster to run hats-import on (see :func:`survey_engine.parallel.dask_client`), and
+        whether to show its progress bars.
 
     Returns
     -------
@@ -69,8 +55,7 @@ def export_hats(
     if not catalog.is_file():
         msg = f"catalog not found: {catalog}"
         raise FileNotFoundError(msg)
-    table = pq.read_table(catalog, columns=["ra", "dec"])
-    ra = table.column("ra").to_numpy(zero_copy_only=False)
+    ra = pq.read_table(catalog, columns=["ra", "dec"]).column("ra").to_numpy(zero_copy_only=False)
     if len(ra) and not np.all(np.isfinite(ra)):
         msg = (
             f"catalog {catalog} has objects without ra/dec (the mosaic has no WCS?): "
@@ -80,19 +65,11 @@ def export_hats(
     out = Path(output_path)
     out.mkdir(parents=True, exist_ok=True)
     args = ImportArguments(
-        input_file_list=[str(catalog)],
-        file_reader="parquet",
-        ra_column="ra",
-        dec_column="dec",
-        sort_columns="id",
-        output_path=str(out),
-        output_artifact_name=name,
-        pixel_threshold=int(pixel_threshold),
-        highest_healpix_order=int(highest_healpix_order),
-        progress_bar=progress,
-        tmp_dir=str(out / f".{name}-tmp"),
-        resume=False,
-    )
+        input_file_list=[str(catalog)], file_reader="parquet", ra_column="ra", dec_column="dec",
+        sort_columns="id", output_path=str(out), output_artifact_name=name,
+        pixel_threshold=int(pixel_threshold), highest_healpix_order=int(highest_healpix_order),
+        progress_bar=progress, tmp_dir=str(out / f".{name}-tmp"), resume=False,
+    )  # fmt: skip
     with dask_client(workers=workers, scheduler=scheduler, client=client) as c:
         pipeline_with_client(args, c)
     logger.info("HATS catalog written to %s", out / name)

@@ -15,14 +15,10 @@ __all__ = ["MASK_BITS", "MaskBit", "describe_mask_bits"]
 class MaskBit(enum.IntFlag):
     """Per-pixel mask bits of a mosaic (uint16)."""
 
-    NO_DATA = 1
-    """No valid data: NaN/inf pixel, zero weight, outside the survey footprint."""
-    SAT = 2
-    """Saturated pixel (at or above the image's saturation level)."""
-    EDGE = 4
-    """Pixel near the edge of an input image (unreliable)."""
-    BAD = 8
-    """Known bad pixel: bad column, hot pixel, cosmic ray, satellite trail."""
+    NO_DATA = 1  #: No valid data: NaN/inf pixel, zero weight, outside the survey footprint.
+    SAT = 2  #: Saturated pixel (at or above the image's saturation level).
+    EDGE = 4  #: Pixel near the edge of an input image (unreliable).
+    BAD = 8  #: Known bad pixel: bad column, hot pixel, cosmic ray, satellite trail.
 
 
 MASK_BITS: dict[str, int] = {bit.name: int(bit.value) for bit in MaskBit}
@@ -39,9 +35,6 @@ def describe_mask_bits() -> dict[str, str]:
     dict
         Bit name to one-line description.
     """
-    return {
-        "NO_DATA": "no valid data (NaN/inf, zero weight, outside footprint)",
-        "SAT": "saturated pixel",
-        "EDGE": "near the edge of an input image",
-        "BAD": "known bad pixel (bad column, cosmic ray, trail)",
-    }
+    return {"NO_DATA": "no valid data (NaN/inf, zero weight, outside footprint)",
+            "SAT": "saturated pixel", "EDGE": "near the edge of an input image",
+            "BAD": "known bad pixel (bad column, cosmic ray, trail)"}  # fmt: skip

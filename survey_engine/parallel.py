@@ -1,9 +1,8 @@
 """Dask cluster access: the single place where survey_engine talks to Dask distributed.
 
-Every parallel job (simulation, the tiled engine, benchmarks) obtains its
-client through :func:`dask_client` and maps pure functions over work items
-with :func:`map_tasks`, which streams results, shows a progress bar and
-collects per-item failures instead of letting one bad item sink the others.
+Every parallel job (simulation, tiled engine, benchmarks) gets its client from :func:`dask_client`
+and maps pure functions over work items with :func:`map_tasks`, which streams results, shows a
+progress bar and collects per-item failures instead of letting one bad item sink the others.
 """
 
 from __future__ import annotations
@@ -22,19 +21,9 @@ from typing import Any
 
 import dask.config
 
-__all__ = [
-    "GPUUnavailable",
-    "SchedulerUnreachable",
-    "TaskFailure",
-    "check_interrupt",
-    "cluster_workers",
-    "dask_client",
-    "default_workers",
-    "interrupts_deferred",
-    "local_cluster",
-    "map_tasks",
-    "workers_with",
-]
+__all__ = ["GPUUnavailable", "SchedulerUnreachable", "TaskFailure", "check_interrupt",
+           "cluster_workers", "dask_client", "default_workers", "interrupts_deferred",
+           "local_cluster", "map_tasks", "workers_with"]  # fmt: skip
 
 logger = logging.getLogger(__name__)
 
@@ -48,37 +37,21 @@ def default_workers() -> int:
 
 
 @contextlib.contextmanager
-def dask_client(
-    *,
-    workers: int | None = None,
-    scheduler: str | None = None,
-    client: Any | None = None,
-    threads_per_worker: int = 1,
-    memory_limit: str | float | None = "auto",
-    processes: bool = True,
-    gpu: bool = False,
-) -> Iterator[Any]:
+def dask_client(*, workers: int | None = None, scheduler: str | None = None,
+                client: Any | None = None, threads_per_worker: int = 1,
+                memory_limit: str | float | None = "auto", processes: bool = True,
+                gpu: bool = False) -> Iterator[Any]:  # fmt: skip
     """Yield a ``distributed.Client``: the given one, one connected to ``scheduler``, or a new LocalCluster.
 
     Parameters
     ----------
-    workers : int, optional
-        Worker processes of a new LocalCluster (default: one per core).
     scheduler : str, optional
         Address of an existing scheduler (``tcp://host:8786``); no cluster is started.
     client : distributed.Client, optional
         Use this client as is (it is not closed on exit).
-    threads_per_worker : int
-        Threads per worker of a new LocalCluster. The kernels are single-threaded C/numpy,
-        so one thread per process scales best.
-    memory_limit : str or float or None
-        Per-worker memory limit of a new LocalCluster.
-    processes : bool
-        Use worker processes (default) rather than threads.
-    gpu : bool
-        Start a ``dask_cuda.LocalCUDACluster`` (one worker per visible GPU, each
-        declaring the Dask resource ``GPU=1``) instead of a LocalCluster; ``workers``
-        then limits the number of GPUs used. dask-cuda is imported only here.
+    workers, threads_per_worker, memory_limit, processes, gpu
+        Of a new cluster, as for :func:`local_cluster` (one thread per process scales best:
+        the kernels are single-threaded C/numpy).
 
     Yields
     ------
@@ -104,10 +77,8 @@ def dask_client(
         with c:
             yield c
         return
-    cluster = local_cluster(
-        workers, gpu=gpu, threads_per_worker=threads_per_worker, memory_limit=memory_limit,
-        processes=processes,
-    )  # fmt: skip
+    cluster = local_cluster(workers, gpu=gpu, threads_per_worker=threads_per_worker,
+                            memory_limit=memory_limit, processes=processes)  # fmt: skip
     with cluster, Client(cluster) as c:
         yield c
 
@@ -122,13 +93,10 @@ class SchedulerUnreachable(RuntimeError):
 
 @contextlib.contextmanager
 def _sigint_ignored():
-    """SIGINT ignored while worker processes are started, so that they inherit it.
-
-    An interrupt (Ctrl-C) then reaches the driver alone, which stops the run and closes the
-    cluster, instead of every worker printing its own traceback. (An ignored signal stays
-    ignored across ``exec``, and Python installs its KeyboardInterrupt handler only where
-    SIGINT is not ignored.)
-    """
+    """SIGINT ignored while worker processes start, so that they inherit it."""
+    # Ctrl-C then reaches the driver alone (which stops the run and closes the cluster), not
+    # every worker with its own traceback: an ignored signal stays ignored across ``exec``,
+    # and Python installs its KeyboardInterrupt handler only where SIGINT is not ignored.
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -139,30 +107,22 @@ def _sigint_ignored():
         signal.signal(signal.SIGINT, previous)
 
 
-def local_cluster(
-    workers: int | None = None,
-    *,
-    gpu: bool = False,
-    threads_per_worker: int = 1,
-    memory_limit: str | float | None = "auto",
-    processes: bool = True,
-    without_dask_cuda: bool = False,
-):
+def local_cluster(workers: int | None = None, *, gpu: bool = False, threads_per_worker: int = 1,
+                  memory_limit: str | float | None = "auto", processes: bool = True,
+                  without_dask_cuda: bool = False):  # fmt: skip
     """Start a cluster on this machine (the caller closes it, e.g. ``with local_cluster() as c``).
 
     Parameters
     ----------
     workers : int, optional
-        Worker processes (default: one per core); with ``gpu``, at most one per GPU
-        (default: every visible GPU).
+        Worker processes (default: one per core); with ``gpu``, at most one per GPU (default: all).
     gpu : bool
-        A ``dask_cuda.LocalCUDACluster`` whose workers declare the Dask resource ``GPU=1``.
+        A ``dask_cuda.LocalCUDACluster`` (imported only here) of workers with resource ``GPU=1``.
     threads_per_worker, memory_limit, processes
         As for ``distributed.LocalCluster`` (``processes`` is ignored with ``gpu``).
     without_dask_cuda : bool
-        With ``gpu`` and no importable dask-cuda, start a plain LocalCluster of GPU=1
-        workers instead of failing (they all see the default device; for benchmarks on a
-        one-GPU host without dask-cuda).
+        With ``gpu`` and no importable dask-cuda, a plain LocalCluster of GPU=1 workers instead
+        of failing (all on the default device: for benchmarks on a one-GPU host).
 
     Returns
     -------
@@ -175,12 +135,8 @@ def local_cluster(
     """
     from distributed import LocalCluster
 
-    common = {
-        "threads_per_worker": threads_per_worker,
-        "memory_limit": memory_limit,
-        "dashboard_address": ":0",
-        "silence_logs": logging.WARNING,
-    }
+    common = {"threads_per_worker": threads_per_worker, "memory_limit": memory_limit,
+              "dashboard_address": ":0", "silence_logs": logging.WARNING}  # fmt: skip
     if not gpu:
         n = default_workers() if workers is None else int(workers)
         if n < 1:
@@ -210,10 +166,8 @@ def local_cluster(
                 "GPU workers started with --resources GPU=1"
             )
             raise GPUUnavailable(msg) from err
-        logger.warning(
-            "dask-cuda does not import (%s: %s): %d GPU=1 worker(s) in a plain LocalCluster",
-            type(err).__name__, err, n,
-        )  # fmt: skip
+        logger.warning("dask-cuda does not import (%s: %s): %d GPU=1 worker(s) in a plain "
+                       "LocalCluster", type(err).__name__, err, n)  # fmt: skip
         with _sigint_ignored():
             return LocalCluster(n_workers=n, processes=True, resources={"GPU": 1}, **common)
     logger.info("starting LocalCUDACluster with %d GPU worker(s)", n)
@@ -241,10 +195,8 @@ class TaskFailure:
 
     Attributes
     ----------
-    key : Any
-        The item's key (e.g. the tile index).
-    error : str
-        ``"ExceptionType: message"`` of the failure.
+    key, error : Any, str
+        The item's key (e.g. the tile index) and ``"ExceptionType: message"`` of the failure.
     """
 
     key: Any
@@ -259,19 +211,10 @@ class TaskResults:
     failures: list[TaskFailure] = field(default_factory=list)
 
 
-def map_tasks(
-    client: Any,
-    func: Callable[..., Any],
-    items: Sequence[Any],
-    *,
-    keys: Iterable[Any] | None = None,
-    desc: str = "tasks",
-    progress: bool = True,
-    on_result: Callable[[Any, Any], None] | None = None,
-    retries: int = 0,
-    resources: dict[str, float] | None = None,
-    **kwargs: Any,
-) -> TaskResults:
+def map_tasks(client: Any, func: Callable[..., Any], items: Sequence[Any], *,
+              keys: Iterable[Any] | None = None, desc: str = "tasks", progress: bool = True,
+              on_result: Callable[[Any, Any], None] | None = None, retries: int = 0,
+              resources: dict[str, float] | None = None, **kwargs: Any) -> TaskResults:  # fmt: skip
     """Run ``func(item, **kwargs)`` for every item on the cluster, streaming results.
 
     Parameters
@@ -284,17 +227,14 @@ def map_tasks(
         Work items (small: tile descriptions, not pixel arrays).
     keys : iterable, optional
         One key per item for the results dict (default: the item's position).
-    desc : str
-        Progress-bar label.
-    progress : bool
-        Show a tqdm progress bar on stderr.
+    desc, progress
+        Label of the tqdm progress bar (on stderr), and whether to show it.
     on_result : callable, optional
         Called as ``on_result(key, result)`` in the driver as each result arrives.
     retries : int
         Times the scheduler retries an item whose function raised.
     resources : dict, optional
-        Dask worker resources each task needs (e.g. ``{"GPU": 1}``): tasks then run only
-        on workers that declare them, one per unit.
+        Dask resources each task needs (``{"GPU": 1}``): it runs only where declared, one per unit.
     **kwargs
         Shared keyword arguments (scattered once, e.g. a background mesh).
 
@@ -316,14 +256,9 @@ def map_tasks(
         return out
     shared = {k: client.scatter(v, broadcast=True) if _is_big(v) else v for k, v in kwargs.items()}
     futures = client.map(
-        _TaskCall(func),
-        items,
-        pure=False,
-        retries=retries,
-        resources=resources,
-        key=f"{desc}-{uuid.uuid4().hex[:8]}",
-        **shared,
-    )
+        _TaskCall(func), items, pure=False, retries=retries, resources=resources,
+        key=f"{desc}-{uuid.uuid4().hex[:8]}", **shared,
+    )  # fmt: skip
     by_future = dict(zip(futures, keys, strict=True))
     with tqdm(total=len(items), desc=desc, disable=not progress, unit="task") as bar:
         for fut in _completed(as_completed(futures)):
@@ -333,8 +268,7 @@ def map_tasks(
                 out.failures.append(TaskFailure(key, f"{type(exc).__name__}: {exc}"))
                 logger.error("%s %r failed: %s: %s", desc, key, type(exc).__name__, exc)
             else:
-                res = fut.result()
-                out.results[key] = res
+                out.results[key] = res = fut.result()
                 if on_result is not None:
                     on_result(key, res)
             fut.release()

@@ -52,12 +52,9 @@ class Footprints:
 
     Attributes
     ----------
-    ids : numpy.ndarray
-        int64 object IDs.
-    boxes : numpy.ndarray
-        ``(n, 4)`` int64 mosaic boxes ``y0, y1, x0, x1``.
-    pixels : numpy.ndarray
-        bool, the crops (each ``(y1 - y0) × (x1 - x0)``, row-major) one after the other.
+    ids, boxes, pixels : numpy.ndarray
+        int64 object IDs; ``(n, 4)`` int64 mosaic boxes ``y0, y1, x0, x1``; bool, the crops
+        (each ``(y1 - y0) × (x1 - x0)``, row-major) one after the other.
     """
 
     ids: np.ndarray
@@ -98,9 +95,8 @@ class PartStore:
     def prepare(self, run_info: dict[str, Any], *, resume: bool, overwrite: bool) -> bool:
         """Make the directory ready for a run described by ``run_info``.
 
-        An empty or missing directory is set up; ``overwrite`` clears one that is not;
-        ``resume`` continues one that holds the same run (same ``run.json``; parts left
-        half-written by an interrupted run are removed).
+        An empty or missing directory is set up; ``overwrite`` clears one that is not; ``resume``
+        continues one that holds the same run (same ``run.json``; half-written parts removed).
 
         Returns
         -------
@@ -110,9 +106,8 @@ class PartStore:
         Raises
         ------
         StoreError
-            The path is a file or cannot be written; the directory holds another run, or
-            something that is not a run, without ``overwrite``; or holds a run and neither
-            flag is given.
+            The path is a file or unwritable; it holds another run (or no run) without
+            ``overwrite``, or a run and neither flag is given.
         """
         run_info = json.loads(json.dumps(run_info))  # compare as stored (tuples become lists)
         if self.root.exists() and not self.root.is_dir():
@@ -182,10 +177,8 @@ class PartStore:
         np.savez(self.root / "background.npz", level=level, rms=rms)
 
     # -- writing parts (workers) ---------------------------------------------------------
-    def write_tile(
-        self, name: str, *, table: pa.Table, core_labels: np.ndarray, footprints: Footprints,
-        pending: list[dict], info: dict,
-    ) -> None:  # fmt: skip
+    def write_tile(self, name: str, *, table: pa.Table, core_labels: np.ndarray,
+                   footprints: Footprints, pending: list[dict], info: dict) -> None:  # fmt: skip
         """Write a tile's part atomically (see the module docstring for what it holds)."""
         self._write(name, {
             "catalog.parquet": table, "labels.bin": _BLOSC.encode(np.ascontiguousarray(core_labels)),
@@ -194,9 +187,8 @@ class PartStore:
 
     def write_retry(self, key: str, *, table: pa.Table, footprints: Footprints, info: dict) -> None:
         """Write the part of a re-measured object group atomically."""
-        self._write(_retry_name(key), {
-            "catalog.parquet": table, "footprints.npz": footprints, "info.json": info,
-        })  # fmt: skip
+        files = {"catalog.parquet": table, "footprints.npz": footprints, "info.json": info}
+        self._write(retry_part(key), files)
 
     def _write(self, name: str, files: dict[str, Any]) -> None:
         """All files into a temporary directory, then one rename: a part is whole or absent."""
@@ -234,7 +226,7 @@ class PartStore:
 
     def finished_retries(self, keys: Iterable[str]) -> set[str]:
         """The retry keys among ``keys`` whose part is written."""
-        return {k for k in keys if (self.parts / _retry_name(k)).exists()}
+        return {k for k in keys if (self.parts / retry_part(k)).exists()}
 
     def pending(self, names: Iterable[str]) -> list[dict]:
         """Every retry item of the tiles ``names`` (in their order)."""
@@ -270,9 +262,6 @@ class PartStore:
             yield pq.read_table(self.parts / n / "catalog.parquet")
 
 
-def _retry_name(key: str) -> str:
+def retry_part(key: str) -> str:
+    """The part name of a retry item (for :meth:`PartStore.footprints` and ``catalog_tables``)."""
     return f"retry-{key}"
-
-
-#: The part name of a retry item (for :meth:`PartStore.footprints` and ``catalog_tables``).
-retry_part = _retry_name

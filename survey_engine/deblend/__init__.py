@@ -1,16 +1,8 @@
 """Deblenders: strategies that turn a batch of detection images into objects and parents.
 
-A deblender is a small configured object (photutils' ``SourceFinder`` is the model):
-
-* ``name`` and ``backends`` — the array backends it runs on;
-* ``from_science(science)`` — built from the run's :class:`~survey_engine.config.ScienceConfig`
-  (refusing parameters it cannot use);
-* ``receptive_radius()`` — pixels beyond a footprint that influence how it is found;
-* ``required_halo(guard)`` — the smallest tile halo it works with (0: any);
-* ``detect(images, execution, times)`` — :class:`DetectionImages` of a batch of windows
-  in, a batch of results out: ``.labels`` ``(B, H, W)`` and ``.window(b)`` →
-  :class:`~survey_engine.kernels.detect.DetectionResult`.
-
+A deblender is a small configured object (photutils' ``SourceFinder`` is the model) with ``name``,
+``backends``, ``from_science(science)``, ``receptive_radius()``, ``required_halo(guard)`` and
+``detect(images, execution, times)``: the protocol is in ``docs/architecture.md`` ("Deblenders").
 A new deblender is one module in this package and one entry in :data:`DEBLENDERS`.
 """
 
@@ -24,14 +16,8 @@ import numpy as np
 
 from ..kernels.detect import DetectionResult
 
-__all__ = [
-    "DEBLENDERS",
-    "DetectionImages",
-    "DetectionList",
-    "check_backend",
-    "deblender_class",
-    "make_deblender",
-]
+__all__ = ["DEBLENDERS", "DetectionImages", "DetectionList", "check_backend", "deblender_class",
+           "make_deblender"]  # fmt: skip
 
 #: Registered deblenders: name → (module, class).
 DEBLENDERS: dict[str, tuple[str, str]] = {
@@ -46,11 +32,9 @@ class DetectionImages:
 
     Attributes
     ----------
-    det, var : array
-        ``(B, H, W)`` background-subtracted detection image and its variance (inf where
-        unusable).
-    bad : array of bool
-        ``(B, H, W)`` pixels without usable detection data.
+    det, var, bad : array
+        ``(B, H, W)`` background-subtracted detection image, its variance (inf where unusable)
+        and the pixels without usable detection data (bool).
     origins : list of (int, int)
         Mosaic pixel (y0, x0) of each window's first pixel.
     """

@@ -22,10 +22,8 @@ class UNetDeblender:
 
     Attributes
     ----------
-    model : str or None
-        Checkpoint; None: the model shipped with the package.
-    minarea : int
-        Smallest instance kept (pixels).
+    model, minarea : str or None, int
+        Checkpoint (None: the model shipped with the package); smallest instance kept (pixels).
     """
 
     model: str | None = None

@@ -3,51 +3,27 @@
 * :mod:`~survey_engine.unet.data`: training sets (GalSim library → blends → Zarr / npz);
 * :mod:`~survey_engine.unet.model`: the network, its receptive field and checkpoints;
 * :mod:`~survey_engine.unet.train`: the training loop (no GalSim; CUDA with bf16 autocast);
-* :mod:`~survey_engine.unet.infer`: tiled, batched inference and instance extraction,
-  returning the same :class:`~survey_engine.kernels.detect.DetectionResult` as the sep
-  deblender.
+* :mod:`~survey_engine.unet.infer`: tiled, batched inference and instance extraction, returning
+  the sep deblender's :class:`~survey_engine.kernels.detect.DetectionResult`.
 
-Submodules are imported on first use, so ``survey_engine.unet.train`` runs on a host
-that has torch and numpy but neither GalSim, sep nor Zarr.
+Submodules are imported on first use: ``survey_engine.unet.train`` runs on a host that has torch
+and numpy but neither GalSim, sep nor Zarr.
 """
 
 from __future__ import annotations
 
 import importlib
 
-__all__ = [
-    "DEFAULT_WEIGHTS",
-    "UNet",
-    "UNetConfig",
-    "UNetOutput",
-    "extract_instances",
-    "generate_training_set",
-    "load_model",
-    "load_training_set",
-    "model_pad",
-    "predict",
-    "receptive_radius",
-    "save_model",
-    "train",
-    "unet_detect",
-]
+__all__ = ["DEFAULT_WEIGHTS", "UNet", "UNetConfig", "UNetOutput", "extract_instances",
+           "generate_training_set", "load_model", "load_training_set", "model_pad", "predict",
+           "receptive_radius", "save_model", "train", "unet_detect"]  # fmt: skip
 
-_WHERE = {
-    "DEFAULT_WEIGHTS": "model",
-    "UNet": "model",
-    "load_model": "model",
-    "model_pad": "model",
-    "receptive_radius": "model",
-    "save_model": "model",
-    "generate_training_set": "data",
-    "load_training_set": "data",
-    "train": "train",
-    "UNetConfig": "infer",
-    "UNetOutput": "infer",
-    "extract_instances": "infer",
-    "predict": "infer",
-    "unet_detect": "infer",
-}
+_WHERE = {name: module for module, names in {
+    "model": ("DEFAULT_WEIGHTS", "UNet", "load_model", "model_pad", "receptive_radius",
+              "save_model"),
+    "data": ("generate_training_set", "load_training_set"), "train": ("train",),
+    "infer": ("UNetConfig", "UNetOutput", "extract_instances", "predict", "unet_detect"),
+}.items() for name in names}  # fmt: skip
 
 
 def __getattr__(name):

@@ -1,11 +1,9 @@
 """U-Net inference on windows of the mosaic: network maps on the mosaic-anchored patch grid.
 
-:func:`network_maps` runs the network on a batch of windows (torch, any device); the
-``unet`` deblender (:mod:`survey_engine.deblend.unet`) turns the maps into objects. The
-one-window helpers :func:`predict_window`, :func:`extract_instances` and :func:`unet_detect`
-(numpy in and out) are thin wrappers over the same code. Why the patch grid is anchored at
-the mosaic origin, and why every forward pass gets the same number of patches, is in
-``docs/unet.md`` ("Inference on windows").
+:func:`network_maps` (a batch of windows; torch, any device) serves the ``unet`` deblender;
+:func:`predict_window`, :func:`extract_instances` and :func:`unet_detect` are numpy wrappers for
+one window. Why the grid is anchored at the mosaic origin and every forward pass gets as many
+patches: ``docs/unet.md`` ("Inference on windows").
 """
 
 from __future__ import annotations
@@ -24,18 +22,8 @@ from ..kernels.detect import DetectionConfig, DetectionResult
 from ..kernels.torch_instances import extract_instances_batch
 from .model import UNet, load_model, normalise_input, receptive_radius
 
-__all__ = [
-    "UNetConfig",
-    "UNetOutput",
-    "cached_model",
-    "extract_instances",
-    "inference_thresholds",
-    "network_maps",
-    "predict",
-    "predict_window",
-    "significance",
-    "unet_detect",
-]
+__all__ = ["UNetConfig", "UNetOutput", "cached_model", "extract_instances", "inference_thresholds",
+           "network_maps", "predict", "predict_window", "significance", "unet_detect"]  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -44,11 +32,9 @@ class UNetConfig:
 
     Attributes
     ----------
-    foreground_threshold : float or None
-        Foreground probability threshold; None: the model's default (0.5).
-    centre_threshold : float or None
-        Centre-peak probability threshold; None: the model's default (tuned on its
-        validation set).
+    foreground_threshold, centre_threshold : float or None
+        Foreground and centre-peak probability thresholds; None: the model's defaults
+        (0.5, and one tuned on its validation set).
     minarea : int
         Smallest component kept (pixels).
     patch : int
@@ -57,10 +43,8 @@ class UNetConfig:
     batch_size : int
         Patches per forward pass (1 is fastest on CPU; 8–32 on a GPU). Results are
         bit-identical across windows for a fixed batch size, device and thread count.
-    device : str
-        ``"cpu"`` or ``"cuda"`` (``"cuda:N"``).
-    amp : bool or None
-        bfloat16 autocast; None: on for CUDA, off on CPU.
+    device, amp : str, bool or None
+        ``"cpu"`` or ``"cuda"`` (``"cuda:N"``); bfloat16 autocast (None: on for CUDA only).
     """
 
     foreground_threshold: float | None = None
@@ -73,8 +57,7 @@ class UNetConfig:
 
     def __post_init__(self):
         for name in ("foreground_threshold", "centre_threshold"):
-            v = getattr(self, name)
-            if v is not None and not 0 < v < 1:
+            if (v := getattr(self, name)) is not None and not 0 < v < 1:
                 msg = f"{name} must be a probability in (0, 1), got {v!r}"
                 raise ValueError(msg)
         for name in ("minarea", "patch", "batch_size"):
@@ -96,10 +79,8 @@ class UNetOutput:
 
     Attributes
     ----------
-    foreground : numpy.ndarray or torch.Tensor
-        Foreground probability, ``(..., H, W)`` float32.
-    centre : numpy.ndarray or torch.Tensor
-        Centre probability, ``(..., H, W)`` float32.
+    foreground, centre : numpy.ndarray or torch.Tensor
+        Foreground and centre probabilities, ``(..., H, W)`` float32.
     offset : numpy.ndarray or torch.Tensor
         ``(..., 2, H, W)`` float32 vector (dy, dx) in pixels to the owning object's centre.
     """
@@ -113,25 +94,14 @@ def inference_thresholds(model: UNet, cfg: UNetConfig | None = None) -> tuple[fl
     """(foreground, centre) probability thresholds: ``cfg``'s, else the model's own defaults."""
     inf = model.config.get("inference", {})
     cfg = cfg or UNetConfig()
-    return (
-        cfg.foreground_threshold or float(inf.get("foreground_threshold", 0.5)),
-        cfg.centre_threshold or float(inf.get("centre_threshold", 0.3)),
-    )
+    return (cfg.foreground_threshold or float(inf.get("foreground_threshold", 0.5)),
+            cfg.centre_threshold or float(inf.get("centre_threshold", 0.3)))  # fmt: skip
 
 
 @functools.lru_cache(maxsize=4)
 def cached_model(path: str | None, device: str = "cpu") -> UNet:
     """The checkpoint ``path`` (None: the shipped model) on ``device``, loaded once per process."""
     return load_model(path, device=device)
-
-
-def _resolve_model(model) -> UNet:
-    if isinstance(model, UNet):
-        return model
-    if model is None or isinstance(model, (str, os.PathLike)):
-        return cached_model(None if model is None else str(model))
-    msg = f"model must be a UNet, a checkpoint path or None, got {type(model).__name__}"
-    raise TypeError(msg)
 
 
 @contextmanager
@@ -141,8 +111,7 @@ def _no_tf32(active: bool):
         yield
         return
     saved = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
-    torch.backends.cudnn.allow_tf32 = False
-    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
     try:
         yield
     finally:
@@ -161,9 +130,8 @@ def _forward(model: UNet, x: torch.Tensor, *, batch_size: int, device, amp: bool
              crop: int = 0) -> torch.Tensor:  # fmt: skip
     """Raw outputs ``(N, 4, H - 2 crop, W - 2 crop)`` float32 on ``device``, batch after batch.
 
-    The network runs in NHWC (several times faster for these narrow convolutions on CPU,
-    suited to tensor cores on GPU), with bfloat16 autocast when ``amp`` (default: on CUDA
-    only) and TF32 off otherwise; ``x`` moves to ``device`` one batch at a time.
+    NHWC (several times faster on CPU for these narrow convolutions, suits GPU tensor cores);
+    bfloat16 autocast if ``amp`` (default: CUDA only), else TF32 off; ``x`` moved batch by batch.
     """
     dev = _device(device)
     amp = dev.type == "cuda" if amp is None else bool(amp)
@@ -193,29 +161,19 @@ def _maps(raw: torch.Tensor, offset_scale: float) -> UNetOutput:
     return UNetOutput(torch.sigmoid(raw[:, 0]), torch.sigmoid(raw[:, 1]), raw[:, 2:4] * offset_scale)
 
 
-def predict(
-    model: UNet,
-    images: np.ndarray | torch.Tensor,
-    *,
-    batch_size: int = 8,
-    device: str | torch.device = "cpu",
-    amp: bool | None = None,
-) -> UNetOutput:
+def predict(model: UNet, images: np.ndarray | torch.Tensor, *, batch_size: int = 8,
+            device: str | torch.device = "cpu", amp: bool | None = None) -> UNetOutput:  # fmt: skip
     """Run the network on a batch of normalised images.
 
     Parameters
     ----------
     model : UNet
     images : numpy.ndarray or torch.Tensor
-        ``(B, C, H, W)`` float32 network inputs
-        (:func:`~survey_engine.unet.model.normalise_input` of a significance image);
-        ``H`` and ``W`` multiples of ``model.alignment``.
-    batch_size : int
-        Images per forward pass.
-    device : str or torch.device
-        ``"cpu"`` or ``"cuda"``.
-    amp : bool, optional
-        bfloat16 autocast (default: on for CUDA).
+        ``(B, C, H, W)`` float32 network inputs (:func:`~survey_engine.unet.model.normalise_input`
+        of a significance image); ``H`` and ``W`` multiples of ``model.alignment``.
+    batch_size, device, amp
+        Images per forward pass; ``"cpu"`` or ``"cuda"`` (or a torch.device); bfloat16 autocast
+        (None: on for CUDA only).
 
     Returns
     -------
@@ -261,10 +219,8 @@ def significance(det_image, det_var, det_bad):
     return as_dtype(sig, "float32"), bad
 
 
-def network_maps(
-    model: UNet, sig: torch.Tensor, origins, *, patch: int = 512, batch_size: int = 1,
-    amp: bool | None = None,
-) -> UNetOutput:  # fmt: skip
+def network_maps(model: UNet, sig: torch.Tensor, origins, *, patch: int = 512, batch_size: int = 1,
+                 amp: bool | None = None) -> UNetOutput:  # fmt: skip
     """U-Net maps of a batch of windows on the mosaic-anchored patch grid, all patches batched.
 
     Parameters
@@ -281,8 +237,7 @@ def network_maps(
     Returns
     -------
     UNetOutput
-        ``(B, H, W)`` foreground and centre probabilities and ``(B, 2, H, W)`` offsets, on
-        ``sig``'s device.
+        ``(B, H, W)`` probabilities and ``(B, 2, H, W)`` offsets, on ``sig``'s device.
     """
     if model.config["in_channels"] != 1:
         msg = "the unet deblender needs a model with in_channels=1 (the detection image)"
@@ -321,19 +276,16 @@ def network_maps(
     return UNetOutput(*(torch.cat([getattr(m, k) for m in maps]) for k in ("foreground", "centre", "offset")))
 
 
-def predict_window(
-    model: UNet, det_image: np.ndarray, det_var: np.ndarray, det_bad: np.ndarray, *,
-    origin: tuple[int, int] = (0, 0), cfg: UNetConfig | None = None,
-) -> UNetOutput:  # fmt: skip
+def predict_window(model: UNet, det_image: np.ndarray, det_var: np.ndarray, det_bad: np.ndarray, *,
+                   origin: tuple[int, int] = (0, 0),
+                   cfg: UNetConfig | None = None) -> UNetOutput:  # fmt: skip
     """Network maps of one window (numpy), computed on the mosaic-anchored patch grid.
 
     Parameters
     ----------
     model : UNet
-    det_image, det_var : numpy.ndarray
-        2-D background-subtracted detection image and its variance.
-    det_bad : numpy.ndarray of bool
-        Pixels excluded from detection.
+    det_image, det_var, det_bad : numpy.ndarray
+        2-D background-subtracted detection image, its variance, and excluded pixels (bool).
     origin : (int, int)
         Mosaic coordinates of the window's pixel (0, 0).
     cfg : UNetConfig, optional
@@ -344,21 +296,18 @@ def predict_window(
         ``(H, W)`` maps of the window.
     """
     cfg = cfg or UNetConfig()
-    sig, _ = significance(
-        torch.as_tensor(np.asarray(det_image, np.float32)),
-        torch.as_tensor(np.asarray(det_var, np.float32)),
-        torch.as_tensor(np.asarray(det_bad, bool)),
-    )
+    sig, _ = significance(torch.as_tensor(np.asarray(det_image, np.float32)),
+                          torch.as_tensor(np.asarray(det_var, np.float32)),
+                          torch.as_tensor(np.asarray(det_bad, bool)))  # fmt: skip
     sig = sig.to(_device(cfg.device))
     maps = network_maps(model, sig[None], [origin], patch=cfg.patch, batch_size=cfg.batch_size,
                         amp=cfg.amp)  # fmt: skip
     return UNetOutput(*(getattr(maps, k)[0].cpu().numpy() for k in ("foreground", "centre", "offset")))
 
 
-def extract_instances(
-    maps: UNetOutput, bad: np.ndarray | None = None, *, foreground_threshold: float = 0.5,
-    centre_threshold: float = 0.3, minarea: int = 5,
-) -> DetectionResult:  # fmt: skip
+def extract_instances(maps: UNetOutput, bad: np.ndarray | None = None, *,
+                      foreground_threshold: float = 0.5, centre_threshold: float = 0.3,
+                      minarea: int = 5) -> DetectionResult:  # fmt: skip
     """Objects (children) and parents of one window from its maps (numpy in and out).
 
     :func:`~survey_engine.kernels.torch_instances.extract_instances_batch` on a batch of
@@ -373,10 +322,8 @@ def extract_instances(
         ``(H, W)`` foreground and centre probabilities, ``(2, H, W)`` offsets (pixels).
     bad : numpy.ndarray of bool, optional
         Pixels that belong to no object.
-    foreground_threshold, centre_threshold : float
-        Probability thresholds.
-    minarea : int
-        Smallest component kept.
+    foreground_threshold, centre_threshold, minarea
+        Probability thresholds (float) and smallest component kept (int, pixels).
 
     Returns
     -------
@@ -402,35 +349,29 @@ def extract_instances(
     ).window(0)  # fmt: skip
 
 
-def unet_detect(
-    det_image: np.ndarray, det_var: np.ndarray, det_bad: np.ndarray, *,
-    model: UNet | str | os.PathLike | None = None, cfg: UNetConfig | DetectionConfig | None = None,
-    origin: tuple[int, int] = (0, 0),
-) -> DetectionResult:  # fmt: skip
+def unet_detect(det_image: np.ndarray, det_var: np.ndarray, det_bad: np.ndarray, *,
+                model: UNet | str | os.PathLike | None = None,
+                cfg: UNetConfig | DetectionConfig | None = None,
+                origin: tuple[int, int] = (0, 0)) -> DetectionResult:  # fmt: skip
     """Detect and deblend the sources of one window with the U-Net.
 
     Parameters
     ----------
-    det_image : numpy.ndarray
-        2-D background-subtracted detection image.
-    det_var : numpy.ndarray
-        Its variance (inf or NaN where unusable).
-    det_bad : numpy.ndarray of bool
-        Pixels excluded from detection.
+    det_image, det_var, det_bad : numpy.ndarray
+        2-D background-subtracted detection image, its variance (inf or NaN where unusable) and
+        the pixels excluded from detection (bool).
     model : UNet or path or None
         The network; a checkpoint path; None for the shipped model (loaded once).
     cfg : UNetConfig or DetectionConfig, optional
         Thresholds and batching; a :class:`~survey_engine.kernels.detect.DetectionConfig`
         contributes its ``minarea`` only.
     origin : (int, int)
-        Mosaic coordinates ``(y0, x0)`` of the window's pixel (0, 0): the patch grid
-        is anchored at the mosaic origin (see the module docstring).
+        Mosaic ``(y0, x0)`` of the window's pixel (0, 0) (the patch grid is mosaic-anchored).
 
     Returns
     -------
     DetectionResult
-        As from :func:`~survey_engine.kernels.detect.detect_sources`; ``overflow`` is
-        always False.
+        As from :func:`~survey_engine.kernels.detect.detect_sources`; ``overflow`` always False.
     """
     det = np.asarray(det_image)
     if det.ndim != 2:
@@ -451,14 +392,16 @@ def unet_detect(
     if not isinstance(cfg, UNetConfig):
         msg = f"cfg must be a UNetConfig or DetectionConfig, got {type(cfg).__name__}"
         raise TypeError(msg)
-    net = _resolve_model(model)
+    if model is not None and not isinstance(model, (UNet, str, os.PathLike)):
+        msg = f"model must be a UNet, a checkpoint path or None, got {type(model).__name__}"
+        raise TypeError(msg)
+    net = model if isinstance(model, UNet) else cached_model(None if model is None else str(model))
     fg_t, c_t = inference_thresholds(net, cfg)
     if det.size == 0:
         z = np.zeros(det.shape, np.int32)
         return DetectionResult(z, np.zeros(0, np.int32), z.copy(), np.zeros(0, np.int32), False)
-    _, bad = significance(
-        det.astype(np.float32), np.asarray(det_var, np.float32), np.asarray(det_bad, bool)
-    )
+    _, bad = significance(det.astype(np.float32), np.asarray(det_var, np.float32),
+                          np.asarray(det_bad, bool))  # fmt: skip
     maps = predict_window(net, det, det_var, bad, origin=origin, cfg=cfg)
     return extract_instances(maps, bad, foreground_threshold=fg_t, centre_threshold=c_t,
                              minarea=cfg.minarea)  # fmt: skip
