@@ -23,10 +23,10 @@ from typing import Any
 import numpy as np
 
 from .flags import MaskBit
-from .mosaic import Mosaic, create_mosaic, open_mosaic
+from .mosaic import Mosaic, _raise_if, create_mosaic, open_mosaic
 from .parallel import GPUUnavailable, cluster_workers, local_cluster
 from .simulate import _bands
-from .simulate._bands import LSST_BANDS, MOFFAT_BETA, ZERO_POINT, _raise_if, psf_fwhm_for
+from .simulate._bands import LSST_BANDS, MOFFAT_BETA, ZERO_POINT, psf_fwhm_for
 
 __all__ = ["STAGES", "BenchResult", "machine_info", "run_benchmark", "synthesize_mosaic"]
 
@@ -211,10 +211,8 @@ def synthesize_mosaic(
     density : float
         Objects per million pixels (200 ≈ 5 per arcmin² … at 0.2″/px, 8,000 per deg²;
         LSST's detectable density at full depth is a few times higher).
-    chunks : int
-        Chunk side of the pixel arrays.
-    overwrite : bool
-        Replace an existing store at ``path``.
+    chunks, overwrite : int, bool
+        Chunk side of the pixel arrays; replace an existing store at ``path``.
 
     Returns
     -------
@@ -325,10 +323,8 @@ class BenchResult:
         Mosaic pixels (ny, nx) and bands.
     pixels : int
         Mosaic pixels per band; every rate below is in these pixels.
-    n_objects : int
-        Objects in the catalog.
-    workers : int
-        Dask workers that ran the tiles.
+    n_objects, workers : int
+        Objects in the catalog; Dask workers that ran the tiles.
     device : str
         ``"cpu"`` or the GPU's name.
     backend, deblender : str
@@ -337,22 +333,17 @@ class BenchResult:
         Tile core size (None: the engine's default).
     read_seconds : float
         Raw read of every band and plane of the mosaic, in this process.
-    wall : float
-        Wall seconds of the best ``survey_engine.run`` (cluster already started).
-    walls : list of float
-        Wall seconds of every repetition.
-    timings : dict
-        The engine's wall seconds per phase (best run).
-    stages : dict
-        Worker-seconds per per-tile stage (best run; empty when the engine does not report them).
+    wall, walls : float, list of float
+        Wall seconds of the best ``survey_engine.run`` (cluster already started), of every run.
+    timings, stages : dict
+        Of the best run: the engine's wall seconds per phase; worker-seconds per per-tile stage
+        (empty when the engine does not report them).
     gpu_memory : int or None
         Peak bytes allocated on a GPU worker.
     synth_seconds : float or None
         Time to synthesise the mosaic (None when it was reused).
-    mosaic : str
-        Path of the mosaic.
-    machine : dict
-        See :func:`machine_info`.
+    mosaic, machine : str, dict
+        Path of the mosaic; :func:`machine_info`.
     """
 
     shape: tuple[int, int]
@@ -465,8 +456,6 @@ def _time_reads(m: Mosaic) -> float:
 
 def _reuse(path: Path, shape: tuple[int, int], bands: Sequence[str], seed: int) -> Mosaic | None:
     """The synthetic mosaic at ``path`` when it has this shape, bands, seed and scene version."""
-    if not path.exists():
-        return None
     try:
         m = open_mosaic(str(path))
     except (ValueError, FileNotFoundError, KeyError):
@@ -512,9 +501,8 @@ def run_benchmark(
     tile : int, optional
         Tile core size (engine default when None).
     workdir : str or path, optional
-        Keeps the mosaic (reused by later calls with the same size, bands and seed)
-        and the run's output. Default: a new temporary directory, removed before
-        returning (also when the benchmark fails).
+        Keeps the mosaic (reused by later calls with the same size, bands and seed) and the
+        run's output. Default: a new temporary directory, removed (also when the run fails).
     repeat : int
         Engine runs on the same cluster; the fastest is reported (later runs have
         warm workers: imports, model, CUDA context).

@@ -26,7 +26,7 @@ from astropy.wcs import WCS
 from tqdm import tqdm
 
 from .flags import MaskBit
-from .mosaic import Mosaic, _per_band, _pixel_scale_arcsec, create_mosaic
+from .mosaic import Mosaic, _per_band, _pixel_scale_arcsec, _raise_if, create_mosaic
 
 __all__ = ["IngestWarning", "ingest_fits"]
 
@@ -143,9 +143,7 @@ def ingest_fits(
     except TypeError:
         msg = f"images must be a path or a sequence of paths, got {images!r}"
         raise TypeError(msg) from None
-    if not paths:
-        msg = "images is empty: give at least one FITS image"
-        raise ValueError(msg)
+    _raise_if(not paths, "images is empty: give at least one FITS image")
     n = len(paths)
     aux = {
         kind: _per_image(value, f"{kind}s", n)
@@ -154,9 +152,8 @@ def ingest_fits(
     names = None if bands is None else _per_image(bands, "bands", n)
     hdus = _per_image_hdu(hdu, n)
     for path, w, v in zip(paths, aux["weight"], aux["variance"], strict=True):
-        if w is not None and v is not None:
-            msg = f"image {path} has both a weight ({w}) and a variance ({v}) map; give one"
-            raise ValueError(msg)
+        _raise_if(w is not None and v is not None,
+                  f"image {path} has both a weight ({w}) and a variance ({v}) map; give one")  # fmt: skip
     for path in [*paths, *(p for files in aux.values() for p in files if p is not None)]:
         if not os.path.isfile(_split_ext(path)[0]):
             msg = f"input FITS file not found: {path}"
@@ -167,9 +164,8 @@ def ingest_fits(
         raise FileExistsError(msg)
     if isinstance(chunks, int | np.integer):
         chunks = (int(chunks), int(chunks))
-    if len(chunks) != 2 or min(chunks) <= 0:
-        msg = f"chunks must be a positive int or (int, int), got {chunks!r}"
-        raise ValueError(msg)
+    _raise_if(len(chunks) != 2 or min(chunks) <= 0,
+              f"chunks must be a positive int or (int, int), got {chunks!r}")  # fmt: skip
 
     # inspect every input (headers and shapes only) before writing anything; [EXT] wins over hdu=
     files = [_split_ext(path) for path in paths]
@@ -177,12 +173,8 @@ def ingest_fits(
     inputs = [_inspect(file, h, "image") for (file, _), h in zip(files, asked, strict=True)]
     ref = inputs[0]
     for inp in inputs[1:]:
-        if inp.shape != ref.shape:
-            msg = (
-                f"image shapes differ: {ref.path} is {ref.shape} but {inp.path} is {inp.shape}; "
-                "all bands must share one pixel grid"
-            )
-            raise ValueError(msg)
+        _raise_if(inp.shape != ref.shape, f"image shapes differ: {ref.path} is {ref.shape} but "
+                  f"{inp.path} is {inp.shape}; all bands must share one pixel grid")  # fmt: skip
     aux_inputs = {
         kind: [_inspect_aux(f, img, kind, h) for img, f, h in zip(inputs, fs, asked, strict=True)]
         for kind, fs in aux.items()
@@ -245,10 +237,8 @@ class _Band:
             return replace(self, variance_source="variance")
         level, sigma = _estimate_sky(self.image, self.mask, self.saturation, strip)
         if not (np.isfinite(sigma) and sigma > 0):
-            msg = (
-                f"{self.image.path}: could not estimate the sky noise of band {self.name!r} "
-                f"(clipped MAD std = {sigma}); variance set to 1"
-            )
+            msg = (f"{self.image.path}: could not estimate the sky noise of band {self.name!r} "
+                   f"(clipped MAD std = {sigma}); variance set to 1")  # fmt: skip
             warnings.warn(msg, IngestWarning, stacklevel=3)
             level, sigma = (level if np.isfinite(level) else 0.0), 1.0
         gain = _keyword_float(self.image, ("GAIN",))
@@ -304,9 +294,8 @@ def _per_image(value, name: str, n: int) -> list:
     if value is None:
         return [None] * n
     value = [value] if isinstance(value, str | os.PathLike) else list(value)
-    if len(value) != n:
-        msg = f"{name} has {len(value)} entries but {n} image(s) were given; give one per image"
-        raise ValueError(msg)
+    _raise_if(len(value) != n,
+              f"{name} has {len(value)} entries but {n} image(s) were given; give one per image")  # fmt: skip
     if name == "bands":
         return [str(v) for v in value]
     return [None if v is None else os.fspath(v) for v in value]
@@ -334,9 +323,8 @@ def _per_image_hdu(value, n: int) -> list[int | str | None]:
             raise TypeError(msg)
     if len(value) == 1:
         return value * n
-    if len(value) != n:
-        msg = f"hdu has {len(value)} entries but {n} image(s) were given; give one per image or one for all"
-        raise ValueError(msg)
+    _raise_if(len(value) != n, f"hdu has {len(value)} entries but {n} image(s) were given; "
+              "give one per image or one for all")  # fmt: skip
     return value
 
 
@@ -377,22 +365,12 @@ def _select_hdu(
         except (KeyError, IndexError):
             msg = f"{path} has no HDU {hdu!r} ({len(hdul)} HDUs; image HDUs: {_describe_hdus(images)})"
             raise ValueError(msg) from None
-        if index not in {i for i, _, _ in images}:
-            msg = (
-                f"HDU {hdu!r} of {path} holds no image data ({type(hdul[index]).__name__}); "
-                f"its image HDUs: {_describe_hdus(images)}"
-            )
-            raise ValueError(msg)
+        _raise_if(index not in {i for i, _, _ in images}, f"HDU {hdu!r} of {path} holds no image "
+                  f"data ({type(hdul[index]).__name__}); its image HDUs: {_describe_hdus(images)}")  # fmt: skip
         return index
-    if not images:
-        msg = f"{path} has no HDU with image data"
-        raise ValueError(msg)
-    if len(images) > 1:
-        msg = (
-            f"{path} has {len(images)} image HDUs ({_describe_hdus(images)}): choose one with "
-            "--hdu INDEX|EXTNAME (hdu= in Python) or FILE[EXTNAME]"
-        )
-        raise ValueError(msg)
+    _raise_if(not images, f"{path} has no HDU with image data")
+    _raise_if(len(images) > 1, f"{path} has {len(images)} image HDUs ({_describe_hdus(images)}): "
+              "choose one with --hdu INDEX|EXTNAME (hdu= in Python) or FILE[EXTNAME]")  # fmt: skip
     return images[0][0]
 
 
@@ -418,14 +396,9 @@ def _inspect(
         msg = f"{path} is not a readable FITS file: {first}"
         raise OSError(msg) from err
     cube = len(shape) == 3 and shape[0] == 1
-    if cube:
-        shape = shape[1:]
-    elif len(shape) != 2:
-        msg = (
-            f"{path} (HDU {index}) has {len(shape)}-D data of shape {shape}; expected a 2-D image "
-            "(or a 3-D cube with a leading axis of length 1)"
-        )
-        raise ValueError(msg)
+    _raise_if(not cube and len(shape) != 2, f"{path} (HDU {index}) has {len(shape)}-D data of "
+              f"shape {shape}; expected a 2-D image (or a 3-D cube with a leading axis of length 1)")  # fmt: skip
+    shape = shape[1:] if cube else shape
     if dropped:
         what = f"dropped {len(dropped)} invalid or non-standard FITS header card(s), first: "
         warnings.warn(f"{path}: {what}{dropped[0]!r}", IngestWarning, stacklevel=3)
@@ -446,18 +419,11 @@ def _inspect_aux(
         return None
     path, ext = _split_ext(spec)
     inp = _inspect(path, ext, f"{kind} map", fallback=image_hdu)
-    if os.path.abspath(inp.path) == os.path.abspath(image.path) and inp.hdu == image.hdu:
-        msg = (
-            f"{kind} map {spec} is HDU {inp.hdu} of {path}, the image itself; name its HDU "
-            f"as {path}[EXTNAME]"
-        )
-        raise ValueError(msg)
-    if inp.shape != image.shape:
-        msg = (
-            f"{kind} map {inp.path} has shape {inp.shape} but its image {image.path} "
-            f"has shape {image.shape}"
-        )
-        raise ValueError(msg)
+    _raise_if(os.path.abspath(inp.path) == os.path.abspath(image.path) and inp.hdu == image.hdu,
+              f"{kind} map {spec} is HDU {inp.hdu} of {path}, the image itself; name its HDU as "
+              f"{path}[EXTNAME]")  # fmt: skip
+    _raise_if(inp.shape != image.shape, f"{kind} map {inp.path} has shape {inp.shape} but its "
+              f"image {image.path} has shape {image.shape}")  # fmt: skip
     return inp
 
 
@@ -509,15 +475,10 @@ def _band_names(inputs: list[_Input], bands: list[str] | None) -> list[str]:
             found = [v.split()[0] for v in found if v.strip()]
             names.append(found[0] if found else f"b{i}")
     for i, name in enumerate(names):
-        if not name.strip():
-            msg = f"empty band name for {inputs[i].path}"
-            raise ValueError(msg)
-        if name in names[:i]:
-            msg = (
-                f"duplicate band {name!r} (from {origin}) for {inputs[names.index(name)].path} "
-                f"and {inputs[i].path}; pass distinct names with bands=[...]"
-            )
-            raise ValueError(msg)
+        _raise_if(not name.strip(), f"empty band name for {inputs[i].path}")
+        _raise_if(name in names[:i], f"duplicate band {name!r} (from {origin}) for "
+                  f"{inputs[names.index(name)].path} and {inputs[i].path}; pass distinct names "
+                  "with bands=[...]")  # fmt: skip
     return names
 
 
@@ -589,10 +550,8 @@ def _celestial_wcs(inp: _Input) -> WCS | None:
         warnings.warn(msg, IngestWarning, stacklevel=3)
         return None
     if wcs.naxis != 2 or not wcs.has_celestial:
-        msg = (
-            f"{inp.path}: no 2-D celestial WCS in the header (CTYPE = "
-            f"{[inp.header.get(f'CTYPE{k}') for k in (1, 2)]}); pixel coordinates only"
-        )
+        ctype = [inp.header.get(f"CTYPE{k}") for k in (1, 2)]
+        msg = f"{inp.path}: no 2-D celestial WCS in the header (CTYPE = {ctype}); pixel coordinates only"
         warnings.warn(msg, IngestWarning, stacklevel=3)
         return None
     return wcs
@@ -613,12 +572,9 @@ def _check_wcs(inputs: list[_Input], wcses: list[WCS | None]) -> None:
             offset = float(np.max(np.hypot(x - gx.ravel(), y - gy.ravel())))
         except Exception:  # a WCS that cannot invert is a mismatch
             offset = float("inf")
-        if not offset <= WCS_TOLERANCE_PIX:
-            msg = (
-                f"WCS of {inp.path} differs from that of {ref.path} by {offset:.3g} pixel "
-                f"(> {WCS_TOLERANCE_PIX}); images of shape {ref.shape} must be registered"
-            )
-            raise ValueError(msg)
+        _raise_if(not offset <= WCS_TOLERANCE_PIX, f"WCS of {inp.path} differs from that of "
+                  f"{ref.path} by {offset:.3g} pixel (> {WCS_TOLERANCE_PIX}); images of shape "
+                  f"{ref.shape} must be registered")  # fmt: skip
 
 
 # --- pixels ----------------------------------------------------------------------------------

@@ -40,6 +40,12 @@ _FILL = {"image": 0.0, "variance": float("inf"), "mask": int(MaskBit.NO_DATA)}
 _FITS_SUFFIXES = (".fits", ".fit", ".fts", ".fits.fz", ".fz", ".fits.gz", ".fit.gz", ".fits.bz2")
 
 
+def _raise_if(condition: bool, msg: str) -> None:
+    """Raise ``ValueError(msg)`` when ``condition`` holds (the argument checks of the package)."""
+    if condition:
+        raise ValueError(msg)
+
+
 class UnknownBandError(KeyError, ValueError):
     """A band name that the mosaic (or the ingested images) does not have.
 
@@ -136,39 +142,30 @@ class Mosaic:
         self.path = str(path)
         attrs = dict(group.attrs)
         meta = attrs.get("survey_engine")
-        if not isinstance(meta, Mapping) or "format_version" not in meta:
-            msg = f"{self.path} is not a survey_engine mosaic (no 'survey_engine' group attribute)"
-            raise ValueError(msg)
+        _raise_if(not isinstance(meta, Mapping) or "format_version" not in meta,
+                  f"{self.path} is not a survey_engine mosaic (no 'survey_engine' group attribute)")  # fmt: skip
         if missing := [plane for plane in PLANES if plane not in group]:
             msg = f"{self.path} is not a complete survey_engine mosaic: no '{missing[0]}' array"
             raise ValueError(msg)
         shapes = {}
         for plane in PLANES:
             arr = group[plane]
-            if not isinstance(arr, zarr.Array):
-                msg = f"mosaic {self.path}: '{plane}' is a group, not an array"
-                raise ValueError(msg)
+            where = f"mosaic {self.path}: array '{plane}'"
+            _raise_if(not isinstance(arr, zarr.Array),
+                      f"mosaic {self.path}: '{plane}' is a group, not an array")  # fmt: skip
             want = np.dtype(_DTYPES[plane])
-            if arr.dtype != want:
-                msg = (
-                    f"mosaic {self.path}: array '{plane}' has dtype {arr.dtype}, expected {want} "
-                    "(see docs/mosaic_format.md; convert the array or re-ingest)"
-                )
-                raise ValueError(msg)
-            if arr.ndim != 3:
-                msg = f"mosaic {self.path}: array '{plane}' must be (band, y, x), got {arr.ndim}-D"
-                raise ValueError(msg)
+            _raise_if(arr.dtype != want, f"{where} has dtype {arr.dtype}, expected {want} "
+                      "(see docs/mosaic_format.md; convert the array or re-ingest)")  # fmt: skip
+            _raise_if(arr.ndim != 3, f"{where} must be (band, y, x), got {arr.ndim}-D")
             shapes[plane] = tuple(arr.shape)
-        if len(set(shapes.values())) != 1:
-            msg = f"mosaic {self.path}: image, variance and mask shapes differ: {shapes}"
-            raise ValueError(msg)
+        _raise_if(len(set(shapes.values())) != 1,
+                  f"mosaic {self.path}: image, variance and mask shapes differ: {shapes}")  # fmt: skip
         self.attrs = attrs
         self.image, self.variance, self.mask = (group[plane] for plane in PLANES)
         self.bands: tuple[str, ...] = tuple(attrs["bands"])
         self.shape: tuple[int, int, int] = tuple(int(s) for s in self.image.shape)
-        if len(self.bands) != self.shape[0]:
-            msg = f"mosaic {self.path}: {len(self.bands)} band names for {self.shape[0]} planes"
-            raise ValueError(msg)
+        _raise_if(len(self.bands) != self.shape[0],
+                  f"mosaic {self.path}: {len(self.bands)} band names for {self.shape[0]} planes")  # fmt: skip
         self.zero_points: dict[str, float | None] = dict(attrs.get("zero_points", {}))
         self.psf_fwhm: dict[str, float | None] = dict(attrs.get("psf_fwhm_arcsec", {}))
         self.pixel_scale: float | None = attrs.get("pixel_scale_arcsec")
@@ -197,9 +194,8 @@ class Mosaic:
     def wcs(self) -> WCS:
         """The mosaic's celestial WCS (astropy); raises if the mosaic has none."""
         if self._wcs is None:
-            if not self.wcs_cards:
-                msg = f"mosaic {self.path} has no WCS (group attribute 'wcs' is empty)"
-                raise ValueError(msg)
+            _raise_if(not self.wcs_cards,
+                      f"mosaic {self.path} has no WCS (group attribute 'wcs' is empty)")  # fmt: skip
             self._wcs = _cards_to_wcs(self.wcs_cards)
         return self._wcs
 
@@ -244,10 +240,8 @@ class Mosaic:
             raise UnknownBandError(msg) from None
 
     def __repr__(self) -> str:
-        return (
-            f"<Mosaic {self.path!r} bands={','.join(self.bands)} "
-            f"shape=({self.ny}, {self.nx}) chunks={self.chunks[1:]}>"
-        )
+        return (f"<Mosaic {self.path!r} bands={','.join(self.bands)} "
+                f"shape=({self.ny}, {self.nx}) chunks={self.chunks[1:]}>")  # fmt: skip
 
     # --- I/O ------------------------------------------------------------------------------
     def read(
@@ -281,11 +275,8 @@ class Mosaic:
                     data = np.stack([arr[i, y0:y1, x0:x1] for i in idx])
             except Exception as err:
                 # A missing shard, a corrupt chunk, a failing object store: say where.
-                msg = (
-                    f"mosaic {self.path}: reading {plane}[bands {','.join(names)}, "
-                    f"y {y0}:{y1}, x {x0}:{x1}] failed (chunks {self.chunks[1:]}): "
-                    f"{type(err).__name__}: {err}"
-                )
+                msg = (f"mosaic {self.path}: reading {plane}[bands {','.join(names)}, y {y0}:{y1}, "
+                       f"x {x0}:{x1}] failed (chunks {self.chunks[1:]}): {type(err).__name__}: {err}")  # fmt: skip
                 raise OSError(msg) from err
             out[plane] = np.ascontiguousarray(data, dtype=_DTYPES[plane])
         return MosaicRegion(y0=y0, x0=x0, bands=names, **out)
@@ -315,10 +306,8 @@ class Mosaic:
                 raise ValueError(msg)
             h, w = block.shape
             if y0 < 0 or x0 < 0 or y0 + h > self.ny or x0 + w > self.nx:
-                msg = (
-                    f"{plane} block {block.shape} at (y0={y0}, x0={x0}) does not fit mosaic "
-                    f"of shape ({self.ny}, {self.nx})"
-                )
+                msg = (f"{plane} block {block.shape} at (y0={y0}, x0={x0}) does not fit mosaic "
+                       f"of shape ({self.ny}, {self.nx})")  # fmt: skip
                 raise ValueError(msg)
             self.group[plane][b, y0 : y0 + h, x0 : x0 + w] = block
 
@@ -337,10 +326,8 @@ class Mosaic:
         dims = dict.fromkeys(PLANES, ("band", "y", "x"))
         if self.has_truth_segmentation:
             dims["truth_segmentation"] = ("y", "x")
-        data_vars = {}
-        for name, dim_names in dims.items():
-            arr = self.group[name]
-            data_vars[name] = (dim_names, da.from_zarr(arr), dict(arr.attrs))
+        arrays = {name: self.group[name] for name in dims}
+        data_vars = {k: (dims[k], da.from_zarr(a), dict(a.attrs)) for k, a in arrays.items()}
         return xr.Dataset(data_vars, coords={"band": list(self.bands)}, attrs=self.attrs)
 
     def consolidate(self) -> None:
@@ -383,14 +370,11 @@ class Mosaic:
 def _bounds(r: tuple[int, int] | slice, n: int, axis: str) -> tuple[int, int]:
     if isinstance(r, slice):
         start, stop, step = r.indices(n)
-        if step != 1:
-            msg = f"region {axis} slice must have step 1, got {step}"
-            raise ValueError(msg)
+        _raise_if(step != 1, f"region {axis} slice must have step 1, got {step}")
     else:
         start, stop = (int(v) for v in r)
-    if not 0 <= start < stop <= n:
-        msg = f"region {axis}=[{start}, {stop}) is empty or outside the mosaic (0..{n})"
-        raise ValueError(msg)
+    _raise_if(not 0 <= start < stop <= n,
+              f"region {axis}=[{start}, {stop}) is empty or outside the mosaic (0..{n})")  # fmt: skip
     return start, stop
 
 
@@ -457,10 +441,8 @@ def _check_local_store(path: str) -> None:
             with contextlib.suppress(OSError), open(path, "rb") as f:
                 fits_like = f.read(9) == b"SIMPLE  ="
         if fits_like:
-            msg = (
-                f"{path} is a FITS file, not a mosaic: make a mosaic of it first with "
-                f"`survey-engine ingest {path} OUT.zarr` (survey_engine.ingest_fits)"
-            )
+            msg = (f"{path} is a FITS file, not a mosaic: make a mosaic of it first with "
+                   f"`survey-engine ingest {path} OUT.zarr` (survey_engine.ingest_fits)")  # fmt: skip
         else:
             msg = f"{path} is a file, not a survey_engine mosaic (a Zarr v3 directory)"
         raise ValueError(msg)
@@ -516,27 +498,18 @@ def create_mosaic(
         Opened read-write.
     """
     bands = [str(b) for b in bands]
-    if not bands:
-        msg = "a mosaic needs at least one band"
-        raise ValueError(msg)
-    if len(set(bands)) != len(bands):
-        msg = f"band names must be unique, got {bands}"
-        raise ValueError(msg)
+    _raise_if(not bands, "a mosaic needs at least one band")
+    _raise_if(len(set(bands)) != len(bands), f"band names must be unique, got {bands}")
     ny, nx = (int(s) for s in shape)
-    if ny <= 0 or nx <= 0:
-        msg = f"mosaic shape must be positive, got {shape}"
-        raise ValueError(msg)
+    _raise_if(ny <= 0 or nx <= 0, f"mosaic shape must be positive, got {shape}")
     cy, cx = (chunks, chunks) if isinstance(chunks, int) else chunks
-    if cy <= 0 or cx <= 0:
-        msg = f"chunks must be positive, got {chunks}"
-        raise ValueError(msg)
+    _raise_if(cy <= 0 or cx <= 0, f"chunks must be positive, got {chunks}")
     cy, cx = min(cy, ny), min(cx, nx)
     shard_shape = None
     if shards is not None:
         sy, sx = (shards, shards) if isinstance(shards, int) else shards
-        if sy % cy or sx % cx:
-            msg = f"shards {shards} must be a multiple of chunks ({cy}, {cx})"
-            raise ValueError(msg)
+        _raise_if(bool(sy % cy or sx % cx),
+                  f"shards {shards} must be a multiple of chunks ({cy}, {cx})")  # fmt: skip
         shard_shape = (1, sy, sx)
 
     cards = header_to_cards(wcs) if wcs is not None else {}
@@ -593,8 +566,6 @@ def _per_band(
             raise UnknownBandError(msg)
         return {b: (None if values.get(b) is None else float(values[b])) for b in bands}
     values = list(values)
-    if len(values) != len(bands):
-        of = f"band(s) {bands}" if ingest else "bands"
-        msg = f"{name} has {len(values)} values for {len(bands)} {of}"
-        raise ValueError(msg)
+    of = f"band(s) {bands}" if ingest else "bands"
+    _raise_if(len(values) != len(bands), f"{name} has {len(values)} values for {len(bands)} {of}")
     return {b: (None if v is None else float(v)) for b, v in zip(bands, values, strict=True)}

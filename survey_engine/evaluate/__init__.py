@@ -22,7 +22,7 @@ import numpy as np
 import zarr
 from astropy.table import QTable, Table
 
-from ..mosaic import Mosaic, open_mosaic
+from ..mosaic import Mosaic, _raise_if, open_mosaic
 from ..schema import Flag
 from . import _metrics
 from ._metrics import MATCH_METHODS, match_positions, robust_stats
@@ -82,10 +82,8 @@ class EvaluationResult:
 
         Parameters
         ----------
-        path : path-like, optional
-            Also write it to this file.
-        indent : int
-            JSON indentation.
+        path, indent : path-like or None, int
+            Also write it to this file; JSON indentation.
 
         Returns
         -------
@@ -108,10 +106,8 @@ class EvaluationResult:
 
         Parameters
         ----------
-        outdir : path-like
-            Directory (created if needed).
-        gallery : int
-            Largest number of cutouts in the gallery (0: no gallery).
+        outdir, gallery : path-like, int
+            Directory (created if needed); largest number of cutouts in the gallery (0: none).
 
         Returns
         -------
@@ -188,17 +184,15 @@ def evaluate(
     FileNotFoundError
         A path does not exist.
     """
-    if method not in MATCH_METHODS:
-        msg = f"method must be one of {', '.join(MATCH_METHODS)}, got {method!r}"
-        raise ValueError(msg)
+    _raise_if(method not in MATCH_METHODS,
+              f"method must be one of {', '.join(MATCH_METHODS)}, got {method!r}")  # fmt: skip
     cat = _load_table(catalog, "catalog")
     tru = _load_table(truth, "truth")
     m = _load_mosaic(mosaic)
     scale = _pixel_scale(pixel_scale, m, tru)
     radius_pix = float(np.ravel(_to_pixels(radius, scale, "radius"))[0])
-    if not (np.ndim(radius) == 0 and math.isfinite(radius_pix) and radius_pix > 0):
-        msg = f"radius must be one positive length, got {radius!r}"
-        raise ValueError(msg)
+    _raise_if(not (np.ndim(radius) == 0 and math.isfinite(radius_pix) and radius_pix > 0),
+              f"radius must be one positive length, got {radius!r}")  # fmt: skip
     pair_edges = _edges(np.ravel(_to_pixels(pair_bins, scale, "pair_bins")), "pair_bins")
     mag_edges = _edges(mag_bins, "mag_bins")
     band, tmag_col = _choose_band(band, cat, tru)
@@ -253,20 +247,16 @@ def evaluate(
     # -- residuals (bright matched objects) -------------------------------------------------
     mb = bright[ti]
     iso_m, bl_m = mb & ~blended[ti], mb & blended[ti]
-    dmag_summary = {
-        "all": robust_stats(dmag[mb]), "isolated": robust_stats(dmag[iso_m]),
-        "blended": robust_stats(dmag[bl_m]),
-    }  # fmt: skip
+    dmag_summary = {"all": robust_stats(dmag[mb]), "isolated": robust_stats(dmag[iso_m]),
+                    "blended": robust_stats(dmag[bl_m])}  # fmt: skip
     fb = None  # per match: the catalog's own BLENDED flag
     if "flags" in cat.colnames:
         fb = ((np.asarray(_values(cat, "flags")).astype(np.int64) & int(Flag.BLENDED)) != 0)[ci]
         dmag_summary["flag_isolated"] = robust_stats(dmag[mb & ~fb])
         dmag_summary["flag_blended"] = robust_stats(dmag[mb & fb])
     dx, dy = cx[ci] - tx[ti], cy[ci] - ty[ti]
-    position = {
-        "dx": robust_stats(dx[mb]), "dy": robust_stats(dy[mb]),
-        "dist_median": robust_stats(dist[mb])["median"],
-    }  # fmt: skip
+    position = {"dx": robust_stats(dx[mb]), "dy": robust_stats(dy[mb]),
+                "dist_median": robust_stats(dist[mb])["median"]}  # fmt: skip
     shape: dict[str, Any] = {}
     matches = QTable()
     matches["cat_index"], matches["truth_index"] = ci, ti
@@ -327,11 +317,8 @@ def evaluate(
         "magnitude_bins": mag_rows, "pairs": pairs_summary, "dmag": dmag_summary,
         "position": position, "shape": shape, "segmentation_iou": iou_summary,
     }  # fmt: skip
-    pairs = QTable()
-    pairs["i"], pairs["j"] = pi, pj
-    pairs["sep"] = psep * scale * u.arcsec
-    pairs["found_i"], pairs["found_j"] = t_found[pi], t_found[pj]
-    pairs["mag_i"], pairs["mag_j"] = tmag[pi], tmag[pj]
+    pairs = QTable({"i": pi, "j": pj, "sep": psep * scale * u.arcsec, "found_i": t_found[pi],
+                    "found_j": t_found[pj], "mag_i": tmag[pi], "mag_j": tmag[pj]})  # fmt: skip
     truth_out = QTable(tru, copy=False)
     truth_out["matched"], truth_out["cat_index"], truth_out["blended"] = t_found, t_idx, blended
     cat_out = QTable(cat, copy=False)
@@ -359,10 +346,8 @@ def _load_table(obj, name: str) -> Table:
         except FileNotFoundError:
             raise
         except (ValueError, OSError) as err:  # pyarrow's ArrowInvalid is a ValueError
-            msg = (
-                f"catalog {os.fspath(obj)} is not a readable Parquet file ({type(err).__name__}: "
-                f"{str(err).splitlines()[0] if str(err) else 'no detail'})"
-            )
+            msg = (f"catalog {os.fspath(obj)} is not a readable Parquet file "
+                   f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else 'no detail'})")  # fmt: skip
             raise ValueError(msg) from err
     msg = f"{name} must be a path or an astropy Table, got {type(obj).__name__}"
     raise TypeError(msg)
@@ -411,9 +396,8 @@ def _pixel_scale(value: float | None, m: Mosaic | None, truth: Table) -> float:
         logger.info("no pixel scale given or recorded: assuming %g arcsec/pix", DEFAULT_PIXEL_SCALE)
         value = DEFAULT_PIXEL_SCALE
     value = float(value)
-    if not math.isfinite(value) or value <= 0:
-        msg = f"pixel_scale must be a positive number of arcsec, got {value!r}"
-        raise ValueError(msg)
+    _raise_if(not math.isfinite(value) or value <= 0,
+              f"pixel_scale must be a positive number of arcsec, got {value!r}")  # fmt: skip
     return value
 
 
@@ -443,12 +427,10 @@ def _to_pixels(value, scale: float, name: str) -> np.ndarray:
 def _edges(values, name: str) -> np.ndarray:
     """Bin edges as float64, checked finite and strictly increasing."""
     edges = np.asarray(values, dtype=np.float64)
-    if edges.ndim != 1 or len(edges) < 2 or not np.all(np.isfinite(edges)):
-        msg = f"{name} must hold at least two finite bin edges, got {edges.tolist()!r}"
-        raise ValueError(msg)
-    if np.any(np.diff(edges) <= 0):
-        msg = f"{name} must be strictly increasing, got {edges.tolist()!r}"
-        raise ValueError(msg)
+    _raise_if(edges.ndim != 1 or len(edges) < 2 or not np.all(np.isfinite(edges)),
+              f"{name} must hold at least two finite bin edges, got {edges.tolist()!r}")  # fmt: skip
+    _raise_if(np.any(np.diff(edges) <= 0),
+              f"{name} must be strictly increasing, got {edges.tolist()!r}")  # fmt: skip
     return edges
 
 
@@ -489,10 +471,8 @@ def _choose_band(band: str | None, cat: Table, truth: Table) -> tuple[str, str]:
             return cat_bands[0], "mag"
         if not cat_bands:  # no band anywhere: label the magnitudes "mag"
             return "mag", "mag"
-        msg = (
-            f"the truth has a plain 'mag' column but the catalog has bands "
-            f"{', '.join(cat_bands)}: say which band it is with band= (--band)"
-        )
+        msg = (f"the truth has a plain 'mag' column but the catalog has bands "
+               f"{', '.join(cat_bands)}: say which band it is with band= (--band)")  # fmt: skip
         raise ValueError(msg)
     msg = "the truth has no <band>_mag or mag column: cannot bin by magnitude"
     raise ValueError(msg)

@@ -230,10 +230,8 @@ def mag_at_fraction(bins: list[dict[str, Any]], level: float, min_n: int = 5) ->
     ----------
     bins : list of dict
         Output of :func:`binned_fraction` over increasing magnitudes.
-    level : float
-        Fraction, e.g. 0.9.
-    min_n : int
-        Bins with fewer entries are skipped.
+    level, min_n : float, int
+        The fraction (e.g. 0.9); bins with fewer entries are skipped.
 
     Returns
     -------
@@ -292,12 +290,10 @@ def blended_in_truth(
 
     Parameters
     ----------
-    n : int
-        Number of objects.
+    n, ratio : int, float
+        Number of objects; neighbour flux ÷ own flux from which an object counts as blended.
     i, j, flux : numpy.ndarray
         Close pairs (from :func:`close_pairs`); flux of every object (any linear unit).
-    ratio : float
-        Neighbour flux ÷ own flux from which an object counts as blended.
 
     Returns
     -------
@@ -341,15 +337,9 @@ def pair_recovery(
 
 
 def segmentation_iou(
-    segmentation,
-    truth_segmentation,
-    catalog_ids: np.ndarray,
-    truth_ids: np.ndarray,
-    cat_index: np.ndarray,
-    truth_index: np.ndarray,
-    *,
-    strip: int = 1024,
-) -> np.ndarray:
+    segmentation, truth_segmentation, catalog_ids: np.ndarray, truth_ids: np.ndarray,
+    cat_index: np.ndarray, truth_index: np.ndarray, *, strip: int = 1024,
+) -> np.ndarray:  # fmt: skip
     """Intersection over union of the footprints of matched objects.
 
     Both maps are read in row strips (numpy, Zarr: any numpy-style 2-D slicing), so mosaics
@@ -377,10 +367,8 @@ def segmentation_iou(
         The two maps differ in shape.
     """
     if tuple(segmentation.shape) != tuple(truth_segmentation.shape):
-        msg = (
-            f"segmentation shape {tuple(segmentation.shape)} differs from the truth "
-            f"segmentation shape {tuple(truth_segmentation.shape)}"
-        )
+        msg = (f"segmentation shape {tuple(segmentation.shape)} differs from the truth "
+               f"segmentation shape {tuple(truth_segmentation.shape)}")  # fmt: skip
         raise ValueError(msg)
     cids, tids = np.asarray(catalog_ids, dtype=np.int64), np.asarray(truth_ids, dtype=np.int64)
     nc, nt = len(cids), len(tids)

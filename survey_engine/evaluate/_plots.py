@@ -1,7 +1,4 @@
-"""Renderings of an evaluation: the text report and the PNG plots (matplotlib, Agg only).
-
-matplotlib is imported when a plot is written; figures go through the Agg canvas (no pyplot).
-"""
+"""Text report and PNG plots of an evaluation (matplotlib imported on use; Agg, no pyplot)."""
 
 from __future__ import annotations
 
@@ -58,12 +55,10 @@ def format_report(s: dict[str, Any]) -> str:
     for r in s["magnitude_bins"]:
         if r["n_truth"] == 0 and r["n_detected"] == 0:
             continue
-        lines.append(
-            f"{r['lo']:5.1f}–{r['hi']:<5.1f} {r['n_truth']:6d} {r['n_found']:6d} "
-            f"{_f(r['completeness']):>6s} {_f(r['completeness_isolated']):>6s} "
-            f"{r['n_detected']:6d} {r['n_matched']:6d} {_f(r['purity']):>6s} "
-            f"{_f(r['dmag_median'], '+.3f'):>7s} {_f(r['dmag_scatter']):>6s}"
-        )
+        lines.append(f"{r['lo']:5.1f}–{r['hi']:<5.1f} {r['n_truth']:6d} {r['n_found']:6d} "
+                     f"{_f(r['completeness']):>6s} {_f(r['completeness_isolated']):>6s} "
+                     f"{r['n_detected']:6d} {r['n_matched']:6d} {_f(r['purity']):>6s} "
+                     f"{_f(r['dmag_median'], '+.3f'):>7s} {_f(r['dmag_scatter']):>6s}")  # fmt: skip
     p = s["pairs"]
     lines += [
         "",
@@ -71,10 +66,8 @@ def format_report(s: dict[str, Any]) -> str:
         f"{'sep (arcsec)':>12s} {'pairs':>6s} {'both':>6s} {'one':>6s} {'none':>6s} {'both/n':>7s}",
     ]
     for r in p["bins"]:
-        lines.append(
-            f"{r['lo']:5.2f}–{r['hi']:<6.2f} {r['n']:6d} {r['both']:6d} {r['one']:6d} "
-            f"{r['none']:6d} {_f(r['fraction']):>7s}"
-        )
+        lines.append(f"{r['lo']:5.2f}–{r['hi']:<6.2f} {r['n']:6d} {r['both']:6d} {r['one']:6d} "
+                     f"{r['none']:6d} {_f(r['fraction']):>7s}")  # fmt: skip
     lines += ["", f"Δmag ({b} < {lim:g}): median, robust scatter (1.4826 MAD)"]
     names = {
         "all": "all matched", "isolated": "isolated (truth)", "blended": "blended (truth)",
@@ -82,15 +75,12 @@ def format_report(s: dict[str, Any]) -> str:
     }  # fmt: skip
     for k, label in names.items():
         if (d := s["dmag"].get(k)) is not None:
-            lines.append(
-                f"  {label:18s} n={d['n']:6d}  {_f(d['median'], '+.4f'):>8s}  {_f(d['scatter'], '.4f')}"
-            )
+            lines.append(f"  {label:18s} n={d['n']:6d}  {_f(d['median'], '+.4f'):>8s}  "
+                         f"{_f(d['scatter'], '.4f')}")  # fmt: skip
     pos = s["position"]
-    lines.append(
-        f"position (pix): dx {_f(pos['dx']['median'], '+.3f')} ± {_f(pos['dx']['scatter'])}, "
-        f"dy {_f(pos['dy']['median'], '+.3f')} ± {_f(pos['dy']['scatter'])}, "
-        f"median distance {_f(pos['dist_median'])}"
-    )
+    lines.append(f"position (pix): dx {_f(pos['dx']['median'], '+.3f')} ± {_f(pos['dx']['scatter'])}, "
+                 f"dy {_f(pos['dy']['median'], '+.3f')} ± {_f(pos['dy']['scatter'])}, "
+                 f"median distance {_f(pos['dist_median'])}")  # fmt: skip
     if s["shape"]:
         parts = [
             f"{k.replace('_arcsec', ' (arcsec)')} {_f(v['median'], '+.3f')} ± {_f(v['scatter'])}"
@@ -99,11 +89,9 @@ def format_report(s: dict[str, Any]) -> str:
         lines.append("shape (catalog − truth, PSF-convolved vs intrinsic): " + ", ".join(parts))
     iou = s["segmentation_iou"]
     if iou:
-        lines.append(
-            f"segmentation IoU ({b} < {lim:g}, n={iou['n']}): median {_f(iou['median'])}, "
-            f"mean {_f(iou['mean'])}; median isolated {_f(iou['median_isolated'])}, "
-            f"blended {_f(iou['median_blended'])}"
-        )
+        lines.append(f"segmentation IoU ({b} < {lim:g}, n={iou['n']}): median {_f(iou['median'])}, "
+                     f"mean {_f(iou['mean'])}; median isolated {_f(iou['median_isolated'])}, "
+                     f"blended {_f(iou['median_blended'])}")  # fmt: skip
     else:
         lines.append("segmentation IoU: not measured (no catalog or truth segmentation)")
     return "\n".join(lines)

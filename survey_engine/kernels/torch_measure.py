@@ -1,11 +1,8 @@
 """Measurement of labelled sources in torch, batched over windows (CPU and CUDA, same code).
 
-The footprint and aperture quantities of :func:`~survey_engine.kernels.measure.measure_sources`
-as segment reductions (``index_add_`` / ``scatter_reduce`` over one global object index) on a
-batch of equally-sized windows, with no Python loop over objects: per-object neighbourhoods
-(Kron ellipse, apertures, windowed-centroid disc) are ragged boxes built by index arithmetic.
-Pixel-centre apertures where sep samples sub-pixels; the agreement with sep, batched vs
-one-window equality, CUDA vs CPU and the host synchronisations: ``docs/kernels.md``.
+The quantities of :func:`~survey_engine.kernels.measure.measure_sources` as segment reductions
+over ragged per-object boxes, with no Python loop over objects (pixel-centre apertures where sep
+samples sub-pixels). Method, agreement with sep, batching, CUDA vs CPU: ``docs/kernels.md``.
 """
 
 from __future__ import annotations
@@ -48,11 +45,7 @@ def _check_like_images(name, t, images):
 
 
 def _pw(fn, *args):
-    """Element-wise ``fn`` whose result per element does not depend on its position.
-
-    On CPU, strided inputs take torch's scalar libm path for every element (contiguous ones
-    mix SIMD and scalar code, which can differ in the last bit); ``docs/kernels.md``.
-    """
+    """Element-wise ``fn`` on strided copies: no CPU result depends on its position (kernels.md)."""
     return fn(*(torch.stack((t, t), -1)[..., 0] for t in args))
 
 
@@ -63,11 +56,7 @@ def _segsum(values, index, n):
 
 
 def _boxes(cy, cx, half, h, w):
-    """Ragged square boxes of half-size ``half`` around integer centres, clipped to the window.
-
-    Returns, per element, the object index, its pixel (y, x) and the offset from the
-    centre, object after object, each box in raster order.
-    """
+    """Clipped boxes of ``half`` around centres, box by box in raster order: obj, y, x, dy, dx."""
     side = 2 * half + 1
     cnt = side * side
     n_el = int(cnt.sum())
@@ -122,8 +111,7 @@ def windowed_centroid_batch(
     lab = labels.reshape(-1)[flat]
     keep = (lab == 0) | (lab == own[obj])
     obj, dy, dx, flat = obj[keep], dy[keep], dx[keep], flat[keep]
-    val = image.reshape(-1)[flat]
-    var = variance.reshape(-1)[flat]
+    val, var = image.reshape(-1)[flat], variance.reshape(-1)[flat]
     dxf, dyf = dx.to(dt), dy.to(dt)
     u, v = u0.to(dt).clone(), v0.to(dt).clone()
     inv2s2 = 1.0 / (2.0 * sig.to(dt) ** 2)
@@ -132,8 +120,7 @@ def windowed_centroid_batch(
     converged = torch.zeros(n, dtype=torch.bool, device=u.device)
     e_k = inv2s2[obj]
     for _ in range(max_iter):
-        ex = dxf - u[obj]
-        ey = dyf - v[obj]
+        ex, ey = dxf - u[obj], dyf - v[obj]
         arg = (ex * ex + ey * ey) * e_k
         wgt = torch.where(arg >= 8.0, 0.0, _pw(torch.exp, -arg)) * val
         s0 = _segsum(wgt, obj, n)
@@ -149,8 +136,7 @@ def windowed_centroid_batch(
         active &= ok & ~done
         if not bool(active.any()):
             break
-    ex = dxf - u[obj]
-    ey = dyf - v[obj]
+    ex, ey = dxf - u[obj], dyf - v[obj]
     r2 = ex * ex + ey * ey
     wn = torch.where(r2 < r2max[obj], _pw(torch.exp, -r2 * inv2s2[obj]), 0.0)
     s0 = _segsum(wn * val, obj, n)
@@ -254,9 +240,7 @@ def measure_batch(
     cfg = cfg or MeasureConfig()
     _check_inputs(det, det_var, filtered, images, variances, labels)
     bsz, h, w = det.shape
-    nb = images.shape[1]
-    dev = det.device
-    dt = dtype
+    nb, dev, dt = images.shape[1], det.device, dtype
     labels = labels.to(torch.int64)
 
     # --- inputs as the reference sees them ---------------------------------------------------
@@ -301,11 +285,9 @@ def measure_batch(
     iso_var = _segsum(dvar.reshape(-1)[flat_all], seg, n)
     wgt = filtered.to(dt).reshape(-1)[flat_all]
     wsum = _segsum(wgt, seg, n)
-    dx = (xx - px[seg]).to(dt)
-    dy = (yy - py[seg]).to(dt)
+    dx, dy = (xx - px[seg]).to(dt), (yy - py[seg]).to(dt)
     safe_w = torch.where(wsum > 0, wsum, 1.0)
-    mx = _segsum(wgt * dx, seg, n) / safe_w
-    my = _segsum(wgt * dy, seg, n) / safe_w
+    mx, my = _segsum(wgt * dx, seg, n) / safe_w, _segsum(wgt * dy, seg, n) / safe_w
     x2 = _segsum(wgt * dx * dx, seg, n) / safe_w - mx**2
     y2 = _segsum(wgt * dy * dy, seg, n) / safe_w - my**2
     xy = _segsum(wgt * dx * dy, seg, n) / safe_w - mx * my
@@ -317,8 +299,7 @@ def measure_batch(
     x_err = torch.sqrt(_segsum(vpix * ex * ex, seg, n)) / safe_w
     y_err = torch.sqrt(_segsum(vpix * ey * ey, seg, n)) / safe_w
     if origin is None:
-        xb = px.to(dt) + mx
-        yb = py.to(dt) + my
+        xb, yb = px.to(dt) + mx, py.to(dt) + my
     else:
         org = origin.to(device=dev, dtype=torch.int64)
         oy_o, ox_o = org[win, 0], org[win, 1]
@@ -330,8 +311,7 @@ def measure_batch(
     a = torch.sqrt(torch.clamp(t1 + t2, min=1e-6))
     b = torch.sqrt(torch.clamp(t1 - t2, min=1e-6))
     theta = 0.5 * _pw(torch.atan2, 2.0 * xy, x2 - y2)
-    e1 = (x2 - y2) / (x2 + y2)
-    e2 = 2.0 * xy / (x2 + y2)
+    e1, e2 = (x2 - y2) / (x2 + y2), 2.0 * xy / (x2 + y2)
 
     # --- ellipse coefficients (sep_ellipse_coeffs) -------------------------------------------
     ct, st = _pw(torch.cos, theta), _pw(torch.sin, theta)
@@ -426,13 +406,11 @@ def measure_batch(
     rr2 = ddx * ddx + ddy * ddy
     bidx = band_index(fl)
     bmask = nbr[None, :] | b_bad.reshape(-1)[bidx]
-    bi_v = bimg.reshape(-1)[bidx]
-    bv_v = bvar.reshape(-1)[bidx]
+    bi_v, bv_v = bimg.reshape(-1)[bidx], bvar.reshape(-1)[bidx]
 
     def footprint_sum(planes):
-        return _segsum(
-            planes.reshape(bsz, nb, -1).transpose(0, 1).reshape(nb, -1)[:, flat_all], seg, n
-        )
+        per_band = planes.reshape(bsz, nb, -1).transpose(0, 1).reshape(nb, -1)
+        return _segsum(per_band[:, flat_all], seg, n)
 
     out_bands: dict[str, torch.Tensor] = {
         "iso_flux": footprint_sum(bimg).T, "iso_flux_err": torch.sqrt(footprint_sum(bvar)).T,

@@ -49,12 +49,10 @@ def plan_artefacts(ny: int, nx: int, band_codes: tuple[int, ...], seed: int) -> 
 
     Parameters
     ----------
-    ny, nx : int
-        Mosaic shape.
+    ny, nx, seed : int
+        Mosaic shape; simulation seed.
     band_codes : tuple of int
         Codes (positions in ``ugrizy``) of the simulated bands.
-    seed : int
-        Simulation seed.
 
     Returns
     -------
@@ -83,10 +81,8 @@ def apply_artefacts(
 
     Parameters
     ----------
-    image : numpy.ndarray
-        (h, w) float64 pixels of the block.
-    mask : numpy.ndarray
-        (h, w) uint16 mask of the block.
+    image, mask : numpy.ndarray
+        (h, w) float64 pixels and uint16 mask of the block.
     y0, x0 : int
         Mosaic pixel of the block's first row/column.
     band : BandSetup

@@ -11,6 +11,8 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+from ..mosaic import _raise_if
+
 __all__ = [
     "DEPTH_OFFSET", "EFFECTIVE_WAVELENGTH_NM", "LSST_BANDS", "SATURATION_MAG", "SKY_MAG",
     "ZERO_POINT", "BandSetup", "band_setups", "parse_bands",
@@ -42,18 +44,13 @@ class BandSetup:
     code : int
         Position of the band in :data:`LSST_BANDS` (used in noise seeds, so that
         a band's noise does not depend on which other bands are simulated).
-    zero_point : float
-        AB magnitude of one count.
-    psf_fwhm : float
-        PSF FWHM in arcsec.
-    depth : float
-        5σ point-source depth (AB mag).
-    sky_sigma : float
-        Sky noise per pixel (counts).
-    gain : float
-        Effective electrons per count for the source Poisson noise.
-    saturation : float
-        Pixel level (counts) at and above which a pixel is saturated.
+    zero_point, depth : float
+        AB magnitude of one count; 5σ point-source depth (AB mag).
+    psf_fwhm, sky_sigma : float
+        PSF FWHM in arcsec; sky noise per pixel (counts).
+    gain, saturation : float
+        Effective electrons per count for the source Poisson noise; pixel level (counts) at and
+        above which a pixel is saturated.
     """
 
     name: str
@@ -64,12 +61,6 @@ class BandSetup:
     sky_sigma: float
     gain: float
     saturation: float
-
-
-def _raise_if(condition: bool, msg: str) -> None:
-    """Raise ``ValueError(msg)`` when ``condition`` holds (argument checks; the bench's too)."""
-    if condition:
-        raise ValueError(msg)
 
 
 def parse_bands(bands: str | Sequence[str]) -> tuple[str, ...]:
@@ -151,10 +142,8 @@ def band_setups(
         r-band 5σ depth (other bands offset by :data:`DEPTH_OFFSET`), or a
         ``{band: depth}`` mapping covering every band.
     psf : {"kolmogorov", "moffat"}
-    psf_fwhm : float
-        r-band PSF FWHM (arcsec).
-    pixel_scale : float
-        Arcsec per pixel.
+    psf_fwhm, pixel_scale : float
+        r-band PSF FWHM (arcsec); arcsec per pixel.
 
     Returns
     -------

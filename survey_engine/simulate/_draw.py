@@ -43,12 +43,8 @@ class DrawConfig:
     ----------
     bands : tuple of BandSetup
         Per-band PSF, noise and saturation, in mosaic band order.
-    pixel_scale : float
-        Arcsec per pixel.
-    psf : str
-        ``"kolmogorov"`` or ``"moffat"``.
-    seed : int
-        Simulation seed (noise streams).
+    pixel_scale, psf, seed : float, str, int
+        Arcsec per pixel; ``"kolmogorov"`` or ``"moffat"``; simulation seed (noise streams).
     seg_threshold : float or None
         Truth-segmentation threshold on the band-summed noiseless image (None: no segmentation).
     artefacts : ArtefactPlan or None
@@ -94,7 +90,6 @@ def object_plan(truth, bands: tuple[BandSetup, ...], pixel_scale: float) -> np.n
     numpy.ndarray
         Structured array of :func:`plan_dtype`, with the stamp geometry.
     """
-
     plan = np.zeros(len(truth), dtype=plan_dtype(len(bands)))
     plan["id"] = np.asarray(truth["id"], dtype=np.int64)
     for name in ("x", "y", *_SHAPE_FIELDS):
@@ -159,8 +154,8 @@ def draw_stamps(obj, psfs, pixel_scale: float, gsparams) -> np.ndarray:
     Returns
     -------
     numpy.ndarray
-        ``(band, 2 half + 1, 2 half + 1)`` float64; pixel ``[.., 0, 0]`` is
-        mosaic pixel ``(cy - half, cx - half)``.
+        ``(band, 2 half + 1, 2 half + 1)`` float64; pixel ``[.., 0, 0]`` is mosaic pixel
+        ``(cy - half, cx - half)``.
     """
     import galsim
 
@@ -263,10 +258,8 @@ def finish_band(
 
     Returns
     -------
-    image, variance : numpy.ndarray
-        float32.
-    mask : numpy.ndarray
-        uint16 :class:`~survey_engine.flags.MaskBit` values.
+    image, variance, mask : numpy.ndarray
+        float32, float32 and uint16 :class:`~survey_engine.flags.MaskBit` values.
     """
     seq = np.random.SeedSequence([config.seed, _NOISE_TAG, band.code, block[0], block[1]])
     rng = np.random.default_rng(seq)

@@ -15,10 +15,10 @@ import numpy as np
 from astropy import units as u
 from astropy.table import QTable, Table
 
-from ..mosaic import Mosaic, create_mosaic, open_mosaic
+from ..mosaic import Mosaic, _raise_if, create_mosaic, open_mosaic
 from ..parallel import dask_client, map_tasks
 from ._artefacts import plan_artefacts
-from ._bands import MOFFAT_BETA, PSF_KINDS, ZERO_POINT, _raise_if, band_setups, parse_bands
+from ._bands import MOFFAT_BETA, PSF_KINDS, ZERO_POINT, band_setups, parse_bands
 from ._draw import _SHAPE_FIELDS, DrawConfig, _values, draw_block, object_plan, select_objects
 from ._scene import BRIGHT_LIMIT, DEFAULT_CENTER, make_scene, make_wcs, write_truth
 
@@ -35,18 +35,12 @@ class SimulationResult:
 
     Attributes
     ----------
-    path : str
-        The mosaic store.
-    mosaic : Mosaic
-        The mosaic, opened read-only.
-    truth : astropy.table.QTable
-        The truth table (also written to Parquet when ``truth`` was given).
-    truth_path : str or None
-        Where the truth table was written.
-    n_blocks : int
-        Blocks drawn (the chunk grid).
-    elapsed_s : float
-        Wall time of the drawing (cluster start-up included).
+    path, mosaic : str, Mosaic
+        The mosaic store, and the mosaic opened read-only.
+    truth, truth_path : astropy.table.QTable, str or None
+        The truth table, and the Parquet file it was written to when ``truth`` was given.
+    n_blocks, elapsed_s : int, float
+        Blocks drawn (the chunk grid); wall time of the drawing (cluster start-up included).
     block_stats : dict
         Per-block statistics returned by the workers, by (row, column).
     """
@@ -61,19 +55,14 @@ class SimulationResult:
 
 
 def simulate(
-    path: str | os.PathLike,
-    *,
-    size: int | tuple[int, int] = 1024,
-    bands: str | Sequence[str] = ("g", "r", "i"),
-    seed: int = 0,
-    depth: float | Mapping[str, float] = 26.8,
-    truth: str | os.PathLike | None = None,
+    path: str | os.PathLike, *, size: int | tuple[int, int] = 1024,
+    bands: str | Sequence[str] = ("g", "r", "i"), seed: int = 0,
+    depth: float | Mapping[str, float] = 26.8, truth: str | os.PathLike | None = None,
     pixel_scale: float = 0.2, psf: str = "kolmogorov", psf_fwhm: float = 0.7,
     chunks: int | tuple[int, int] = 1024, masks: bool = False, bright_stars: int = 0,
     truth_segmentation: bool = True, density: float = 1.0, max_mag: float = 27.0,
-    scene: Table | None = None,
-    workers: int | None = None, scheduler: str | None = None, client: Any | None = None,
-    progress: bool = True, overwrite: bool = False,
+    scene: Table | None = None, workers: int | None = None, scheduler: str | None = None,
+    client: Any | None = None, progress: bool = True, overwrite: bool = False,
 ) -> SimulationResult:  # fmt: skip
     """Simulate an LSST-like multi-band mosaic with GalSim and write it as a mosaic store.
 
@@ -103,26 +92,21 @@ def simulate(
         r-band PSF FWHM in arcsec; band ``b`` gets ``psf_fwhm (λ_b / λ_r)^-0.2``.
     chunks : int or (int, int)
         Chunk size of the store = drawing block size.
-    masks : bool
-        Add bad columns, a satellite trail (``BAD``) and a no-data corner (``NO_DATA``).
+    masks, truth_segmentation : bool
+        Add bad columns, a satellite trail (``BAD``) and a no-data corner (``NO_DATA``); store
+        the noiseless truth segmentation (truth ids, 0 = none).
     bright_stars : int
         Number of extra saturating stars (r 14–16).
-    truth_segmentation : bool
-        Store the noiseless truth segmentation (truth ids, 0 = none).
-    density : float
-        Multiplies the galaxy and star number counts.
-    max_mag : float
-        Faint limit (r mag) of the population.
+    density, max_mag : float
+        Multiplies the galaxy and star number counts; faint limit (r mag) of the population.
     scene : astropy.table.Table, optional
         Draw this truth table (e.g. an edited :func:`make_scene`) instead of a random
         population; needs ``id``, ``x``, ``y``, ``kind``, ``<band>_flux``, ``disk_hlr``,
         ``bulge_hlr``, ``bulge_fraction``, ``e1``, ``e2`` (``ra``/``dec`` from the mosaic WCS).
     workers, scheduler, client
         Dask cluster, see :func:`survey_engine.parallel.dask_client`.
-    progress : bool
-        Show a progress bar.
-    overwrite : bool
-        Replace an existing store (and truth file).
+    progress, overwrite : bool
+        Show a progress bar; replace an existing store (and truth file).
 
     Returns
     -------
@@ -153,10 +137,8 @@ def simulate(
     setups = band_setups(bands, depth=depth, psf=psf, psf_fwhm=psf_fwhm, pixel_scale=pixel_scale)
     wcs = make_wcs(ny, nx, pixel_scale=pixel_scale)
     if scene is None:
-        table = make_scene(
-            ny, nx, bands=bands, seed=seed, pixel_scale=pixel_scale, density=density,
-            max_mag=max_mag, bright_stars=bright_stars, wcs=wcs,
-        )  # fmt: skip
+        table = make_scene(ny, nx, bands=bands, seed=seed, pixel_scale=pixel_scale, density=density,
+                           max_mag=max_mag, bright_stars=bright_stars, wcs=wcs)  # fmt: skip
     else:
         table = _check_scene(scene, bands, wcs)
     seg_threshold = math.sqrt(sum(b.sky_sigma**2 for b in setups)) if truth_segmentation else None
@@ -274,9 +256,8 @@ def _parse_depth(depth: Any, bands: tuple[str, ...]) -> float | dict[str, float]
         return _finite_float(depth, f"depth must be a finite AB magnitude, got {depth!r}")
     missing = [b for b in bands if b not in depth]
     _raise_if(bool(missing), f"depth mapping has no value for band(s) {missing}")
-    values = {b: depth[b] for b in bands}
     return {b: _finite_float(v, f"depth must be a finite AB magnitude, got {v!r}")
-            for b, v in values.items()}  # fmt: skip
+            for b, v in {b: depth[b] for b in bands}.items()}  # fmt: skip
 
 
 def _check_scene(scene: Table, bands: tuple[str, ...], wcs) -> QTable:

@@ -51,10 +51,8 @@ def make_wcs(
     ----------
     ny, nx : int
         Mosaic shape.
-    pixel_scale : float
-        Arcsec per pixel.
-    center : (float, float)
-        (ra, dec) of the mosaic centre in degrees.
+    pixel_scale, center : float, (float, float)
+        Arcsec per pixel; (ra, dec) of the mosaic centre in degrees.
 
     Returns
     -------
@@ -80,12 +78,8 @@ def expected_counts(
 
     Parameters
     ----------
-    area_deg2 : float
-        Area in square degrees.
-    density : float
-        Multiplies the number counts.
-    max_mag : float
-        Faint limit (r mag).
+    area_deg2, density, max_mag : float
+        Area in square degrees; factor of the number counts; faint limit (r mag).
 
     Returns
     -------
@@ -191,12 +185,9 @@ def _stars(rng: np.random.Generator, r: np.ndarray) -> dict[str, np.ndarray]:
     noise = rng.standard_normal((4, n))
     ri = 0.38 * gr - 0.05 + 3.0 * np.maximum(gr - 1.2, 0.0) + 0.05 * noise[0]
     colours = {
-        "ug": 0.5 + 1.4 * gr + 0.10 * noise[1],
-        "gr": gr,
-        "ri": ri,
-        "iz": 0.5 * ri + 0.03 * noise[2],
-        "zy": 0.3 * ri + 0.03 * noise[3],
-    }
+        "ug": 0.5 + 1.4 * gr + 0.10 * noise[1], "gr": gr, "ri": ri,
+        "iz": 0.5 * ri + 0.03 * noise[2], "zy": 0.3 * ri + 0.03 * noise[3],
+    }  # fmt: skip
     return {"r": r, "colours": colours, **dict.fromkeys(_SHAPE_COLUMNS, np.zeros(n))}
 
 
@@ -226,14 +217,11 @@ def make_scene(
         Field shape in pixels.
     bands : sequence of str
         Bands whose ``<band>_flux`` / ``<band>_mag`` columns are returned.
-    seed : int
-        Non-negative random seed.
-    pixel_scale : float
-        Arcsec per pixel.
-    density : float
-        Multiplies the galaxy and star number counts (not the bright stars).
-    max_mag : float
-        Faint limit (r mag) of galaxies and stars.
+    seed, pixel_scale : int, float
+        Non-negative random seed; arcsec per pixel.
+    density, max_mag : float
+        Multiplies the galaxy and star number counts (not the bright stars); faint limit (r mag)
+        of galaxies and stars.
     bright_stars : int
         Number of extra saturating stars (r 14–16).
     wcs : astropy.wcs.WCS, optional
@@ -328,10 +316,8 @@ def write_truth(table: QTable, path: str | os.PathLike, *, overwrite: bool = Fal
     ----------
     table : astropy.table.QTable
         Truth table from :func:`~survey_engine.simulate.make_scene` / ``simulate``.
-    path : str or path-like
-        Output ``.parquet`` file.
-    overwrite : bool
-        Replace an existing file.
+    path, overwrite : str or path-like, bool
+        Output ``.parquet`` file; replace an existing file.
     """
     out = table.copy(copy_data=False)
     out.meta["descriptions"] = {
@@ -368,11 +354,9 @@ def read_truth(path: str | os.PathLike) -> QTable:
     try:
         table = QTable.read(path, format="parquet")
     except (ValueError, OSError) as err:  # pyarrow's ArrowInvalid is a ValueError
-        msg = (
-            f"truth table {path} is not a readable Parquet file ({type(err).__name__}: "
-            f"{str(err).splitlines()[0] if str(err) else 'no detail'}); convert it, e.g. "
-            "astropy.table.Table.read(FILE).write('truth.parquet')"
-        )
+        msg = (f"truth table {path} is not a readable Parquet file ({type(err).__name__}: "
+               f"{str(err).splitlines()[0] if str(err) else 'no detail'}); convert it, e.g. "
+               "astropy.table.Table.read(FILE).write('truth.parquet')")  # fmt: skip
         raise ValueError(msg) from err
     for name, text in dict(table.meta.pop("descriptions", {})).items():
         if name in table.colnames:

@@ -1,11 +1,9 @@
 """Training data of the U-Net deblender: GalSim objects blended artificially, written to Zarr.
 
-Two stages: :func:`draw_library` (GalSim, run once) draws isolated noiseless objects of the
-simulator's population under a few observing conditions; :func:`compose` (numpy only,
-deterministic in its seed) blends them into stamps with their targets. Noise is added later
-(:func:`noisy_significance`), fresh every epoch. :func:`generate_training_set` writes a Zarr v3
-group or a compact ``.npz`` (library + recipe) that :func:`load_training_set` composes bit for
-bit anywhere. The targets, the blend statistics and the storage: ``docs/unet.md``.
+:func:`draw_library` (GalSim, run once) draws isolated noiseless objects; :func:`compose` (numpy)
+blends them into stamps with their targets; :func:`generate_training_set` writes a Zarr group or
+a compact ``.npz`` that :func:`load_training_set` composes bit for bit anywhere; noise is added
+per epoch (:func:`noisy_significance`). Targets, blend statistics, storage: ``docs/unet.md``.
 """
 
 from __future__ import annotations
@@ -50,22 +48,17 @@ class Library:
     ----------
     pixels : numpy.ndarray
         float16, all crops ``(C, h, w)`` flattened and concatenated.
-    start : numpy.ndarray
-        int64 offset of each object's crop in ``pixels``.
-    shape : numpy.ndarray
-        int32 ``(n, 2)`` crop height and width.
+    start, shape : numpy.ndarray
+        int64 offset of each object's crop in ``pixels``; int32 ``(n, 2)`` its height and width.
     centre : numpy.ndarray
         float32 ``(n, 2)`` true centre ``(y, x)`` in crop pixel coordinates.
     condition : numpy.ndarray
         int32 index into ``conditions`` of each object.
-    nu : numpy.ndarray
-        float32 matched-filter S/N of the noiseless detection image.
-    det_flux : numpy.ndarray
-        float32 flux of the detection significance image (sky σ · pixels).
-    mag : numpy.ndarray
-        float32 r-band magnitude.
-    star : numpy.ndarray
-        bool, point source.
+    nu, det_flux : numpy.ndarray
+        float32 matched-filter S/N of the noiseless detection image, and its flux in the
+        detection significance image (sky σ · pixels).
+    mag, star : numpy.ndarray
+        float32 r-band magnitude; bool, point source.
     conditions : list of dict
         Per observing condition: ``psf``, ``psf_fwhm`` (r band, arcsec), ``fwhm_px``,
         ``sky_sigma`` and ``source_noise`` per band (``var / σ² = 1 + source_noise · m``
@@ -130,14 +123,11 @@ class TrainingSet:
         float32 ``(N, C)``: noise model of each sample (see :func:`noisy_significance`).
     det_weights : numpy.ndarray
         float32 ``(N, C)``: detection-image weights of the noiseless model.
-    foreground : numpy.ndarray
-        bool ``(N, H, W)``.
-    owner : numpy.ndarray
-        uint8 ``(N, H, W)``: 1 + index into ``centres`` of the owning object, 0 for none.
-    centres : numpy.ndarray
-        float32 ``(N, MAX_OBJECTS, 2)`` true centres ``(y, x)``, NaN for absent objects.
-    detectable : numpy.ndarray
-        bool ``(N, MAX_OBJECTS)``.
+    foreground, owner : numpy.ndarray
+        bool and uint8 ``(N, H, W)``: 1 + index into ``centres`` of the owning object, 0 for none.
+    centres, detectable : numpy.ndarray
+        float32 ``(N, MAX_OBJECTS, 2)`` true centres ``(y, x)`` (NaN for absent objects); bool
+        ``(N, MAX_OBJECTS)``.
     nu, det_flux : numpy.ndarray
         float32 ``(N, MAX_OBJECTS)`` S/N and detection flux of each object (0 if absent).
     condition : numpy.ndarray
@@ -172,14 +162,17 @@ class TrainingSet:
 
 
 # -- validation helpers ----------------------------------------------------------------
+def _raise_if(condition: bool, msg: str) -> None:
+    """``mosaic._raise_if``, copied: this module and train run without the engine's dependencies."""
+    if condition:
+        raise ValueError(msg)
 
 
 def _check_int(name: str, value, minimum: int = 1) -> int:
     """``value`` as an int; ValueError unless it is an integer >= ``minimum`` (1 or 0)."""
-    if isinstance(value, bool) or int(value) != value or value < minimum:
-        kind = "positive" if minimum == 1 else "non-negative"
-        msg = f"{name} must be a {kind} integer, got {value!r}"
-        raise ValueError(msg)
+    kind = "positive" if minimum == 1 else "non-negative"
+    bad = isinstance(value, bool) or int(value) != value or value < minimum
+    _raise_if(bad, f"{name} must be a {kind} integer, got {value!r}")
     return int(value)
 
 
@@ -189,8 +182,6 @@ def _as_tuple(value) -> tuple:
 
 
 # -- stage 1: the library (GalSim) -----------------------------------------------------
-
-
 def draw_library(
     *, n_objects: int, seed: int = 0, bands: str | Sequence[str] = ("r",),
     psf: str | Sequence[str] = ("kolmogorov",),
@@ -213,19 +204,15 @@ def draw_library(
         PSF kinds (``kolmogorov``, ``moffat``).
     psf_fwhm : float or sequence of float
         r-band PSF FWHMs (arcsec). Conditions are all (psf, psf_fwhm) pairs.
-    depth : float
-        r-band 5σ point-source depth (AB); other bands get the LSST offsets.
-    pixel_scale : float
-        Arcsec per pixel.
+    depth, pixel_scale : float
+        r-band 5σ point-source depth (AB; other bands get the LSST offsets); arcsec per pixel.
     mag_range : (float, float)
         r-band magnitude range of the library.
     mag_slope : float
         ``d log10 N / d m`` of the library's magnitude distribution (0: flat; the
         sky's galaxy counts have 0.33).
-    star_fraction : float
-        Fraction of stars.
-    max_half : int
-        Largest stamp half size drawn (pixels).
+    star_fraction, max_half : float, int
+        Fraction of stars; largest stamp half size drawn (pixels).
     crop_level : float
         Crops keep the pixels above this many sky σ (in some band).
     progress : bool
@@ -245,19 +232,15 @@ def draw_library(
     psfs_kinds = tuple(str(p) for p in _as_tuple(psf))
     fwhms = tuple(float(f) for f in _as_tuple(psf_fwhm))
     for kind in psfs_kinds:
-        if kind not in ("kolmogorov", "moffat"):
-            msg = f"psf must be 'kolmogorov' or 'moffat', got {kind!r}"
-            raise ValueError(msg)
-    if not fwhms or any(not (0 < f < 10) for f in fwhms):
-        msg = f"psf_fwhm must be positive FWHMs in arcsec, got {psf_fwhm!r}"
-        raise ValueError(msg)
+        _raise_if(kind not in ("kolmogorov", "moffat"),
+                  f"psf must be 'kolmogorov' or 'moffat', got {kind!r}")  # fmt: skip
+    _raise_if(not fwhms or any(not (0 < f < 10) for f in fwhms),
+              f"psf_fwhm must be positive FWHMs in arcsec, got {psf_fwhm!r}")  # fmt: skip
     m0, m1 = (float(m) for m in mag_range)
-    if not m0 < m1:
-        msg = f"mag_range must be (bright, faint) with bright < faint, got {mag_range!r}"
-        raise ValueError(msg)
-    if not 0 <= star_fraction <= 1:
-        msg = f"star_fraction must be in [0, 1], got {star_fraction!r}"
-        raise ValueError(msg)
+    _raise_if(not m0 < m1,
+              f"mag_range must be (bright, faint) with bright < faint, got {mag_range!r}")  # fmt: skip
+    _raise_if(not 0 <= star_fraction <= 1,
+              f"star_fraction must be in [0, 1], got {star_fraction!r}")  # fmt: skip
     conditions_in = [(k, f) for k in psfs_kinds for f in fwhms]
     scene_bands = tuple(dict.fromkeys((*bands, "r")))
 
@@ -292,9 +275,8 @@ def draw_library(
     if len(gal_idx) < n_gal or len(star_idx) < n_star:  # pragma: no cover - pool is oversized
         msg = "internal error: population pool too small; increase its density"
         raise RuntimeError(msg)
-    chosen = np.concatenate(
-        [rng.choice(gal_idx, n_gal, replace=False), rng.choice(star_idx, n_star, replace=False)]
-    )
+    chosen = np.concatenate([rng.choice(gal_idx, n_gal, replace=False),
+                             rng.choice(star_idx, n_star, replace=False)])  # fmt: skip
     rng.shuffle(chosen)
     table = pool[np.sort(chosen)]
     table = table[rng.permutation(len(table))]
@@ -364,8 +346,6 @@ def draw_library(
 
 
 # -- stage 2: blends (numpy) -----------------------------------------------------------
-
-
 def _dihedral(a: np.ndarray, cy: float, cx: float, t: int):
     """Apply dihedral op ``t`` (0–7) to ``a`` (..., h, w) and map the point (cy, cx)."""
     for _ in range(t % 4):  # np.rot90: out[i, j] = a[j, w - 1 - i]
@@ -396,12 +376,10 @@ def compose(
     ----------
     library : Library
         From :func:`draw_library`.
-    samples : int
-        Number of stamps.
+    samples, stamp : int
+        Number of stamps; stamp side (pixels).
     seed : int
         Non-negative seed (the samples are a deterministic function of it and the library).
-    stamp : int
-        Stamp side (pixels).
     close_fraction : float
         Probability that a companion is placed close to an object already in the stamp.
     separation : (float, float)
@@ -424,18 +402,11 @@ def compose(
     samples = _check_int("samples", samples)
     seed = _check_int("seed", seed, 0)
     stamp = _check_int("stamp", stamp)
-    if stamp < 16:
-        msg = f"stamp must be at least 16 pixels, got {stamp!r}"
-        raise ValueError(msg)
-    if not (separation[0] > 0 and separation[1] >= separation[0]):
-        msg = f"separation must be (min, max) FWHM with 0 < min <= max, got {separation!r}"
-        raise ValueError(msg)
-    if not max_flux_ratio >= 1:
-        msg = f"max_flux_ratio must be >= 1, got {max_flux_ratio!r}"
-        raise ValueError(msg)
-    if len(library) == 0:
-        msg = "the library is empty"
-        raise ValueError(msg)
+    _raise_if(stamp < 16, f"stamp must be at least 16 pixels, got {stamp!r}")
+    _raise_if(not (separation[0] > 0 and separation[1] >= separation[0]),
+              f"separation must be (min, max) FWHM with 0 < min <= max, got {separation!r}")  # fmt: skip
+    _raise_if(not max_flux_ratio >= 1, f"max_flux_ratio must be >= 1, got {max_flux_ratio!r}")
+    _raise_if(len(library) == 0, "the library is empty")
     rng = np.random.default_rng(np.random.SeedSequence([seed, _TAG_COMPOSE]))
     nb = library.n_bands
     conds = library.conditions
@@ -524,12 +495,9 @@ def compose(
 
 
 def noisy_significance(
-    model: torch.Tensor,
-    sky_sigma: torch.Tensor,
-    source_noise: torch.Tensor,
-    *,
+    model: torch.Tensor, sky_sigma: torch.Tensor, source_noise: torch.Tensor, *,
     generator: torch.Generator | None = None,
-) -> torch.Tensor:
+) -> torch.Tensor:  # fmt: skip
     """Add noise to noiseless samples and return the detection significance image.
 
     Each band gets Gaussian noise of variance ``σ_b² (1 + source_noise_b · max(m_b, 0))``
@@ -564,8 +532,6 @@ def noisy_significance(
 
 
 # -- storage ---------------------------------------------------------------------------
-
-
 def generate_training_set(
     path: str | os.PathLike, *, samples: int, seed: int = 0, stamp: int = 64,
     bands: str | Sequence[str] = ("r",), psf: str | Sequence[str] = ("kolmogorov",),
@@ -578,15 +544,13 @@ def generate_training_set(
     Parameters
     ----------
     path : str or path-like
-        Output: a Zarr v3 group (samples, targets, one noise realisation and the
-        library), or, if it ends in ``.npz``, a compact file with the library and the
-        composition parameters only (:func:`load_training_set` composes the samples).
-    samples : int
-        Number of stamps.
+        Output: a Zarr v3 group (samples, targets, one noise realisation and the library),
+        or, if it ends in ``.npz``, a compact file with the library and the composition
+        parameters only (:func:`load_training_set` composes the samples).
+    samples, stamp : int
+        Number of stamps; stamp side in pixels.
     seed : int
         Non-negative seed of the library, the blends and the stored noise.
-    stamp : int
-        Stamp side in pixels.
     bands, psf, psf_fwhm, depth, pixel_scale
         Survey conditions (see :func:`draw_library`).
     library_size : int, optional
@@ -594,13 +558,11 @@ def generate_training_set(
         each is reused in several blends under different transforms and partners.
     library : Library, optional
         Reuse an existing library instead of drawing one (no GalSim needed).
-    overwrite : bool
-        Replace an existing output.
-    progress : bool
-        Show progress bars.
+    overwrite, progress : bool
+        Replace an existing output; show progress bars.
     **compose_options
-        Passed to :func:`compose` (``close_fraction``, ``separation``,
-        ``max_flux_ratio``, ``fg_threshold``, ``nu_min``, ``centre_sigma``).
+        Passed to :func:`compose` (``close_fraction``, ``separation``, ``max_flux_ratio``,
+        ``fg_threshold``, ``nu_min``, ``centre_sigma``).
 
     Returns
     -------
@@ -640,9 +602,8 @@ def generate_training_set(
         return path
 
     ts = _compose_recipe(library, recipe, None, None, progress)
-    gen = torch.Generator().manual_seed(
-        int(np.random.SeedSequence([seed, _TAG_NOISE]).generate_state(1)[0])
-    )
+    noise_seed = int(np.random.SeedSequence([seed, _TAG_NOISE]).generate_state(1)[0])
+    gen = torch.Generator().manual_seed(noise_seed)
     images = np.empty((samples, 1, stamp, stamp), np.float32)
     noise_in = (ts.model, ts.sky_sigma, ts.source_noise)
     for a in range(0, samples, 1024):
@@ -683,12 +644,9 @@ def _write_zarr(path: Path, ts: TrainingSet, library: Library, recipe: dict, *, 
 
 
 def load_training_set(
-    path: str | os.PathLike,
-    *,
-    samples: int | None = None,
-    seed: int | None = None,
+    path: str | os.PathLike, *, samples: int | None = None, seed: int | None = None,
     progress: bool = True,
-) -> TrainingSet:
+) -> TrainingSet:  # fmt: skip
     """Read a training set written by :func:`generate_training_set`.
 
     Parameters
@@ -728,14 +686,11 @@ def load_training_set(
     if group.attrs.get("format") != DATASET_FORMAT:
         raise ValueError(not_a_set)
     recipe = dict(group.attrs["recipe"])
-    if (samples is not None and samples != recipe["samples"]) or (
-        seed is not None and seed != recipe["seed"]
-    ):
+    if any(v is not None and v != recipe[k] for k, v in (("samples", samples), ("seed", seed))):
         lib = group["library"]
         arrays = {**{k: lib[k][...] for k in Library._ARRAYS}, "meta": np.array(lib.attrs["meta"])}
-        return _compose_recipe(
-            Library.from_arrays(arrays, prefix=""), recipe, samples, seed, progress
-        )
+        library = Library.from_arrays(arrays, prefix="")
+        return _compose_recipe(library, recipe, samples, seed, progress)
     kw = {k: group[k][...] for k in TrainingSet._ARRAYS}
     return TrainingSet(**kw, image=group["image"][...], attrs=dict(group.attrs["attrs"]))
 

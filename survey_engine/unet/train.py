@@ -1,11 +1,7 @@
-"""Training loop of the U-Net deblender (torch + numpy; Zarr only to read a Zarr set).
+"""Training loop of the U-Net deblender: torch + numpy (Zarr only to read a Zarr set), no GalSim.
 
-No GalSim: a training set is composed into samples on the training host, and every epoch
-sees each sample under a random dihedral transform with fresh noise (10 % also get a masked
-band of rows or columns); bfloat16 autocast on CUDA. Validation (one fixed noise realisation)
-reports ``val_iou``, ``val_centre_f1`` and ``val_blend_recall``; the best centre threshold is
-stored in the checkpoint. The metrics, and how to run this module on a host that lacks the
-rest of the engine's dependencies: ``docs/unet.md``.
+Augmentation, fresh noise per epoch, the validation metrics and how to run this module on a host
+that lacks the rest of the engine's dependencies: ``docs/unet.md``, section "Training".
 """
 
 from __future__ import annotations
@@ -23,7 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .data import TrainingSet, _check_int, _progress, load_training_set, noisy_significance
+from .data import _check_int, _progress, _raise_if, load_training_set, noisy_significance
 from .model import UNet, load_model, normalise_input, save_model
 
 __all__ = ["main", "make_targets", "train", "unet_loss"]
@@ -71,25 +67,17 @@ def _inside(py: torch.Tensor, px: torch.Tensor, h: int, w: int) -> torch.Tensor:
 
 
 def make_targets(
-    foreground: torch.Tensor,
-    owner: torch.Tensor,
-    centres: torch.Tensor,
-    detectable: torch.Tensor,
-    *,
-    centre_sigma: float = 1.0,
-) -> dict[str, torch.Tensor]:
+    foreground: torch.Tensor, owner: torch.Tensor, centres: torch.Tensor, detectable: torch.Tensor,
+    *, centre_sigma: float = 1.0,
+) -> dict[str, torch.Tensor]:  # fmt: skip
     """Network targets from a batch of stored targets.
 
     Parameters
     ----------
-    foreground : torch.Tensor
-        bool ``(B, H, W)``.
-    owner : torch.Tensor
-        integer ``(B, H, W)``: 1 + object index, 0 for none.
-    centres : torch.Tensor
-        float ``(B, K, 2)`` true centres (NaN for absent objects).
-    detectable : torch.Tensor
-        bool ``(B, K)``.
+    foreground, owner : torch.Tensor
+        bool and integer ``(B, H, W)``: 1 + object index, 0 for none.
+    centres, detectable : torch.Tensor
+        float ``(B, K, 2)`` true centres (NaN for absent objects); bool ``(B, K)``.
     centre_sigma : float
         σ of the heatmap Gaussians (pixels).
 
@@ -137,10 +125,8 @@ def unet_loss(
 
     Returns
     -------
-    loss : torch.Tensor
-        Scalar.
-    parts : dict of float
-        The three terms (detached).
+    loss, parts : torch.Tensor, dict of float
+        The scalar loss; the three terms (detached).
     """
     out = out.float()
     fg_loss = F.binary_cross_entropy_with_logits(out[:, 0], targets["foreground"])
@@ -161,20 +147,15 @@ def unet_loss(
 
 
 class _Data:
-    """A training set on the device, with augmentation and noise."""
+    """A training set (``data.TrainingSet``) on the device, with augmentation and noise."""
 
-    def __init__(self, ts: TrainingSet, idx: np.ndarray, device: torch.device):
+    def __init__(self, ts, idx: np.ndarray, device: torch.device):
         def t(a):
             return torch.from_numpy(np.ascontiguousarray(a[idx])).to(device)
 
-        self.model = t(ts.model)
-        self.sky = t(ts.sky_sigma)
-        self.srcn = t(ts.source_noise)
-        self.fg = t(ts.foreground)
-        self.owner = t(ts.owner)
-        self.centres = t(ts.centres)
-        self.det = t(ts.detectable)
-        self.cond = t(ts.condition).long()
+        self.model, self.sky, self.srcn = t(ts.model), t(ts.sky_sigma), t(ts.source_noise)
+        self.fg, self.owner, self.centres = t(ts.foreground), t(ts.owner), t(ts.centres)
+        self.det, self.cond = t(ts.detectable), t(ts.condition).long()
         self.n = len(idx)
         self.size = ts.model.shape[-1]
         self.tables = _dihedral_tables(self.size).to(device)
@@ -270,12 +251,10 @@ def _evaluate(model, data: _Data, inputs: torch.Tensor, cfg: dict, batch_size: i
         f1[t] = 2 * prec * rec / max(prec + rec, 1e-12)
     best = max(CENTRE_THRESHOLDS, key=lambda t: f1[t])
     return {
-        "val_loss": sum(losses) / max(data.n, 1),
-        "val_iou": inter / max(union, 1.0),
-        "val_centre_f1": f1[best],
-        "val_centre_threshold": best,
+        "val_loss": sum(losses) / max(data.n, 1), "val_iou": inter / max(union, 1.0),
+        "val_centre_f1": f1[best], "val_centre_threshold": best,
         "val_blend_recall": blend_hit[best] / max(nblend, 1.0),
-    }
+    }  # fmt: skip
 
 
 def _lr_at(frac: float, peak: float) -> float:
@@ -291,12 +270,9 @@ def _device(device) -> torch.device:
     if device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        msg = f"device {str(device)!r} requested but CUDA is not available"
-        raise ValueError(msg)
-    if dev.type not in ("cpu", "cuda"):
-        msg = f"device must be 'cpu' or 'cuda', got {device!r}"
-        raise ValueError(msg)
+    _raise_if(dev.type == "cuda" and not torch.cuda.is_available(),
+              f"device {str(device)!r} requested but CUDA is not available")  # fmt: skip
+    _raise_if(dev.type not in ("cpu", "cuda"), f"device must be 'cpu' or 'cuda', got {device!r}")
     return dev
 
 
@@ -316,10 +292,8 @@ def train(
         (Zarr group or compact ``.npz``).
     out_path : str or path-like
         Checkpoint to write (``.pt``).
-    epochs : int
-        Passes over the training samples.
-    batch_size : int
-        Samples per step.
+    epochs, batch_size : int
+        Passes over the training samples; samples per step.
     device : {"cpu", "cuda"} or torch.device, optional
         Default: CUDA when available.
     init : str or path-like, optional
@@ -352,12 +326,8 @@ def train(
     """
     _check_int("epochs", epochs)
     _check_int("batch_size", batch_size)
-    if not 0 <= val_fraction < 1:
-        msg = f"val_fraction must be in [0, 1), got {val_fraction!r}"
-        raise ValueError(msg)
-    if lr is not None and not lr > 0:
-        msg = f"lr must be positive, got {lr!r}"
-        raise ValueError(msg)
+    _raise_if(not 0 <= val_fraction < 1, f"val_fraction must be in [0, 1), got {val_fraction!r}")
+    _raise_if(lr is not None and not lr > 0, f"lr must be positive, got {lr!r}")
     dev = _device(device)
     amp = dev.type == "cuda" if amp is None else bool(amp)
     t_start = time.perf_counter()
@@ -365,12 +335,9 @@ def train(
     n = len(ts)
     n_val = max(round(n * val_fraction), 1) if val_fraction > 0 else 0
     n_train = n - n_val
-    if n_train < 1:
-        msg = f"no training samples left: {n} samples, val_fraction={val_fraction!r}"
-        raise ValueError(msg)
-    if ts.model.shape[-1] % 8 or ts.model.shape[-2] % 8:
-        msg = f"stamp sides must be multiples of 8, got {ts.model.shape[-2:]}"
-        raise ValueError(msg)
+    _raise_if(n_train < 1, f"no training samples left: {n} samples, val_fraction={val_fraction!r}")
+    _raise_if(bool(ts.model.shape[-1] % 8 or ts.model.shape[-2] % 8),
+              f"stamp sides must be multiples of 8, got {ts.model.shape[-2:]}")  # fmt: skip
     torch.manual_seed(seed)
     target = {
         **ts.attrs.get("target", {}),
@@ -378,17 +345,15 @@ def train(
     }
     if init is not None:
         model = copy.deepcopy(load_model(None if str(init) == "default" else init))
-        if config:
-            msg = "config cannot be combined with init (the checkpoint fixes the architecture)"
-            raise ValueError(msg)
+        _raise_if(bool(config),
+                  "config cannot be combined with init (the checkpoint fixes the architecture)")  # fmt: skip
         model.config["target"] = target
     else:
         model = UNet({**(config or {}), "target": target})
     lr = (3e-3 if init is None else 1e-3) if lr is None else lr
     cfg = model.config
-    if ts.model.shape[-1] % model.alignment or ts.model.shape[-2] % model.alignment:
-        msg = f"stamp sides {ts.model.shape[-2:]} must be multiples of {model.alignment}"
-        raise ValueError(msg)
+    _raise_if(bool(ts.model.shape[-1] % model.alignment or ts.model.shape[-2] % model.alignment),
+              f"stamp sides {ts.model.shape[-2:]} must be multiples of {model.alignment}")  # fmt: skip
     # NHWC: ~1.4x faster training on CPU (oneDNN), the layout tensor cores want on GPU.
     model.to(dev, memory_format=torch.channels_last)
     if dev.type == "cuda":
@@ -408,8 +373,7 @@ def train(
     plan_epochs = int(epochs)
     sigma = float(target.get("centre_sigma", 1.0))
     logger.info("training U-Net (%d parameters) on %d samples (%d validation), %d epochs, %s%s",
-                model.n_parameters, n_train, n_val, epochs, dev,
-                " bf16" if amp else "")  # fmt: skip
+                model.n_parameters, n_train, n_val, epochs, dev, " bf16" if amp else "")  # fmt: skip
     bar = _progress(total=epochs * steps_per_epoch, desc="training", enabled=progress)
     history: list[dict] = []
     cpu_gen = torch.Generator().manual_seed(seed + 2)
@@ -481,9 +445,8 @@ def train(
 
 def main(argv: list[str] | None = None) -> int:
     """Command line: ``DATASET OUT.pt [--epochs E] [--batch-size B] [--device D] …``."""
-    p = argparse.ArgumentParser(
-        prog="survey_engine.unet.train", description="Train the U-Net deblender."
-    )
+    p = argparse.ArgumentParser(prog="survey_engine.unet.train",
+                                description="Train the U-Net deblender.")  # fmt: skip
     p.add_argument("dataset", help="training set (.zarr or .npz)")
     p.add_argument("out", help="checkpoint to write (.pt)")
     p.add_argument("--epochs", type=int, default=10)
