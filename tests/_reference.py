@@ -3,9 +3,7 @@
 ``extract_instances_reference`` is the straightforward one-window instance extraction the
 batched torch kernel replaced (scipy's connected components, then every pixel of a
 multi-peak component compared with every peak of its component): slow, but simple enough
-to trust. ``mesh_statistics_reference`` is the numpy mesh statistics that the one
-implementation (``torch_background.mesh_statistics_torch``) replaced: full comparisons
-instead of binary searches, numpy throughout.
+to trust.
 """
 
 from __future__ import annotations
@@ -17,7 +15,6 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage
 
-from survey_engine.kernels.background import MIN_VALID_FRACTION
 from survey_engine.kernels.detect import DetectionResult
 
 _EIGHT = np.ones((3, 3), dtype=bool)
@@ -171,52 +168,3 @@ def extract_instances_reference(
         kids[obj_comp].to(torch.int32).numpy(),
         False,
     )
-
-
-def mesh_statistics_reference(image, bad, box, *, nsigma=3.0, iterations=5):
-    """The former numpy ``mesh_statistics`` of one 2-D block, unchanged (numpy in, numpy out)."""
-    h, w = image.shape
-    ncy, ncx = -(-h // box), -(-w // box)
-    data = np.full((ncy * box, ncx * box), np.nan, dtype=np.float32)
-    data[:h, :w] = image
-    if bad is not None:
-        data[:h, :w][bad] = np.nan
-    cells = data.reshape(ncy, box, ncx, box).transpose(0, 2, 1, 3).reshape(ncy * ncx, box * box)
-    cells = np.sort(cells, axis=1)  # NaNs last
-    n = np.count_nonzero(np.isfinite(cells), axis=1)
-    zero = np.zeros((cells.shape[0], 1))
-    csum = np.concatenate([zero, np.nancumsum(cells, axis=1, dtype=np.float64)], axis=1)
-    csq = np.concatenate([zero, np.nancumsum(np.square(cells, dtype=np.float64), axis=1)], axis=1)
-    rows = np.arange(cells.shape[0])
-
-    def median(lo, hi):
-        cnt = hi - lo
-        a = cells[rows, np.clip(lo + (cnt - 1) // 2, 0, cells.shape[1] - 1)]
-        b = cells[rows, np.clip(lo + cnt // 2, 0, cells.shape[1] - 1)]
-        return 0.5 * (a.astype(np.float64) + b)
-
-    lo = np.zeros_like(n)
-    hi = n.copy()
-    for _ in range(iterations):
-        cnt = np.maximum(hi - lo, 1)
-        mean = (csum[rows, hi] - csum[rows, lo]) / cnt
-        var = (csq[rows, hi] - csq[rows, lo]) / cnt - mean**2
-        std = np.sqrt(np.maximum(var, 0.0))
-        med = median(lo, hi)
-        lo_new = np.sum(cells < (med - nsigma * std)[:, None], axis=1)
-        hi_new = np.sum(cells <= (med + nsigma * std)[:, None], axis=1)
-        if np.array_equal(lo_new, lo) and np.array_equal(hi_new, hi):
-            break
-        lo, hi = lo_new, np.maximum(hi_new, lo_new + 1)
-    cnt = np.maximum(hi - lo, 1)
-    mean = (csum[rows, hi] - csum[rows, lo]) / cnt
-    std = np.sqrt(np.maximum((csq[rows, hi] - csq[rows, lo]) / cnt - mean**2, 0.0))
-    med = median(lo, hi)
-    crowded = np.abs(mean - med) > 0.3 * std
-    level = np.where(crowded, med, 2.5 * med - 1.5 * mean)
-    hy = np.minimum(box, h - box * np.arange(ncy))
-    wx = np.minimum(box, w - box * np.arange(ncx))
-    valid = n >= MIN_VALID_FRACTION * np.outer(hy, wx).ravel()
-    level = np.where(valid, level, np.nan).reshape(ncy, ncx)
-    std = np.where(valid, std, np.nan).reshape(ncy, ncx)
-    return level, std

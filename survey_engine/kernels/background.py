@@ -31,10 +31,12 @@ MIN_VALID_FRACTION = 0.3
 def mesh_statistics(
     image: np.ndarray, bad: np.ndarray | None, box: int, *, nsigma: float = 3.0, iterations: int = 5
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Sigma-clipped background level and rms of every mesh cell of a block.
+    """Sigma-clipped background level and rms of every mesh cell of a block (numpy).
 
-    :func:`~survey_engine.kernels.torch_background.mesh_statistics_torch` (the one
-    implementation, shared with the torch backend) on one 2-D numpy block.
+    SExtractor-style mode: ``2.5 median − 1.5 mean`` of the clipped pixels, or the median
+    where the cell is crowded. The torch backend runs the same algorithm batched on its
+    device (:func:`~survey_engine.kernels.torch_background.mesh_statistics_torch`; equal bit
+    for bit on CPU, tested); this one needs no torch, so a numpy worker never imports it.
 
     Parameters
     ----------
@@ -57,9 +59,62 @@ def mesh_statistics(
     if image.ndim != 2:
         msg = f"image must be 2-D, got shape {image.shape}"
         raise ValueError(msg)
-    from .torch_background import mesh_statistics_torch  # imports torch on first use
+    if box < 4:
+        msg = f"background box must be ≥ 4 pixels, got {box}"
+        raise ValueError(msg)
+    if bad is not None and np.shape(bad) != image.shape:
+        msg = f"bad has shape {tuple(np.shape(bad))}, image has shape {tuple(image.shape)}"
+        raise ValueError(msg)
+    with np.errstate(invalid="ignore"):  # inf - inf in cells holding ±inf pixels
+        return _mesh_statistics(image, bad, box, nsigma, iterations)
 
-    return mesh_statistics_torch(image, bad, box, nsigma=nsigma, iterations=iterations)
+
+def _mesh_statistics(image, bad, box, nsigma, iterations):
+    h, w = image.shape
+    ncy, ncx = -(-h // box), -(-w // box)
+    data = np.full((ncy * box, ncx * box), np.nan, dtype=np.float32)
+    data[:h, :w] = image
+    if bad is not None:
+        data[:h, :w][bad] = np.nan
+    cells = data.reshape(ncy, box, ncx, box).transpose(0, 2, 1, 3).reshape(ncy * ncx, box * box)
+    cells = np.sort(cells, axis=1)  # NaNs last
+    n = np.count_nonzero(np.isfinite(cells), axis=1)
+    zero = np.zeros((cells.shape[0], 1))
+    csum = np.concatenate([zero, np.nancumsum(cells, axis=1, dtype=np.float64)], axis=1)
+    csq = np.concatenate([zero, np.nancumsum(np.square(cells, dtype=np.float64), axis=1)], axis=1)
+    rows = np.arange(cells.shape[0])
+
+    def median(lo, hi):
+        cnt = hi - lo
+        a = cells[rows, np.clip(lo + (cnt - 1) // 2, 0, cells.shape[1] - 1)]
+        b = cells[rows, np.clip(lo + cnt // 2, 0, cells.shape[1] - 1)]
+        return 0.5 * (a.astype(np.float64) + b)
+
+    lo = np.zeros_like(n)
+    hi = n.copy()
+    for _ in range(iterations):
+        cnt = np.maximum(hi - lo, 1)
+        mean = (csum[rows, hi] - csum[rows, lo]) / cnt
+        var = (csq[rows, hi] - csq[rows, lo]) / cnt - mean**2
+        std = np.sqrt(np.maximum(var, 0.0))
+        med = median(lo, hi)
+        lo_new = np.sum(cells < (med - nsigma * std)[:, None], axis=1)
+        hi_new = np.sum(cells <= (med + nsigma * std)[:, None], axis=1)
+        if np.array_equal(lo_new, lo) and np.array_equal(hi_new, hi):
+            break
+        lo, hi = lo_new, np.maximum(hi_new, lo_new + 1)
+    cnt = np.maximum(hi - lo, 1)
+    mean = (csum[rows, hi] - csum[rows, lo]) / cnt
+    std = np.sqrt(np.maximum((csq[rows, hi] - csq[rows, lo]) / cnt - mean**2, 0.0))
+    med = median(lo, hi)
+    crowded = np.abs(mean - med) > 0.3 * std
+    level = np.where(crowded, med, 2.5 * med - 1.5 * mean)
+    hy = np.minimum(box, h - box * np.arange(ncy))
+    wx = np.minimum(box, w - box * np.arange(ncx))
+    valid = n >= MIN_VALID_FRACTION * np.outer(hy, wx).ravel()
+    level = np.where(valid, level, np.nan).reshape(ncy, ncx)
+    std = np.where(valid, std, np.nan).reshape(ncy, ncx)
+    return level, std
 
 
 @dataclass(frozen=True)

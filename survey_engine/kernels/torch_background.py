@@ -1,7 +1,8 @@
 """Background in torch (CPU and CUDA, same code): mesh statistics and a local B-spline.
 
-:func:`mesh_statistics_torch` is the one implementation of the mesh statistics (numpy
-arrays or tensors, one block or a batch); :func:`background_spline`,
+:func:`mesh_statistics_torch` is the torch backend's mesh statistics (numpy arrays or
+tensors, one block or a batch; equal to the numpy ``mesh_statistics`` bit for bit on CPU);
+:func:`background_spline`,
 :func:`evaluate_background` and :func:`background_windows` evaluate scipy's background
 spline as a local tensor-product B-spline, so that a pixel's value depends only on its
 absolute mosaic position. How they match numpy/scipy, bit for bit or to one float32 ulp:
@@ -28,8 +29,8 @@ __all__ = [
 def mesh_statistics_torch(image, bad, box: int, *, nsigma: float = 3.0, iterations: int = 5):
     """Sigma-clipped background level and rms of every mesh cell of a block (or a batch).
 
-    The one implementation, used by both backends and by
-    :func:`~survey_engine.kernels.background.mesh_statistics`: per cell, a SExtractor-style
+    The torch counterpart of :func:`~survey_engine.kernels.background.mesh_statistics`
+    (same algorithm, binary searches for the clipping counts): per cell, a SExtractor-style
     mode (``2.5 median − 1.5 mean``, or the median in a crowded cell) of the unmasked
     pixels after sigma clipping, vectorised over all cells of all blocks; every block of a
     batch has the same shape and hence the same cell grid.
