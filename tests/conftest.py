@@ -32,3 +32,13 @@ def client():
         Client(c) as cl,
     ):
         yield cl
+
+
+@pytest.fixture(scope="module")
+def process_client():
+    """A Dask client of two single-threaded worker processes, as a LocalCluster run has."""
+    with (
+        LocalCluster(n_workers=2, threads_per_worker=1, dashboard_address=None) as c,
+        Client(c) as cl,
+    ):
+        yield cl

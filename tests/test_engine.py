@@ -13,7 +13,6 @@ import pytest
 import sep
 import zarr
 from _util import assert_same_catalog as _assert_same_catalog
-from distributed import Client, LocalCluster
 
 from survey_engine import create_mosaic, open_mosaic, read_catalog, run
 from survey_engine.driver import RunError
@@ -24,12 +23,9 @@ SIZE = 640
 
 
 @pytest.fixture(scope="module")
-def client():
-    with (
-        LocalCluster(n_workers=2, threads_per_worker=1, dashboard_address=None) as cluster,
-        Client(cluster) as c,
-    ):
-        yield c
+def client(process_client):
+    """Two worker processes (the conftest default is one in-process worker)."""
+    return process_client
 
 
 @pytest.fixture(scope="module")

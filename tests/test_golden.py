@@ -21,7 +21,6 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import zarr
-from distributed import Client, LocalCluster
 
 from survey_engine import run
 from survey_engine.simulate import simulate
@@ -65,12 +64,9 @@ def catalog_digest(catalog: Path, segmentation: Path) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def client():
-    with (
-        LocalCluster(n_workers=2, threads_per_worker=1, dashboard_address=None) as cluster,
-        Client(cluster) as c,
-    ):
-        yield c
+def client(process_client):
+    """Two worker processes (the conftest default is one in-process worker)."""
+    return process_client
 
 
 @pytest.fixture(scope="module")
