@@ -54,11 +54,11 @@ class CatalogLayout:
     pixel_to_sky: Callable | None = None
 
     @classmethod
-    def for_mosaic(cls, m, apertures: tuple[float, ...], detection_band: str | None):
-        """The layout of a catalog of mosaic ``m`` (a :class:`~survey_engine.mosaic.Mosaic`)."""
-        ref = reference_band(m.bands, detection_band)
-        specs = catalog_columns(m.bands, apertures, image_unit=m.units.get("image", "count"),
-                                reference_band=ref)  # fmt: skip
+    def for_mosaic(cls, m, science):
+        """The catalog layout of mosaic ``m`` (a Mosaic) measured with ``science`` (a ScienceConfig)."""
+        ref = reference_band(m.bands, science.detection_band)
+        specs = catalog_columns(m.bands, science.measure.apertures,
+                                image_unit=m.units.get("image", "count"), reference_band=ref)  # fmt: skip
         sky = m.pixel_to_sky if m.has_wcs else None
         return cls(specs, tuple(m.bands), ref, dict(m.zero_points), m.nx, sky)
 

@@ -35,7 +35,7 @@ import zarr
 
 from . import config as _conf
 from .backends import BACKENDS
-from .catalog import CatalogLayout, write_parquet_atomic
+from .catalog import CatalogLayout, reference_band, write_parquet_atomic
 from .config import ExecutionConfig, ScienceConfig
 from .deblend import check_backend
 from .kernels.background import filter_mesh
@@ -315,7 +315,7 @@ def run(
         raise _stopped(store, s.grid, fresh, *stopped)
     clock = _Clock(timings)
     cat_path, seg_path = store.root / "catalog.parquet", store.root / "segmentation.zarr"
-    n = _catalog_stage(store, s.grid, pending, cat_path, _layout(m, s.science), _catalog_meta(s, m))
+    n = _catalog_stage(store, s.grid, pending, cat_path, CatalogLayout.for_mosaic(m, s.science), _catalog_meta(s, m))
     clock.lap("catalog")
     timings["total"] = time.perf_counter() - t_start
     logger.info("catalog %s: %d objects (%d retried)", cat_path, n, len(pending))
@@ -434,13 +434,9 @@ def _catalog_meta(s: RunSettings, m: Mosaic) -> dict[str, Any]:
 
     return {
         **s.run_info(m), "execution": s.execution.to_dict(),
-        "software": f"survey_engine {version('survey_engine')}", "reference_band": _layout(m, s.science).reference_band,
+        "software": f"survey_engine {version('survey_engine')}", "reference_band": reference_band(m.bands, s.science.detection_band),
         "zero_points": m.zero_points, "flags": flag_descriptions(), "id": ID_SCHEME,
     }  # fmt: skip
-
-
-def _layout(m: Mosaic, science: ScienceConfig) -> CatalogLayout:
-    return CatalogLayout.for_mosaic(m, science.measure.apertures, science.detection_band)
 
 
 def _check_resources(client, resources: Mapping[str, float], scheduler: str | None) -> None:

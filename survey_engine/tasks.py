@@ -139,7 +139,7 @@ class _TileRun:
         self.backend.check_device()
         self.backend.reset_peak_memory()
         self.m = _mosaic(ctx.mosaic_path)
-        self.layout = _layout(self.m, self.plan)
+        self.layout = CatalogLayout.for_mosaic(self.m, self.plan.science)
         self.times = self.backend.stage_times()
         self.results: dict[str, dict[str, int]] = {}
         self.failed: dict[str, str] = {}
@@ -206,10 +206,6 @@ class _TileRun:
 
 def _read(m: Mosaic, box: Box):
     return m.read((box.y0, box.y1), (box.x0, box.x1))
-
-
-def _layout(m: Mosaic, plan: WindowPlan) -> CatalogLayout:
-    return CatalogLayout.for_mosaic(m, plan.science.measure.apertures, plan.science.detection_band)
 
 
 def _rows(layout: CatalogLayout, wr: WindowResult, idx: np.ndarray):
@@ -324,7 +320,7 @@ def _retry(item: dict[str, Any], ctx: TaskContext) -> dict[str, int]:
         margin *= 2
     wr.meas.columns["flags"][sel & ~wr.safe] |= int(Flag.TRUNCATED)
     idx = np.flatnonzero(sel)
-    layout = _layout(m, ctx.plan)
+    layout = CatalogLayout.for_mosaic(m, ctx.plan.science)
     ctx.store.write_retry(
         item["key"], table=_rows(layout, wr, idx), footprints=footprints_of(wr, idx, m.nx),
         info={"window": [win.y0, win.y1, win.x0, win.x1], "n": len(idx)},
