@@ -12,16 +12,16 @@ from scipy.integrate import quad
 
 from survey_engine.cli import main
 from survey_engine.simulate import KingCluster, make_scene, read_truth, simulate
-from survey_engine.simulate._bands import band_setups
+from survey_engine.simulate._bands import band_setups, make_psf
 from survey_engine.simulate._cluster import GB_STEP, TURN_OFF
 from survey_engine.simulate._draw import (
     FAST_ERROR,
     DrawConfig,
+    _fast_star,
     _gsparams,
+    _psf_phases,
     draw_stamps,
-    fast_star,
     object_plan,
-    psf_phases,
     render_block,
     select_objects,
 )
@@ -106,21 +106,23 @@ def test_scene_with_a_cluster_keeps_the_field_and_is_deterministic():
     assert np.all((x >= -0.5) & (y >= -0.5)) and 100 < len(x) < 200  # a quarter lands inside
 
 
-def test_fast_point_sources_match_galsim():
+@pytest.mark.parametrize("psf", ["kolmogorov", "moffat"])
+def test_fast_point_sources_match_galsim(psf):
     """The interpolated PSF stamps of cluster stars agree with GalSim to FAST_ERROR × flux."""
     bands = ("g", "r")
-    setups = band_setups(bands, depth=26.8, psf="kolmogorov", psf_fwhm=0.7, pixel_scale=0.2)
-    plan = object_plan(make_scene(128, 128, bands=bands, seed=4, cluster=KING), setups, 0.2)
+    setups = band_setups(bands, depth=26.8, psf=psf, psf_fwhm=0.7, pixel_scale=0.2)
+    scene = make_scene(128, 128, bands=bands, seed=4, cluster=KING)
+    plan = object_plan(scene, setups, 0.2)
     fast = plan[plan["fast"]]
-    assert len(fast) > 1000 and not plan[~plan["fast"]]["star"].all()
-    cubes = [psf_phases("kolmogorov", b.psf_fwhm, 0.2) for b in setups]
-    psfs = [s.psf_fwhm for s in setups]
-    from survey_engine.simulate._bands import make_psf
-
-    psfs = [make_psf("kolmogorov", f, _gsparams()) for f in psfs]
+    cluster = np.asarray(scene["population"] == "cluster")
+    faint = scene["r_flux"].value * FAST_ERROR <= 0.05 * setups[1].sky_sigma  # r ≳ 19.4
+    assert_array_equal(plan["fast"], cluster & faint)
+    assert len(fast) > 1000 and np.sum(cluster & ~faint) > 0  # the bright giants go to GalSim
+    cubes = [_psf_phases(psf, b.psf_fwhm, 0.2) for b in setups]
+    psfs = [make_psf(psf, b.psf_fwhm, _gsparams()) for b in setups]
     for obj in fast[:: len(fast) // 25]:
         exact = draw_stamps(obj, psfs, 0.2, _gsparams())
-        err = np.abs(fast_star(obj, cubes) - exact).max(axis=(1, 2))
+        err = np.abs(_fast_star(obj, cubes) - exact).max(axis=(1, 2))
         assert np.all(err <= FAST_ERROR * obj["flux"]), (err, obj["flux"])
 
 

@@ -21,10 +21,7 @@ from ._artefacts import ArtefactPlan, apply_artefacts, no_data_mask
 from ._bands import BandSetup, make_psf
 from ._scene import BULGE_TRUNCATION
 
-__all__ = [
-    "DrawConfig", "draw_block", "fast_star", "object_plan", "psf_phases", "render_block",
-    "select_objects",
-]  # fmt: skip
+__all__ = ["DrawConfig", "draw_block", "object_plan", "render_block", "select_objects"]
 
 MAX_HALF = 127  #: Largest stamp half size (stamps are at most 2 * MAX_HALF + 1 = 255 pixels wide).
 MIN_HALF = 4  #: Smallest stamp half size.
@@ -35,8 +32,7 @@ EDGE_SIGMA = 0.05  #: PSF wing level at the stamp edge, in sky σ per pixel.
 LOST_FRACTION = 1e-3  #: Flux allowed outside the stamp: a fraction of the flux ...
 LOST_NOISE = 0.2  #: ... or this fraction of the point-source noise, whichever is larger.
 MAX_FFT_SIZE = 16384  #: GalSim FFT size limit (the default 8192 fails for the largest bulges).
-#: Point-source fast path of cluster stars (``docs/simulation.md``): PSF images per pixel and axis,
-FAST_PHASES = 8
+FAST_PHASES = 8  #: Fast path of cluster stars (docs/simulation.md): PSF phases per pixel and axis,
 FAST_HALF = 64  #: ... for stamps up to this half size ...
 FAST_ERROR = 2e-6  #: ... and fluxes whose interpolation error bound (per unit flux) ≤ 0.05 sky σ.
 
@@ -109,8 +105,7 @@ def object_plan(truth, bands: tuple[BandSetup, ...], pixel_scale: float) -> np.n
     plan["half"] = stamp_half_sizes(plan, bands, pixel_scale)
     if "population" in truth.colnames:  # cluster stars faint enough for the fast path
         sky = np.array([b.sky_sigma for b in bands])
-        plan["fast"] = (plan["star"] & (np.asarray(truth["population"]) == "cluster")
-                        & (plan["half"] <= FAST_HALF)
+        plan["fast"] = (plan["star"] & (np.asarray(truth["population"]) == "cluster") & (plan["half"] <= FAST_HALF)
                         & np.all(plan["flux"] * FAST_ERROR <= EDGE_SIGMA * sky, axis=1))  # fmt: skip
     return plan[np.argsort(plan["id"], kind="stable")]
 
@@ -206,20 +201,8 @@ def draw_stamps(obj, psfs, pixel_scale: float, gsparams) -> np.ndarray:
 
 
 @functools.lru_cache(maxsize=8)
-def psf_phases(kind: str, fwhm: float, pixel_scale: float) -> np.ndarray:
-    """GalSim images of the unit-flux PSF on a grid of sub-pixel offsets (the fast path).
-
-    Parameters
-    ----------
-    kind, fwhm, pixel_scale : str, float, float
-        PSF model, FWHM (arcsec) and arcsec per pixel.
-
-    Returns
-    -------
-    numpy.ndarray
-        ``(P, P, 2 FAST_HALF + 1, 2 FAST_HALF + 1)``, ``P = FAST_PHASES + 3``: image ``[j, i]`` is
-        drawn at offset ``(x, y) = (-0.5 + (i - 1) / FAST_PHASES, -0.5 + (j - 1) / FAST_PHASES)``.
-    """
+def _psf_phases(kind: str, fwhm: float, pixel_scale: float) -> np.ndarray:
+    """GalSim unit-flux PSF images ``[j, i]`` at offsets ``(-0.5 + (i - 1) / FAST_PHASES, same j)``."""
     import galsim
 
     psf, h = make_psf(kind, fwhm, _gsparams()), FAST_HALF
@@ -232,23 +215,9 @@ def psf_phases(kind: str, fwhm: float, pixel_scale: float) -> np.ndarray:
     return out
 
 
-def fast_star(obj, cubes: list[np.ndarray]) -> np.ndarray:
-    """Stamps of a point source from :func:`psf_phases`, Catmull-Rom interpolated in the offset.
-
-    Parameters
-    ----------
-    obj : numpy.void
-        One record of the drawing plan (a star, ``half <= FAST_HALF``).
-    cubes : list of numpy.ndarray
-        :func:`psf_phases` of each band.
-
-    Returns
-    -------
-    numpy.ndarray
-        As :func:`draw_stamps`.
-    """
-    h, big = int(obj["half"]), FAST_HALF
-    ks, ws = [], []
+def _fast_star(obj, cubes: list[np.ndarray]) -> np.ndarray:
+    """:func:`draw_stamps` of a star, Catmull-Rom interpolated in :func:`_psf_phases` of each band."""
+    h, ks, ws = int(obj["half"]), [], []
     for d in (float(obj["y"] - obj["cy"]), float(obj["x"] - obj["cx"])):
         f = (d + 0.5) * FAST_PHASES
         k = min(max(math.floor(f), 0), FAST_PHASES - 1)
@@ -256,8 +225,7 @@ def fast_star(obj, cubes: list[np.ndarray]) -> np.ndarray:
         ks.append(k)
         ws.append([(-t**3 + 2 * t**2 - t) / 2, (3 * t**3 - 5 * t**2 + 2) / 2,
                    (-3 * t**3 + 4 * t**2 + t) / 2, (t**3 - t**2) / 2])  # fmt: skip
-    w = np.outer(*ws)
-    crop = slice(big - h, big + h + 1)
+    w, crop = np.outer(*ws), slice(FAST_HALF - h, FAST_HALF + h + 1)
     out = np.empty((len(cubes), 2 * h + 1, 2 * h + 1))
     for i, cube in enumerate(cubes):
         sub = cube[ks[0] : ks[0] + 4, ks[1] : ks[1] + 4, crop, crop]
@@ -293,7 +261,7 @@ def render_block(objects: np.ndarray, y0: int, y1: int, x0: int, x1: int, config
     psfs = [make_psf(config.psf, b.psf_fwhm, gsparams) for b in config.bands]
     cubes = None
     if len(objects) and objects["fast"].any():
-        cubes = [psf_phases(config.psf, b.psf_fwhm, config.pixel_scale) for b in config.bands]
+        cubes = [_psf_phases(config.psf, b.psf_fwhm, config.pixel_scale) for b in config.bands]
     for obj in objects:
         half = int(obj["half"])
         sy0, sx0 = int(obj["cy"]) - half, int(obj["cx"]) - half
@@ -302,7 +270,7 @@ def render_block(objects: np.ndarray, y0: int, y1: int, x0: int, x1: int, config
         if ya >= yb or xa >= xb:
             continue
         if obj["fast"]:
-            stamps = fast_star(obj, cubes)
+            stamps = _fast_star(obj, cubes)
         else:
             stamps = draw_stamps(obj, psfs, config.pixel_scale, gsparams)
         dst = (slice(ya - y0, yb - y0), slice(xa - x0, xb - x0))

@@ -133,12 +133,9 @@ def simulate(
     _raise_if(not math.isfinite(max_mag) or max_mag <= BRIGHT_LIMIT, msg)
     if isinstance(cluster, Mapping):
         fields = tuple(KingCluster.__dataclass_fields__)
-        _raise_if("n_stars" not in cluster or not set(cluster) <= set(fields),
-                  f"cluster mapping needs n_stars and takes only {', '.join(fields)}; "
-                  f"got {sorted(cluster)}")  # fmt: skip
+        _raise_if("n_stars" not in cluster or not set(cluster) <= set(fields), f"cluster mapping needs n_stars and takes only {', '.join(fields)}; got {sorted(cluster)}")  # fmt: skip
         cluster = KingCluster(**cluster)
-    _raise_if(cluster is not None and not isinstance(cluster, KingCluster),
-              f"cluster must be a KingCluster or a mapping of its fields, got {cluster!r}")  # fmt: skip
+    _raise_if(cluster is not None and not isinstance(cluster, KingCluster), f"cluster must be a KingCluster or a mapping of its fields, got {cluster!r}")  # fmt: skip
     _raise_if(cluster is not None and scene is not None, "give cluster or scene, not both")
     path = _local_abspath(path)
     truth_path = None if truth is None else _local_abspath(truth)
