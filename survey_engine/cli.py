@@ -55,21 +55,31 @@ def main(verbose: int) -> None:
 @click.option("--masks/--no-masks", default=False, show_default=True,
               help="Add bad columns, a trail, a no-data corner.")  # fmt: skip
 @click.option("--bright-stars", default=0, show_default=True, type=int, help="Saturated stars to add.")
+@click.option("--cluster-stars", default=0, show_default=True, type=int, help="Add a King-profile globular cluster of N stars (crowded field).")  # fmt: skip
+@click.option("--cluster-core-radius", default=30.0, show_default=True, type=float, help="Its core radius (pixels).")  # fmt: skip
+@click.option("--cluster-tidal-radius", default=600.0, show_default=True, type=float, help="Its tidal radius (pixels).")  # fmt: skip
+@click.option("--cluster-center", default=None, help="Its centre X,Y (pixels; default: the middle).")  # fmt: skip
+@click.option("--cluster-distance-modulus", default=18.0, show_default=True, type=float, help="Its m - M (turn-off at r = m - M + 4).")  # fmt: skip
 @WORKERS
 @SCHEDULER
 @OVERWRITE
-def simulate(out, size, bands, seed, depth, truth, psf, masks, bright_stars, workers, scheduler,
-             overwrite):  # fmt: skip
+def simulate(out, size, bands, seed, depth, truth, psf, masks, bright_stars, cluster_stars,
+             cluster_core_radius, cluster_tidal_radius, cluster_center, cluster_distance_modulus,
+             workers, scheduler, overwrite):  # fmt: skip
     """Simulate an LSST-like mosaic with GalSim into OUT (a Zarr store)."""
+    from .simulate import KingCluster
     from .simulate import simulate as _simulate
 
     try:
         shape = tuple(int(v) for v in size.lower().split("x")) if "x" in size.lower() else int(size)
+        center = None if cluster_center is None else tuple(cluster_center.split(","))
+        cluster = KingCluster(cluster_stars, cluster_core_radius, cluster_tidal_radius, center,
+                              cluster_distance_modulus) if cluster_stars else None  # fmt: skip
         t0 = time.perf_counter()
         res = _simulate(
             out, size=shape, bands=tuple(b for b in bands.split(",") if b), seed=seed, depth=depth,
-            truth=truth, psf=psf, masks=masks, bright_stars=bright_stars, workers=workers,
-            scheduler=scheduler, overwrite=overwrite,
+            truth=truth, psf=psf, masks=masks, bright_stars=bright_stars, cluster=cluster,
+            workers=workers, scheduler=scheduler, overwrite=overwrite,
         )  # fmt: skip
     except (ValueError, KeyError, FileExistsError, FileNotFoundError) as err:
         _fail(err)
