@@ -211,6 +211,11 @@ def describe_mosaic(m) -> str:
 @click.option("--minarea", default=None, type=int,
               help="Minimum object area (px; default survey_engine.minarea, 5).")  # fmt: skip
 @click.option("--detection-band", default=None, help="Detect on this band (default: combine all bands).")
+@click.option("--background-mask-thresh", default=None, type=float,
+              help="Mask the sources (pixels above this many sigma over a first background) in a "
+              "second background pass (default survey_engine.background_mask_thresh: off).")  # fmt: skip
+@click.option("--background-mask-dilate", default=None, type=int,
+              help="... and the pixels within this distance of them (px; default 4).")  # fmt: skip
 @WORKERS
 @SCHEDULER
 @click.option("--resume", is_flag=True, help="Continue the run in OUTDIR, skipping finished tiles.")
@@ -228,8 +233,8 @@ def describe_mosaic(m) -> str:
               help="bfloat16 autocast of the U-Net (default: on CUDA only); --no-amp on a GPU gives "
               "maps within float32 rounding of the CPU ones.")  # fmt: skip
 def run_cmd(mosaic, outdir, tile, halo, origin, deblender, unet_model, device, thresh, minarea,
-            detection_band, workers, scheduler, resume, overwrite, fmt, gpu, backend,
-            unet_amp):  # fmt: skip
+            detection_band, background_mask_thresh, background_mask_dilate, workers, scheduler,
+            resume, overwrite, fmt, gpu, backend, unet_amp):  # fmt: skip
     """Detect, deblend and measure MOSAIC; write OUTDIR/catalog.parquet and segmentation.zarr.
 
     Options not given take their value from the Dask configuration (survey_engine.*: a YAML
@@ -241,8 +246,9 @@ def run_cmd(mosaic, outdir, tile, halo, origin, deblender, unet_model, device, t
     try:
         res = _run(
             mosaic, outdir, tile=tile, halo=halo, origin=origin, deblender=deblender,
-            unet_model=unet_model, device=device, thresh=thresh,
-            minarea=minarea, detection_band=detection_band, workers=workers, scheduler=scheduler,
+            unet_model=unet_model, device=device, thresh=thresh, minarea=minarea,
+            detection_band=detection_band, background_mask_thresh=background_mask_thresh,
+            background_mask_dilate=background_mask_dilate, workers=workers, scheduler=scheduler,
             resume=resume, overwrite=overwrite, gpu=gpu, backend=backend, unet_amp=unet_amp,
         )  # fmt: skip
     except (RunInterrupted, KeyboardInterrupt) as err:

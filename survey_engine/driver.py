@@ -3,7 +3,7 @@
 A run is five stages, each a stream of small tasks (:func:`survey_engine.parallel.map_tasks`)
 of :mod:`survey_engine.tasks`; pixel arrays never travel through the scheduler:
 
-1. **background** — mesh statistics of aligned blocks → one global mesh per band;
+1. **background** — mesh statistics of aligned blocks (again, sources masked) → a mesh per band;
 2. **tiles** — each tile reads core + halo, runs the stage sequence, keeps the objects
    whose peak lies in its core and whose result is *safe*, and writes its part;
 3. **retry** — every owned object that was not safe is measured again in a window grown
@@ -452,20 +452,25 @@ def _check_resources(client, resources: Mapping[str, float], scheduler: str | No
 
 
 def _background_stage(client, m: Mosaic, plan: WindowPlan, store: PartStore, progress: bool):
-    """Stage 1: the mesh statistics of aligned blocks, assembled and filtered per band."""
-    box = plan.science.background_box
+    """Stage 1: the mesh statistics of aligned blocks, assembled and filtered per band; with
+    ``background_mask_thresh`` again, less the sources over the first pass's background."""
+    sci, box = plan.science, plan.science.background_box
     saved = store.load_background()
-    if saved is not None:
-        levels, rmss = saved
-    else:
-        step = box * max(1, 1024 // box)
-        blocks = [Box(y, min(y + step, m.ny), x, min(x + step, m.nx))
-                  for y in range(0, m.ny, step) for x in range(0, m.nx, step)]  # fmt: skip
-        ncy, ncx = -(-m.ny // box), -(-m.nx // box)
-        levels = np.full((len(m.bands), ncy, ncx), np.nan)
-        rmss = np.full((len(m.bands), ncy, ncx), np.nan)
-        res = map_tasks(client, background_block, blocks, desc="background", progress=progress,
-                        mosaic_path=m.path, plan=plan, retries=1)  # fmt: skip
+
+    def filtered(levels, rmss):
+        return [filter_mesh(levels[b], rmss[b], box, (m.ny, m.nx), filter_size=sci.background_filter)
+                for b in range(len(m.bands))]  # fmt: skip
+
+    passes = () if saved is not None else (False, True) if sci.background_mask_thresh else (False,)
+    step = box * max(1, 1024 // box)
+    blocks = [Box(y, min(y + step, m.ny), x, min(x + step, m.nx))
+              for y in range(0, m.ny, step) for x in range(0, m.nx, step)]  # fmt: skip
+    for masked in passes:
+        levels = np.full((len(m.bands), -(-m.ny // box), -(-m.nx // box)), np.nan)
+        rmss = levels.copy()
+        res = map_tasks(client, background_block, blocks, desc="background" + "-masked" * masked,
+                        progress=progress, mosaic_path=m.path, plan=plan, mask_sources=masked,
+                        retries=1)  # fmt: skip
         if res.failures:
             msg = f"background failed for {len(res.failures)} block(s): {res.failures[0].error}"
             raise RunError(msg, res.failures)
@@ -474,9 +479,11 @@ def _background_stage(client, m: Mosaic, plan: WindowPlan, store: PartStore, pro
             for b, (lvl, rms) in enumerate(per_band):
                 levels[b, cy0 : cy0 + lvl.shape[0], cx0 : cx0 + lvl.shape[1]] = lvl
                 rmss[b, cy0 : cy0 + lvl.shape[0], cx0 : cx0 + lvl.shape[1]] = rms
-        store.save_background(levels, rmss)
-    return [filter_mesh(levels[b], rmss[b], box, (m.ny, m.nx), filter_size=plan.science.background_filter)
-            for b in range(len(m.bands))]  # fmt: skip
+        saved = levels, rmss
+        plan = dataclasses.replace(plan, meshes=filtered(*saved))  # for the masked pass
+    if passes:
+        store.save_background(*saved)
+    return filtered(*saved)
 
 
 def _tile_stage(client, ctx: TaskContext, progress: bool) -> TaskResults:

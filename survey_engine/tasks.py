@@ -25,6 +25,7 @@ import zarr
 
 from . import stages
 from .catalog import CatalogLayout
+from .kernels.background import interpolate_background, source_mask
 from .mosaic import Mosaic, open_mosaic
 from .schema import Flag, object_ids
 from .stages import WindowPlan, WindowResult, usable_pixels
@@ -82,16 +83,25 @@ def _failure(what: str | Tile, err: Exception) -> str:
     return f"{what}: {type(err).__name__}: {err}"
 
 
-def background_block(box: Box, *, mosaic_path: str, plan: WindowPlan):
-    """Mesh statistics of every band of one block: ``(box, [(level, rms) per band])``."""
-    m = _mosaic(mosaic_path)
+def background_block(box: Box, *, mosaic_path: str, plan: WindowPlan, mask_sources: bool = False):
+    """Mesh statistics of every band of one block: ``(box, [(level, rms) per band])``; with
+    ``mask_sources``, less the sources over ``plan.meshes`` (read with a margin: source_mask)."""
+    m, sci, det = _mosaic(mosaic_path), plan.science, plan.science.detection
+    dilate = sci.background_mask_dilate
+    win = box.grow(det.pad + det.minarea + dilate if mask_sources else 0, plan.mosaic)
     try:
-        reg = m.read((box.y0, box.y1), (box.x0, box.x1))
+        reg = m.read((win.y0, win.y1), (win.x0, win.x1))
     except Exception as err:
         what = f"background block y {box.y0}:{box.y1}, x {box.x0}:{box.x1}"
         raise TileError(_failure(what, err)) from err
-    bad = ~usable_pixels(reg.image, reg.variance, reg.mask)
-    return box, plan.backend.mesh_statistics(reg.image, bad, plan.science.background_box)
+    image, usable = reg.image, usable_pixels(reg.image, reg.variance, reg.mask)
+    if mask_sources:
+        first = [interpolate_background(me, win.y0, win.y1, win.x0, win.x1) for me in plan.meshes]
+        sources = source_mask(image, reg.variance, usable, np.stack(first), minarea=det.minarea,
+                              thresh=sci.background_mask_thresh, dilate=dilate, kernel=det.kernel)  # fmt: skip
+        sy, sx = box.slices((win.y0, win.x0))
+        image, usable = image[:, sy, sx], usable[:, sy, sx] & ~sources[sy, sx]
+    return box, plan.backend.mesh_statistics(image, ~usable, sci.background_box)
 
 
 def process_tiles(tiles: Sequence[Tile], *, ctx: TaskContext) -> dict[str, Any]:
