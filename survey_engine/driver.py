@@ -55,7 +55,14 @@ from .parallel import (
 from .schema import ID_SCHEME, flag_descriptions
 from .stages import WindowPlan, guard_band
 from .store import PartStore, StoreError, retry_part
-from .tasks import TaskContext, background_block, process_tiles, retry, segmentation_chunk
+from .tasks import (
+    TaskContext,
+    background_block,
+    process_tiles,
+    retry,
+    retry_groups,
+    segmentation_chunk,
+)
 from .tiling import Box, TileGrid, make_tiles
 
 __all__ = ["RunError", "RunInterrupted", "RunResult", "RunSettings", "resolve_run", "run"]
@@ -511,8 +518,9 @@ def _tile_stage(client, ctx: TaskContext, progress: bool) -> TaskResults:
 
 
 def _retry_stage(client, ctx: TaskContext, progress: bool) -> tuple[list[dict], TaskResults]:
-    """Stage 3: every retry item of the tiles' parts whose own part is not written yet."""
-    pending = ctx.store.pending(t.name for t in ctx.grid)
+    """Stage 3: the tiles' retry items, grouped where their boxes overlap; groups not written yet."""
+    read = max(t.read.size for t in ctx.grid)
+    pending = retry_groups(ctx.store.pending(t.name for t in ctx.grid), max_pixels=4 * read)
     done = ctx.store.finished_retries(p["key"] for p in pending)
     todo = [p for p in pending if p["key"] not in done]
     res = map_tasks(client, retry, todo, keys=[p["key"] for p in todo], desc="retry",
@@ -571,13 +579,32 @@ def _catalog_stage(store: PartStore, grid: TileGrid, pending, path: Path, layout
     tables = list(store.catalog_tables(names))
     table = pa.concat_tables(tables) if tables else empty
     table = table.sort_by("id")
-    ids = table.column("id").to_numpy()
-    dup = ids[1:][ids[1:] == ids[:-1]]
-    if len(dup):
-        msg = f"internal error: {len(dup)} duplicate object IDs after stitching (first {dup[0]})"
-        raise RunError(msg)
+    table = _without_repeats(table)
     write_parquet_atomic(table.replace_schema_metadata(empty.schema.metadata), path)
     return table.num_rows
+
+
+def _without_repeats(table: pa.Table) -> pa.Table:
+    """The ID-sorted catalog with objects measured twice kept once.
+
+    Two retry groups of one tile may hold the same parent (it left the tile window and came
+    back, in boxes that do not overlap); each measures it whole, so the rows are equal. Any
+    other repeated ID is an internal error.
+    """
+    ids = table.column("id").to_numpy()
+    again = np.flatnonzero(ids[1:] == ids[:-1]) + 1
+    if len(again) == 0:
+        return table
+    first, second = table.take(again - 1).to_pylist(), table.take(again).to_pylist()
+    differ = [a["id"] for a, b in zip(first, second, strict=True)
+              if any(u != v and not (u != u and v != v) for u, v in zip(a.values(), b.values(), strict=True))]  # fmt: skip
+    if differ:
+        msg = f"internal error: {len(differ)} object IDs measured twice, differently (first {differ[0]})"
+        raise RunError(msg)
+    logger.info("%d objects measured whole by two retry groups, kept once", len(again))
+    keep = np.ones(len(ids), dtype=bool)
+    keep[again] = False
+    return table.filter(pa.array(keep))
 
 
 def _stage_seconds(tiles: TaskResults) -> dict[str, float]:
