@@ -59,8 +59,8 @@ from .tasks import (
     TaskContext,
     background_block,
     process_tiles,
+    resumed_retry_groups,
     retry,
-    retry_groups,
     segmentation_chunk,
 )
 from .tiling import Box, TileGrid, make_tiles
@@ -519,8 +519,9 @@ def _tile_stage(client, ctx: TaskContext, progress: bool) -> TaskResults:
 
 def _retry_stage(client, ctx: TaskContext, progress: bool) -> tuple[list[dict], TaskResults]:
     """Stage 3: the tiles' retry items, grouped where their boxes overlap; groups not written yet."""
-    read = max(t.read.size for t in ctx.grid)
-    pending = retry_groups(ctx.store.pending(t.name for t in ctx.grid), max_pixels=4 * read)
+    items = ctx.store.pending(t.name for t in ctx.grid)
+    written = ctx.store.written_retry_groups()
+    pending = resumed_retry_groups(items, written, max_pixels=4 * max(t.read.size for t in ctx.grid))
     done = ctx.store.finished_retries(p["key"] for p in pending)
     todo = [p for p in pending if p["key"] not in done]
     res = map_tasks(client, retry, todo, keys=[p["key"] for p in todo], desc="retry",

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import functools
+import hashlib
 import logging
 import time
 from collections.abc import Iterator, Sequence
@@ -306,7 +307,7 @@ def retry_groups(items: Sequence[dict], max_pixels: int) -> list[dict]:
     A giant parent cut by several tiles (a cluster core) gives an item in each, and a parent
     that leaves a tile window and comes back gives several in one; each would analyse the
     whole parent again. Groups are built in the items' order (so a resumed run finds the
-    same), none beyond ``max_pixels`` px; a group keeps the key of its first item. Each
+    same), none beyond ``max_pixels`` px, each named by its first item (:func:`_group`). Each
     item's objects are chosen as if it were alone (they are whole in the group's window), so
     the catalog does not depend on the grouping.
     """
@@ -325,8 +326,39 @@ def retry_groups(items: Sequence[dict], max_pixels: int) -> list[dict]:
             else:
                 groups.append(cur)
                 break
-    return [{"key": items[first]["key"], "box": box, "items": [items[i] for i in members]}
-            for first, box, members in sorted(groups, key=lambda g: g[0])]  # fmt: skip
+    return [_group([items[i] for i in members]) for _, _, members in sorted(groups)]
+
+
+def _group(members: list[dict]) -> dict:
+    """A retry group: its items' union box; a key naming its first item and, for several, a
+    digest of them all."""
+    b = np.array([m["box"] for m in members])
+    box = [int(b[:, 0].min()), int(b[:, 1].max()), int(b[:, 2].min()), int(b[:, 3].max())]
+    key = members[0]["key"]
+    if len(members) > 1:
+        digest = hashlib.sha1(" ".join(m["key"] for m in members).encode()).hexdigest()[:10]
+        key = f"{key}-g{len(members)}-{digest}"
+    return {"key": key, "box": box, "items": members}
+
+
+def resumed_retry_groups(items: Sequence[dict], written: dict[str, list[str]],
+                         max_pixels: int) -> list[dict]:  # fmt: skip
+    """The retry groups of a run that may have written some already (``written``: key → items).
+
+    A written group whose items are all still pending is kept as it is (its part is
+    reused: a resumed run redoes only what is missing); the other items are grouped anew
+    (:func:`retry_groups`).
+    """
+    by_key = {it["key"]: it for it in items}
+    kept, covered = [], set()
+    for key, members in written.items():
+        if members and set(members) <= by_key.keys() and not covered & set(members):
+            group = _group([by_key[k] for k in members])
+            if group["key"] == key:
+                kept.append(group)
+                covered |= set(members)
+    rest = [it for it in items if it["key"] not in covered]
+    return kept + retry_groups(rest, max_pixels)
 
 
 def retry(item: dict[str, Any], *, ctx: TaskContext) -> dict[str, int]:
@@ -374,7 +406,8 @@ def _retry(group: dict[str, Any], ctx: TaskContext) -> dict[str, int]:
     layout = CatalogLayout.for_mosaic(m, ctx.plan.science)
     ctx.store.write_retry(
         group["key"], table=_rows(layout, wr, idx), footprints=footprints_of(wr, idx, m.nx),
-        info={"window": [win.y0, win.y1, win.x0, win.x1], "n": len(idx), "items": len(group["items"])},
+        info={"window": [win.y0, win.y1, win.x0, win.x1], "n": len(idx),
+              "members": [it["key"] for it in group["items"]]},
     )  # fmt: skip
     return {"objects": len(idx), "window_pixels": win.size}
 

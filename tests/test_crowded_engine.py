@@ -9,7 +9,7 @@ from _util import assert_same_catalog
 
 from survey_engine import read_catalog, run
 from survey_engine.simulate import KingCluster, simulate
-from survey_engine.tasks import retry_groups
+from survey_engine.tasks import resumed_retry_groups, retry_groups
 
 SIZE = 384
 
@@ -69,7 +69,7 @@ def test_retry_groups_merge_overlapping_boxes_transitively():
         _item("e", [100, 110, 0, 10]),  # alone
     ]
     groups = retry_groups(items, max_pixels=10**6)
-    assert [g["key"] for g in groups] == ["a", "e"]
+    assert groups[0]["key"].startswith("a-g4-") and groups[1]["key"] == "e"
     assert [it["key"] for it in groups[0]["items"]] == ["a", "b", "c", "d"]  # in the items' order
     assert groups[0]["box"] == [0, 60, 0, 60]
     # Deterministic: the same items give the same groups (a resumed run finds its parts).
@@ -82,3 +82,19 @@ def test_retry_groups_stop_at_the_size_limit():
     assert [[it["key"] for it in g["items"]] for g in groups] == [["a", "b"], ["c"]]
     assert all((g["box"][1] - g["box"][0]) * (g["box"][3] - g["box"][2]) <= 1600 for g in groups)
     assert retry_groups([], max_pixels=100) == []
+
+
+def test_resumed_retry_groups_reuse_what_was_written():
+    items = [_item("a", [0, 10, 0, 10]), _item("b", [5, 15, 5, 15]), _item("c", [50, 60, 0, 10])]
+    first = retry_groups(items[:2], max_pixels=10**6)  # "c"'s tile had failed
+    written = {g["key"]: [it["key"] for it in g["items"]] for g in first}
+    # Resumed with c's tile done, and an item overlapping the written group: that group is
+    # reused as written, the new items grouped among themselves.
+    late = _item("d", [8, 30, 8, 30], tile=3)
+    groups = resumed_retry_groups([*items, late], written, max_pixels=10**6)
+    assert groups[0] == first[0]
+    assert [[it["key"] for it in g["items"]] for g in groups[1:]] == [["c"], ["d"]]
+    # A written group whose items changed is not reused (its key names its items).
+    stale = {first[0]["key"]: ["a", "zz"]}
+    again = resumed_retry_groups(items, stale, max_pixels=10**6)
+    assert [[it["key"] for it in g["items"]] for g in again] == [["a", "b"], ["c"]]
