@@ -220,7 +220,9 @@ def test_global_ids_collision_path():
     lone = global_ids([45.0, 200.0], [10.0, -30.0], [0, 0], [0, 0], [0, 0])
     assert lone[1] & 127 == 0
     with pytest.raises(ValueError, match="share one order-26 HEALPix cell"):
-        global_ids(np.full(129, 1.0), np.full(129, 1.0), np.zeros(129), np.arange(129), np.zeros(129))
+        global_ids(
+            np.full(129, 1.0), np.full(129, 1.0), np.zeros(129), np.arange(129), np.zeros(129)
+        )
     with pytest.raises(ValueError, match="equal length"):
         global_ids([1.0], [1.0, 2.0], [0], [0], [0])
     assert global_ids([], [], [], [], []).shape == (0,)
