@@ -360,19 +360,84 @@ class SkyMap:
             Tract id per position (the broadcast shape of ``ra``, ``dec``).
         """
         ra, dec = np.broadcast_arrays(np.asarray(ra, float), np.asarray(dec, float))
-        xyz = _xyz(ra, dec)
-        out = np.full(ra.shape, -1, np.int64)
-        best = np.full(ra.shape, -np.inf)  # cosine of the distance to the best centre so far
-        boxed = np.zeros(ra.shape, bool)
-        for t in self.tracts:
-            inside = t.contains(ra, dec)
+        shape = ra.shape
+        ra, dec = ra.ravel(), dec.ravel()
+        out = np.full(ra.size, -1, np.int64)
+        best = np.full(ra.size, -np.inf)  # cosine of the distance to the best centre so far
+        boxed = np.zeros(ra.size, bool)
+        for t, idx in self._candidates(ra, dec):
+            r, d = ra[idx], dec[idx]
+            inside = t.contains(r, d)
             if t.inner is not None:
-                mine = inside & ~boxed & t.in_box(ra, dec)
-                out[mine], boxed[mine] = t.id, True
-            cos_d = xyz @ _xyz(t.ra, t.dec)
-            better = inside & ~boxed & (cos_d > best)
-            out[better], best[better] = t.id, cos_d[better]
-        return out
+                mine = inside & ~boxed[idx] & t.in_box(r, d)
+                out[idx[mine]], boxed[idx[mine]] = t.id, True
+            cos_d = _xyz(r, d) @ _xyz(t.ra, t.dec)
+            better = inside & ~boxed[idx] & (cos_d > best[idx])
+            out[idx[better]], best[idx[better]] = t.id, cos_d[better]
+        return out.reshape(shape)
+
+    def _candidates(self, ra: np.ndarray, dec: np.ndarray) -> Iterator[tuple[Tract, np.ndarray]]:
+        """``(tract, indices of the positions near it)`` for the tracts in id order.
+
+        Near: within 1.01 × the tract's radius of its centre, found with a k-d tree of the
+        positions' unit vectors, so a lookup costs little per tract of a large sky map.
+        """
+        from scipy.spatial import cKDTree
+
+        if ra.size == 0:
+            return
+        tree = cKDTree(_xyz(ra, dec))
+        for t in self.tracts:
+            chord = 2 * math.sin(math.radians(min(180.0, t.radius_deg * 1.01 + 1e-6)) / 2)
+            idx = np.asarray(tree.query_ball_point(_xyz(t.ra, t.dec), chord), dtype=np.intp)
+            if idx.size:
+                yield t, np.sort(idx)
+
+    def neighbours(self, tract_id: int) -> list[int]:
+        """Ids of the tracts whose pixel areas may overlap tract ``tract_id``'s (itself excluded).
+
+        Parameters
+        ----------
+        tract_id : int
+
+        Returns
+        -------
+        list of int
+            Tracts whose centres are closer than the sum of the two radii (a superset of the
+            overlapping ones).
+        """
+        t = self[tract_id]
+        ra, dec, radius = self._centres
+        near = _separation_deg(t.ra, t.dec, ra, dec) <= 1.01 * (t.radius_deg + radius) + 1e-6
+        return [u.id for u, n in zip(self.tracts, near, strict=True) if n and u.id != t.id]
+
+    @functools.cached_property
+    def _centres(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(ra, dec, radius) of the tracts, in id order."""
+        return tuple(
+            np.array([getattr(t, k) for t in self.tracts]) for k in ("ra", "dec", "radius_deg")
+        )
+
+    def peak_ids(self, tract, y_peak, x_peak) -> np.ndarray:
+        """Global ids (:func:`global_ids`) of peaks given as pixels of their owning tracts.
+
+        Parameters
+        ----------
+        tract, y_peak, x_peak : array_like of int
+            Owning tract and peak pixel in it.
+
+        Returns
+        -------
+        numpy.ndarray of int64
+        """
+        tract, y_peak, x_peak = (
+            np.atleast_1d(np.asarray(v, np.int64)) for v in (tract, y_peak, x_peak)
+        )
+        ra, dec = np.zeros(tract.size), np.zeros(tract.size)
+        for k in np.unique(tract):
+            sel = tract == k
+            ra[sel], dec[sel] = self[int(k)].pixel_to_sky(x_peak[sel], y_peak[sel])
+        return global_ids(ra, dec, tract, y_peak, x_peak)
 
     def is_inner(self, tract_id: int, ra, dec) -> np.ndarray:
         """Whether positions lie in the inner region of tract ``tract_id``.
@@ -390,53 +455,75 @@ class SkyMap:
         self[tract_id]  # an unknown id raises
         return self.find_tract(ra, dec) == int(tract_id)
 
-    def check_overlap(self, min_pixels: float) -> None:
-        """Check that every tract holds what it owns with ``min_pixels`` of its own pixels around.
+    def overlap_margins(self, max_pixels: float) -> dict[tuple[int, int], float]:
+        """Where tracts own sky closer than ``max_pixels`` to an edge shared with a neighbour.
 
-        For each tract, points of the strip of width ``min_pixels`` along each pixel edge are
-        sampled; a point the tract owns (:meth:`find_tract`) while the sky just across that edge
-        lies in another tract's pixels is a violation: an object of radius ``min_pixels`` owned
-        there would be cut by the tract's edge. Edges of the survey (no tract across) are not
-        violations. A grid of tracts whose inner boundaries lie at the middle of the overlaps
-        (pixel-aligned cuts, :meth:`grid`) passes for ``min_pixels`` up to half the overlap;
-        the engine needs ``min_pixels`` ≥ the tile halo.
+        For each tract, points of the strip of width ``max_pixels`` along each pixel edge are
+        sampled (depths to within 0.25 px of ``max_pixels``, every ``min(n / 256,
+        max_pixels / 2)`` px along the edge); a point the tract owns (:meth:`find_tract`) while
+        the sky just across that edge lies in another tract's pixels means that an object of
+        radius ``max_pixels`` owned there would be cut by the tract's edge. Edges of the survey
+        (no tract across) do not count, nor, for a tract with a box inner region, the sky
+        outside its box (beyond the region of a ring sky map).
 
         Parameters
         ----------
-        min_pixels : float
-            Margin in pixels of each tract.
+        max_pixels : float
+            Width of the strips searched (pixels of each tract).
 
-        Raises
-        ------
-        ValueError
-            Naming the first tract pair (tract, neighbour) and the margin found.
+        Returns
+        -------
+        dict
+            ``{(tract, neighbour across the edge): smallest depth found (pixels)}``, only the
+            pairs with owned sky in the strip; empty when every margin is ≥ ``max_pixels``.
         """
-        m = float(min_pixels)
+        m = float(max_pixels)
         _raise_if(not math.isfinite(m) or m <= 0,
-                  f"min_pixels must be a finite positive number, got {min_pixels!r}")  # fmt: skip
-        # depths sampled in each edge strip, the deepest 0.25 px short of min_pixels
+                  f"min_pixels must be a finite positive number, got {max_pixels!r}")  # fmt: skip
         depths = np.linspace(min(0.25, m / 2), max(m - 0.25, m / 2), max(2, min(8, int(m))))
-        worst: dict[tuple[int, int], float] = {}
+        found: dict[tuple[int, int], float] = {}
         for t in self.tracts:
-            near = [u for u in self.tracts
-                    if _separation_deg(t.ra, t.dec, u.ra, u.dec) <= 1.01 * (t.radius_deg + u.radius_deg) + 1e-6]  # fmt: skip
-            local = SkyMap(near) if len(near) < len(self.tracts) else self
-            if len(near) == 1:
+            near = self.neighbours(t.id)
+            if not near:
                 continue  # no neighbour: nothing to check
+            local = SkyMap([t, *(self[k] for k in near)])
             p_in, p_out, depth = _edge_strips(t.shape, depths, m)
             ra_i, dec_i = t.pixel_to_sky(*p_in)
             ra_o, dec_o = t.pixel_to_sky(*p_out)
             nb = local.find_tract(ra_o, dec_o)
             bad = (nb >= 0) & (local.find_tract(ra_i, dec_i) == t.id)
+            if t.inner is not None:  # sky beyond every box is outside the survey's region
+                bad &= t.in_box(ra_i, dec_i)
             for k in np.unique(nb[bad]):
-                key = (t.id, int(k))
-                worst[key] = min(worst.get(key, np.inf), float(depth[bad & (nb == k)].min()))
-        if worst:
-            (a, b), depth = min(worst.items(), key=lambda kv: (kv[1], kv[0]))
+                found[(t.id, int(k))] = float(depth[bad & (nb == k)].min())
+        return found
+
+    def check_overlap(self, min_pixels: float) -> None:
+        """Check that every tract holds what it owns with ``min_pixels`` of its own pixels around.
+
+        An object of radius < ``min_pixels`` whose peak a tract owns is then whole in that
+        tract's pixels wherever the sky continues in a neighbour (:meth:`overlap_margins`).
+        With inner boundaries in the middle of the overlaps (pixel-aligned cuts,
+        :meth:`grid`) this holds for ``min_pixels`` up to half the overlap: the overlap must
+        be at least twice the engine's tile halo.
+
+        Parameters
+        ----------
+        min_pixels : float
+            Margin in pixels of each tract (e.g. the halo).
+
+        Raises
+        ------
+        ValueError
+            Naming the tract pair with the smallest margin, and that margin.
+        """
+        found = self.overlap_margins(min_pixels)
+        if found:
+            (a, b), depth = min(found.items(), key=lambda kv: (kv[1], kv[0]))
             msg = (f"tracts {a} and {b} overlap too little: tract {a} owns sky {depth:.2f} px "
                    f"inside its edge where tract {b}'s pixels continue, less than the "
-                   f"min_pixels={m:g} required ({len(worst)} tract pair(s) fail); make the "
-                   "overlap at least twice the halo")  # fmt: skip
+                   f"min_pixels={float(min_pixels):g} required ({len(found)} tract pair(s) "
+                   "fail); make the overlap at least twice the halo")  # fmt: skip
             raise ValueError(msg)
 
     # --- construction ---------------------------------------------------------------------

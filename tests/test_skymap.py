@@ -226,3 +226,21 @@ def test_global_ids_collision_path():
     with pytest.raises(ValueError, match="equal length"):
         global_ids([1.0], [1.0, 2.0], [0], [0], [0])
     assert global_ids([], [], [], [], []).shape == (0,)
+
+
+def test_overlap_margins_of_a_partial_ring_map_ignore_sky_outside_the_boxes():
+    sm = SkyMap.rings((0.0, 8.0), (-4.0, 0.0), tract_size_deg=2.0, overlap_deg=0.2,
+                      pixel_scale=36.0)  # fmt: skip
+    need = 0.1 * 3600 / 36.0  # half the overlap, in pixels
+    assert SkyMap(sm.tracts[:6]).overlap_margins(0.99 * need) == {}  # a ring and a half
+    found = sm.overlap_margins(1.2 * need)
+    assert found and min(found.values()) >= 0.99 * need
+    assert sm.neighbours(0) == [1, 4, 5] and 0 not in sm.neighbours(0)
+
+
+def test_peak_ids_use_the_owning_tracts_pixels():
+    sm = SkyMap.grid((150.1, 2.2), (1, 2), tract_shape=128, overlap=32)
+    tract, yp, xp = np.array([0, 1, 1]), np.array([10, 10, 64]), np.array([100, 4, 64])
+    ra = np.array([sm[k].pixel_to_sky(x, y)[0] for k, y, x in zip(tract, yp, xp, strict=True)])
+    dec = np.array([sm[k].pixel_to_sky(x, y)[1] for k, y, x in zip(tract, yp, xp, strict=True)])
+    np.testing.assert_array_equal(sm.peak_ids(tract, yp, xp), global_ids(ra, dec, tract, yp, xp))
