@@ -112,7 +112,21 @@ def _error_line(res) -> str:
     return lines[0]
 
 
-def test_cli_simulate_survey(tmp_path):
+def test_cli_simulate_survey(tmp_path, client, monkeypatch):
+    import contextlib
+    import importlib
+
+    # (``survey_engine.simulate`` the attribute is the function: import the module by name)
+    mod = importlib.import_module("survey_engine.simulate._survey")
+
+    asked = {}
+
+    @contextlib.contextmanager
+    def in_process(**kwargs):  # the module's in-process cluster, not new worker processes
+        asked.update(kwargs)
+        yield client
+
+    monkeypatch.setattr(mod, "dask_client", in_process)
     runner = CliRunner()
     for args, text in (
         (["--tracts", "0x2"], "--tracts and --tract-size must be positive"),
@@ -129,5 +143,31 @@ def test_cli_simulate_survey(tmp_path):
     assert res.exit_code == 0, res.output
     assert "simulated survey" in res.output and "2 tracts of 96×96 px" in res.output
     assert SkyMap.from_json(out).ids == [0, 1]
+    assert asked == {"workers": 1, "scheduler": None, "client": None}
     res = runner.invoke(main, ["simulate-survey", str(out), "--tracts", "1x2"])
     assert "already exists" in _error_line(res)
+
+
+def test_a_ring_sky_map_is_simulated_too(tmp_path, client):
+    sm = SkyMap.rings((150.095, 150.105), (2.195, 2.205), tract_size_deg=0.006, overlap_deg=0.002,
+                      pixel_scale=0.2)  # fmt: skip
+    assert len(sm) == 4
+    res = simulate_survey(tmp_path / "rings", skymap=sm, bands="r", seed=1, density=0.5,
+                          chunks=256, client=client, progress=False)  # fmt: skip
+    for t in res.skymap:
+        assert open_mosaic(t.mosaic).shape[1:] == t.shape and t.inner["kind"] == "box"
+    truth = res.truth
+    ra, dec = truth["ra"].to_value(u.deg), truth["dec"].to_value(u.deg)
+    inside = (ra >= 150.095) & (ra < 150.105) & (dec >= 2.195) & (dec < 2.205)
+    owner = np.asarray(truth["tract"])
+    assert inside.any() and (owner[inside] >= 0).all()
+    for t in res.skymap:
+        np.testing.assert_array_equal(owner[inside] == t.id, t.in_box(ra[inside], dec[inside]))
+    res.skymap.check_overlap(0.001 * 3600 / 0.2 * 0.99)
+
+
+def test_simulate_refuses_a_wcs_that_is_not_one(tmp_path):
+    from survey_engine.simulate import simulate
+
+    with pytest.raises(ValueError, match="wcs must be a 2-D celestial astropy WCS"):
+        simulate(tmp_path / "x.zarr", size=32, wcs="RA---TAN", progress=False)

@@ -22,7 +22,7 @@ from ._artefacts import plan_artefacts
 from ._bands import MOFFAT_BETA, PSF_KINDS, ZERO_POINT, band_setups, parse_bands
 from ._cluster import KingCluster
 from ._draw import _SHAPE_FIELDS, DrawConfig, _values, draw_block, object_plan, select_objects
-from ._scene import BRIGHT_LIMIT, make_scene, make_wcs, write_truth
+from ._scene import BRIGHT_LIMIT, DEFAULT_CENTER, make_scene, make_wcs, write_truth
 
 __all__ = ["SimulationResult", "simulate"]
 
@@ -148,9 +148,11 @@ def simulate(
 
     setups = band_setups(bands, depth=depth, psf=psf, psf_fwhm=psf_fwhm, pixel_scale=pixel_scale)
     if wcs is None:
-        wcs = make_wcs(ny, nx, pixel_scale=pixel_scale)
-    _raise_if(not isinstance(wcs, WCS) or wcs.naxis != 2 or not wcs.has_celestial,
-              f"wcs must be a 2-D celestial astropy WCS, got {wcs!r}")  # fmt: skip
+        wcs, center = make_wcs(ny, nx, pixel_scale=pixel_scale), list(DEFAULT_CENTER)
+    else:
+        _raise_if(not isinstance(wcs, WCS) or wcs.naxis != 2 or not wcs.has_celestial,
+                  f"wcs must be a 2-D celestial astropy WCS, got {wcs!r}")  # fmt: skip
+        center = [float(v) for v in wcs.all_pix2world((nx - 1) / 2, (ny - 1) / 2, 0)]
     if scene is None:
         table = make_scene(ny, nx, bands=bands, seed=seed, pixel_scale=pixel_scale, density=density,
                            max_mag=max_mag, bright_stars=bright_stars, cluster=cluster,
@@ -171,7 +173,7 @@ def simulate(
             "density": density, "max_mag": max_mag, "bright_stars": bright_stars,
             "masks": bool(masks), "truth_segmentation_threshold": seg_threshold,
             "truth_segmentation_image": "noiseless model summed over the bands",
-            "center_radec": [float(v) for v in wcs.all_pix2world((nx - 1) / 2, (ny - 1) / 2, 0)], "cluster": table.meta.get("cluster"),
+            "center_radec": center, "cluster": table.meta.get("cluster"),
         },
     }  # fmt: skip
     mosaic = create_mosaic(
