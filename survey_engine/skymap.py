@@ -20,6 +20,7 @@ The rules (``docs/survey.md``):
 
 from __future__ import annotations
 
+import collections
 import functools
 import json
 import logging
@@ -299,7 +300,7 @@ class SkyMap:
         self.tracts: tuple[Tract, ...] = tuple(sorted(tracts, key=lambda t: t.id))
         ids = [t.id for t in self.tracts]
         _raise_if(not ids, "a sky map needs at least one tract")
-        dup = sorted({i for i in ids if ids.count(i) > 1})
+        dup = [i for i, n in collections.Counter(ids).items() if n > 1]
         _raise_if(bool(dup), f"tract ids must be unique, got {dup} more than once")
         self._by_id = {t.id: t for t in self.tracts}
         self.meta: dict[str, Any] = dict(meta or {})
@@ -315,7 +316,8 @@ class SkyMap:
         try:
             return self._by_id[int(tract_id)]
         except KeyError:
-            msg = f"no tract {tract_id} in the sky map (tracts {self.ids})"
+            listed = ", ".join(map(str, self.ids[:10])) + (", …" if len(self) > 10 else "")
+            msg = f"no tract {tract_id} in the sky map (tracts {listed})"
             raise KeyError(msg) from None
 
     def __repr__(self) -> str:
