@@ -1,4 +1,4 @@
-"""Command-line interface: ``survey-engine demo | simulate | ingest | info | run | bench``."""
+"""Command-line interface: ``survey-engine demo | simulate | simulate-survey | ingest | info | run | bench``."""
 
 from __future__ import annotations
 
@@ -88,6 +88,69 @@ def simulate(out, size, bands, seed, depth, truth, psf, masks, bright_stars, clu
                f"objects in {time.perf_counter() - t0:.1f} s")  # fmt: skip
     if truth:
         click.echo(f"truth catalog: {truth}")
+
+
+# -- simulate-survey -----------------------------------------------------------------------
+@main.command("simulate-survey")
+@click.argument("out_dir", type=click.Path())
+@click.option("--tracts", default="2x2", show_default=True, help="Tracts NYxNX (rows x columns).")
+@click.option("--tract-size", default="1024", show_default=True, help="Pixels per tract side, or NYxNX.")  # fmt: skip
+@click.option("--overlap", default=128, show_default=True, type=int, help="Pixels shared by neighbouring tracts.")  # fmt: skip
+@click.option("--center", default="150.1,2.2", show_default=True, help="RA,DEC of the region centre (deg).")  # fmt: skip
+@click.option("--pixel-scale", default=0.2, show_default=True, type=float, help="Arcsec per pixel.")
+@click.option("--bands", default="g,r,i", show_default=True, help="Comma-separated bands (ugrizy).")
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--depth", default=26.8, show_default=True, type=float, help="5-sigma point-source depth (r, AB).")  # fmt: skip
+@click.option("--density", default=1.0, show_default=True, type=float, help="Factor of the number counts.")  # fmt: skip
+@click.option("--bright-stars", default=0, show_default=True, type=int, help="Saturated stars in the region.")  # fmt: skip
+@click.option("--masks/--no-masks", default=False, show_default=True, help="Add artefacts per tract.")  # fmt: skip
+@WORKERS
+@SCHEDULER
+@OVERWRITE
+def simulate_survey(out_dir, tracts, tract_size, overlap, center, pixel_scale, bands, seed, depth,
+                    density, bright_stars, masks, workers, scheduler, overwrite):  # fmt: skip
+    """Simulate a survey into OUT_DIR: one scene over overlapping tract mosaics, own tangent points.
+
+    Writes OUT_DIR/<tract>.zarr per tract, OUT_DIR/skymap.json and OUT_DIR/truth.parquet.
+    """
+    from .simulate import simulate_survey as _simulate_survey
+
+    try:
+        n_tracts = _pair(tracts, "--tracts", int)
+        size = _pair(tract_size, "--tract-size", int)
+        ra_dec = tuple(float(v) for v in center.split(",")) if center.count(",") == 1 else ()
+        if len(ra_dec) != 2 or not -90 <= ra_dec[1] <= 90:
+            raise ValueError(f"--center must be RA,DEC in degrees, got {center!r}")
+        if min(n_tracts) < 1 or min(size) < 1 or overlap < 0:
+            raise ValueError(f"--tracts and --tract-size must be positive and --overlap >= 0, "
+                             f"got {tracts!r}, {tract_size!r}, {overlap!r}")  # fmt: skip
+        t0 = time.perf_counter()
+        res = _simulate_survey(
+            out_dir, center=ra_dec, tracts=n_tracts, tract_size=size, overlap=overlap,
+            pixel_scale=pixel_scale, bands=tuple(b for b in bands.split(",") if b), seed=seed,
+            depth=depth, density=density, bright_stars=bright_stars, masks=masks,
+            workers=workers, scheduler=scheduler, overwrite=overwrite,
+        )  # fmt: skip
+    except (ValueError, KeyError, FileExistsError, FileNotFoundError) as err:
+        _fail(err)
+    shared = int((np.asarray(res.truth["n_tracts"]) > 1).sum())
+    click.echo(f"simulated survey {out_dir}: {len(res.skymap)} tracts of {size[0]}×{size[1]} px "
+               f"({overlap} px overlap), {len(res.truth)} truth objects ({shared} in several "
+               f"tracts) in {time.perf_counter() - t0:.1f} s")  # fmt: skip
+
+
+def _pair(text: str, option: str, kind=int) -> tuple:
+    """``N`` or ``AxB`` as a pair; ValueError naming the option otherwise."""
+    parts = str(text).lower().split("x")
+    try:
+        values = tuple(kind(p) for p in parts)
+    except ValueError:
+        values = ()
+    if len(values) == 1:
+        values = values * 2
+    if len(values) != 2:
+        raise ValueError(f"{option} must be N or NYxNX, got {text!r}")
+    return values
 
 
 # -- ingest --------------------------------------------------------------------------------

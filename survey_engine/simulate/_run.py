@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 from astropy import units as u
 from astropy.table import QTable, Table
+from astropy.wcs import WCS
 
 from ..mosaic import Mosaic, _raise_if, create_mosaic, open_mosaic
 from ..parallel import dask_client, map_tasks
@@ -62,7 +63,8 @@ def simulate(
     pixel_scale: float = 0.2, psf: str = "kolmogorov", psf_fwhm: float = 0.7,
     chunks: int | tuple[int, int] = 1024, masks: bool = False, bright_stars: int = 0,
     truth_segmentation: bool = True, density: float = 1.0, max_mag: float = 27.0,
-    cluster: KingCluster | Mapping[str, Any] | None = None, scene: Table | None = None, workers: int | None = None, scheduler: str | None = None,
+    cluster: KingCluster | Mapping[str, Any] | None = None, scene: Table | None = None,
+    wcs: WCS | None = None, workers: int | None = None, scheduler: str | None = None,
     client: Any | None = None, progress: bool = True, overwrite: bool = False,
 ) -> SimulationResult:  # fmt: skip
     """Simulate an LSST-like multi-band mosaic with GalSim and write it as a mosaic store.
@@ -145,7 +147,12 @@ def simulate(
             raise FileExistsError(msg)
 
     setups = band_setups(bands, depth=depth, psf=psf, psf_fwhm=psf_fwhm, pixel_scale=pixel_scale)
-    wcs = make_wcs(ny, nx, pixel_scale=pixel_scale)
+    if wcs is None:
+        wcs, center = make_wcs(ny, nx, pixel_scale=pixel_scale), list(DEFAULT_CENTER)
+    else:
+        _raise_if(not isinstance(wcs, WCS) or wcs.naxis != 2 or not wcs.has_celestial,
+                  f"wcs must be a 2-D celestial astropy WCS, got {wcs!r}")  # fmt: skip
+        center = [float(v) for v in wcs.all_pix2world((nx - 1) / 2, (ny - 1) / 2, 0)]
     if scene is None:
         table = make_scene(ny, nx, bands=bands, seed=seed, pixel_scale=pixel_scale, density=density,
                            max_mag=max_mag, bright_stars=bright_stars, cluster=cluster,
@@ -166,7 +173,7 @@ def simulate(
             "density": density, "max_mag": max_mag, "bright_stars": bright_stars,
             "masks": bool(masks), "truth_segmentation_threshold": seg_threshold,
             "truth_segmentation_image": "noiseless model summed over the bands",
-            "center_radec": list(DEFAULT_CENTER), "cluster": table.meta.get("cluster"),
+            "center_radec": center, "cluster": table.meta.get("cluster"),
         },
     }  # fmt: skip
     mosaic = create_mosaic(
