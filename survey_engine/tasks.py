@@ -374,17 +374,29 @@ def retry(item: dict[str, Any], *, ctx: TaskContext) -> dict[str, int]:
         raise TileError(_failure(f"retry {item['key']} (objects near box {item['box']})", err)) from err
 
 
-def _chosen(item: dict, wr: WindowResult, win: Box, tile: Tile) -> np.ndarray:
-    """The objects of one retry item in a window's result (boolean over the window's objects)."""
-    seed_y, seed_x = item["seed"]
-    lab = int(wr.detection.labels[seed_y - win.y0, seed_x - win.x0])
-    if lab == 0:
-        logger.warning("retry %s: seed pixel holds no object; nothing to add", item["key"])
-        return np.zeros(wr.n, dtype=bool)
-    if item["mode"] == "parent":
-        return (wr.detection.parent == wr.detection.parent[lab - 1]) & tile.owns(wr.peak_y, wr.peak_x)
-    peaks = {tuple(p) for p in item["peaks"]}
-    return np.array([(int(y), int(x)) in peaks for y, x in zip(wr.peak_y, wr.peak_x, strict=True)], dtype=bool)
+def _chosen(items: Sequence[dict], wr: WindowResult, win: Box, grid: TileGrid) -> np.ndarray:
+    """The objects of a group's retry items in a window's result (boolean over its objects).
+
+    ``objects`` items name their peaks; a ``parent`` item takes every child of the parent at
+    its seed pixel that its tile owns. One pass over the window's objects per tile, not per
+    item.
+    """
+    sel = np.zeros(wr.n, dtype=bool)
+    key = (wr.peak_y.astype(np.int64) << 32) | wr.peak_x.astype(np.int64)
+    named = [(y << 32) | x for it in items if it["mode"] != "parent" for y, x in it["peaks"]]
+    if named:
+        sel |= np.isin(key, np.asarray(named, dtype=np.int64))
+    seeds: dict[int, list[int]] = {}
+    for it in items:
+        if it["mode"] == "parent":
+            lab = int(wr.detection.labels[it["seed"][0] - win.y0, it["seed"][1] - win.x0])
+            if lab == 0:
+                logger.warning("retry %s: seed pixel holds no object; nothing to add", it["key"])
+            else:
+                seeds.setdefault(it["tile"], []).append(int(wr.detection.parent[lab - 1]))
+    for t, parents in seeds.items():
+        sel |= np.isin(wr.detection.parent, parents) & grid[t].owns(wr.peak_y, wr.peak_x)
+    return sel
 
 
 def _retry(group: dict[str, Any], ctx: TaskContext) -> dict[str, int]:
@@ -395,9 +407,7 @@ def _retry(group: dict[str, Any], ctx: TaskContext) -> dict[str, int]:
     while True:
         win = box.grow(margin, bounds)
         (wr,) = stages.analyse_regions([_read(m, win)], ctx.plan)
-        sel = np.zeros(wr.n, dtype=bool)
-        for it in group["items"]:
-            sel |= _chosen(it, wr, win, ctx.grid[it["tile"]])
+        sel = _chosen(group["items"], wr, win, ctx.grid)
         if wr.safe[sel].all() or win == bounds:
             break
         margin *= 2
