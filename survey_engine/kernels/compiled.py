@@ -13,7 +13,8 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-__all__ = ["matched_at", "peaks", "wc_args", "wc_errors", "wc_pixels", "wc_step"]
+__all__ = ["matched_at", "peaks", "row_counts", "row_cumsums", "wc_args", "wc_errors", "wc_pixels",
+           "wc_step"]  # fmt: skip
 
 
 @njit(cache=True, nogil=True)
@@ -152,3 +153,43 @@ def wc_errors(obj, dx, dy, val, var, u, v, r2max, ex_neg, n):  # pragma: no cove
         qy[i] += win * win * var[e] * ey * ey
     safe = np.where(s0 > 0, s0, 1.0)
     return s0, 2.0 * np.sqrt(qx) / safe, 2.0 * np.sqrt(qy) / safe
+
+
+@njit(cache=True, nogil=True)
+def row_cumsums(cells):  # pragma: no cover - compiled
+    """Per row of sorted cells: ``[0, nancumsum(x)]``, ``[0, nancumsum(x²)]`` (float64) and the
+    number of non-NaN values; numpy's sequential sums (a NaN adds +0.0) bit for bit."""
+    rows, m = cells.shape
+    csum, csq = np.zeros((rows, m + 1)), np.zeros((rows, m + 1))
+    nn = np.zeros(rows, np.int64)
+    for r in range(rows):
+        s, q = 0.0, 0.0
+        for j in range(m):
+            x = np.float64(cells[r, j])
+            nan = np.isnan(x)
+            nn[r] += not nan
+            x = 0.0 if nan else x
+            s = x if j == 0 else s + x
+            q = x * x if j == 0 else q + x * x
+            csum[r, j + 1], csq[r, j + 1] = s, q
+    return csum, csq, nn
+
+
+@njit(cache=True, nogil=True)
+def row_counts(cells, nn, thr, inclusive):  # pragma: no cover - compiled
+    """Per row of sorted cells (NaN last, ``nn`` non-NaN): how many are ``< thr`` (or ``<=``)."""
+    out = np.zeros(len(thr), np.int64)
+    for r in range(len(thr)):
+        t = thr[r]
+        if np.isnan(t):
+            continue
+        lo, hi = 0, nn[r]
+        while lo < hi:
+            mid = (lo + hi) // 2
+            x = cells[r, mid]
+            if x < t or (inclusive and x == t):
+                lo = mid + 1
+            else:
+                hi = mid
+        out[r] = lo
+    return out
