@@ -182,6 +182,21 @@ def _arrow_array(values: np.ndarray) -> pa.Array:
     )
 
 
+def sorted_by(table: pa.Table, key: str) -> pa.Table:
+    """``table.sort_by(key)`` for numeric columns without nulls, by numpy (stable).
+
+    Saves importing ``pyarrow.compute`` (~0.1-0.3 s) in the driver; other tables go to Arrow.
+    """
+    numeric = all(
+        pa.types.is_integer(c.type) or pa.types.is_floating(c.type) for c in table.columns
+    )
+    if not numeric or any(c.null_count for c in table.columns):
+        return table.sort_by(key)
+    order = np.argsort(table.column(key).to_numpy(), kind="stable")
+    cols = [_arrow_array(c.to_numpy()[order]) for c in table.columns]
+    return pa.Table.from_arrays(cols, schema=table.schema)
+
+
 def write_parquet_atomic(table: pa.Table, path: str | os.PathLike) -> None:
     """Write a Parquet file atomically (temporary file, then rename).
 
