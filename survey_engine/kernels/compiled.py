@@ -19,7 +19,9 @@ __all__ = ["matched_at", "peaks", "row_counts", "row_cumsums", "wc_args", "wc_er
 
 @njit(cache=True, nogil=True)
 def peaks(labels, values, n):  # pragma: no cover - compiled
-    """Labelled pixels (flat index, label) in raster order, and each label's peak (index, value)."""
+    """Labelled pixels (flat index, label) in raster order, each label's peak (index, value)
+    and bounding box ``(n, 4)``: y0, y1, x0, x1 (half-open; ``ndimage.find_objects``)."""
+    h, w = labels.shape
     lab_flat, val_flat = labels.ravel(), values.ravel()
     m = 0
     for j in range(lab_flat.size):
@@ -27,6 +29,8 @@ def peaks(labels, values, n):  # pragma: no cover - compiled
     flat, lab = np.empty(m, np.int64), np.empty(m, labels.dtype)
     peak_idx = np.full(n, -1, np.int64)
     peak_val = np.zeros(n, values.dtype)
+    bbox = np.empty((n, 4), np.int64)
+    bbox[:, 0], bbox[:, 1], bbox[:, 2], bbox[:, 3] = h, 0, w, 0
     k = 0
     for j in range(lab_flat.size):
         lj = lab_flat[j]
@@ -34,11 +38,13 @@ def peaks(labels, values, n):  # pragma: no cover - compiled
             continue
         flat[k], lab[k] = j, lj
         k += 1
-        v, i = val_flat[j], lj - 1
+        v, i, y, x = val_flat[j], lj - 1, j // w, j % w
         # Raster order: the first of equal values is the lowest index; NaN never wins.
         if peak_idx[i] < 0 or v > peak_val[i] or (np.isnan(peak_val[i]) and not np.isnan(v)):
             peak_idx[i], peak_val[i] = j, v
-    return flat, lab, peak_idx, peak_val
+        bbox[i, 0], bbox[i, 1] = min(bbox[i, 0], y), max(bbox[i, 1], y + 1)
+        bbox[i, 2], bbox[i, 3] = min(bbox[i, 2], x), max(bbox[i, 3], x + 1)
+    return flat, lab, peak_idx, peak_val, bbox
 
 
 @njit(cache=True, nogil=True)

@@ -71,11 +71,11 @@ class Measurements:
 def _peaks(labels: np.ndarray, values: np.ndarray, n: int):
     """Peak pixel (brightest, ties: lowest index) of every label, and the footprint pixels.
 
-    Returns ``py, px, peak value, flat indices of the labelled pixels, their labels``.
+    Returns ``py, px, peak value, flat indices of the labelled pixels, their labels, boxes``.
     """
-    flat, lab, peak_idx, peak_val = compiled.peaks(labels, values, n)
+    flat, lab, peak_idx, peak_val, bbox = compiled.peaks(labels, values, n)
     w = labels.shape[1]
-    return peak_idx // w, peak_idx % w, peak_val.astype(np.float64), flat, lab
+    return peak_idx // w, peak_idx % w, peak_val.astype(np.float64), flat, lab, bbox
 
 
 def measure_sources(
@@ -127,7 +127,7 @@ def measure_sources(
     labels = np.ascontiguousarray(labels, dtype=np.int32)
     det = np.ascontiguousarray(np.where(det_bad, 0.0, det), dtype=np.float32)
     det_var_clean = np.where(det_bad | ~np.isfinite(det_var), 0.0, det_var)
-    py, px, peak, flat, lab = _peaks(labels, det, n)
+    py, px, peak, flat, lab, bbox = _peaks(labels, det, n)
     w = labels.shape[1]
     yy, xx = np.divmod(flat, w)
     ids = np.arange(1, n + 1, dtype=np.int32)
@@ -204,7 +204,7 @@ def measure_sources(
         "window_sigma": sig, "window_failed": wfail,
         "det_iso_flux": iso, "det_iso_flux_err": np.sqrt(iso_var),
         "det_kron_flux": kflux, "det_kron_flux_err": kerr,
-        "kron_truncated": (kapflag & sep.APER_TRUNC) != 0,
+        "kron_truncated": (kapflag & sep.APER_TRUNC) != 0, "bbox": bbox,
     }  # fmt: skip
     # Mask bits of the footprint pixels, OR-ed over bands.
     fp_bits = np.bitwise_or.reduce(masks.reshape(masks.shape[0], -1)[:, flat], axis=0)
@@ -257,7 +257,8 @@ def measurements_from(
         Per object (label order): the keys of
         :func:`~survey_engine.kernels.torch_measure.measure_batch` (window coordinates;
         positions as offsets ``dx``, ``dy``, ``dx_iso``, ``dy_iso`` from the integer peak
-        pixel; per-band quantities as ``(n, n_bands)`` arrays).
+        pixel; per-band quantities as ``(n, n_bands)`` arrays); optionally ``bbox``, the
+        footprint boxes (else found in ``labels``).
     labels : numpy.ndarray
         The window's label image (objects ``1..n``).
     bands : tuple of str
@@ -295,10 +296,12 @@ def measurements_from(
     for k in ("a", "b", "theta", "e1", "e2", "half_light_radius", "kron_radius", "det_iso_flux",
               "det_iso_flux_err", "det_kron_flux", "det_kron_flux_err"):  # fmt: skip
         m.columns[k] = raw[k]
-    slices = ndimage.find_objects(labels, max_label=n)
-    m.bbox = np.array(
-        [[s[0].start, s[0].stop, s[1].start, s[1].stop] for s in slices], dtype=np.int64
-    )
+    m.bbox = raw.get("bbox")
+    if m.bbox is None:
+        slices = ndimage.find_objects(labels, max_label=n)
+        m.bbox = np.array(
+            [[s[0].start, s[0].stop, s[1].start, s[1].stop] for s in slices], dtype=np.int64
+        )
     # Pixels read by the measurement, as a radius around the barycentre.
     a, sig = raw["a"], raw["window_sigma"]
     radii = [cfg.kron_max_radius * a, raw["kron_aperture"] * a, np.full(n, cfg.max_aperture)]
