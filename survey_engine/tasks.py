@@ -328,22 +328,6 @@ def _retry(item: dict[str, Any], ctx: TaskContext) -> dict[str, int]:
     return {"objects": len(idx), "window_pixels": win.size}
 
 
-def _core_labels(store: PartStore, name: str, shape: tuple[int, int]) -> np.ndarray:
-    """A tile's core labels (read-only), decoded once for the chunks of the map it overlaps.
-
-    Kept for the next chunks when small (the last two tiles of up to 32 MiB each).
-    """
-    if shape[0] * shape[1] * 8 > 32 * 2**20:
-        return store.core_labels(name, shape)
-    stamp = (store.parts / name / "labels.bin").stat().st_mtime_ns
-    return _decoded_labels(str(store.root), name, tuple(shape), stamp)
-
-
-@functools.lru_cache(maxsize=2)
-def _decoded_labels(root: str, name: str, shape: tuple[int, int], _stamp: int) -> np.ndarray:
-    return PartStore(root).core_labels(name, shape)
-
-
 def segmentation_chunk(item, *, store: PartStore, seg_path: str) -> int:
     """Write one chunk of the segmentation map: core labels, then footprints painted over.
 
@@ -356,7 +340,7 @@ def segmentation_chunk(item, *, store: PartStore, seg_path: str) -> int:
         cbox = Box(*core)
         inter = cbox.intersect(chunk)
         if inter is not None:
-            labels = _core_labels(store, name, cbox.shape)
+            labels = store.core_labels(name, cbox.shape)
             out[inter.slices((chunk.y0, chunk.x0))] = labels[inter.slices((cbox.y0, cbox.x0))]
     for name in footprint_parts:
         store.footprints(name).paint(out, chunk.y0, chunk.x0)
