@@ -35,7 +35,7 @@ import zarr
 
 from . import config as _conf
 from .backends import BACKENDS
-from .catalog import CatalogLayout, reference_band, sorted_by, write_parquet_atomic
+from .catalog import CatalogLayout, numpy_column, reference_band, sorted_by, write_parquet_atomic
 from .config import ExecutionConfig, ScienceConfig
 from .deblend import check_backend
 from .kernels.background import filter_mesh
@@ -564,7 +564,7 @@ def _catalog_stage(store: PartStore, grid: TileGrid, pending, path: Path, layout
     tables = list(store.catalog_tables(names))
     table = pa.concat_tables(tables) if tables else empty
     table = sorted_by(table, "id")
-    ids = table.column("id").to_numpy()
+    ids = numpy_column(table.column("id"))
     dup = ids[1:][ids[1:] == ids[:-1]]
     if len(dup):
         msg = f"internal error: {len(dup)} duplicate object IDs after stitching (first {dup[0]})"
