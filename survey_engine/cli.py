@@ -55,21 +55,31 @@ def main(verbose: int) -> None:
 @click.option("--masks/--no-masks", default=False, show_default=True,
               help="Add bad columns, a trail, a no-data corner.")  # fmt: skip
 @click.option("--bright-stars", default=0, show_default=True, type=int, help="Saturated stars to add.")
+@click.option("--cluster-stars", default=0, show_default=True, type=int, help="Add a King-profile globular cluster of N stars (crowded field).")  # fmt: skip
+@click.option("--cluster-core-radius", default=30.0, show_default=True, type=float, help="Its core radius (pixels).")  # fmt: skip
+@click.option("--cluster-tidal-radius", default=600.0, show_default=True, type=float, help="Its tidal radius (pixels).")  # fmt: skip
+@click.option("--cluster-center", default=None, help="Its centre X,Y (pixels; default: the middle).")  # fmt: skip
+@click.option("--cluster-distance-modulus", default=18.0, show_default=True, type=float, help="Its m - M (turn-off at r = m - M + 4).")  # fmt: skip
 @WORKERS
 @SCHEDULER
 @OVERWRITE
-def simulate(out, size, bands, seed, depth, truth, psf, masks, bright_stars, workers, scheduler,
-             overwrite):  # fmt: skip
+def simulate(out, size, bands, seed, depth, truth, psf, masks, bright_stars, cluster_stars,
+             cluster_core_radius, cluster_tidal_radius, cluster_center, cluster_distance_modulus,
+             workers, scheduler, overwrite):  # fmt: skip
     """Simulate an LSST-like mosaic with GalSim into OUT (a Zarr store)."""
+    from .simulate import KingCluster
     from .simulate import simulate as _simulate
 
     try:
         shape = tuple(int(v) for v in size.lower().split("x")) if "x" in size.lower() else int(size)
+        center = None if cluster_center is None else tuple(cluster_center.split(","))
+        cluster = KingCluster(cluster_stars, cluster_core_radius, cluster_tidal_radius, center,
+                              cluster_distance_modulus) if cluster_stars else None  # fmt: skip
         t0 = time.perf_counter()
         res = _simulate(
             out, size=shape, bands=tuple(b for b in bands.split(",") if b), seed=seed, depth=depth,
-            truth=truth, psf=psf, masks=masks, bright_stars=bright_stars, workers=workers,
-            scheduler=scheduler, overwrite=overwrite,
+            truth=truth, psf=psf, masks=masks, bright_stars=bright_stars, cluster=cluster,
+            workers=workers, scheduler=scheduler, overwrite=overwrite,
         )  # fmt: skip
     except (ValueError, KeyError, FileExistsError, FileNotFoundError) as err:
         _fail(err)
@@ -201,6 +211,11 @@ def describe_mosaic(m) -> str:
 @click.option("--minarea", default=None, type=int,
               help="Minimum object area (px; default survey_engine.minarea, 5).")  # fmt: skip
 @click.option("--detection-band", default=None, help="Detect on this band (default: combine all bands).")
+@click.option("--background-mask-thresh", default=None, type=float,
+              help="Mask the sources (pixels above this many sigma over a first background) in a "
+              "second background pass (default survey_engine.background_mask_thresh: off).")  # fmt: skip
+@click.option("--background-mask-dilate", default=None, type=int,
+              help="... and the pixels within this distance of them (px; default 4).")  # fmt: skip
 @WORKERS
 @SCHEDULER
 @click.option("--resume", is_flag=True, help="Continue the run in OUTDIR, skipping finished tiles.")
@@ -218,8 +233,8 @@ def describe_mosaic(m) -> str:
               help="bfloat16 autocast of the U-Net (default: on CUDA only); --no-amp on a GPU gives "
               "maps within float32 rounding of the CPU ones.")  # fmt: skip
 def run_cmd(mosaic, outdir, tile, halo, origin, deblender, unet_model, device, thresh, minarea,
-            detection_band, workers, scheduler, resume, overwrite, fmt, gpu, backend,
-            unet_amp):  # fmt: skip
+            detection_band, background_mask_thresh, background_mask_dilate, workers, scheduler,
+            resume, overwrite, fmt, gpu, backend, unet_amp):  # fmt: skip
     """Detect, deblend and measure MOSAIC; write OUTDIR/catalog.parquet and segmentation.zarr.
 
     Options not given take their value from the Dask configuration (survey_engine.*: a YAML
@@ -231,8 +246,9 @@ def run_cmd(mosaic, outdir, tile, halo, origin, deblender, unet_model, device, t
     try:
         res = _run(
             mosaic, outdir, tile=tile, halo=halo, origin=origin, deblender=deblender,
-            unet_model=unet_model, device=device, thresh=thresh,
-            minarea=minarea, detection_band=detection_band, workers=workers, scheduler=scheduler,
+            unet_model=unet_model, device=device, thresh=thresh, minarea=minarea,
+            detection_band=detection_band, background_mask_thresh=background_mask_thresh,
+            background_mask_dilate=background_mask_dilate, workers=workers, scheduler=scheduler,
             resume=resume, overwrite=overwrite, gpu=gpu, backend=backend, unet_amp=unet_amp,
         )  # fmt: skip
     except (RunInterrupted, KeyboardInterrupt) as err:

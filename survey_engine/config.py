@@ -28,7 +28,8 @@ CONFIG_FILE = os.path.join(os.path.dirname(__file__), "survey_engine.yaml")
 #: Dask-config keys of science parameters (fields of ScienceConfig or of its parts); applied
 #: only when no explicit ``science=`` is given to a run.
 SCIENCE_KEYS = ("deblender", "thresh", "minarea", "deblend_nthresh", "deblend_cont",
-                "detection_band", "background_box")  # fmt: skip
+                "detection_band", "background_box", "background_mask_thresh",
+                "background_mask_dilate")  # fmt: skip
 #: Dask-config keys of execution parameters (fields of ExecutionConfig).
 EXECUTION_KEYS = ("backend", "device", "measure_dtype", "tile_batch", "workers", "scheduler")
 
@@ -87,6 +88,9 @@ class ScienceConfig:
         How bands are combined into the detection image.
     background_box, background_filter : int
         Background mesh cell (pixels, anchored at mosaic origin) and median filter (cells) sizes.
+    background_mask_thresh, background_mask_dilate : float or None, int
+        A second background pass leaves out pixels within ``dilate`` px of sources above
+        ``thresh`` σ over the first one (detection filter, ``minarea``); None or 0: one pass.
     deblender : str
         A name of :data:`survey_engine.deblend.DEBLENDERS`: ``sep`` (window-independent
         multi-threshold deblending) or ``unet`` (the U-Net of :mod:`survey_engine.unet`).
@@ -100,6 +104,8 @@ class ScienceConfig:
     combine: str = "ivar"
     background_box: int = 128
     background_filter: int = 3
+    background_mask_thresh: float | None = None
+    background_mask_dilate: int = 4
     deblender: str = "sep"
     unet_model: str | None = None
 
@@ -110,6 +116,15 @@ class ScienceConfig:
         if int(self.background_box) != self.background_box or self.background_box < 8:
             msg = f"background_box must be an integer ≥ 8 pixels, got {self.background_box!r}"
             raise ValueError(msg)
+        t, d = self.background_mask_thresh, self.background_mask_dilate
+        if t is not None and (isinstance(t, bool) or not 0 <= t < float("inf")):  # NaN too
+            msg = f"background_mask_thresh must be None, 0 (off) or a positive number of sigma, got {t!r}"
+            raise ValueError(msg)
+        if isinstance(d, bool) or int(d) != d or d < 0:
+            msg = f"background_mask_dilate must be an integer ≥ 0 pixels, got {d!r}"
+            raise ValueError(msg)
+        object.__setattr__(self, "background_mask_thresh", float(t) if t else None)  # 0: None
+        object.__setattr__(self, "background_mask_dilate", int(d))
 
     def with_params(self, **params: Any) -> ScienceConfig:
         """A copy with fields replaced by name: ``thresh=2`` sets ``detection.thresh``.

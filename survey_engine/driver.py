@@ -3,7 +3,7 @@
 A run is five stages, each a stream of small tasks (:func:`survey_engine.parallel.map_tasks`)
 of :mod:`survey_engine.tasks`; pixel arrays never travel through the scheduler:
 
-1. **background** — mesh statistics of aligned blocks → one global mesh per band;
+1. **background** — mesh statistics of aligned blocks (again, sources masked) → a mesh per band;
 2. **tiles** — each tile reads core + halo, runs the stage sequence, keeps the objects
    whose peak lies in its core and whose result is *safe*, and writes its part;
 3. **retry** — every owned object that was not safe is measured again in a window grown
@@ -55,7 +55,14 @@ from .parallel import (
 from .schema import ID_SCHEME, flag_descriptions
 from .stages import WindowPlan, guard_band
 from .store import PartStore, StoreError, retry_part
-from .tasks import TaskContext, background_block, process_tiles, retry, segmentation_chunk
+from .tasks import (
+    TaskContext,
+    background_block,
+    process_tiles,
+    resumed_retry_groups,
+    retry,
+    segmentation_chunk,
+)
 from .tiling import Box, TileGrid, make_tiles
 
 __all__ = ["RunError", "RunInterrupted", "RunResult", "RunSettings", "resolve_run", "run"]
@@ -452,20 +459,25 @@ def _check_resources(client, resources: Mapping[str, float], scheduler: str | No
 
 
 def _background_stage(client, m: Mosaic, plan: WindowPlan, store: PartStore, progress: bool):
-    """Stage 1: the mesh statistics of aligned blocks, assembled and filtered per band."""
-    box = plan.science.background_box
+    """Stage 1: the mesh statistics of aligned blocks, assembled and filtered per band; with
+    ``background_mask_thresh`` again, less the sources over the first pass's background."""
+    sci, box = plan.science, plan.science.background_box
     saved = store.load_background()
-    if saved is not None:
-        levels, rmss = saved
-    else:
-        step = box * max(1, 1024 // box)
-        blocks = [Box(y, min(y + step, m.ny), x, min(x + step, m.nx))
-                  for y in range(0, m.ny, step) for x in range(0, m.nx, step)]  # fmt: skip
-        ncy, ncx = -(-m.ny // box), -(-m.nx // box)
-        levels = np.full((len(m.bands), ncy, ncx), np.nan)
-        rmss = np.full((len(m.bands), ncy, ncx), np.nan)
-        res = map_tasks(client, background_block, blocks, desc="background", progress=progress,
-                        mosaic_path=m.path, plan=plan, retries=1)  # fmt: skip
+
+    def filtered(levels, rmss):
+        return [filter_mesh(levels[b], rmss[b], box, (m.ny, m.nx), filter_size=sci.background_filter)
+                for b in range(len(m.bands))]  # fmt: skip
+
+    passes = () if saved is not None else (False, True) if sci.background_mask_thresh else (False,)
+    step = box * max(1, 1024 // box)
+    blocks = [Box(y, min(y + step, m.ny), x, min(x + step, m.nx))
+              for y in range(0, m.ny, step) for x in range(0, m.nx, step)]  # fmt: skip
+    for masked in passes:
+        levels = np.full((len(m.bands), -(-m.ny // box), -(-m.nx // box)), np.nan)
+        rmss = levels.copy()
+        res = map_tasks(client, background_block, blocks, desc="background" + "-masked" * masked,
+                        progress=progress, mosaic_path=m.path, plan=plan, mask_sources=masked,
+                        retries=1)  # fmt: skip
         if res.failures:
             msg = f"background failed for {len(res.failures)} block(s): {res.failures[0].error}"
             raise RunError(msg, res.failures)
@@ -474,9 +486,11 @@ def _background_stage(client, m: Mosaic, plan: WindowPlan, store: PartStore, pro
             for b, (lvl, rms) in enumerate(per_band):
                 levels[b, cy0 : cy0 + lvl.shape[0], cx0 : cx0 + lvl.shape[1]] = lvl
                 rmss[b, cy0 : cy0 + lvl.shape[0], cx0 : cx0 + lvl.shape[1]] = rms
-        store.save_background(levels, rmss)
-    return [filter_mesh(levels[b], rmss[b], box, (m.ny, m.nx), filter_size=plan.science.background_filter)
-            for b in range(len(m.bands))]  # fmt: skip
+        saved = levels, rmss
+        plan = dataclasses.replace(plan, meshes=filtered(*saved))  # for the masked pass
+    if passes:
+        store.save_background(*saved)
+    return filtered(*saved)
 
 
 def _tile_stage(client, ctx: TaskContext, progress: bool) -> TaskResults:
@@ -504,8 +518,10 @@ def _tile_stage(client, ctx: TaskContext, progress: bool) -> TaskResults:
 
 
 def _retry_stage(client, ctx: TaskContext, progress: bool) -> tuple[list[dict], TaskResults]:
-    """Stage 3: every retry item of the tiles' parts whose own part is not written yet."""
-    pending = ctx.store.pending(t.name for t in ctx.grid)
+    """Stage 3: the tiles' retry items, grouped where their boxes overlap; groups not written yet."""
+    items = ctx.store.pending(t.name for t in ctx.grid)
+    written = ctx.store.written_retry_groups()
+    pending = resumed_retry_groups(items, written, max_pixels=4 * max(t.read.size for t in ctx.grid))
     done = ctx.store.finished_retries(p["key"] for p in pending)
     todo = [p for p in pending if p["key"] not in done]
     res = map_tasks(client, retry, todo, keys=[p["key"] for p in todo], desc="retry",
@@ -564,13 +580,32 @@ def _catalog_stage(store: PartStore, grid: TileGrid, pending, path: Path, layout
     tables = list(store.catalog_tables(names))
     table = pa.concat_tables(tables) if tables else empty
     table = sorted_by(table, "id")
-    ids = numpy_column(table.column("id"))
-    dup = ids[1:][ids[1:] == ids[:-1]]
-    if len(dup):
-        msg = f"internal error: {len(dup)} duplicate object IDs after stitching (first {dup[0]})"
-        raise RunError(msg)
+    table = _without_repeats(table)
     write_parquet_atomic(table.replace_schema_metadata(empty.schema.metadata), path)
     return table.num_rows
+
+
+def _without_repeats(table: pa.Table) -> pa.Table:
+    """The ID-sorted catalog with objects measured twice kept once.
+
+    Two retry groups of one tile may hold the same parent (it left the tile window and came
+    back, in boxes that do not overlap); each measures it whole, so the rows are equal. Any
+    other repeated ID is an internal error.
+    """
+    ids = numpy_column(table.column("id"))
+    again = np.flatnonzero(ids[1:] == ids[:-1]) + 1
+    if len(again) == 0:
+        return table
+    first, second = table.take(again - 1).to_pylist(), table.take(again).to_pylist()
+    differ = [a["id"] for a, b in zip(first, second, strict=True)
+              if any(u != v and not (u != u and v != v) for u, v in zip(a.values(), b.values(), strict=True))]  # fmt: skip
+    if differ:
+        msg = f"internal error: {len(differ)} object IDs measured twice, differently (first {differ[0]})"
+        raise RunError(msg)
+    logger.info("%d objects measured whole by two retry groups, kept once", len(again))
+    keep = np.ones(len(ids), dtype=bool)
+    keep[again] = False
+    return table.filter(pa.array(keep))
 
 
 def _stage_seconds(tiles: TaskResults) -> dict[str, float]:

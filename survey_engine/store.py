@@ -229,6 +229,14 @@ class PartStore:
         """The retry keys among ``keys`` whose part is written."""
         return {k for k in keys if (self.parts / retry_part(k)).exists()}
 
+    def written_retry_groups(self) -> dict[str, list[str]]:
+        """Every written retry part: its key → the keys of the retry items it measured."""
+        out = {}
+        for path in sorted(self.parts.glob("retry-*/info.json")):
+            info = json.loads(path.read_text())
+            out[path.parent.name.removeprefix("retry-")] = info.get("members", [])
+        return out
+
     def pending(self, names: Iterable[str]) -> list[dict]:
         """Every retry item of the tiles ``names`` (in their order)."""
         out: list[dict] = []

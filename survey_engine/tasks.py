@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import functools
+import hashlib
 import logging
 import time
 from collections.abc import Iterator, Sequence
@@ -25,6 +26,7 @@ import zarr
 
 from . import stages
 from .catalog import CatalogLayout
+from .kernels.background import interpolate_background, source_mask
 from .mosaic import Mosaic, open_mosaic
 from .schema import Flag, object_ids
 from .stages import WindowPlan, WindowResult, usable_pixels
@@ -82,16 +84,25 @@ def _failure(what: str | Tile, err: Exception) -> str:
     return f"{what}: {type(err).__name__}: {err}"
 
 
-def background_block(box: Box, *, mosaic_path: str, plan: WindowPlan):
-    """Mesh statistics of every band of one block: ``(box, [(level, rms) per band])``."""
-    m = _mosaic(mosaic_path)
+def background_block(box: Box, *, mosaic_path: str, plan: WindowPlan, mask_sources: bool = False):
+    """Mesh statistics of every band of one block: ``(box, [(level, rms) per band])``; with
+    ``mask_sources``, less the sources over ``plan.meshes`` (read with a margin: source_mask)."""
+    m, sci, det = _mosaic(mosaic_path), plan.science, plan.science.detection
+    dilate = sci.background_mask_dilate
+    win = box.grow(det.pad + det.minarea + dilate if mask_sources else 0, plan.mosaic)
     try:
-        reg = m.read((box.y0, box.y1), (box.x0, box.x1))
+        reg = m.read((win.y0, win.y1), (win.x0, win.x1))
     except Exception as err:
         what = f"background block y {box.y0}:{box.y1}, x {box.x0}:{box.x1}"
         raise TileError(_failure(what, err)) from err
-    bad = ~usable_pixels(reg.image, reg.variance, reg.mask)
-    return box, plan.backend.mesh_statistics(reg.image, bad, plan.science.background_box)
+    image, usable = reg.image, usable_pixels(reg.image, reg.variance, reg.mask)
+    if mask_sources:
+        first = [interpolate_background(me, win.y0, win.y1, win.x0, win.x1) for me in plan.meshes]
+        sources = source_mask(image, reg.variance, usable, np.stack(first), minarea=det.minarea,
+                              thresh=sci.background_mask_thresh, dilate=dilate, kernel=det.kernel)  # fmt: skip
+        sy, sx = box.slices((win.y0, win.x0))
+        image, usable = image[:, sy, sx], usable[:, sy, sx] & ~sources[sy, sx]
+    return box, plan.backend.mesh_statistics(image, ~usable, sci.background_box)
 
 
 def process_tiles(tiles: Sequence[Tile], *, ctx: TaskContext) -> dict[str, Any]:
@@ -255,19 +266,28 @@ def write_tile_part(tile: Tile, wr: WindowResult, store: PartStore, layout: Cata
 
 
 def pending_items(tile: Tile, wr: WindowResult, idx: np.ndarray) -> list[dict]:
-    """Group owned-but-unsafe objects by parent into retry items."""
+    """Group owned-but-unsafe objects by parent into retry items (one pass, sorted by parent)."""
     if len(idx) == 0:
         return []
     det, c, (oy, ox) = wr.detection, wr.meas.columns, (wr.window.y0, wr.window.x0)
+    r, bb = wr.meas.extent, wr.meas.bbox
+    lo_y, hi_y = np.floor(c["y"] - r), np.ceil(c["y"] + r) + 1
+    lo_x, hi_x = np.floor(c["x"] - r), np.ceil(c["x"] + r) + 1
+    by_parent = np.argsort(det.parent, kind="stable")  # every object, grouped by parent
+    bounds = np.r_[0, np.flatnonzero(np.diff(det.parent[by_parent])) + 1, len(by_parent)]
+    group_of = np.searchsorted(det.parent[by_parent][bounds[:-1]], det.parent)
+    mine = idx[np.argsort(det.parent[idx], kind="stable")]
+    cuts = np.r_[0, np.flatnonzero(np.diff(det.parent[mine])) + 1, len(mine)]
     items = []
-    for p in np.unique(det.parent[idx]):
-        members, siblings = idx[det.parent[idx] == p], np.flatnonzero(det.parent == p)
-        r, bb = wr.meas.extent[siblings], wr.meas.bbox[siblings]
+    for k in range(len(cuts) - 1):
+        members = mine[cuts[k] : cuts[k + 1]]
+        g = group_of[members[0]]
+        sib = by_parent[bounds[g] : bounds[g + 1]]
         box = [
-            int(min(bb[:, 0].min() + oy, np.floor(c["y"][siblings] - r).min())),
-            int(max(bb[:, 1].max() + oy, np.ceil(c["y"][siblings] + r).max() + 1)),
-            int(min(bb[:, 2].min() + ox, np.floor(c["x"][siblings] - r).min())),
-            int(max(bb[:, 3].max() + ox, np.ceil(c["x"][siblings] + r).max() + 1)),
+            int(min(bb[sib, 0].min() + oy, lo_y[sib].min())),
+            int(max(bb[sib, 1].max() + oy, hi_y[sib].max())),
+            int(min(bb[sib, 2].min() + ox, lo_x[sib].min())),
+            int(max(bb[sib, 3].max() + ox, hi_x[sib].max())),
         ]
         seed = [int(wr.peak_y[members[0]]), int(wr.peak_x[members[0]])]
         items.append({
@@ -281,12 +301,72 @@ def pending_items(tile: Tile, wr: WindowResult, idx: np.ndarray) -> list[dict]:
     return items
 
 
-def retry(item: dict[str, Any], *, ctx: TaskContext) -> dict[str, int]:
-    """Measure a retry item's objects whole: its window doubles its margin until they are safe.
+def retry_groups(items: Sequence[dict], max_pixels: int) -> list[dict]:
+    """Retry items whose boxes overlap, merged into groups measured in one window each.
 
-    ``mode`` ``parent``: the parent itself was cut, so every owned child of the parent
-    found around the seed pixel is kept; ``objects``: only the listed peaks. Objects still
-    unsafe in the whole mosaic are flagged TRUNCATED.
+    A giant parent cut by several tiles (a cluster core) gives an item in each, and a parent
+    that leaves a tile window and comes back gives several in one; each would analyse the
+    whole parent again. Groups are built in the items' order (so a resumed run finds the
+    same), none beyond ``max_pixels`` px, each named by its first item (:func:`_group`). Each
+    item's objects are chosen as if it were alone (they are whole in the group's window), so
+    the catalog does not depend on the grouping.
+    """
+    groups: list[tuple[int, list[int], list[int]]] = []  # (first item, box, item numbers)
+    for n, it in enumerate(items):
+        cur = (n, list(it["box"]), [n])
+        while True:
+            for g, (first, box, members) in enumerate(groups):
+                y0, y1, x0, x1 = cur[1]
+                if box[0] < y1 and box[1] > y0 and box[2] < x1 and box[3] > x0:
+                    union = [min(box[0], y0), max(box[1], y1), min(box[2], x0), max(box[3], x1)]
+                    if (union[1] - union[0]) * (union[3] - union[2]) <= max_pixels:
+                        groups.pop(g)
+                        cur = (min(first, cur[0]), union, sorted(members + cur[2]))
+                        break
+            else:
+                groups.append(cur)
+                break
+    return [_group([items[i] for i in members]) for _, _, members in sorted(groups)]
+
+
+def _group(members: list[dict]) -> dict:
+    """A retry group: its items' union box; a key naming its first item and, for several, a
+    digest of them all."""
+    b = np.array([m["box"] for m in members])
+    box = [int(b[:, 0].min()), int(b[:, 1].max()), int(b[:, 2].min()), int(b[:, 3].max())]
+    key = members[0]["key"]
+    if len(members) > 1:
+        digest = hashlib.sha1(" ".join(m["key"] for m in members).encode()).hexdigest()[:10]
+        key = f"{key}-g{len(members)}-{digest}"
+    return {"key": key, "box": box, "items": members}
+
+
+def resumed_retry_groups(items: Sequence[dict], written: dict[str, list[str]],
+                         max_pixels: int) -> list[dict]:  # fmt: skip
+    """The retry groups of a run that may have written some already (``written``: key → items).
+
+    A written group whose items are all still pending is kept as it is (its part is
+    reused: a resumed run redoes only what is missing); the other items are grouped anew
+    (:func:`retry_groups`).
+    """
+    by_key = {it["key"]: it for it in items}
+    kept, covered = [], set()
+    for key, members in written.items():
+        if members and set(members) <= by_key.keys() and not covered & set(members):
+            group = _group([by_key[k] for k in members])
+            if group["key"] == key:
+                kept.append(group)
+                covered |= set(members)
+    rest = [it for it in items if it["key"] not in covered]
+    return kept + retry_groups(rest, max_pixels)
+
+
+def retry(item: dict[str, Any], *, ctx: TaskContext) -> dict[str, int]:
+    """Measure a retry group's objects whole: its window doubles its margin until they are safe.
+
+    Per item, ``mode`` ``parent``: the parent itself was cut, so every child of the parent
+    found around the seed pixel that the item's tile owns is kept; ``objects``: only the
+    listed peaks. Objects still unsafe in the whole mosaic are flagged TRUNCATED.
     """
     try:
         return _retry(item, ctx)
@@ -294,27 +374,30 @@ def retry(item: dict[str, Any], *, ctx: TaskContext) -> dict[str, int]:
         raise TileError(_failure(f"retry {item['key']} (objects near box {item['box']})", err)) from err
 
 
-def _retry(item: dict[str, Any], ctx: TaskContext) -> dict[str, int]:
-    m = _mosaic(ctx.mosaic_path)
-    tile = ctx.grid[item["tile"]]
-    bounds = Box(0, m.ny, 0, m.nx)
-    box = Box(*item["box"]).intersect(bounds) or bounds
-    margin = ctx.grid.halo
+def _chosen(item: dict, wr: WindowResult, win: Box, tile: Tile) -> np.ndarray:
+    """The objects of one retry item in a window's result (boolean over the window's objects)."""
     seed_y, seed_x = item["seed"]
+    lab = int(wr.detection.labels[seed_y - win.y0, seed_x - win.x0])
+    if lab == 0:
+        logger.warning("retry %s: seed pixel holds no object; nothing to add", item["key"])
+        return np.zeros(wr.n, dtype=bool)
+    if item["mode"] == "parent":
+        return (wr.detection.parent == wr.detection.parent[lab - 1]) & tile.owns(wr.peak_y, wr.peak_x)
     peaks = {tuple(p) for p in item["peaks"]}
+    return np.array([(int(y), int(x)) in peaks for y, x in zip(wr.peak_y, wr.peak_x, strict=True)], dtype=bool)
+
+
+def _retry(group: dict[str, Any], ctx: TaskContext) -> dict[str, int]:
+    m = _mosaic(ctx.mosaic_path)
+    bounds = Box(0, m.ny, 0, m.nx)
+    box = Box(*group["box"]).intersect(bounds) or bounds
+    margin = ctx.grid.halo
     while True:
         win = box.grow(margin, bounds)
         (wr,) = stages.analyse_regions([_read(m, win)], ctx.plan)
-        lab = int(wr.detection.labels[seed_y - win.y0, seed_x - win.x0])
-        if lab == 0:
-            logger.warning("retry %s: seed pixel holds no object; nothing to add", item["key"])
-            sel = np.zeros(wr.n, dtype=bool)
-            break
-        p = wr.detection.parent[lab - 1]
-        if item["mode"] == "parent":
-            sel = (wr.detection.parent == p) & tile.owns(wr.peak_y, wr.peak_x)
-        else:
-            sel = np.array([(int(y), int(x)) in peaks for y, x in zip(wr.peak_y, wr.peak_x, strict=True)])
+        sel = np.zeros(wr.n, dtype=bool)
+        for it in group["items"]:
+            sel |= _chosen(it, wr, win, ctx.grid[it["tile"]])
         if wr.safe[sel].all() or win == bounds:
             break
         margin *= 2
@@ -322,8 +405,9 @@ def _retry(item: dict[str, Any], ctx: TaskContext) -> dict[str, int]:
     idx = np.flatnonzero(sel)
     layout = CatalogLayout.for_mosaic(m, ctx.plan.science)
     ctx.store.write_retry(
-        item["key"], table=_rows(layout, wr, idx), footprints=footprints_of(wr, idx, m.nx),
-        info={"window": [win.y0, win.y1, win.x0, win.x1], "n": len(idx)},
+        group["key"], table=_rows(layout, wr, idx), footprints=footprints_of(wr, idx, m.nx),
+        info={"window": [win.y0, win.y1, win.x0, win.x1], "n": len(idx),
+              "members": [it["key"] for it in group["items"]]},
     )  # fmt: skip
     return {"objects": len(idx), "window_pixels": win.size}
 

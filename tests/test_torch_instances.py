@@ -7,6 +7,8 @@ import numpy as np
 import pytest
 import torch
 from _reference import extract_instances_reference
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from numpy.testing import assert_array_equal
 from scipy import ndimage
 
@@ -362,3 +364,95 @@ def test_cuda_equals_cpu(blob_batch):
         assert gpu.labels.is_cuda and gpu.parent.is_cuda
         for name in ("labels", "parents", "n_objects", "parent", "n_children"):
             assert torch.equal(getattr(gpu, name).cpu(), getattr(cpu, name)), name
+
+
+# --- the grid assignment in crowded fields -------------------------------------------------
+
+
+def _crowded_maps(h: int, w: int, seed: int, per_px2: float = 1 / 10, wild: float = 0.02):
+    """Maps of a crowded stellar field: one foreground component holding many peaks.
+
+    Stars at ``per_px2`` per pixel, the foreground on everywhere but a border, centre peaks
+    at the stars, offsets to the nearest star with noise; a fraction ``wild`` of the pixels
+    point anywhere (tens to thousands of px away), the pixels the grid must hand on to its
+    wider ring and then to the brute force.
+    """
+    rng = np.random.default_rng(seed)
+    n = int(per_px2 * h * w)
+    stars = rng.uniform((1, 1), (h - 1, w - 1), (n, 2))
+    yy, xx = np.mgrid[:h, :w]
+    fg = np.zeros((h, w), np.float32)
+    fg[1:-1, 1:-1] = 0.9
+    cen = rng.uniform(0, 0.1, (h, w)).astype(np.float32)
+    iy, ix = np.round(stars).astype(int).T
+    cen[iy, ix] = rng.uniform(0.5, 0.95, n)
+    from scipy.spatial import cKDTree
+
+    _, near = cKDTree(stars).query(np.stack([yy.ravel(), xx.ravel()], 1))
+    off = (stars[near].T - np.stack([yy.ravel(), xx.ravel()])).reshape(2, h, w)
+    off += rng.normal(0, 0.7, off.shape)
+    odd = rng.random((h, w)) < wild
+    off[:, odd] = rng.normal(0, 1, (2, int(odd.sum()))) * 10.0 ** rng.uniform(
+        1, 3.5, int(odd.sum())
+    )
+    return fg, cen, off.astype(np.float32)
+
+
+@pytest.mark.parametrize(("cell", "grid_min"), [(8, 16), (3, 1), (1, 1), (40, 2)])
+def test_grid_assignment_equals_brute_force_in_a_crowd(monkeypatch, cell, grid_min):
+    import survey_engine.kernels.torch_instances as ti
+
+    monkeypatch.setattr(ti, "_CELL", cell)
+    monkeypatch.setattr(ti, "_GRID_MIN", grid_min)
+    maps = [_crowded_maps(70, 90, seed) for seed in (1, 2)]
+    fg, cen, off = (np.stack(m) for m in zip(*maps, strict=True))
+    bad = np.zeros(fg.shape, bool)
+    bad[1, :, 45] = True  # two crowded components in window 1
+    out = _check_batch(fg, cen, off, bad, centre_threshold=0.3)
+    # One parent of hundreds of children per window: the grid is what assigned them.
+    assert int(out.n_children.max()) > 300
+    # The blob windows, with every multi-peak component on the grid, too.
+    blob = [_blob_maps(96, 128, seed) for seed in (11, 12)]
+    _check_batch(*(np.stack(m) for m in zip(*blob, strict=True)), centre_threshold=0.1)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    seed=st.integers(0, 2**31 - 1),
+    shape=st.tuples(st.integers(3, 40), st.integers(3, 40)),
+    density=st.floats(0.02, 0.5),
+    scale=st.sampled_from([0.0, 1.0, 5.0, 100.0, 1e4]),
+    cell=st.integers(1, 12),
+)
+def test_grid_assignment_property(seed, shape, density, scale, cell):
+    # Random peaks, random offsets at every scale (0: every pixel points at itself, with
+    # exact ties; 1e4: far outside the window): the grid's choice is the brute force's.
+    import survey_engine.kernels.torch_instances as ti
+
+    rng = np.random.default_rng(seed)
+    h, w = shape
+    fg = (rng.random((1, h, w)) < 0.9).astype(np.float32)
+    cen = (rng.random((1, h, w)) < density).astype(np.float32) * 0.9
+    off = (rng.normal(0, 1, (1, 2, h, w)) * scale).astype(np.float32)
+    if scale == 1.0:
+        off = np.round(off * 2) / 2  # half-pixel offsets: many exact ties
+    saved = ti._CELL, ti._GRID_MIN
+    try:
+        ti._CELL, ti._GRID_MIN = cell, 1
+        _check_batch(fg, cen, off, minarea=1)
+    finally:
+        ti._CELL, ti._GRID_MIN = saved
+
+
+def test_crowded_window_costs_its_pixels_not_its_pairs():
+    # 512² px, ~26,000 peaks in one component: the brute force would compare ~7e9 pairs
+    # (minutes); the grid compares each pixel with the few peaks near its predicted centre.
+    import time
+
+    fg, cen, off = _crowded_maps(512, 512, 3, wild=0.001)
+    t0 = time.perf_counter()
+    out = extract_instances_batch(*(torch.from_numpy(a[None]) for a in (fg, cen, off)))
+    elapsed = time.perf_counter() - t0
+    assert int(out.n_objects[0]) > 15_000
+    assert int(out.n_children.max()) > 15_000
+    assert elapsed < 30, f"{elapsed:.1f} s for one crowded 512² window"

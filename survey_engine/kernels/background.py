@@ -7,7 +7,7 @@ Three steps, each independent of any tiling (``docs/kernels.md``):
 2. :func:`filter_mesh` — the whole-mosaic mesh: empty cells filled from the nearest valid
    cell, then a median filter;
 3. :func:`interpolate_background` — a bicubic spline through the cell centres, evaluated at
-   absolute mosaic pixel positions, whichever tile asks.
+   absolute mosaic pixel positions, whichever tile asks (:func:`source_mask`: a second pass).
 """
 
 from __future__ import annotations
@@ -18,12 +18,14 @@ import numpy as np
 from scipy import interpolate, ndimage
 
 from . import compiled
+from .detect import matched_filter
 
 __all__ = [
     "BackgroundMesh",
     "filter_mesh",
     "interpolate_background",
     "mesh_statistics",
+    "source_mask",
 ]
 
 #: Minimum fraction of usable pixels for a cell to count.
@@ -227,3 +229,41 @@ def _scipy_spline(mesh: BackgroundMesh):
     ky = min(3, len(yc) - 1)
     kx = min(3, len(xc) - 1)
     return interpolate.RectBivariateSpline(yc, xc, level, kx=ky, ky=kx, s=0), yc, xc
+
+
+def source_mask(image, variance, usable, background, *, thresh: float, minarea: int, dilate: int,
+                kernel=None) -> np.ndarray:  # fmt: skip
+    """Source pixels, and those within ``dilate`` of them, to leave out of the mesh statistics.
+
+    Source pixels: 8-connected groups of ≥ ``minarea`` pixels where, in any band, the
+    matched-filtered ``image − background`` exceeds ``thresh`` × the per-pixel noise (the
+    convention of ``DetectionConfig``). Farther than ``DetectionConfig.pad + minarea + dilate``
+    from a cut window edge, the mask is the whole mosaic's (``docs/kernels.md``).
+
+    Parameters
+    ----------
+    image, variance, background, usable : numpy.ndarray
+        ``(band, H, W)``: the window, its variance, the first-pass background, and the pixels
+        with signal (bool; the others count as no data).
+    thresh, minarea, dilate : float, int, int
+        Threshold (× sqrt ``variance``); smallest group and radius of the dilation disk (pixels).
+    kernel : numpy.ndarray, optional
+        Detection filter (None: none).
+
+    Returns
+    -------
+    numpy.ndarray of bool
+        ``(H, W)``.
+    """
+    k = None if kernel is None else np.asarray(kernel, dtype=np.float64)
+    level = thresh if k is None else thresh * k.sum() / np.sqrt(np.square(k).sum())
+    seeds = np.zeros(np.shape(image)[1:], dtype=bool)
+    for b in range(len(image)):
+        resid = np.where(usable[b], image[b] - background[b], 0.0).astype(np.float32)
+        var = np.where(usable[b], variance[b], np.inf).astype(np.float32)
+        seeds |= matched_filter(resid, var, k) > level
+    labels, n = ndimage.label(seeds, structure=np.ones((3, 3), dtype=bool))
+    seeds &= (np.bincount(labels.ravel(), minlength=n + 1) >= minarea)[labels]
+    if dilate > 0 and seeds.any():  # the disk x² + y² ≤ dilate² (exact Euclidean distances)
+        seeds = ndimage.distance_transform_edt(~seeds) <= dilate
+    return seeds

@@ -25,6 +25,8 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 _EIGHT = np.ones((3, 3), dtype=bool)
+#: Parents of this many pixels and more are deblended alone in a crowded window.
+_GIANT_AREA = 4096
 
 
 @dataclass(frozen=True)
@@ -183,7 +185,9 @@ def detection_image(images, variances, usable, weights: str = "ivar"):
             pos = w > 0
             nb = _band_sum(as_dtype(pos, "int64"), axis)
             chi2 = _band_sum(xp.where(pos, images, 0.0) ** 2 * w, axis)
-            stat = as_dtype(sqrt(chi2), "float64") - sqrt(clip_min(as_dtype(nb, "float64") - 0.5, 0.0))
+            stat = as_dtype(sqrt(chi2), "float64") - sqrt(
+                clip_min(as_dtype(nb, "float64") - 0.5, 0.0)
+            )
             img = xp.where(nb > 0, stat, 0.0)
             var = xp.where(nb > 0, 1.0, INF)
     return as_dtype(img, "float32"), as_dtype(var, "float32")
@@ -242,29 +246,43 @@ def _correlate_torch(x, k: np.ndarray):
     return acc.float()
 
 
-def _extract(data, var, mask, cfg: DetectionConfig, deblend_cont: float):
-    """sep.extract with the project's fixed options; grows sep's limits on overflow."""
+class _Overflow(RuntimeError):
+    """sep's pixel stack or sub-object limit was reached at the limits it was given."""
+
+
+def _extract(data, var, mask, cfg: DetectionConfig, deblend_cont: float, *, grow: bool = True,
+             sublimit: int | None = None):  # fmt: skip
+    """sep.extract with the project's fixed options: ``(objects, segmentation, sub-object limit)``.
+
+    sep's limits are grown ×4 on overflow (``grow``; up to the configured maxima) or the
+    overflow is raised as :class:`_Overflow`. ``sublimit`` starts the sub-object limit
+    higher than configured (a limit learned from an earlier call on the same pixels).
+    """
     # sep allocates (and clears) its whole pixel stack on every call, so the stack is sized to
     # the array: a cutout call with a large stack costs ~30x more than the deblending itself.
     # A stack as large as the array can never overflow, so the growth is bounded by that.
     max_stack = max(int(cfg.max_pixstack), data.size + 16)
     pixstack = max(1024, min(int(cfg.pixstack), data.size + 16))
-    sublimit = int(cfg.sub_object_limit)
+    sublimit = max(int(cfg.sub_object_limit), sublimit or 0)
     saved = (sep.get_extract_pixstack(), sep.get_sub_object_limit())
     try:
         while True:
             sep.set_extract_pixstack(pixstack)
             sep.set_sub_object_limit(sublimit)
             try:
-                return sep.extract(
+                objects, seg = sep.extract(
                     data, cfg.sep_thresh, var=var, mask=mask, minarea=int(cfg.minarea),
                     filter_kernel=cfg.kernel, filter_type="matched",
                     deblend_nthresh=int(cfg.deblend_nthresh), deblend_cont=deblend_cont,
                     clean=False, segmentation_map=True,
                 )  # fmt: skip
+                return objects, seg, sublimit
             except Exception as err:
                 text = str(err)
-                if "pixel buffer full" in text and pixstack < max_stack:
+                full = "pixel buffer full" in text
+                if not grow and (full or "deblending overflow" in text):
+                    raise _Overflow(text) from err
+                if full and pixstack < max_stack:
                     pixstack = min(pixstack * 4, max_stack)
                     logger.info("sep pixel stack full; retrying with %d", pixstack)
                 elif "deblending overflow" in text and sublimit < cfg.max_sub_object_limit:
@@ -275,6 +293,44 @@ def _extract(data, var, mask, cfg: DetectionConfig, deblend_cont: float):
     finally:  # sep's limits are process-global: leave them as the caller had them
         sep.set_extract_pixstack(saved[0])
         sep.set_sub_object_limit(saved[1])
+
+
+def _children_per_parent(seg: np.ndarray, parents: np.ndarray, n_parents: int) -> np.ndarray:
+    """Number of sep objects of ``seg`` on each parent of ``parents`` (index 0: none)."""
+    n_seg = int(seg.max()) if seg.size else 0
+    flat = np.flatnonzero(seg)
+    child_parent = np.zeros(n_seg + 1, dtype=np.int64)
+    child_parent[seg.ravel()[flat]] = parents.ravel()[flat]
+    return np.bincount(child_parent[child_parent > 0], minlength=n_parents + 1)
+
+
+def _parents_in_a_crowd(data, var, mask, cfg: DetectionConfig):
+    """Parents and children counts of a window whose deblending overflowed sep's limits.
+
+    The parents come from a call without deblending (the same footprints: deblending only
+    splits them). Giant parents (``_GIANT_AREA`` px and more) are masked, ``cfg.pad`` px
+    wide, in one deblending call that counts the children of the others; every parent within
+    ``cfg.pad + 1`` px of the masked zone (whose filtered pixels the mask could change) and
+    the giants are marked blended, to be deblended each in a call of its own. So a giant is deblended once, not once
+    in the window and again in its cutout, and the result is the plain path's.
+    """
+    plain = dataclasses.replace(cfg, deblend_nthresh=1)
+    _, seg0, _ = _extract(data, var, mask, plain, 1.0)
+    parents, n_parents = ndimage.label(seg0 > 0, structure=_EIGHT)
+    area = np.bincount(parents.ravel(), minlength=n_parents + 1)
+    area[0] = 0
+    giant = area >= _GIANT_AREA
+    zone = ndimage.binary_dilation(giant[parents], _EIGHT, iterations=cfg.pad)
+    near = np.zeros(n_parents + 1, dtype=bool)
+    near[parents[ndimage.binary_dilation(zone, _EIGHT, iterations=cfg.pad + 1)]] = True
+    near[0] = False
+    logger.info("crowded window: %d giant parent(s), %d parent(s) beside them deblended alone",
+                int(giant.sum()), int(near.sum()))  # fmt: skip
+    masked = np.ascontiguousarray(mask | zone, dtype=np.uint8)
+    _, seg, sublimit = _extract(data, var, masked, cfg, cfg.deblend_cont)
+    kids = _children_per_parent(seg, parents, n_parents)
+    kids[near] = np.maximum(kids[near], 2)
+    return parents, n_parents, kids, sublimit
 
 
 def detect_sources(
@@ -301,29 +357,27 @@ def detect_sources(
     var = np.ascontiguousarray(np.where(mask, 1.0, variance), dtype=np.float32)
     mask = np.ascontiguousarray(mask, dtype=np.uint8)
     overflow = False
+    sublimit = None
     try:
-        _, seg = _extract(data, var, mask, cfg, cfg.deblend_cont)
-    except Exception as err:
-        # Deblending overflow (too many sub-objects) or pixel stack beyond the maximum:
-        # fall back to no deblending, then flag.
-        logger.warning("sep failed with deblending (%s); retrying without deblending", err)
-        overflow = True
-        plain = dataclasses.replace(
-            cfg, deblend_nthresh=1, sub_object_limit=1024, max_sub_object_limit=1024
-        )
-        _, seg = _extract(data, var, mask, plain, 1.0)
-
-    parents, n_parents = ndimage.label(seg > 0, structure=_EIGHT)
-    n_seg = int(seg.max()) if seg.size else 0
-    if n_seg == 0:
+        _, seg, _ = _extract(data, var, mask, cfg, cfg.deblend_cont, grow=False)
+        parents, n_parents = ndimage.label(seg > 0, structure=_EIGHT)
+        kids = _children_per_parent(seg, parents, n_parents)
+    except _Overflow:
+        try:
+            parents, n_parents, kids, sublimit = _parents_in_a_crowd(data, var, mask, cfg)
+        except Exception as err:
+            # Limits beyond the maxima even so: no deblending, flagged.
+            logger.warning("sep failed with deblending (%s); retrying without deblending", err)
+            overflow = True
+            plain = dataclasses.replace(
+                cfg, deblend_nthresh=1, sub_object_limit=1024, max_sub_object_limit=1024
+            )
+            _, seg, _ = _extract(data, var, mask, plain, 1.0)
+            parents, n_parents = ndimage.label(seg > 0, structure=_EIGHT)
+            kids = _children_per_parent(seg, parents, n_parents)
+    if n_parents == 0:
         none = np.zeros(0, np.int32)
-        return DetectionResult(np.zeros(seg.shape, np.int32), none, parents, none, overflow)
-
-    # Parent of each sep child (0 for labels sep did not use), and children per parent.
-    flat = np.flatnonzero(seg)
-    child_parent = np.zeros(n_seg + 1, dtype=np.int64)
-    child_parent[seg.ravel()[flat]] = parents.ravel()[flat]
-    kids = np.bincount(child_parent[child_parent > 0], minlength=n_parents + 1)
+        return DetectionResult(np.zeros(data.shape, np.int32), none, parents, none, overflow)
 
     # Isolated parents keep their single child as found, relabelled 1..n in parent order
     # (a window-independent order is not required: final IDs come from peak positions).
@@ -349,7 +403,10 @@ def detect_sources(
             in_parent = parents[cut] == p
             try:
                 cutouts = (np.ascontiguousarray(a[cut]) for a in (data, var, mask))
-                _, cseg = _extract(*cutouts, cfg, cfg.deblend_cont)
+                # A giant starts at the largest sub-object limit: a failed try costs about
+                # as much as the deblending itself.
+                start = cfg.max_sub_object_limit if in_parent.sum() >= _GIANT_AREA else sublimit
+                _, cseg, _ = _extract(*cutouts, cfg, cfg.deblend_cont, sublimit=start)
             except Exception as err:
                 logger.warning("deblending overflow in a parent of %d px: %s", in_parent.sum(), err)
                 overflow = True

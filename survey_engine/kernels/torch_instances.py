@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -25,6 +26,13 @@ __all__ = ["InstanceBatch", "connected_components", "extract_instances_batch"]
 _MAX_PAIRS = 1 << 22
 #: Merging rounds between two convergence checks (host synchronisations).
 _CHECK_EVERY = 4
+#: Side (px) of the cells of the peak grid used by the pixel-to-peak assignment.
+_CELL = 2
+#: Rings of cells searched around a pixel's predicted centre, in turn, before the few
+#: pixels still unresolved are compared with every peak of their component.
+_RINGS = (1, 4, 16, 64)
+#: Components with more peaks than this use the grid; smaller ones compare every pair.
+_GRID_MIN = 16
 
 
 @dataclass
@@ -231,6 +239,166 @@ def _per_window_rank(selected: torch.Tensor, window: torch.Tensor, nb: int):
     return torch.where(selected, rank, torch.zeros_like(rank)), counts
 
 
+class _Pixels(NamedTuple):
+    """Pixels to assign: position, predicted offset to their centre, component, window."""
+
+    y: torch.Tensor
+    x: torch.Tensor
+    dy: torch.Tensor
+    dx: torch.Tensor
+    comp: torch.Tensor
+    win: torch.Tensor
+
+    def take(self, idx: torch.Tensor) -> _Pixels:
+        return _Pixels(*(t[idx] for t in self))
+
+
+class _Peaks(NamedTuple):
+    """Peaks sorted by (component, raster position): position in the window, component,
+    window; ``first`` and ``count``: per component, its first peak and number of peaks."""
+
+    y: torch.Tensor
+    x: torch.Tensor
+    comp: torch.Tensor
+    first: torch.Tensor
+    count: torch.Tensor
+    win: torch.Tensor
+
+
+def _distance2(q: _Pixels, pk: _Peaks, own: torch.Tensor, cand: torch.Tensor) -> torch.Tensor:
+    """Squared distance from each pixel's predicted centre to a candidate peak.
+
+    Exact integer differences first, then the float offset: the same bits whatever the window
+    or the set of candidates. Peaks of another component are at infinity.
+    """
+    ey = (pk.y[cand] - q.y[own]).float() - q.dy[own]
+    ex = (pk.x[cand] - q.x[own]).float() - q.dx[own]
+    d2 = ey * ey + ex * ex
+    return torch.where(pk.comp[cand] == q.comp[own], d2, math.inf)
+
+
+def _nearest(q: _Pixels, pk: _Peaks, rows: tuple, order: torch.Tensor | None):
+    """The nearest candidate peak of each pixel: ``(d2 min, smallest peak index attaining it)``.
+
+    ``rows = (owner, start, count)``: row ``j`` offers pixel ``owner[j]`` (nondecreasing) the
+    candidates ``order[start[j] : start[j] + count[j]]`` (``order`` None: the identity). The
+    (row, candidate) pairs are expanded in chunks of at most ``_MAX_PAIRS``; a pixel without
+    candidates gets ``inf`` and the index ``len(pk.y)``.
+    """
+    owner, start, count = rows
+    n, dev = q.y.numel(), q.y.device
+    dmin = torch.full((n,), math.inf, device=dev)
+    best = torch.full((n,), pk.y.numel(), dtype=torch.int64, device=dev)
+    csum = torch.cumsum(count, 0)
+    a, n_rows = 0, count.numel()
+    while a < n_rows:
+        base = int(csum[a - 1]) if a else 0
+        b = max(int(torch.searchsorted(csum, base + _MAX_PAIRS, right=True)), a + 1)
+        cnt = count[a:b]
+        row = torch.repeat_interleave(torch.arange(a, b, device=dev), cnt)
+        within = torch.arange(row.numel(), device=dev) - torch.repeat_interleave(
+            torch.cumsum(cnt, 0) - cnt, cnt
+        )
+        cand = start[row] + within
+        if order is not None:
+            cand = order[cand]
+        own = owner[row]
+        d2 = _distance2(q, pk, own, cand)
+        o0 = int(owner[a])
+        span = int(owner[b - 1]) - o0 + 1
+        local = own - o0
+        ld = torch.full((span,), math.inf, device=dev).scatter_reduce(0, local, d2, "amin")
+        is_min = d2 <= ld[local]
+        lb = torch.full((span,), pk.y.numel(), dtype=torch.int64, device=dev).scatter_reduce(
+            0, local[is_min], cand[is_min], "amin"
+        )
+        cd, cb = dmin[o0 : o0 + span], best[o0 : o0 + span]
+        best[o0 : o0 + span] = torch.where(
+            ld < cd, lb, torch.where(ld == cd, torch.minimum(cb, lb), cb)
+        )
+        dmin[o0 : o0 + span] = torch.minimum(cd, ld)
+        a = b
+    return dmin, best
+
+
+def _every_peak(q: _Pixels, pk: _Peaks) -> torch.Tensor:
+    """Nearest peak of each pixel among all the peaks of its component (brute force)."""
+    n = q.y.numel()
+    rows = (torch.arange(n, device=q.y.device), pk.first[q.comp], pk.count[q.comp])
+    return _nearest(q, pk, rows, None)[1]
+
+
+def _grid_rows(q: _Pixels, cells: tuple, ring: int, nb: int, h: int, w: int):
+    """Candidate rows of the cells within ``ring`` cells of each pixel's predicted centre.
+
+    One row per cell row: the cells of one cell row are consecutive in the sorted peak order.
+    """
+    cstart, ccount = cells
+    ncy, ncx = -(-h // _CELL), -(-w // _CELL)
+    dev = q.y.device
+    qy = (q.y.double() + q.dy.double()).nan_to_num(nan=-1e9).clamp(-1e9, 1e9)
+    qx = (q.x.double() + q.dx.double()).nan_to_num(nan=-1e9).clamp(-1e9, 1e9)
+    cy0 = torch.floor(qy / _CELL).long()
+    cx0 = torch.floor(qx / _CELL).long()
+    lo, hi = (cx0 - ring).clamp(0, ncx - 1), (cx0 + ring).clamp(0, ncx - 1)
+    x_ok = (cx0 + ring >= 0) & (cx0 - ring <= ncx - 1)
+    cy = cy0[:, None] + torch.arange(-ring, ring + 1, device=dev)
+    ok = x_ok[:, None] & (cy >= 0) & (cy < ncy)
+    row0 = q.win[:, None] * (ncy * ncx) + cy.clamp(0, ncy - 1) * ncx
+    k_lo, k_hi = row0 + lo[:, None], row0 + hi[:, None]
+    start = cstart[k_lo]
+    count = torch.where(ok, cstart[k_hi] + ccount[k_hi] - start, 0)
+    owner = torch.arange(q.y.numel(), device=dev).repeat_interleave(2 * ring + 1)
+    return owner, start.reshape(-1), count.reshape(-1)
+
+
+def _assign(q: _Pixels, pk: _Peaks, nb: int, h: int, w: int) -> torch.Tensor:
+    """Index of the peak of each pixel: the nearest to its predicted centre, ties to the first.
+
+    Components of at most ``_GRID_MIN`` peaks compare every (pixel, peak) pair. Larger ones
+    look up the peaks in a grid of ``_CELL``-px cells: a ring of ``r`` cells around the
+    predicted centre holds every peak within ``r * _CELL`` px of it, so a nearest peak found
+    within that radius is the nearest of all (a margin covers float32 rounding), and a
+    pixel costs the peaks near it, not the peaks of its blend. Pixels with no peak that
+    near try the next ring, then every peak of their component. The result is the brute
+    force's, bit for bit (``docs/kernels.md``).
+    """
+    dev = q.y.device
+    out = torch.empty(q.y.numel(), dtype=torch.int64, device=dev)
+    big = pk.count[q.comp] > _GRID_MIN
+    small = torch.nonzero(~big).reshape(-1)
+    if small.numel():
+        out[small] = _every_peak(q.take(small), pk)
+    todo = torch.nonzero(big).reshape(-1)
+    if todo.numel() == 0:
+        return out
+    ncy, ncx = -(-h // _CELL), -(-w // _CELL)
+    # Peaks of the gridded components by cell (window, cell row, cell column), stable.
+    on_grid = torch.nonzero(pk.count[pk.comp] > _GRID_MIN).reshape(-1)
+    key = (pk.win[on_grid] * ncy + torch.div(pk.y[on_grid], _CELL, rounding_mode="floor")) * ncx
+    key += torch.div(pk.x[on_grid], _CELL, rounding_mode="floor")
+    sort = torch.argsort(key, stable=True)
+    order = on_grid[sort]
+    ccount = torch.bincount(key, minlength=nb * ncy * ncx)
+    cells = (torch.cumsum(ccount, 0) - ccount, ccount)
+    for ring in _RINGS:
+        chunk = max(1, _MAX_PAIRS // (2 * ring + 1))
+        still = []
+        for c0 in range(0, todo.numel(), chunk):
+            idx = todo[c0 : c0 + chunk]
+            sub = q.take(idx)
+            d2, best = _nearest(sub, pk, _grid_rows(sub, cells, ring, nb, h, w), order)
+            radius = float(ring * _CELL)
+            found = d2 <= radius * radius * (1 - 1e-5)
+            out[idx[found]] = best[found]
+            still.append(idx[~found])
+        todo = torch.cat(still)
+        if todo.numel() == 0:
+            return out
+    out[todo] = _every_peak(q.take(todo), pk)
+    return out
+
+
 def extract_instances_batch(
     foreground: torch.Tensor, centre: torch.Tensor, offset: torch.Tensor,
     bad: torch.Tensor | None = None, *, foreground_threshold: float = 0.5,
@@ -307,38 +475,15 @@ def extract_instances_batch(
     pc = comp[in_kept]
     assign = first[pc].clone()  # single-peak components: their peak
     multi = npk[pc] > 1
-    mp = pix[multi]
-    if mp.numel():
-        mc = pc[multi]
+    if bool(multi.any()):
+        mp, mc = pix[multi], pc[multi]
         mp_in = mp % hw
-        py, px = torch.div(mp_in, w, rounding_mode="floor"), mp_in % w
         at = torch.div(mp, hw, rounding_mode="floor") * (2 * hw) + mp_in
-        dy, dx = off_flat[at], off_flat[at + hw]
-        counts = npk[mc]
-        best = torch.empty(mp.numel(), dtype=torch.int64, device=dev)
-        # Chunks of pixels with a bounded number of (pixel, candidate peak) pairs.
-        csum = torch.cumsum(counts, 0)
-        a = 0
-        while a < mp.numel():
-            base = int(csum[a - 1]) if a else 0
-            b = max(int(torch.searchsorted(csum, base + _MAX_PAIRS, right=True)), a + 1)
-            cnt = counts[a:b]
-            owner = torch.repeat_interleave(torch.arange(a, b, device=dev), cnt)
-            within = torch.arange(owner.numel(), device=dev) - torch.repeat_interleave(
-                torch.cumsum(cnt, 0) - cnt, cnt
-            )
-            cand = first[mc[owner]] + within
-            # Exact integer differences first, then the float offset (as the reference).
-            ey = (pk_y[cand] - py[owner]).float() - dy[owner]
-            ex = (pk_x[cand] - px[owner]).float() - dx[owner]
-            d2 = ey * ey + ex * ex
-            local = owner - a
-            dmin = torch.full((b - a,), math.inf, device=dev).scatter_reduce(0, local, d2, "amin")
-            is_min = d2 <= dmin[local]
-            big = torch.full((b - a,), n_pk, dtype=torch.int64, device=dev)
-            best[a:b] = big.scatter_reduce(0, local[is_min], cand[is_min], "amin")
-            a = b
-        assign[multi] = best
+        q = _Pixels(torch.div(mp_in, w, rounding_mode="floor"), mp_in % w, off_flat[at],
+                    off_flat[at + hw], mc, torch.div(mp, hw, rounding_mode="floor"))  # fmt: skip
+        assign[multi] = _assign(
+            q, _Peaks(pk_y, pk_x, pk_comp, first, npk, comp_win[pk_comp]), nb, h, w
+        )
 
     # Objects = peaks with at least one pixel, numbered per window in (component, raster)
     # order; parents = kept components numbered per window.

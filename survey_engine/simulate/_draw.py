@@ -8,6 +8,7 @@ never on the workers. Determinism, stamp sizes and the truth segmentation: ``doc
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from dataclasses import dataclass
@@ -31,6 +32,9 @@ EDGE_SIGMA = 0.05  #: PSF wing level at the stamp edge, in sky σ per pixel.
 LOST_FRACTION = 1e-3  #: Flux allowed outside the stamp: a fraction of the flux ...
 LOST_NOISE = 0.2  #: ... or this fraction of the point-source noise, whichever is larger.
 MAX_FFT_SIZE = 16384  #: GalSim FFT size limit (the default 8192 fails for the largest bulges).
+FAST_PHASES = 8  #: Fast path of cluster stars (docs/simulation.md): PSF phases per pixel and axis,
+FAST_HALF = 64  #: ... for stamps up to this half size ...
+FAST_ERROR = 2e-6  #: ... and fluxes whose interpolation error bound (per unit flux) ≤ 0.05 sky σ.
 
 _NOISE_TAG = 0x401CE
 
@@ -66,7 +70,7 @@ def plan_dtype(n_bands: int) -> np.dtype:
     """Structured dtype of the per-object drawing plan."""
     return np.dtype([
         ("id", "i8"), ("x", "f8"), ("y", "f8"), ("cx", "i8"), ("cy", "i8"), ("half", "i8"),
-        ("star", "?"), ("flux", "f8", (n_bands,)), *((name, "f8") for name in _SHAPE_FIELDS),
+        ("star", "?"), ("fast", "?"), ("flux", "f8", (n_bands,)), *((name, "f8") for name in _SHAPE_FIELDS),
     ])  # fmt: skip
 
 
@@ -99,6 +103,10 @@ def object_plan(truth, bands: tuple[BandSetup, ...], pixel_scale: float) -> np.n
     for i, b in enumerate(bands):
         plan["flux"][:, i] = _values(truth[f"{b.name}_flux"])
     plan["half"] = stamp_half_sizes(plan, bands, pixel_scale)
+    if "population" in truth.colnames:  # cluster stars faint enough for the fast path
+        sky = np.array([b.sky_sigma for b in bands])
+        plan["fast"] = (plan["star"] & (np.asarray(truth["population"]) == "cluster") & (plan["half"] <= FAST_HALF)
+                        & np.all(plan["flux"] * FAST_ERROR <= EDGE_SIGMA * sky, axis=1))  # fmt: skip
     return plan[np.argsort(plan["id"], kind="stable")]
 
 
@@ -192,6 +200,39 @@ def draw_stamps(obj, psfs, pixel_scale: float, gsparams) -> np.ndarray:
     return out
 
 
+@functools.lru_cache(maxsize=8)
+def _psf_phases(kind: str, fwhm: float, pixel_scale: float) -> np.ndarray:
+    """GalSim unit-flux PSF images ``[j, i]`` at offsets ``(-0.5 + (i - 1) / FAST_PHASES, same j)``."""
+    import galsim
+
+    psf, h = make_psf(kind, fwhm, _gsparams()), FAST_HALF
+    phases = -0.5 + np.arange(-1, FAST_PHASES + 2) / FAST_PHASES
+    out = np.empty((phases.size, phases.size, 2 * h + 1, 2 * h + 1))
+    for j, py in enumerate(phases):
+        for i, px in enumerate(phases):
+            img = galsim.ImageD(galsim.BoundsI(-h, h, -h, h), scale=pixel_scale)
+            out[j, i] = psf.drawImage(image=img, offset=galsim.PositionD(px, py)).array
+    return out
+
+
+def _fast_star(obj, cubes: list[np.ndarray]) -> np.ndarray:
+    """:func:`draw_stamps` of a star, Catmull-Rom interpolated in :func:`_psf_phases` of each band."""
+    h, ks, ws = int(obj["half"]), [], []
+    for d in (float(obj["y"] - obj["cy"]), float(obj["x"] - obj["cx"])):
+        f = (d + 0.5) * FAST_PHASES
+        k = min(max(math.floor(f), 0), FAST_PHASES - 1)
+        t = f - k
+        ks.append(k)
+        ws.append([(-t**3 + 2 * t**2 - t) / 2, (3 * t**3 - 5 * t**2 + 2) / 2,
+                   (-3 * t**3 + 4 * t**2 + t) / 2, (t**3 - t**2) / 2])  # fmt: skip
+    w, crop = np.outer(*ws), slice(FAST_HALF - h, FAST_HALF + h + 1)
+    out = np.empty((len(cubes), 2 * h + 1, 2 * h + 1))
+    for i, cube in enumerate(cubes):
+        sub = cube[ks[0] : ks[0] + 4, ks[1] : ks[1] + 4, crop, crop]
+        out[i] = float(obj["flux"][i]) * np.einsum("ji,jiab->ab", w, sub)
+    return out
+
+
 def render_block(objects: np.ndarray, y0: int, y1: int, x0: int, x1: int, config: DrawConfig):
     """Noiseless model and truth segmentation of one block.
 
@@ -218,6 +259,9 @@ def render_block(objects: np.ndarray, y0: int, y1: int, x0: int, x1: int, config
         best = np.full((h, w), float(config.seg_threshold))
     gsparams = _gsparams()
     psfs = [make_psf(config.psf, b.psf_fwhm, gsparams) for b in config.bands]
+    cubes = None
+    if len(objects) and objects["fast"].any():
+        cubes = [_psf_phases(config.psf, b.psf_fwhm, config.pixel_scale) for b in config.bands]
     for obj in objects:
         half = int(obj["half"])
         sy0, sx0 = int(obj["cy"]) - half, int(obj["cx"]) - half
@@ -225,7 +269,10 @@ def render_block(objects: np.ndarray, y0: int, y1: int, x0: int, x1: int, config
         xa, xb = max(sx0, x0), min(sx0 + 2 * half + 1, x1)
         if ya >= yb or xa >= xb:
             continue
-        stamps = draw_stamps(obj, psfs, config.pixel_scale, gsparams)
+        if obj["fast"]:
+            stamps = _fast_star(obj, cubes)
+        else:
+            stamps = draw_stamps(obj, psfs, config.pixel_scale, gsparams)
         dst = (slice(ya - y0, yb - y0), slice(xa - x0, xb - x0))
         src = (slice(ya - sy0, yb - sy0), slice(xa - sx0, xb - sx0))
         model[(slice(None), *dst)] += stamps[(slice(None), *src)]

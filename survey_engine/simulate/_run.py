@@ -19,6 +19,7 @@ from ..mosaic import Mosaic, _raise_if, create_mosaic, open_mosaic
 from ..parallel import dask_client, map_tasks
 from ._artefacts import plan_artefacts
 from ._bands import MOFFAT_BETA, PSF_KINDS, ZERO_POINT, band_setups, parse_bands
+from ._cluster import KingCluster
 from ._draw import _SHAPE_FIELDS, DrawConfig, _values, draw_block, object_plan, select_objects
 from ._scene import BRIGHT_LIMIT, DEFAULT_CENTER, make_scene, make_wcs, write_truth
 
@@ -61,7 +62,7 @@ def simulate(
     pixel_scale: float = 0.2, psf: str = "kolmogorov", psf_fwhm: float = 0.7,
     chunks: int | tuple[int, int] = 1024, masks: bool = False, bright_stars: int = 0,
     truth_segmentation: bool = True, density: float = 1.0, max_mag: float = 27.0,
-    scene: Table | None = None, workers: int | None = None, scheduler: str | None = None,
+    cluster: KingCluster | Mapping[str, Any] | None = None, scene: Table | None = None, workers: int | None = None, scheduler: str | None = None,
     client: Any | None = None, progress: bool = True, overwrite: bool = False,
 ) -> SimulationResult:  # fmt: skip
     """Simulate an LSST-like multi-band mosaic with GalSim and write it as a mosaic store.
@@ -99,6 +100,9 @@ def simulate(
         Number of extra saturating stars (r 14–16).
     density, max_mag : float
         Multiplies the galaxy and star number counts; faint limit (r mag) of the population.
+    cluster : KingCluster or mapping, optional
+        Add a King-profile globular cluster of stars (a crowded field), e.g.
+        ``KingCluster(20000, core_radius=30, tidal_radius=600)`` or the same as a dict.
     scene : astropy.table.Table, optional
         Draw this truth table (e.g. an edited :func:`make_scene`) instead of a random
         population; needs ``id``, ``x``, ``y``, ``kind``, ``<band>_flux``, ``disk_hlr``,
@@ -127,6 +131,12 @@ def simulate(
     max_mag = float(max_mag)
     msg = f"max_mag must be a finite magnitude fainter than {BRIGHT_LIMIT}, got {max_mag!r}"
     _raise_if(not math.isfinite(max_mag) or max_mag <= BRIGHT_LIMIT, msg)
+    if isinstance(cluster, Mapping):
+        fields = tuple(KingCluster.__dataclass_fields__)
+        _raise_if("n_stars" not in cluster or not set(cluster) <= set(fields), f"cluster mapping needs n_stars and takes only {', '.join(fields)}; got {sorted(cluster)}")  # fmt: skip
+        cluster = KingCluster(**cluster)
+    _raise_if(cluster is not None and not isinstance(cluster, KingCluster), f"cluster must be a KingCluster or a mapping of its fields, got {cluster!r}")  # fmt: skip
+    _raise_if(cluster is not None and scene is not None, "give cluster or scene, not both")
     path = _local_abspath(path)
     truth_path = None if truth is None else _local_abspath(truth)
     for target in (path, truth_path):
@@ -138,7 +148,8 @@ def simulate(
     wcs = make_wcs(ny, nx, pixel_scale=pixel_scale)
     if scene is None:
         table = make_scene(ny, nx, bands=bands, seed=seed, pixel_scale=pixel_scale, density=density,
-                           max_mag=max_mag, bright_stars=bright_stars, wcs=wcs)  # fmt: skip
+                           max_mag=max_mag, bright_stars=bright_stars, cluster=cluster,
+                           wcs=wcs)  # fmt: skip
     else:
         table = _check_scene(scene, bands, wcs)
     seg_threshold = math.sqrt(sum(b.sky_sigma**2 for b in setups)) if truth_segmentation else None
@@ -155,7 +166,7 @@ def simulate(
             "density": density, "max_mag": max_mag, "bright_stars": bright_stars,
             "masks": bool(masks), "truth_segmentation_threshold": seg_threshold,
             "truth_segmentation_image": "noiseless model summed over the bands",
-            "center_radec": list(DEFAULT_CENTER),
+            "center_radec": list(DEFAULT_CENTER), "cluster": table.meta.get("cluster"),
         },
     }  # fmt: skip
     mosaic = create_mosaic(

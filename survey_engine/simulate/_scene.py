@@ -8,6 +8,7 @@ are stored as Parquet with their units and column descriptions (:func:`write_tru
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import os
@@ -19,6 +20,7 @@ from astropy.table import QTable
 from astropy.wcs import WCS
 
 from ._bands import LSST_BANDS, ZERO_POINT, parse_bands
+from ._cluster import KingCluster
 
 __all__ = [
     "BULGE_TRUNCATION", "DEFAULT_CENTER", "GALAXY_COUNTS", "STAR_COUNTS", "expected_counts",
@@ -37,7 +39,7 @@ EXP_HLR_OVER_SCALE = 1.6783469900166612  #: Exponential half-light radius over s
 MAX_ELLIPTICITY = 0.7  #: Largest |e| of a galaxy.
 
 _TAG = 0x5CE7E  # stream tag of the scene generator
-_GALAXIES, _STARS, _BRIGHT = 1, 2, 3
+_GALAXIES, _STARS, _BRIGHT, _CLUSTER = 1, 2, 3, 4
 #: Per-object shape columns of the truth table (zero for stars), in table order.
 _SHAPE_COLUMNS = ("half_light_radius", "bulge_fraction", "disk_hlr", "bulge_hlr", "e1", "e2")
 
@@ -205,7 +207,7 @@ def _rng(seed: int, component: int) -> np.random.Generator:
 def make_scene(
     ny: int, nx: int, *, bands: str | Sequence[str] = ("g", "r", "i"), seed: int = 0,
     pixel_scale: float = 0.2, density: float = 1.0, max_mag: float = 27.0, bright_stars: int = 0,
-    wcs: WCS | None = None,
+    cluster: KingCluster | None = None, wcs: WCS | None = None,
 ) -> QTable:  # fmt: skip
     """Draw the object population of a field: the truth table, without any pixels.
 
@@ -224,13 +226,15 @@ def make_scene(
         of galaxies and stars.
     bright_stars : int
         Number of extra saturating stars (r 14–16).
+    cluster : KingCluster, optional
+        Add the stars of a globular cluster (``population`` = ``"cluster"``), to ``max_mag``.
     wcs : astropy.wcs.WCS, optional
         For ``ra``/``dec``; :func:`make_wcs` of the field by default.
 
     Returns
     -------
     astropy.table.QTable
-        One row per object, ``id`` 1…N (galaxies, then stars, then bright stars),
+        One row per object, ``id`` 1…N (galaxies, stars, bright stars, cluster stars),
         with the columns described in :data:`TRUTH_COLUMNS`.
     """
     bands = parse_bands(bands)
@@ -247,15 +251,23 @@ def make_scene(
     stars = _stars(rng, _sample_mags(rng, n, STAR_COUNTS[1], BRIGHT_LIMIT, max_mag))
     rng = _rng(seed, _BRIGHT)
     bright = _stars(rng, rng.uniform(*BRIGHT_STAR_RANGE, int(bright_stars)))
+    king = KingCluster(0) if cluster is None else cluster  # positions: a stream of their own
+    crowd = king.sample(_rng(seed, _CLUSTER), _rng(seed, 16 * _CLUSTER + 1), ny, nx, max_mag)
+    crowd.update(dict.fromkeys(_SHAPE_COLUMNS, np.zeros(crowd["r"].size)))
 
     rows = []
-    parts = (("galaxy", _GALAXIES, galaxies), ("star", _STARS, stars), ("star", _BRIGHT, bright))
+    parts = (("galaxy", _GALAXIES, galaxies), ("star", _STARS, stars), ("star", _BRIGHT, bright),
+             ("star", _CLUSTER, crowd))  # fmt: skip
     for kind, component, props in parts:
         m = props["r"].size
-        prng = _rng(seed, 16 * component + 1)  # positions: a stream of their own
-        x, y = prng.uniform(-0.5, nx - 0.5, m), prng.uniform(-0.5, ny - 0.5, m)
+        if component == _CLUSTER:
+            x, y = props["x"], props["y"]
+        else:
+            prng = _rng(seed, 16 * component + 1)  # positions: a stream of their own
+            x, y = prng.uniform(-0.5, nx - 0.5, m), prng.uniform(-0.5, ny - 0.5, m)
         mags = _band_mags(props["r"], props["colours"])
-        row = {"x": x, "y": y, "kind": np.full(m, kind)}
+        population = np.full(m, "cluster" if component == _CLUSTER else "field")
+        row = {"x": x, "y": y, "kind": np.full(m, kind), "population": population}
         for b in bands:
             row[f"{b}_flux"] = 10.0 ** (-0.4 * (mags[b] - ZERO_POINT))
             row[f"{b}_mag"] = mags[b]
@@ -269,6 +281,7 @@ def make_scene(
     table["x"], table["y"] = data["x"] * u.pix, data["y"] * u.pix
     table["ra"], table["dec"] = np.asarray(ra, float) * u.deg, np.asarray(dec, float) * u.deg
     table["kind"] = data["kind"].astype("<U6")
+    table["population"] = data["population"].astype("<U7")
     for b in bands:
         table[f"{b}_flux"], table[f"{b}_mag"] = data[f"{b}_flux"] * u.ct, data[f"{b}_mag"] * u.mag
     for key in _SHAPE_COLUMNS:  # radii in arcsec, the bulge fraction and e1, e2 without unit
@@ -279,6 +292,7 @@ def make_scene(
         "survey_engine": "truth", "seed": int(seed), "shape": [ny, nx], "bands": list(bands),
         "zero_points": dict.fromkeys(bands, ZERO_POINT), "pixel_scale_arcsec": float(pixel_scale),
         "density": float(density), "max_mag": float(max_mag), "bright_stars": int(bright_stars),
+        "cluster": None if cluster is None else dataclasses.asdict(cluster),
     })  # fmt: skip
     return table
 
@@ -291,6 +305,7 @@ TRUTH_COLUMNS = {
     "ra": "right ascension of the centre (ICRS), from the mosaic WCS",
     "dec": "declination of the centre (ICRS), from the mosaic WCS",
     "kind": "'galaxy' or 'star'",
+    "population": "'field' or 'cluster' (a star of the KingCluster of simulate(cluster=...))",
     "<band>_flux": "total flux in image units (count)",
     "<band>_mag": "total AB magnitude",
     "half_light_radius": "circularised half-light radius before the PSF (0 for stars)",
