@@ -13,6 +13,7 @@ sizes, stage timing and device memory. :func:`make_backend` picks one by name.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import time
 from collections.abc import Sequence
@@ -23,7 +24,7 @@ from .config import ExecutionConfig, ScienceConfig
 from .flags import UNUSABLE, MaskBit
 from .kernels.background import BackgroundMesh, interpolate_background, mesh_statistics
 from .kernels.detect import matched_filter
-from .kernels.measure import Measurements, measure_sources, measurements_from
+from .kernels.measure import Measurements, matched_filter_at, measure_sources, measurements_from
 from .mosaic import MosaicRegion
 from .tiling import Box
 
@@ -146,7 +147,7 @@ class NumpyBackend(_Backend):
                 det.det[b], det.var[b], det.bad[b], px.images[b], px.variances[b], px.masks[b],
                 res.labels, bands, science.measure, usable_bits=UNUSABLE,
                 sat_bit=int(MaskBit.SAT), origin=(w.y0, w.x0),
-                filtered=matched_filter(det.det[b], det.var[b], science.detection.kernel),
+                filtered=functools.partial(matched_filter_at, det.det[b], det.var[b], science.detection.kernel),
             ))  # fmt: skip
         return out
 

@@ -132,6 +132,7 @@ class CatalogLayout:
         """An Arrow table of ``rows`` (None: an empty catalog) in schema order."""
         return to_arrow(empty_columns(self.specs) if rows is None else rows, self.specs, meta)
 
+
 _META_KEY = b"survey_engine"
 
 
@@ -162,9 +163,56 @@ def to_arrow(columns: Mapping[str, np.ndarray], specs: list[ColumnSpec],
         if s.unit:
             fmeta[b"unit"] = s.unit.encode()
         fields.append(pa.field(s.name, pa.from_numpy_dtype(np.dtype(s.dtype)), metadata=fmeta))
-        arrays.append(pa.array(np.asarray(columns[s.name]).astype(s.dtype, copy=False)))
+        arrays.append(_arrow_array(np.asarray(columns[s.name]).astype(s.dtype, copy=False)))
     schema_meta = {} if meta is None else {_META_KEY: json.dumps(meta, default=str).encode()}
     return pa.Table.from_arrays(arrays, schema=pa.schema(fields, metadata=schema_meta))
+
+
+def _arrow_array(values: np.ndarray) -> pa.Array:
+    """A numeric numpy array as an Arrow array (no copy, no nulls; NaN stays NaN).
+
+    Built from its buffer: ``pa.array`` would import pandas where it is installed (to test
+    for categoricals), ~0.5-1 s at every worker's first part.
+    """
+    if values.dtype.kind not in "iuf" or values.ndim != 1:
+        return pa.array(values)
+    values = np.ascontiguousarray(values)
+    return pa.Array.from_buffers(
+        pa.from_numpy_dtype(values.dtype), len(values), [None, pa.py_buffer(values)]
+    )
+
+
+#: Arrow types read back as numpy arrays from their buffers.
+_NUMPY_TYPES = {
+    pa.from_numpy_dtype(np.dtype(d)): np.dtype(d) for d in ("i4", "i8", "u4", "u8", "f4", "f8")
+}
+
+
+def numpy_column(col: pa.ChunkedArray) -> np.ndarray:
+    """A numeric column without nulls as a numpy array, from its buffers.
+
+    ``to_numpy`` would import pandas where it is installed (~0.8 s in the driver); other
+    columns go through it.
+    """
+    dtype = _NUMPY_TYPES.get(col.type)
+    if dtype is None or col.null_count:
+        return col.to_numpy()
+    parts = [
+        np.frombuffer(c.buffers()[1], dtype, len(c), c.offset * dtype.itemsize) for c in col.chunks
+    ]
+    return np.concatenate(parts) if parts else np.zeros(0, dtype)
+
+
+def sorted_by(table: pa.Table, key: str) -> pa.Table:
+    """``table.sort_by(key)``, stable, by numpy for numeric columns without nulls.
+
+    Saves importing ``pyarrow.compute`` (~0.1-0.3 s) in the driver; other tables go to Arrow.
+    """
+    if any(c.type not in _NUMPY_TYPES or c.null_count for c in table.columns):
+        return table.sort_by(key)
+    order = np.argsort(numpy_column(table.column(key)), kind="stable")
+    cols = [_arrow_array(numpy_column(c)[order]) for c in table.columns]
+    return pa.Table.from_arrays(cols, schema=table.schema)
 
 
 def write_parquet_atomic(table: pa.Table, path: str | os.PathLike) -> None:

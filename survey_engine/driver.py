@@ -35,7 +35,7 @@ import zarr
 
 from . import config as _conf
 from .backends import BACKENDS
-from .catalog import CatalogLayout, reference_band, write_parquet_atomic
+from .catalog import CatalogLayout, numpy_column, reference_band, sorted_by, write_parquet_atomic
 from .config import ExecutionConfig, ScienceConfig
 from .deblend import check_backend
 from .kernels.background import filter_mesh
@@ -579,7 +579,7 @@ def _catalog_stage(store: PartStore, grid: TileGrid, pending, path: Path, layout
     empty = layout.table(meta=meta)
     tables = list(store.catalog_tables(names))
     table = pa.concat_tables(tables) if tables else empty
-    table = table.sort_by("id")
+    table = sorted_by(table, "id")
     table = _without_repeats(table)
     write_parquet_atomic(table.replace_schema_metadata(empty.schema.metadata), path)
     return table.num_rows
@@ -592,7 +592,7 @@ def _without_repeats(table: pa.Table) -> pa.Table:
     back, in boxes that do not overlap); each measures it whole, so the rows are equal. Any
     other repeated ID is an internal error.
     """
-    ids = table.column("id").to_numpy()
+    ids = numpy_column(table.column("id"))
     again = np.flatnonzero(ids[1:] == ids[:-1]) + 1
     if len(again) == 0:
         return table

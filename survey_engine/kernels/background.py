@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import interpolate, ndimage
 
+from . import compiled
 from .detect import matched_filter
 
 __all__ = [
@@ -82,9 +83,8 @@ def _mesh_statistics(image, bad, box, nsigma, iterations):
     cells = data.reshape(ncy, box, ncx, box).transpose(0, 2, 1, 3).reshape(ncy * ncx, box * box)
     cells = np.sort(cells, axis=1)  # NaNs last
     n = np.count_nonzero(np.isfinite(cells), axis=1)
-    zero = np.zeros((cells.shape[0], 1))
-    csum = np.concatenate([zero, np.nancumsum(cells, axis=1, dtype=np.float64)], axis=1)
-    csq = np.concatenate([zero, np.nancumsum(np.square(cells, dtype=np.float64), axis=1)], axis=1)
+    # [0, nancumsum] of the values and their squares (float64), compiled; non-NaN counts.
+    csum, csq, n_num = compiled.row_cumsums(cells)
     rows = np.arange(cells.shape[0])
 
     def median(lo, hi):
@@ -101,8 +101,9 @@ def _mesh_statistics(image, bad, box, nsigma, iterations):
         var = (csq[rows, hi] - csq[rows, lo]) / cnt - mean**2
         std = np.sqrt(np.maximum(var, 0.0))
         med = median(lo, hi)
-        lo_new = np.sum(cells < (med - nsigma * std)[:, None], axis=1)
-        hi_new = np.sum(cells <= (med + nsigma * std)[:, None], axis=1)
+        # sum(cells < thr), sum(cells <= thr) by binary search in the sorted rows
+        lo_new = compiled.row_counts(cells, n_num, med - nsigma * std, False)
+        hi_new = compiled.row_counts(cells, n_num, med + nsigma * std, True)
         if np.array_equal(lo_new, lo) and np.array_equal(hi_new, hi):
             break
         lo, hi = lo_new, np.maximum(hi_new, lo_new + 1)

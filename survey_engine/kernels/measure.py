@@ -16,8 +16,11 @@ import sep
 from scipy import ndimage
 
 from ..schema import Flag, aper_tag
+from . import compiled
+from .detect import matched_filter
 
-__all__ = ["MeasureConfig", "Measurements", "measure_sources", "measurements_from", "windowed_centroid"]
+__all__ = ["MeasureConfig", "Measurements", "matched_filter_at", "measure_sources", "measurements_from",
+           "windowed_centroid"]  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -66,20 +69,13 @@ class Measurements:
 
 
 def _peaks(labels: np.ndarray, values: np.ndarray, n: int):
-    flat = np.flatnonzero(labels)
-    lab = labels.ravel()[flat]
-    val = values.ravel()[flat]
-    order = np.lexsort((flat, -val, lab))  # by label, brightest first, then lowest index
-    lab_sorted = lab[order]
-    first = np.ones(len(order), dtype=bool)
-    first[1:] = lab_sorted[1:] != lab_sorted[:-1]
-    pick = order[first]
-    peak_idx = np.empty(n, dtype=np.int64)
-    peak_val = np.empty(n, dtype=np.float64)
-    peak_idx[lab[pick] - 1] = flat[pick]
-    peak_val[lab[pick] - 1] = val[pick]
+    """Peak pixel (brightest, ties: lowest index) of every label, and the footprint pixels.
+
+    Returns ``py, px, peak value, flat indices of the labelled pixels, their labels, boxes``.
+    """
+    flat, lab, peak_idx, peak_val, bbox = compiled.peaks(labels, values, n)
     w = labels.shape[1]
-    return peak_idx // w, peak_idx % w, peak_val, flat, lab
+    return peak_idx // w, peak_idx % w, peak_val.astype(np.float64), flat, lab, bbox
 
 
 def measure_sources(
@@ -114,8 +110,9 @@ def measure_sources(
     origin : (int, int)
         Mosaic pixel (y, x) of the window's first pixel; positions are returned
         in mosaic coordinates.
-    filtered : numpy.ndarray, optional
-        The filtered detection image sep detected on (:func:`~survey_engine.kernels.detect.matched_filter`).
+    filtered : numpy.ndarray or callable, optional
+        The filtered detection image sep detected on (:func:`~survey_engine.kernels.detect.matched_filter`),
+        or a function of flat pixel indices giving it there (:func:`matched_filter_at`).
         Like sep (and SExtractor), the barycentre and second moments are weighted
         by it; without it, by the unfiltered detection image clipped at zero.
 
@@ -130,7 +127,7 @@ def measure_sources(
     labels = np.ascontiguousarray(labels, dtype=np.int32)
     det = np.ascontiguousarray(np.where(det_bad, 0.0, det), dtype=np.float32)
     det_var_clean = np.where(det_bad | ~np.isfinite(det_var), 0.0, det_var)
-    py, px, peak, flat, lab = _peaks(labels, det, n)
+    py, px, peak, flat, lab, bbox = _peaks(labels, det, n)
     w = labels.shape[1]
     yy, xx = np.divmod(flat, w)
     ids = np.arange(1, n + 1, dtype=np.int32)
@@ -142,7 +139,10 @@ def measure_sources(
     v = det.ravel()[flat].astype(np.float64)
     iso = bsum(v)
     iso_var = bsum(det_var_clean.ravel()[flat].astype(np.float64))
-    wgt = np.maximum(v, 0.0) if filtered is None else filtered.ravel()[flat].astype(np.float64)
+    if filtered is None:
+        wgt = np.maximum(v, 0.0)
+    else:
+        wgt = (filtered(flat) if callable(filtered) else filtered.ravel()[flat]).astype(np.float64)
     wsum = bsum(wgt)
     # Barycentre and moments relative to the peak pixel: the sums see the same numbers in
     # the same (raster) order in any window holding the footprint, so they are bit-identical.
@@ -174,7 +174,7 @@ def measure_sources(
     e2 = 2.0 * xy / (x2 + y2)
 
     det_mask = np.ascontiguousarray(det_bad, dtype=np.uint8)
-    var_det = det_var_clean.astype(np.float32)
+    var_det = det_var_clean.astype(np.float32, copy=False)
     kron, _ = sep.kron_radius(
         det, xb, yb, a, b, theta, cfg.kron_max_radius, mask=det_mask, segmap=labels, seg_id=ids
     )
@@ -204,7 +204,7 @@ def measure_sources(
         "window_sigma": sig, "window_failed": wfail,
         "det_iso_flux": iso, "det_iso_flux_err": np.sqrt(iso_var),
         "det_kron_flux": kflux, "det_kron_flux_err": kerr,
-        "kron_truncated": (kapflag & sep.APER_TRUNC) != 0,
+        "kron_truncated": (kapflag & sep.APER_TRUNC) != 0, "bbox": bbox,
     }  # fmt: skip
     # Mask bits of the footprint pixels, OR-ed over bands.
     fp_bits = np.bitwise_or.reduce(masks.reshape(masks.shape[0], -1)[:, flat], axis=0)
@@ -257,7 +257,8 @@ def measurements_from(
         Per object (label order): the keys of
         :func:`~survey_engine.kernels.torch_measure.measure_batch` (window coordinates;
         positions as offsets ``dx``, ``dy``, ``dx_iso``, ``dy_iso`` from the integer peak
-        pixel; per-band quantities as ``(n, n_bands)`` arrays).
+        pixel; per-band quantities as ``(n, n_bands)`` arrays); optionally ``bbox``, the
+        footprint boxes (else found in ``labels``).
     labels : numpy.ndarray
         The window's label image (objects ``1..n``).
     bands : tuple of str
@@ -295,10 +296,12 @@ def measurements_from(
     for k in ("a", "b", "theta", "e1", "e2", "half_light_radius", "kron_radius", "det_iso_flux",
               "det_iso_flux_err", "det_kron_flux", "det_kron_flux_err"):  # fmt: skip
         m.columns[k] = raw[k]
-    slices = ndimage.find_objects(labels, max_label=n)
-    m.bbox = np.array(
-        [[s[0].start, s[0].stop, s[1].start, s[1].stop] for s in slices], dtype=np.int64
-    )
+    m.bbox = raw.get("bbox")
+    if m.bbox is None:
+        slices = ndimage.find_objects(labels, max_label=n)
+        m.bbox = np.array(
+            [[s[0].start, s[0].stop, s[1].start, s[1].stop] for s in slices], dtype=np.int64
+        )
     # Pixels read by the measurement, as a radius around the barycentre.
     a, sig = raw["a"], raw["window_sigma"]
     radii = [cfg.kron_max_radius * a, raw["kron_aperture"] * a, np.full(n, cfg.max_aperture)]
@@ -311,6 +314,24 @@ def measurements_from(
     return m
 
 
+def matched_filter_at(
+    data: np.ndarray, variance: np.ndarray, kernel: np.ndarray | None, flat: np.ndarray
+):
+    """:func:`~survey_engine.kernels.detect.matched_filter` at the flat pixel indices ``flat`` only.
+
+    The same numbers bit for bit: the products in float32, each pixel's sums in float64
+    over the kernel's non-negligible weights (``|w| > eps``) in raster order with zeros
+    outside the array, cast to float32 (``scipy.ndimage.correlate``'s arithmetic), compiled.
+    """
+    if kernel is None:
+        return matched_filter(data.ravel()[flat], variance.ravel()[flat], None)
+    if data.dtype != np.float32 or variance.dtype != np.float32:  # not the engine's: numpy's
+        return matched_filter(data, variance, kernel).ravel()[flat]
+    k = np.asarray(kernel, dtype=np.float64)
+    data, variance = np.ascontiguousarray(data), np.ascontiguousarray(variance)
+    return compiled.matched_at(data, variance, k, k * k, np.asarray(flat, dtype=np.int64))
+
+
 def windowed_centroid(
     image: np.ndarray, variance: np.ndarray, labels: np.ndarray, py: np.ndarray, px: np.ndarray,
     u0: np.ndarray, v0: np.ndarray, sig: np.ndarray, *, max_iter: int = 16, tol: float = 2e-4,
@@ -321,6 +342,10 @@ def windowed_centroid(
     pixels within ``4σ``, neighbours' pixels excluded. Everything is computed in
     offsets from each object's integer peak pixel and summed in a fixed pixel
     order, so the result is bit-identical in any window holding the object.
+
+    The loops over pixels are compiled (numba); the exponentials are numpy's (whose SIMD
+    ``exp`` differs from libm's in the last bit for a few % of arguments), so the numbers
+    are those of the vectorised numpy formulation term by term.
 
     Parameters
     ----------
@@ -347,73 +372,32 @@ def windowed_centroid(
         Objects that did not converge or ran away (more than 4σ from the peak).
     """
     n = len(py)
-    h, w = image.shape
+    sig = np.asarray(sig, dtype=np.float64)
     half = (np.ceil(4.0 * sig).astype(np.int64) + 2).clip(2, 32)
     # Pixel offsets of each object: a disc of radius half − 0.5 around the peak (≥ 4σ + 1.5,
-    # as the centre stays within ~1 px of the peak), one template per radius. Each object's
-    # pixels come in the template's order whatever window or other objects there are.
-    parts_obj, parts_dy, parts_dx = [], [], []
-    for hv in np.unique(half):
-        members = np.flatnonzero(half == hv)
-        ty, tx = np.mgrid[-hv : hv + 1, -hv : hv + 1]
-        disc = ty * ty + tx * tx <= (hv - 0.5) ** 2
-        ty, tx = ty[disc].astype(np.int32), tx[disc].astype(np.int32)
-        parts_obj.append(np.repeat(members.astype(np.int32), len(ty)))
-        parts_dy.append(np.tile(ty, len(members)))
-        parts_dx.append(np.tile(tx, len(members)))
-    obj, dy, dx = (np.concatenate(parts) for parts in (parts_obj, parts_dy, parts_dx))
-    yy = py.astype(np.int32)[obj] + dy
-    xx = px.astype(np.int32)[obj] + dx
-    keep = np.flatnonzero((yy >= 0) & (yy < h) & (xx >= 0) & (xx < w))
-    obj, dy, dx, yy, xx = obj[keep], dy[keep], dx[keep], yy[keep], xx[keep]
-    lab = labels[yy, xx]
-    keep = np.flatnonzero((lab == 0) | (lab == obj + 1))  # neighbours' pixels excluded
-    obj, dy, dx, yy, xx = obj[keep], dy[keep], dx[keep], yy[keep], xx[keep]
-    val = image[yy, xx].astype(np.float64)
-    var = variance[yy, xx].astype(np.float64)
-    dxf, dyf = dx.astype(np.float64), dy.astype(np.float64)
-    u, v = u0.astype(np.float64).copy(), v0.astype(np.float64).copy()
+    # as the centre stays within ~1 px of the peak), in raster order whatever window or
+    # other objects there are; neighbours' pixels excluded.
+    obj, dx, dy, val, var = compiled.wc_pixels(
+        np.ascontiguousarray(image), np.ascontiguousarray(variance),
+        np.ascontiguousarray(labels, dtype=np.int32), py.astype(np.int64), px.astype(np.int64), half,
+    )  # fmt: skip
     inv2s2 = 1.0 / (2.0 * sig**2)
     r2max = (4.0 * sig) ** 2
-    active = np.ones(n, dtype=bool)
-    converged = np.zeros(n, dtype=bool)
-    # Elements of the objects still iterating; shrunk as objects converge. Every object's
-    # sums see its own elements in the same order whatever else is active.
-    e_obj, e_dx, e_dy, e_val, e_k = obj, dxf, dyf, val, inv2s2[obj]
+    u, v = u0.astype(np.float64).copy(), v0.astype(np.float64).copy()
+    state = np.zeros(n, dtype=np.int8)  # 0 active, 1 converged, 2 stopped (no flux)
+    # Working copies of the elements of the objects still iterating (compacted in place).
+    e_obj, e_dx, e_dy, e_val = obj.copy(), dx.copy(), dy.copy(), val.copy()
+    m, neg = len(obj), np.empty(len(obj))
+    wgt = np.empty(len(obj))
     for _ in range(max_iter):
-        ex = e_dx - u[e_obj]
-        ey = e_dy - v[e_obj]
-        arg = ex * ex
-        arg += ey * ey
-        arg *= e_k  # r² / 2σ²; the window stops at r = 4σ, i.e. arg = 8
-        wgt = np.exp(-arg)
-        wgt[arg >= 8.0] = 0.0
-        wgt *= e_val
-        s0 = np.bincount(e_obj, weights=wgt, minlength=n)
-        ex *= wgt
-        ey *= wgt
-        sx = np.bincount(e_obj, weights=ex, minlength=n)
-        sy = np.bincount(e_obj, weights=ey, minlength=n)
-        ok = active & (s0 > 0)
-        safe0 = np.where(s0 > 0, s0, 1.0)
-        step_u = np.where(ok, 2.0 * sx / safe0, 0.0)
-        step_v = np.where(ok, 2.0 * sy / safe0, 0.0)
-        u, v = u + step_u, v + step_v
-        done = ok & (step_u * step_u + step_v * step_v < tol * tol)
-        converged |= done
-        active &= ok & ~done
-        if not active.any():
+        compiled.wc_args(e_obj[:m], e_dx[:m], e_dy[:m], u, v, inv2s2, neg[:m])
+        np.exp(neg[:m], out=wgt[:m])
+        m = compiled.wc_step(e_obj, e_dx, e_dy, e_val, m, neg, wgt, u, v, state, tol * tol)
+        if not (state == 0).any():
             break
-        sel = active[e_obj]
-        if sel.mean() < 0.7:
-            e_obj, e_dx, e_dy, e_val, e_k = e_obj[sel], e_dx[sel], e_dy[sel], e_val[sel], e_k[sel]
-    ex = dxf - u[obj]
-    ey = dyf - v[obj]
-    r2 = ex * ex + ey * ey
-    win = np.where(r2 < r2max[obj], np.exp(-r2 * inv2s2[obj]), 0.0)
-    s0 = np.bincount(obj, weights=win * val, minlength=n)
-    safe = np.where(s0 > 0, s0, 1.0)
-    u_err = 2.0 * np.sqrt(np.bincount(obj, weights=win * win * var * ex * ex, minlength=n)) / safe
-    v_err = 2.0 * np.sqrt(np.bincount(obj, weights=win * win * var * ey * ey, minlength=n)) / safe
-    failed = ~converged | (s0 <= 0) | (u * u + v * v > (4.0 * sig) ** 2)
+    # Final window and errors over all pixels of each object.
+    neg = np.empty(len(obj))
+    compiled.wc_args(obj, dx, dy, u, v, inv2s2, neg, final=True)
+    s0, u_err, v_err = compiled.wc_errors(obj, dx, dy, val, var, u, v, r2max, np.exp(neg), n)
+    failed = (state != 1) | (s0 <= 0) | (u * u + v * v > (4.0 * sig) ** 2)
     return u, v, u_err, v_err, failed
