@@ -352,8 +352,11 @@ def run_cmd(mosaic, outdir, tile, halo, origin, deblender, unet_model, device, t
               help="Continue the survey run in OUTDIR: finished tracts kept, the others run.")  # fmt: skip
 @click.option("--overwrite", is_flag=True, help="Delete what OUTDIR holds first.")
 @click.option("--gpu", is_flag=True, help="Per-tile stages in torch on CUDA (unet deblender), as for run.")
+@click.option("--format", "fmt", default="parquet", show_default=True,
+              type=click.Choice(["parquet", "hats"]),
+              help="hats: also write OUTDIR/hats/survey_engine from every tract's catalog, for LSDB.")  # fmt: skip
 def survey_cmd(survey_dir, outdir, tracts, tile, halo, deblender, thresh, minarea, detection_band,
-               workers, scheduler, resume, overwrite, gpu):  # fmt: skip
+               workers, scheduler, resume, overwrite, gpu, fmt):  # fmt: skip
     """Run every tract mosaic of SURVEY_DIR (*.zarr, with or without skymap.json) on one cluster.
 
     Writes the global catalog to OUTDIR/catalog/ (Parquet partitioned by tract: each object
@@ -383,6 +386,14 @@ def survey_cmd(survey_dir, outdir, tracts, tile, halo, deblender, thresh, minare
                f"{len(res.n_objects)} tract(s) run{kept})")  # fmt: skip
     for tid, n in res.n_objects.items():
         click.echo(f"tract {tid:<7} {n} objects, {res.timings[tid]:.1f}s")
+    if fmt == "hats":
+        from .export import export_hats
+
+        try:
+            path = export_hats(res.catalog_path, res.outdir / "hats", workers=workers, scheduler=scheduler)
+        except (ValueError, ImportError, FileNotFoundError) as err:
+            _fail(err)
+        click.echo(f"hats          {path}")
 
 
 def summarise_run(res) -> str:

@@ -148,7 +148,7 @@ def run_survey(
     store = SurveyStore(Path(outdir).absolute())
     try:
         store.prepare(
-            _survey_info(survey_dir, skymap, first, tile), resume=resume, overwrite=overwrite
+            _survey_info(survey_dir, skymap, first), resume=resume, overwrite=overwrite
         )
     except StoreError as err:
         raise RunError(str(err)) from None
@@ -236,11 +236,12 @@ def _check_overlap(skymap: SkyMap, halo: int, survey_dir: str) -> None:
         raise ValueError(msg) from None
 
 
-def _survey_info(survey_dir: str, skymap: SkyMap, s: RunSettings, tile) -> dict[str, Any]:
+def _survey_info(survey_dir: str, skymap: SkyMap, s: RunSettings) -> dict[str, Any]:
     """What identifies a survey run (``survey.json``): not the tracts run, so tracts can be added."""
     digest = hashlib.sha1(json.dumps(skymap.to_dict(), sort_keys=True, default=str).encode())
     return {
-        "survey": survey_dir, "skymap_sha1": digest.hexdigest(), "tile": tile, "halo": s.halo,
+        "survey": survey_dir, "skymap_sha1": digest.hexdigest(),
+        "tile": list(s.grid.tile) if s.grid is not None else "auto", "halo": s.halo,
         "origin": s.origin, "science": s.science.to_dict(), "kernels": s.execution.kernel_settings(),
         "id": GLOBAL_ID_SCHEME,
     }  # fmt: skip

@@ -157,3 +157,13 @@ def test_bad_surveys_are_refused(survey, tmp_path, client):
     )
     assert res.exit_code == 1
     assert res.output.startswith("error: survey ") and res.output.count("\n") == 1, res.output
+
+
+def test_survey_catalog_exports_to_hats(survey, together, client, tmp_path):
+    lsdb = pytest.importorskip("lsdb")
+    from survey_engine.export import export_hats
+
+    path = export_hats(survey / "together", tmp_path, name="survey", client=client, progress=False)
+    df = lsdb.open_catalog(path).compute().sort_values("id")
+    ref = np.sort(_plain(together["id"]))
+    np.testing.assert_array_equal(df["id"].to_numpy(), ref)
