@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import shutil
 
+import dask
 import numpy as np
 import pytest
 import zarr
@@ -167,3 +168,19 @@ def test_survey_catalog_exports_to_hats(survey, together, client, tmp_path):
     df = lsdb.open_catalog(path).compute().sort_values("id")
     ref = np.sort(_plain(together["id"]))
     np.testing.assert_array_equal(df["id"].to_numpy(), ref)
+
+
+def test_survey_command_runs_tracts_and_adds_one_later(survey, together, client, tmp_path):
+    out = str(tmp_path / "cli")
+    args = ["survey", str(survey / "tracts"), out, "--tile", str(TILE), "--halo", str(HALO),
+            "--deblender", "sep", "--scheduler", client.scheduler.address]  # fmt: skip
+    with dask.config.set({"survey_engine.background-box": 32}):
+        res = CliRunner().invoke(main, [*args, "--tracts", "0,1,2"])
+        assert res.exit_code == 0, res.output
+        assert "in 3 tract(s) run" in res.output and "tract 2" in res.output
+        res = CliRunner().invoke(main, [*args, "--resume"])
+        assert res.exit_code == 0, res.output
+        assert "in 1 tract(s) run, 3 kept from before" in res.output
+    assert_same_catalog(read_catalog(out), together)
+    res = CliRunner().invoke(main, [*args, "--tracts", "a,b"])
+    assert res.exit_code == 1 and "--tracts must be comma-separated" in res.output
