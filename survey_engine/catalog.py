@@ -58,12 +58,16 @@ class CatalogLayout:
     ids: Callable | None = None
 
     @classmethod
-    def for_mosaic(cls, m, science, ids: Callable | None = None):
+    def for_mosaic(cls, m, science, ids: Callable | None = None, id_scheme: str | None = None):
         """The catalog layout of mosaic ``m`` (a Mosaic) measured with ``science`` (a ScienceConfig);
-        ``ids`` as the attribute (None: the mosaic's own ids)."""
+        ``ids`` as the attribute (None: the mosaic's own ids), described in the ``id`` column's
+        metadata by ``id_scheme``."""
         ref = reference_band(m.bands, science.detection_band)
         specs = catalog_columns(m.bands, science.measure.apertures,
                                 image_unit=m.units.get("image", "count"), reference_band=ref)  # fmt: skip
+        if id_scheme is not None:
+            specs = [ColumnSpec(c.name, c.dtype, c.unit, f"object ID: {id_scheme}") if c.name == "id"
+                     else c for c in specs]  # fmt: skip
         sky = m.pixel_to_sky if m.has_wcs else None
         return cls(specs, tuple(m.bands), ref, dict(m.zero_points), m.nx, sky, ids)
 

@@ -22,7 +22,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .catalog import CatalogLayout
 from .config import ExecutionConfig, ScienceConfig
 from .driver import (
     RunError,
@@ -40,7 +39,7 @@ from .parallel import cluster_workers, interrupts_deferred
 from .skymap import GLOBAL_ID_SCHEME, SkyMap, TractRule
 from .store import StoreError, SurveyStore, retry_part
 from .survey_io import open_survey
-from .tasks import tract_catalog
+from .tasks import layout_for, tract_catalog
 
 __all__ = ["SurveyResult", "run_survey"]
 
@@ -147,9 +146,7 @@ def run_survey(
     _check_overlap(skymap, first.halo, survey_dir)
     store = SurveyStore(Path(outdir).absolute())
     try:
-        store.prepare(
-            _survey_info(survey_dir, skymap, first), resume=resume, overwrite=overwrite
-        )
+        store.prepare(_survey_info(survey_dir, skymap, first), resume=resume, overwrite=overwrite)
     except StoreError as err:
         raise RunError(str(err)) from None
     result = SurveyResult(store.root, store.catalog)
@@ -269,7 +266,7 @@ def _run_tract(client, m: Mosaic, s: RunSettings, store: SurveyStore, rule: Trac
     path = store.catalog_part(rule.tract_id)
     n = client.submit(tract_catalog, names, store=parts, mosaic_path=m.path, science=s.science,
                       tract=rule, path=str(path), meta=meta, pure=False).result()  # fmt: skip
-    layout = CatalogLayout.for_mosaic(m, s.science, ids=rule.ids)
+    layout = layout_for(m, s.science, rule)
     store.write_schema(layout.table(meta={**meta, "tract": None}).schema)  # the same every time
     logger.info("tract %d: %d objects (%d object group(s) retried) in %s", rule.tract_id, n,
                 len(pending), path)  # fmt: skip

@@ -30,13 +30,13 @@ from .catalog import CatalogLayout, write_parquet_atomic
 from .kernels.background import interpolate_background, source_mask
 from .mosaic import Mosaic, open_mosaic
 from .schema import Flag
-from .skymap import TractRule
+from .skymap import GLOBAL_ID_SCHEME, TractRule
 from .stages import WindowPlan, WindowResult, usable_pixels
 from .store import Footprints, PartStore
 from .tiling import Box, Tile, TileGrid
 
 __all__ = ["RepeatedObjects", "TaskContext", "TileError", "background_block", "catalog_of_parts",
-           "process_tiles", "retry", "segmentation_chunk", "tract_catalog"]  # fmt: skip
+           "layout_for", "process_tiles", "retry", "segmentation_chunk", "tract_catalog"]  # fmt: skip
 
 logger = logging.getLogger(__name__)
 
@@ -63,7 +63,7 @@ class TaskContext:
 
     def layout(self, m: Mosaic) -> CatalogLayout:
         """The catalog layout of the run's mosaic ``m`` (global ids in a survey run)."""
-        return CatalogLayout.for_mosaic(m, self.plan.science, ids=self.tract.ids if self.tract else None)
+        return layout_for(m, self.plan.science, self.tract)
 
     def owns(self, tile: Tile, y_peak: np.ndarray, x_peak: np.ndarray) -> np.ndarray:
         """Which peaks ``tile`` owns: in its core and, in a survey run, in the tract's inner region."""
@@ -72,6 +72,13 @@ class TaskContext:
             idx = np.flatnonzero(owned)
             owned[idx] = self.tract.inner(np.asarray(y_peak)[idx], np.asarray(x_peak)[idx])
         return owned
+
+
+def layout_for(m: Mosaic, science, tract: TractRule | None) -> CatalogLayout:
+    """The catalog layout of mosaic ``m``: with a survey tract's global ids when ``tract`` is given."""
+    if tract is None:
+        return CatalogLayout.for_mosaic(m, science)
+    return CatalogLayout.for_mosaic(m, science, ids=tract.ids, id_scheme=GLOBAL_ID_SCHEME)
 
 
 @functools.lru_cache(maxsize=4)
@@ -499,7 +506,7 @@ def tract_catalog(names: Sequence[str], *, store: PartStore, mosaic_path: str, s
 
     Runs on a worker, so the driver never holds the catalog; returns the number of rows.
     """
-    layout = CatalogLayout.for_mosaic(_mosaic(mosaic_path), science, ids=tract.ids)
+    layout = layout_for(_mosaic(mosaic_path), science, tract)
     table = catalog_of_parts(store, names, layout.table(meta=meta))
     write_parquet_atomic(table, path)
     return table.num_rows

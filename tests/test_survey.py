@@ -101,6 +101,7 @@ def test_global_ids_are_healpix_of_the_peak(survey, together):
     expected = skymap.peak_ids(tract, y, x)
     assert np.array_equal(_plain(together["id"]), expected)
     assert together.meta["id"] == GLOBAL_ID_SCHEME
+    assert together["id"].info.description == f"object ID: {GLOBAL_ID_SCHEME}"
     # the parent id is the global id of the parent's brightest child
     solo = _plain(together["n_children"]) == 1
     assert np.array_equal(_plain(together["parent_id"])[solo], _plain(together["id"])[solo])
