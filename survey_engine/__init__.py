@@ -10,6 +10,7 @@ from .flags import MASK_BITS, MaskBit
 from .ingest import ingest_fits
 from .mosaic import Mosaic, MosaicRegion, create_mosaic, open_mosaic
 from .simulate import read_truth, simulate  # GalSim itself is imported when drawing
+from .survey import SurveyResult, run_survey
 
 __version__ = "0.1.0"
 
@@ -23,6 +24,7 @@ __all__ = [
     "RunError",
     "RunResult",
     "ScienceConfig",
+    "SurveyResult",
     "__version__",
     "create_mosaic",
     "evaluate",
@@ -31,5 +33,6 @@ __all__ = [
     "read_catalog",
     "read_truth",
     "run",
+    "run_survey",
     "simulate",
 ]

@@ -44,6 +44,9 @@ class CatalogLayout:
         Mosaic width, for the IDs (:func:`~survey_engine.schema.object_ids`).
     pixel_to_sky : callable or None
         ``(x, y) -> (ra, dec)`` for 0-based mosaic pixels; None gives NaN.
+    ids : callable or None
+        ``(y_peak, x_peak) -> int64 ids`` for integer mosaic peak pixels (a survey's global
+        ids); None: :func:`~survey_engine.schema.object_ids` with ``width``.
     """
 
     specs: list[ColumnSpec]
@@ -52,15 +55,27 @@ class CatalogLayout:
     zero_points: Mapping[str, float | None]
     width: int
     pixel_to_sky: Callable | None = None
+    ids: Callable | None = None
 
     @classmethod
-    def for_mosaic(cls, m, science):
-        """The catalog layout of mosaic ``m`` (a Mosaic) measured with ``science`` (a ScienceConfig)."""
+    def for_mosaic(cls, m, science, ids: Callable | None = None, id_scheme: str | None = None):
+        """The catalog layout of mosaic ``m`` (a Mosaic) measured with ``science`` (a ScienceConfig);
+        ``ids`` as the attribute (None: the mosaic's own ids), described in the ``id`` column's
+        metadata by ``id_scheme``."""
         ref = reference_band(m.bands, science.detection_band)
         specs = catalog_columns(m.bands, science.measure.apertures,
                                 image_unit=m.units.get("image", "count"), reference_band=ref)  # fmt: skip
+        if id_scheme is not None:
+            specs = [ColumnSpec(c.name, c.dtype, c.unit, f"object ID: {id_scheme}") if c.name == "id"
+                     else c for c in specs]  # fmt: skip
         sky = m.pixel_to_sky if m.has_wcs else None
-        return cls(specs, tuple(m.bands), ref, dict(m.zero_points), m.nx, sky)
+        return cls(specs, tuple(m.bands), ref, dict(m.zero_points), m.nx, sky, ids)
+
+    def object_ids(self, y_peak, x_peak) -> np.ndarray:
+        """The ids of objects with integer mosaic peak pixels ``(y_peak, x_peak)``."""
+        if self.ids is not None:
+            return np.asarray(self.ids(y_peak, x_peak), dtype=np.int64)
+        return object_ids(y_peak, x_peak, self.width)
 
     def rows(self, meas, idx: np.ndarray, *, origin: tuple[int, int], parent_index: np.ndarray,
              n_children: np.ndarray) -> dict[str, np.ndarray]:  # fmt: skip
@@ -88,7 +103,7 @@ class CatalogLayout:
         if len(idx) == 0:
             return empty_columns(self.specs)
         c = meas.columns
-        ids = object_ids(c["y_peak"] + origin[0], c["x_peak"] + origin[1], self.width)
+        ids = self.object_ids(c["y_peak"] + origin[0], c["x_peak"] + origin[1])
         out: dict[str, np.ndarray] = {
             "id": ids[idx], "parent_id": ids[parent_index[idx]], "n_children": n_children[idx],
             "x_peak": c["x_peak"][idx] + origin[1], "y_peak": c["y_peak"][idx] + origin[0],
@@ -242,7 +257,9 @@ def read_catalog(path: str | os.PathLike):
     Parameters
     ----------
     path : path-like
-        ``catalog.parquet`` written by :func:`survey_engine.run`.
+        ``catalog.parquet`` written by :func:`survey_engine.run` (or its output directory), or
+        a survey run's output directory (:func:`survey_engine.run_survey`) or its ``catalog``
+        dataset: every tract's part, in tract order, with a ``tract`` column.
 
     Returns
     -------
@@ -250,14 +267,57 @@ def read_catalog(path: str | os.PathLike):
         Columns with units become Quantities; descriptions are kept;
         ``table.meta`` holds the catalog-level metadata.
     """
-    import astropy.units as u
-    from astropy.table import QTable
-
     path = Path(path)
     if not path.exists():
         msg = f"catalog not found: {path}"
         raise FileNotFoundError(msg)
-    table = pq.read_table(path)
+    if path.is_dir():
+        if (path / "catalog").is_dir():
+            return _read_dataset(path / "catalog")
+        if (path / "catalog.parquet").is_file():
+            return _to_qtable(pq.read_table(path / "catalog.parquet"), catalog_metadata(path / "catalog.parquet"))
+        if any(path.glob("*=*/*.parquet")):
+            return _read_dataset(path)
+        msg = f"no catalog in {path} (neither catalog.parquet nor a catalog/ dataset)"
+        raise FileNotFoundError(msg)
+    return _to_qtable(pq.read_table(path), catalog_metadata(path))
+
+
+def _read_dataset(root: Path):
+    """A Parquet dataset partitioned by ``key=value`` directories, partitions in value order."""
+
+    def value(p: Path):
+        v = p.parent.name.split("=", 1)[1]
+        return (0, int(v), "") if v.lstrip("-").isdigit() else (1, 0, v)
+
+    files = sorted((p for p in root.glob("*=*/*.parquet") if not p.name.startswith(".")),
+                   key=lambda p: (value(p), p.name))  # fmt: skip
+    common = root / "_common_metadata"
+    if not files and not common.is_file():
+        msg = f"catalog dataset {root} holds no parts"
+        raise FileNotFoundError(msg)
+    schema = pq.read_schema(common if common.is_file() else files[0])
+    key = files[0].parent.name.split("=", 1)[0] if files else "tract"
+    tables = []
+    for p in files:
+        t = pq.read_table(p).replace_schema_metadata(None)
+        tables.append(t.append_column(key, pa.array(np.full(t.num_rows, value(p)[1], np.int64))))
+    if tables:
+        table = pa.concat_tables(tables)
+    else:
+        table = schema.empty_table().append_column(key, pa.array(np.zeros(0, np.int64)))
+    # field metadata (units, descriptions) from the schema
+    fields = [schema.field(f.name) if f.name in schema.names else f for f in table.schema]
+    table = table.cast(pa.schema(fields))
+    meta = catalog_metadata(common if common.is_file() else files[0])
+    meta["partitioning"] = key
+    return _to_qtable(table, meta)
+
+
+def _to_qtable(table: pa.Table, meta: dict[str, Any]):
+    import astropy.units as u
+    from astropy.table import QTable
+
     out = QTable()
     for fld, col in zip(table.schema, table.columns, strict=True):
         data = col.to_numpy(zero_copy_only=False)
@@ -265,5 +325,5 @@ def read_catalog(path: str | os.PathLike):
         unit = fmeta.get(b"unit")
         out[fld.name] = data * u.Unit(unit.decode(), parse_strict="silent") if unit else data
         out[fld.name].info.description = fmeta.get(b"description", b"").decode()
-    out.meta.update(catalog_metadata(path))
+    out.meta.update(meta)
     return out

@@ -1,4 +1,5 @@
-"""Command-line interface: ``survey-engine demo | simulate | simulate-survey | ingest | info | run | bench``."""
+"""Command-line interface: ``survey-engine demo | simulate | simulate-survey | ingest | info | run |
+survey | bench``."""
 
 from __future__ import annotations
 
@@ -326,6 +327,71 @@ def run_cmd(mosaic, outdir, tile, halo, origin, deblender, unet_model, device, t
         try:
             path = export_hats(res.catalog_path, res.outdir / "hats", workers=workers, scheduler=scheduler)
         except (ValueError, ImportError) as err:
+            _fail(err)
+        click.echo(f"hats          {path}")
+
+
+# -- survey --------------------------------------------------------------------------------
+@main.command("survey")
+@click.argument("survey_dir", type=click.Path())
+@click.argument("outdir", type=click.Path())
+@click.option("--tracts", default=None,
+              help="Comma-separated tract ids to run (default: all); add tracts later with --resume.")  # fmt: skip
+@click.option("--tile", default=None, type=int, help="Tile core size (px; default as for run).")
+@click.option("--halo", default=None, type=int,
+              help="Halo read around each core (px; default survey_engine.halo, 128); the tracts "
+              "must overlap by twice it.")  # fmt: skip
+@click.option("--deblender", default=None, type=DEBLENDER,
+              help="Deblender (default survey_engine.deblender, sep).")  # fmt: skip
+@click.option("--thresh", default=None, type=float, help="Detection threshold (sigma per pixel).")
+@click.option("--minarea", default=None, type=int, help="Minimum object area (px).")
+@click.option("--detection-band", default=None, help="Detect on this band (default: combine all bands).")
+@WORKERS
+@SCHEDULER
+@click.option("--resume", is_flag=True,
+              help="Continue the survey run in OUTDIR: finished tracts kept, the others run.")  # fmt: skip
+@click.option("--overwrite", is_flag=True, help="Delete what OUTDIR holds first.")
+@click.option("--gpu", is_flag=True, help="Per-tile stages in torch on CUDA (unet deblender), as for run.")
+@click.option("--format", "fmt", default="parquet", show_default=True,
+              type=click.Choice(["parquet", "hats"]),
+              help="hats: also write OUTDIR/hats/survey_engine from every tract's catalog, for LSDB.")  # fmt: skip
+def survey_cmd(survey_dir, outdir, tracts, tile, halo, deblender, thresh, minarea, detection_band,
+               workers, scheduler, resume, overwrite, gpu, fmt):  # fmt: skip
+    """Run every tract mosaic of SURVEY_DIR (*.zarr, with or without skymap.json) on one cluster.
+
+    Writes the global catalog to OUTDIR/catalog/ (Parquet partitioned by tract: each object
+    once, kept by the tract whose inner region holds its peak; global ids) and each tract's run
+    directory to OUTDIR/tracts/<id>/.
+    """
+    from .driver import RunError, RunInterrupted
+    from .survey import run_survey
+
+    try:
+        ids = None if tracts is None else [int(t) for t in tracts.split(",") if t.strip()]
+    except ValueError:
+        _fail(ValueError(f"--tracts must be comma-separated tract ids, got {tracts!r}"))
+    try:
+        res = run_survey(
+            survey_dir, outdir, tracts=ids, tile=tile, halo=halo, deblender=deblender,
+            thresh=thresh, minarea=minarea, detection_band=detection_band, workers=workers,
+            scheduler=scheduler, resume=resume, overwrite=overwrite, gpu=gpu,
+        )  # fmt: skip
+    except (RunInterrupted, KeyboardInterrupt) as err:
+        click.echo(f"\n{err or 'interrupted before the run started'}", err=True)
+        sys.exit(130)
+    except (RunError, ValueError, KeyError, FileNotFoundError, TypeError, OSError) as err:
+        _fail(err)
+    kept = f", {len(res.skipped)} kept from before" if res.skipped else ""
+    click.echo(f"catalog       {res.catalog_path}  ({sum(res.n_objects.values())} objects in "
+               f"{len(res.n_objects)} tract(s) run{kept})")  # fmt: skip
+    for tid, n in res.n_objects.items():
+        click.echo(f"tract {tid:<7} {n} objects, {res.timings[tid]:.1f}s")
+    if fmt == "hats":
+        from .export import export_hats
+
+        try:
+            path = export_hats(res.catalog_path, res.outdir / "hats", workers=workers, scheduler=scheduler)
+        except (ValueError, ImportError, FileNotFoundError) as err:
             _fail(err)
         click.echo(f"hats          {path}")
 

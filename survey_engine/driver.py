@@ -30,12 +30,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
 import zarr
 
 from . import config as _conf
 from .backends import BACKENDS
-from .catalog import CatalogLayout, numpy_column, reference_band, sorted_by, write_parquet_atomic
+from .catalog import CatalogLayout, reference_band, write_parquet_atomic
 from .config import ExecutionConfig, ScienceConfig
 from .deblend import check_backend
 from .kernels.background import filter_mesh
@@ -56,8 +55,10 @@ from .schema import ID_SCHEME, flag_descriptions
 from .stages import WindowPlan, guard_band
 from .store import PartStore, StoreError, retry_part
 from .tasks import (
+    RepeatedObjects,
     TaskContext,
     background_block,
+    catalog_of_parts,
     process_tiles,
     resumed_retry_groups,
     retry,
@@ -351,13 +352,15 @@ def _connect(stack: contextlib.ExitStack, ex: ExecutionConfig, client):
     return c
 
 
-def _stages(client, m: Mosaic, s: RunSettings, store: PartStore, progress: bool, timings: dict):
-    """Stages 1–4 on the cluster: background, tiles, retry, segmentation (seconds in ``timings``)."""
+def _stages(client, m: Mosaic, s: RunSettings, store: PartStore, progress: bool, timings: dict,
+            tract=None):  # fmt: skip
+    """Stages 1–4 on the cluster: background, tiles, retry, segmentation (seconds in ``timings``);
+    ``tract``: a survey run's :class:`~survey_engine.skymap.TractRule` (None: a single mosaic)."""
     clock = _Clock(timings)
     plan = WindowPlan(s.science, s.execution, s.deblender, s.guard, Box(0, m.ny, 0, m.nx), tuple(m.bands))
     plan = dataclasses.replace(plan, meshes=_background_stage(client, m, plan, store, progress))
     clock.lap("background")
-    ctx = TaskContext(m.path, plan, store, s.grid)
+    ctx = TaskContext(m.path, plan, store, s.grid, tract)
     tiles = _tile_stage(client, ctx, progress)
     clock.lap("tiles")
     pending, retried = _retry_stage(client, ctx, progress)
@@ -576,36 +579,12 @@ def _catalog_stage(store: PartStore, grid: TileGrid, pending, path: Path, layout
                    meta) -> int:  # fmt: skip
     """Stage 5: the parts' rows concatenated, sorted by ID, written as one Parquet file."""
     names = [t.name for t in grid] + [retry_part(p["key"]) for p in pending]
-    empty = layout.table(meta=meta)
-    tables = list(store.catalog_tables(names))
-    table = pa.concat_tables(tables) if tables else empty
-    table = sorted_by(table, "id")
-    table = _without_repeats(table)
-    write_parquet_atomic(table.replace_schema_metadata(empty.schema.metadata), path)
+    try:
+        table = catalog_of_parts(store, names, layout.table(meta=meta))
+    except RepeatedObjects as err:
+        raise RunError(str(err)) from None
+    write_parquet_atomic(table, path)
     return table.num_rows
-
-
-def _without_repeats(table: pa.Table) -> pa.Table:
-    """The ID-sorted catalog with objects measured twice kept once.
-
-    Two retry groups of one tile may hold the same parent (it left the tile window and came
-    back, in boxes that do not overlap); each measures it whole, so the rows are equal. Any
-    other repeated ID is an internal error.
-    """
-    ids = numpy_column(table.column("id"))
-    again = np.flatnonzero(ids[1:] == ids[:-1]) + 1
-    if len(again) == 0:
-        return table
-    first, second = table.take(again - 1).to_pylist(), table.take(again).to_pylist()
-    differ = [a["id"] for a, b in zip(first, second, strict=True)
-              if any(u != v and not (u != u and v != v) for u, v in zip(a.values(), b.values(), strict=True))]  # fmt: skip
-    if differ:
-        msg = f"internal error: {len(differ)} object IDs measured twice, differently (first {differ[0]})"
-        raise RunError(msg)
-    logger.info("%d objects measured whole by two retry groups, kept once", len(again))
-    keep = np.ones(len(ids), dtype=bool)
-    keep[again] = False
-    return table.filter(pa.array(keep))
 
 
 def _stage_seconds(tiles: TaskResults) -> dict[str, float]:

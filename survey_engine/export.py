@@ -32,7 +32,10 @@ def export_hats(
     Parameters
     ----------
     catalog : path-like
-        ``catalog.parquet`` of :func:`survey_engine.run` (needs ``ra``/``dec``: a mosaic WCS).
+        ``catalog.parquet`` of :func:`survey_engine.run` (needs ``ra``/``dec``: a mosaic WCS), or
+        a catalog partitioned in ``key=value`` directories: a survey run's output directory
+        (:func:`survey_engine.run_survey`) or its ``catalog`` dataset (the partition column,
+        ``tract``, is not carried over).
     output_path, name
         The HATS catalog named ``name`` (str) is written to the directory ``output_path / name``.
     pixel_threshold, highest_healpix_order : int
@@ -52,20 +55,19 @@ def export_hats(
         msg = 'HATS export needs hats-import: pip install "survey_engine[hats]"'
         raise ImportError(msg) from err
     catalog = Path(catalog)
-    if not catalog.is_file():
-        msg = f"catalog not found: {catalog}"
-        raise FileNotFoundError(msg)
-    ra = pq.read_table(catalog, columns=["ra", "dec"]).column("ra").to_numpy(zero_copy_only=False)
-    if len(ra) and not np.all(np.isfinite(ra)):
-        msg = (
-            f"catalog {catalog} has objects without ra/dec (the mosaic has no WCS?): "
-            "HATS partitions by sky position"
-        )
-        raise ValueError(msg)
+    files = _input_files(catalog)
+    for f in files:
+        ra = pq.read_table(f, columns=["ra", "dec"]).column("ra").to_numpy(zero_copy_only=False)
+        if len(ra) and not np.all(np.isfinite(ra)):
+            msg = (
+                f"catalog {f} has objects without ra/dec (the mosaic has no WCS?): "
+                "HATS partitions by sky position"
+            )
+            raise ValueError(msg)
     out = Path(output_path)
     out.mkdir(parents=True, exist_ok=True)
     args = ImportArguments(
-        input_file_list=[str(catalog)], file_reader="parquet", ra_column="ra", dec_column="dec",
+        input_file_list=[str(f) for f in files], file_reader="parquet", ra_column="ra", dec_column="dec",
         sort_columns="id", output_path=str(out), output_artifact_name=name,
         pixel_threshold=int(pixel_threshold), highest_healpix_order=int(highest_healpix_order),
         progress_bar=progress, tmp_dir=str(out / f".{name}-tmp"), resume=False,
@@ -74,3 +76,15 @@ def export_hats(
         pipeline_with_client(args, c)
     logger.info("HATS catalog written to %s", out / name)
     return out / name
+
+
+def _input_files(catalog: Path) -> list[Path]:
+    """The Parquet files of a catalog: the file itself, or a partitioned dataset's parts."""
+    if catalog.is_file():
+        return [catalog]
+    root = catalog / "catalog" if (catalog / "catalog").is_dir() else catalog
+    files = sorted(p for p in root.glob("*=*/*.parquet") if not p.name.startswith("."))
+    if not catalog.is_dir() or not files:
+        msg = f"catalog not found: {catalog}"
+        raise FileNotFoundError(msg)
+    return files

@@ -37,7 +37,7 @@ from .mosaic import _cards_to_wcs, _raise_if, header_to_cards, open_mosaic
 
 __all__ = [
     "DISAMBIGUATOR_BITS", "GLOBAL_ID_SCHEME", "HEALPIX_ORDER", "SKYMAP_FILE", "SkyMap", "Tract",
-    "global_ids", "tan_wcs",
+    "TractRule", "global_ids", "tan_wcs",
 ]  # fmt: skip
 
 logger = logging.getLogger(__name__)
@@ -801,6 +801,47 @@ def _ring_tract(tract_id: int, box: dict[str, Any], overlap: float, scale: float
     nx = math.ceil(2 * (hx + pad) * 3600.0 / scale)
     ny = math.ceil(2 * (hy + pad) * 3600.0 / scale)
     return Tract.from_wcs(tract_id, tan_wcs((ra_c, dec_c), (ny, nx), scale), (ny, nx), inner=box)
+
+
+# --- one tract's objects in a survey run -------------------------------------------------
+@dataclass(frozen=True)
+class TractRule:
+    """Which objects found in one tract's mosaic it owns, and their global ids.
+
+    Small and picklable (sent with every task of the tract's run). Peaks are integer pixels
+    of the tract mosaic; their sky position is that of the pixel centre through the tract's
+    WCS (:meth:`Tract.pixel_to_sky`).
+
+    Attributes
+    ----------
+    skymap : SkyMap
+        The survey's sky map (every tract: ownership depends on the neighbours).
+    tract_id : int
+        The tract whose mosaic is processed.
+    """
+
+    skymap: SkyMap
+    tract_id: int
+
+    def _sky(self, y_peak, x_peak) -> tuple[np.ndarray, np.ndarray]:
+        return self.skymap[self.tract_id].pixel_to_sky(np.asarray(x_peak), np.asarray(y_peak))
+
+    def inner(self, y_peak, x_peak) -> np.ndarray:
+        """Whether the tract's inner region holds each peak pixel's centre (bool array)."""
+        y_peak, x_peak = np.atleast_1d(y_peak), np.atleast_1d(x_peak)
+        if y_peak.size == 0:
+            return np.zeros(0, bool)
+        return self.skymap.find_tract(*self._sky(y_peak, x_peak)) == self.tract_id
+
+    def ids(self, y_peak, x_peak) -> np.ndarray:
+        """Global ids (:func:`global_ids`) of peaks owned by this tract (int64 array).
+
+        Two peaks of one tract never share a HEALPix cell, so the ids of any subset of the
+        tract's objects are those of the whole.
+        """
+        y_peak, x_peak = np.atleast_1d(y_peak), np.atleast_1d(x_peak)
+        ra, dec = self._sky(y_peak, x_peak)
+        return global_ids(ra, dec, np.full(y_peak.shape, self.tract_id), y_peak, x_peak)
 
 
 # --- global ids ----------------------------------------------------------------------------

@@ -13,6 +13,13 @@ A run directory (``OUTDIR``) holds::
     parts/retry-<key>/        one per re-measured object group: catalog, footprints, info
     catalog.parquet, segmentation.zarr   the stitched results
 
+A survey run directory (:class:`SurveyStore`) holds::
+
+    survey.json               what the survey run is (survey, sky map, parameters): checked on resume
+    tracts/<id>/              one run directory (above) per tract
+    catalog/tract=<id>/part-0.parquet   the global catalog, a Parquet dataset partitioned by tract
+    catalog/_common_metadata  its schema and catalog-level metadata
+
 Writers (workers), resume (the driver) and the segmentation and catalog stages all go
 through :class:`PartStore`; nothing else lists or opens part files, so the format can
 change here alone (the catalog can be read as a partitioned dataset straight from the
@@ -37,9 +44,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-__all__ = ["Footprints", "PartStore", "StoreError"]
+__all__ = ["Footprints", "PartStore", "StoreError", "SurveyStore"]
 
 RUN_FILE = "run.json"
+SURVEY_FILE = "survey.json"
 _BLOSC = numcodecs.Blosc(cname="zstd", clevel=3, shuffle=numcodecs.Blosc.SHUFFLE)
 
 
@@ -288,6 +296,89 @@ def _decode_labels(path: str, shape: tuple[int, int], _stamp: int) -> np.ndarray
 
 
 _cached_labels = functools.lru_cache(maxsize=2)(_decode_labels)
+
+
+class SurveyStore:
+    """A survey run directory: its description, one :class:`PartStore` per tract, the catalog.
+
+    Parameters
+    ----------
+    root : path-like
+        The survey run's output directory.
+    """
+
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root)
+        self.catalog = self.root / "catalog"
+
+    def __repr__(self) -> str:
+        return f"SurveyStore({str(self.root)!r})"
+
+    def prepare(self, info: dict[str, Any], *, resume: bool, overwrite: bool) -> None:
+        """Make the directory ready for the survey run described by ``info``.
+
+        A missing or empty directory is set up; ``overwrite`` clears one that is not;
+        ``resume`` continues one that holds the same survey run (any tracts of it: tracts
+        already finished are kept, others run).
+
+        Raises
+        ------
+        StoreError
+            The path is a file or unwritable; it holds something else, another survey run, or a
+            survey run and neither flag is given.
+        """
+        info = json.loads(json.dumps(info))
+        if self.root.exists() and not self.root.is_dir():
+            msg = f"output directory {self.root} is a file, not a directory: give another OUTDIR"
+            raise StoreError(msg)
+        path = self.root / SURVEY_FILE
+        try:
+            if self.root.exists() and any(self.root.iterdir()):
+                if overwrite:
+                    shutil.rmtree(self.root)
+                elif not resume:
+                    msg = (
+                        f"output directory {self.root} is not empty (it holds an earlier run); "
+                        "pass resume=True (--resume) to continue it or add tracts to it, or "
+                        "overwrite=True (--overwrite)"
+                    )
+                    raise StoreError(msg)
+                elif not path.is_file():
+                    msg = f"cannot resume: {self.root} holds no {SURVEY_FILE} (not a survey run)"
+                    raise StoreError(msg)
+                else:
+                    previous = json.loads(path.read_text())
+                    if previous != info:
+                        diff = sorted(k for k in info if previous.get(k) != info[k])
+                        msg = (
+                            f"cannot resume: {self.root} holds a different survey run (differs "
+                            f"in {', '.join(diff)}); use another output directory or overwrite=True"
+                        )
+                        raise StoreError(msg)
+                    return
+            self.catalog.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(info, indent=2))
+        except OSError as err:
+            msg = f"cannot write to output directory {self.root}: {err.strerror or err}"
+            raise StoreError(msg) from None
+
+    def tract(self, tract_id: int) -> PartStore:
+        """The run directory of one tract."""
+        return PartStore(self.root / "tracts" / str(int(tract_id)))
+
+    def catalog_part(self, tract_id: int) -> Path:
+        """The catalog file of one tract in the partitioned dataset (its directory made)."""
+        d = self.catalog / f"tract={int(tract_id)}"
+        d.mkdir(parents=True, exist_ok=True)
+        return d / "part-0.parquet"
+
+    def finished_tracts(self) -> set[int]:
+        """The tracts whose catalog is written."""
+        return {int(p.parent.name.split("=", 1)[1]) for p in self.catalog.glob("tract=*/part-0.parquet")}
+
+    def write_schema(self, schema: pa.Schema) -> None:
+        """The dataset's ``_common_metadata``: schema with units and the survey's metadata."""
+        pq.write_metadata(schema, self.catalog / "_common_metadata")
 
 
 def retry_part(key: str) -> str:

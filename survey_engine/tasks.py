@@ -22,18 +22,21 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import zarr
 
 from . import stages
-from .catalog import CatalogLayout
+from .catalog import CatalogLayout, numpy_column, sorted_by, write_parquet_atomic
 from .kernels.background import interpolate_background, source_mask
 from .mosaic import Mosaic, open_mosaic
-from .schema import Flag, object_ids
+from .schema import Flag
+from .skymap import GLOBAL_ID_SCHEME, TractRule
 from .stages import WindowPlan, WindowResult, usable_pixels
 from .store import Footprints, PartStore
 from .tiling import Box, Tile, TileGrid
 
-__all__ = ["TaskContext", "TileError", "background_block", "process_tiles", "retry", "segmentation_chunk"]
+__all__ = ["RepeatedObjects", "TaskContext", "TileError", "background_block", "catalog_of_parts",
+           "layout_for", "process_tiles", "retry", "segmentation_chunk", "tract_catalog"]  # fmt: skip
 
 logger = logging.getLogger(__name__)
 
@@ -48,12 +51,34 @@ class TileError(RuntimeError):
 @dataclass(frozen=True)
 class TaskContext:
     """What every task of a run needs (small: sent with each task): the mosaic (each worker
-    opens it once), the window plan, the part store and the tiling."""
+    opens it once), the window plan, the part store and the tiling; in a survey run, the
+    tract's ownership rule and global ids (``tract``; None: a single mosaic, the tile rule
+    alone and the mosaic's ids)."""
 
     mosaic_path: str
     plan: WindowPlan
     store: PartStore
     grid: TileGrid
+    tract: TractRule | None = None
+
+    def layout(self, m: Mosaic) -> CatalogLayout:
+        """The catalog layout of the run's mosaic ``m`` (global ids in a survey run)."""
+        return layout_for(m, self.plan.science, self.tract)
+
+    def owns(self, tile: Tile, y_peak: np.ndarray, x_peak: np.ndarray) -> np.ndarray:
+        """Which peaks ``tile`` owns: in its core and, in a survey run, in the tract's inner region."""
+        owned = np.asarray(tile.owns(y_peak, x_peak), dtype=bool)
+        if self.tract is not None and owned.any():
+            idx = np.flatnonzero(owned)
+            owned[idx] = self.tract.inner(np.asarray(y_peak)[idx], np.asarray(x_peak)[idx])
+        return owned
+
+
+def layout_for(m: Mosaic, science, tract: TractRule | None) -> CatalogLayout:
+    """The catalog layout of mosaic ``m``: with a survey tract's global ids when ``tract`` is given."""
+    if tract is None:
+        return CatalogLayout.for_mosaic(m, science)
+    return CatalogLayout.for_mosaic(m, science, ids=tract.ids, id_scheme=GLOBAL_ID_SCHEME)
 
 
 @functools.lru_cache(maxsize=4)
@@ -150,7 +175,7 @@ class _TileRun:
         self.backend.check_device()
         self.backend.reset_peak_memory()
         self.m = _mosaic(ctx.mosaic_path)
-        self.layout = CatalogLayout.for_mosaic(self.m, self.plan.science)
+        self.layout = ctx.layout(self.m)
         self.times = self.backend.stage_times()
         self.results: dict[str, dict[str, int]] = {}
         self.failed: dict[str, str] = {}
@@ -197,7 +222,8 @@ class _TileRun:
 
     def write(self, tile: Tile, wr: WindowResult) -> tuple[dict[str, int], float]:
         t0 = time.perf_counter()
-        return write_tile_part(tile, wr, self.ctx.store, self.layout), time.perf_counter() - t0
+        owned = self.ctx.owns(tile, wr.peak_y, wr.peak_x)
+        return write_tile_part(tile, wr, self.ctx.store, self.layout, owned), time.perf_counter() - t0
 
     def collect(self, tile: Tile, fut: cf.Future) -> None:
         try:
@@ -225,27 +251,30 @@ def _rows(layout: CatalogLayout, wr: WindowResult, idx: np.ndarray):
     return layout.table(rows)
 
 
-def footprints_of(wr: WindowResult, idx: np.ndarray, width: int) -> Footprints:
-    """Footprints of objects ``idx`` of a window as mosaic boxes + flattened boolean crops."""
+def footprints_of(wr: WindowResult, idx: np.ndarray, layout: CatalogLayout) -> Footprints:
+    """Footprints of objects ``idx`` of a window as mosaic boxes + flattened boolean crops
+    (keyed by the layout's object ids)."""
     boxes, crops = [], []
     for i in idx:
         y0, y1, x0, x1 = wr.meas.bbox[i]
         crops.append((wr.detection.labels[y0:y1, x0:x1] == i + 1).ravel())
         boxes.append([y0 + wr.window.y0, y1 + wr.window.y0, x0 + wr.window.x0, x1 + wr.window.x0])
-    ids = np.asarray(object_ids(wr.peak_y[idx], wr.peak_x[idx], width), dtype=np.int64)
+    ids = np.asarray(layout.object_ids(wr.peak_y[idx], wr.peak_x[idx]), dtype=np.int64)
     return Footprints(ids, np.asarray(boxes, dtype=np.int64).reshape(-1, 4),
                       np.concatenate(crops) if crops else np.zeros(0, bool))  # fmt: skip
 
 
-def write_tile_part(tile: Tile, wr: WindowResult, store: PartStore, layout: CatalogLayout) -> dict[str, int]:
+def write_tile_part(tile: Tile, wr: WindowResult, store: PartStore, layout: CatalogLayout,
+                    owned: np.ndarray | None = None) -> dict[str, int]:  # fmt: skip
     """Keep a tile's owned objects and write its part (rows, core labels, footprints, pending).
 
-    An object is the tile's when its peak lies in the core; it is finished when its result
-    is safe (:func:`~survey_engine.stages.finish_window`), else it becomes a retry item.
+    An object is the tile's when its peak lies in the core (and, in a survey run, in the
+    tract's inner region: ``owned``, from :meth:`TaskContext.owns`); it is finished when its
+    result is safe (:func:`~survey_engine.stages.finish_window`), else it becomes a retry item.
     """
-    owned = tile.owns(wr.peak_y, wr.peak_x)
+    owned = tile.owns(wr.peak_y, wr.peak_x) if owned is None else owned
     done = owned & wr.safe
-    ids = object_ids(wr.peak_y, wr.peak_x, layout.width)
+    ids = layout.object_ids(wr.peak_y, wr.peak_x)
     # Core labels: IDs of the owned, finished objects on the core pixels.
     cy, cx = tile.core.slices((tile.read.y0, tile.read.x0))
     lut = np.zeros(wr.n + 1, dtype=np.int64)
@@ -259,7 +288,7 @@ def write_tile_part(tile: Tile, wr: WindowResult, store: PartStore, layout: Cata
     n = int(done.sum())
     store.write_tile(
         tile.name, table=_rows(layout, wr, np.flatnonzero(done)), core_labels=core,
-        footprints=footprints_of(wr, np.flatnonzero(leaves), layout.width), pending=pending,
+        footprints=footprints_of(wr, np.flatnonzero(leaves), layout), pending=pending,
         info={"tile": tile.index, "core": [tile.core.y0, tile.core.y1, tile.core.x0, tile.core.x1], "n": n},
     )  # fmt: skip
     return {"objects": n, "pending": len(pending)}
@@ -374,11 +403,11 @@ def retry(item: dict[str, Any], *, ctx: TaskContext) -> dict[str, int]:
         raise TileError(_failure(f"retry {item['key']} (objects near box {item['box']})", err)) from err
 
 
-def _chosen(items: Sequence[dict], wr: WindowResult, win: Box, grid: TileGrid) -> np.ndarray:
+def _chosen(items: Sequence[dict], wr: WindowResult, win: Box, ctx: TaskContext) -> np.ndarray:
     """The objects of a group's retry items in a window's result (boolean over its objects).
 
     ``objects`` items name their peaks; a ``parent`` item takes every child of the parent at
-    its seed pixel that its tile owns. One pass over the window's objects per tile, not per
+    its seed pixel that its tile owns (``ctx.owns``: the tile rule, and the tract's). One pass over the window's objects per tile, not per
     item.
     """
     sel = np.zeros(wr.n, dtype=bool)
@@ -395,7 +424,7 @@ def _chosen(items: Sequence[dict], wr: WindowResult, win: Box, grid: TileGrid) -
             else:
                 seeds.setdefault(it["tile"], []).append(int(wr.detection.parent[lab - 1]))
     for t, parents in seeds.items():
-        sel |= np.isin(wr.detection.parent, parents) & grid[t].owns(wr.peak_y, wr.peak_x)
+        sel |= np.isin(wr.detection.parent, parents) & ctx.owns(ctx.grid[t], wr.peak_y, wr.peak_x)
     return sel
 
 
@@ -407,15 +436,15 @@ def _retry(group: dict[str, Any], ctx: TaskContext) -> dict[str, int]:
     while True:
         win = box.grow(margin, bounds)
         (wr,) = stages.analyse_regions([_read(m, win)], ctx.plan)
-        sel = _chosen(group["items"], wr, win, ctx.grid)
+        sel = _chosen(group["items"], wr, win, ctx)
         if wr.safe[sel].all() or win == bounds:
             break
         margin *= 2
     wr.meas.columns["flags"][sel & ~wr.safe] |= int(Flag.TRUNCATED)
     idx = np.flatnonzero(sel)
-    layout = CatalogLayout.for_mosaic(m, ctx.plan.science)
+    layout = ctx.layout(m)
     ctx.store.write_retry(
-        group["key"], table=_rows(layout, wr, idx), footprints=footprints_of(wr, idx, m.nx),
+        group["key"], table=_rows(layout, wr, idx), footprints=footprints_of(wr, idx, layout),
         info={"window": [win.y0, win.y1, win.x0, win.x1], "n": len(idx),
               "members": [it["key"] for it in group["items"]]},
     )  # fmt: skip
@@ -441,3 +470,53 @@ def segmentation_chunk(item, *, store: PartStore, seg_path: str) -> int:
     arr = zarr.open_group(seg_path, mode="r+", zarr_format=3)["segmentation"]
     arr[chunk.y0 : chunk.y1, chunk.x0 : chunk.x1] = out
     return int(np.count_nonzero(out))
+
+
+class RepeatedObjects(RuntimeError):
+    """Internal error: one object id measured twice, differently."""
+
+
+def catalog_of_parts(store: PartStore, names: Sequence[str], empty: pa.Table) -> pa.Table:
+    """The rows of parts ``names`` concatenated, sorted by id, each object once.
+
+    ``empty`` is the catalog's empty table: its schema and metadata are the result's.
+    """
+    tables = list(store.catalog_tables(names))
+    table = pa.concat_tables(tables) if tables else empty
+    table = _without_repeats(sorted_by(table, "id"))
+    return table.replace_schema_metadata(empty.schema.metadata)
+
+
+def _without_repeats(table: pa.Table) -> pa.Table:
+    """The ID-sorted catalog with objects measured twice kept once.
+
+    Two retry groups of one tile may hold the same parent (it left the tile window and came
+    back, in boxes that do not overlap); each measures it whole, so the rows are equal. Any
+    other repeated ID is an internal error (:class:`RepeatedObjects`).
+    """
+    ids = numpy_column(table.column("id"))
+    again = np.flatnonzero(ids[1:] == ids[:-1]) + 1
+    if len(again) == 0:
+        return table
+    first, second = table.take(again - 1).to_pylist(), table.take(again).to_pylist()
+    differ = [a["id"] for a, b in zip(first, second, strict=True)
+              if any(u != v and not (u != u and v != v) for u, v in zip(a.values(), b.values(), strict=True))]  # fmt: skip
+    if differ:
+        msg = f"internal error: {len(differ)} object IDs measured twice, differently (first {differ[0]})"
+        raise RepeatedObjects(msg)
+    logger.info("%d objects measured whole by two retry groups, kept once", len(again))
+    keep = np.ones(len(ids), dtype=bool)
+    keep[again] = False
+    return table.filter(pa.array(keep))
+
+
+def tract_catalog(names: Sequence[str], *, store: PartStore, mosaic_path: str, science,
+                  tract: TractRule, path: str, meta: dict) -> int:  # fmt: skip
+    """A survey run's task: write one tract's catalog from its parts ``names`` to ``path``.
+
+    Runs on a worker, so the driver never holds the catalog; returns the number of rows.
+    """
+    layout = layout_for(_mosaic(mosaic_path), science, tract)
+    table = catalog_of_parts(store, names, layout.table(meta=meta))
+    write_parquet_atomic(table, path)
+    return table.num_rows
