@@ -38,18 +38,11 @@ import numpy as np
 import pyarrow as pa
 
 
-def _rss_mib() -> float:
+def _status_mib(field: str = "VmHWM") -> float:
+    """This process's peak (``VmHWM``) or current (``VmRSS``) resident memory, MiB."""
     with open("/proc/self/status") as f:
         for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
-
-
-def _now_rss_mib() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) / 1024
     return float("nan")
 
@@ -109,7 +102,7 @@ def assemble(root: str, names: list[str], mode: str, workers: int, out: str) -> 
 
     store = PartStore(root)
     empty = _empty_catalog(Path(root))
-    base = _rss_mib()
+    base = _status_mib()
     t0 = time.perf_counter()
     if mode == "driver":
         table = catalog_of_parts(store, names, empty)
@@ -128,7 +121,7 @@ def assemble(root: str, names: list[str], mode: str, workers: int, out: str) -> 
             res = map_tasks(client, _partition, list(enumerate(groups)), desc="partitions",
                             progress=False, root=root, out=out)  # fmt: skip
             n = sum(res.results.values())
-    return {"seconds": time.perf_counter() - t0, "rows": n, "driver_peak_mib": _rss_mib(),
+    return {"seconds": time.perf_counter() - t0, "rows": n, "driver_peak_mib": _status_mib(),
             "driver_base_mib": base}  # fmt: skip
 
 
@@ -160,11 +153,11 @@ def overhead(n_tasks: int, workers: int) -> dict:
     out = {}
     with (LocalCluster(n_workers=workers, threads_per_worker=1, dashboard_address=None) as c,
           Client(c) as client):  # fmt: skip
-        rss0 = _now_rss_mib()
+        rss0 = _status_mib("VmRSS")
         t0 = time.perf_counter()
         res = map_tasks(client, _noop, list(range(n_tasks)), desc="noop", progress=False)
         out["map_tasks_per_s"] = n_tasks / (time.perf_counter() - t0)
-        out["map_tasks_driver_growth_mib"] = _now_rss_mib() - rss0
+        out["map_tasks_driver_growth_mib"] = _status_mib("VmRSS") - rss0
         assert len(res.results) == n_tasks
         t0 = time.perf_counter()
         futs = client.map(

@@ -146,18 +146,7 @@ class PartStore:
         return True
 
     def _check_resumable(self, run_info: dict[str, Any]) -> None:
-        run_file = self.root / RUN_FILE
-        if not run_file.exists():
-            msg = f"cannot resume: {self.root} holds no {RUN_FILE} (not a survey_engine run)"
-            raise StoreError(msg)
-        previous = json.loads(run_file.read_text())
-        if previous != run_info:
-            diff = sorted(k for k in run_info if previous.get(k) != run_info[k])
-            msg = (
-                f"cannot resume: {self.root} holds a different run (differs in "
-                f"{', '.join(diff)}); use another output directory or overwrite=True"
-            )
-            raise StoreError(msg)
+        _check_same_run(self.root / RUN_FILE, run_info, "survey_engine run", "run")
 
     def previous_run(self) -> dict[str, Any] | None:
         """The ``run.json`` of the run this directory holds, if any."""
@@ -343,18 +332,8 @@ class SurveyStore:
                         "overwrite=True (--overwrite)"
                     )
                     raise StoreError(msg)
-                elif not path.is_file():
-                    msg = f"cannot resume: {self.root} holds no {SURVEY_FILE} (not a survey run)"
-                    raise StoreError(msg)
                 else:
-                    previous = json.loads(path.read_text())
-                    if previous != info:
-                        diff = sorted(k for k in info if previous.get(k) != info[k])
-                        msg = (
-                            f"cannot resume: {self.root} holds a different survey run (differs "
-                            f"in {', '.join(diff)}); use another output directory or overwrite=True"
-                        )
-                        raise StoreError(msg)
+                    _check_same_run(path, info, "survey run", "survey run")
                     return
             self.catalog.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps(info, indent=2))
@@ -374,11 +353,28 @@ class SurveyStore:
 
     def finished_tracts(self) -> set[int]:
         """The tracts whose catalog is written."""
-        return {int(p.parent.name.split("=", 1)[1]) for p in self.catalog.glob("tract=*/part-0.parquet")}
+        return {
+            int(p.parent.name.split("=", 1)[1]) for p in self.catalog.glob("tract=*/part-0.parquet")
+        }
 
     def write_schema(self, schema: pa.Schema) -> None:
         """The dataset's ``_common_metadata``: schema with units and the survey's metadata."""
         pq.write_metadata(schema, self.catalog / "_common_metadata")
+
+
+def _check_same_run(path: Path, info: dict[str, Any], kind: str, other: str) -> None:
+    """Refuse to resume unless ``path`` (a run file) holds exactly ``info``."""
+    if not path.is_file():
+        msg = f"cannot resume: {path.parent} holds no {path.name} (not a {kind})"
+        raise StoreError(msg)
+    previous = json.loads(path.read_text())
+    if previous != info:
+        diff = sorted(k for k in info if previous.get(k) != info[k])
+        msg = (
+            f"cannot resume: {path.parent} holds a different {other} (differs in "
+            f"{', '.join(diff)}); use another output directory or overwrite=True"
+        )
+        raise StoreError(msg)
 
 
 def retry_part(key: str) -> str:

@@ -328,13 +328,14 @@ def _every_peak(q: _Pixels, pk: _Peaks) -> torch.Tensor:
     return _nearest(q, pk, rows, None)[1]
 
 
-def _grid_rows(q: _Pixels, cells: tuple, ring: int, nb: int, h: int, w: int):
+def _grid_rows(q: _Pixels, cells: tuple, ring: int, ncy: int, ncx: int):
     """Candidate rows of the cells within ``ring`` cells of each pixel's predicted centre.
 
     One row per cell row: the cells of one cell row are consecutive in the sorted peak order.
+    ``cells``: the first sorted peak and the number of peaks of each cell; ``ncy, ncx``: the
+    grid's shape per window.
     """
     cstart, ccount = cells
-    ncy, ncx = -(-h // _CELL), -(-w // _CELL)
     dev = q.y.device
     qy = (q.y.double() + q.dy.double()).nan_to_num(nan=-1e9).clamp(-1e9, 1e9)
     qx = (q.x.double() + q.dx.double()).nan_to_num(nan=-1e9).clamp(-1e9, 1e9)
@@ -383,13 +384,13 @@ def _assign(q: _Pixels, pk: _Peaks, nb: int, h: int, w: int) -> torch.Tensor:
     cells = (torch.cumsum(ccount, 0) - ccount, ccount)
     for ring in _RINGS:
         chunk = max(1, _MAX_PAIRS // (2 * ring + 1))
+        limit = float(ring * _CELL) ** 2 * (1 - 1e-5)
         still = []
         for c0 in range(0, todo.numel(), chunk):
             idx = todo[c0 : c0 + chunk]
             sub = q.take(idx)
-            d2, best = _nearest(sub, pk, _grid_rows(sub, cells, ring, nb, h, w), order)
-            radius = float(ring * _CELL)
-            found = d2 <= radius * radius * (1 - 1e-5)
+            d2, best = _nearest(sub, pk, _grid_rows(sub, cells, ring, ncy, ncx), order)
+            found = d2 <= limit
             out[idx[found]] = best[found]
             still.append(idx[~found])
         todo = torch.cat(still)
