@@ -15,8 +15,8 @@ import pyarrow.parquet as pq
 
 from .schema import BAND_INHERITED_FLAGS, ColumnSpec, catalog_columns, empty_columns, object_ids
 
-__all__ = ["CatalogLayout", "catalog_metadata", "read_catalog", "reference_band", "to_arrow",
-           "write_parquet_atomic"]  # fmt: skip
+__all__ = ["CatalogLayout", "catalog_metadata", "dataset_files", "read_catalog", "reference_band",
+           "to_arrow", "write_parquet_atomic"]  # fmt: skip
 
 #: Detection-image columns copied from the measurements unchanged.
 _COPIED = ("x", "y", "x_iso", "y_iso", "x_err", "y_err", "a", "b", "theta", "e1", "e2",
@@ -272,45 +272,62 @@ def read_catalog(path: str | os.PathLike):
         msg = f"catalog not found: {path}"
         raise FileNotFoundError(msg)
     if path.is_dir():
-        if (path / "catalog").is_dir():
-            return _read_dataset(path / "catalog")
         if (path / "catalog.parquet").is_file():
             return _to_qtable(pq.read_table(path / "catalog.parquet"), catalog_metadata(path / "catalog.parquet"))
-        if any(path.glob("*=*/*.parquet")):
+        if (path / "catalog").is_dir():
+            return _read_dataset(path / "catalog")
+        if any(dataset_files(path)):
             return _read_dataset(path)
         msg = f"no catalog in {path} (neither catalog.parquet nor a catalog/ dataset)"
         raise FileNotFoundError(msg)
     return _to_qtable(pq.read_table(path), catalog_metadata(path))
 
 
+def dataset_files(root: str | os.PathLike) -> list[Path]:
+    """The visible Parquet files of a catalog dataset: ``part-*.parquet`` or ``key=value/*.parquet``."""
+    root = Path(root)
+    files = [*root.glob("*.parquet"), *root.glob("*=*/*.parquet")]
+    return [p for p in files if not p.name.startswith((".", "_"))
+            and not p.parent.name.startswith((".", "_"))]  # fmt: skip
+
+
 def _read_dataset(root: Path):
-    """A Parquet dataset partitioned by ``key=value`` directories, partitions in value order."""
+    """A catalog dataset: files partitioned by ``key=value`` directories (partitions in value
+    order, a ``key`` column added) or plain ``part-*.parquet`` files; rows sorted by
+    (partition, id), so the table is the same however the catalog was split into files."""
 
     def value(p: Path):
+        if p.parent == root:
+            return (0, 0, "")
         v = p.parent.name.split("=", 1)[1]
         return (0, int(v), "") if v.lstrip("-").isdigit() else (1, 0, v)
 
-    files = sorted((p for p in root.glob("*=*/*.parquet") if not p.name.startswith(".")),
-                   key=lambda p: (value(p), p.name))  # fmt: skip
+    files = sorted(dataset_files(root), key=lambda p: (value(p), p.name))
     common = root / "_common_metadata"
     if not files and not common.is_file():
         msg = f"catalog dataset {root} holds no parts"
         raise FileNotFoundError(msg)
     schema = pq.read_schema(common if common.is_file() else files[0])
-    key = files[0].parent.name.split("=", 1)[0] if files else "tract"
+    partitioned = any(p.parent != root for p in files) or not files
+    key = next((p.parent.name.split("=", 1)[0] for p in files if p.parent != root), "tract")
     tables = []
     for p in files:
         t = pq.read_table(p).replace_schema_metadata(None)
-        tables.append(t.append_column(key, pa.array(np.full(t.num_rows, value(p)[1], np.int64))))
+        if partitioned:
+            t = t.append_column(key, pa.array(np.full(t.num_rows, value(p)[1], np.int64)))
+        tables.append(t)
     if tables:
         table = pa.concat_tables(tables)
     else:
         table = schema.empty_table().append_column(key, pa.array(np.zeros(0, np.int64)))
+    if len(files) > 1 and "id" in table.column_names:
+        table = table.sort_by([(key, "ascending"), ("id", "ascending")] if partitioned else "id")
     # field metadata (units, descriptions) from the schema
     fields = [schema.field(f.name) if f.name in schema.names else f for f in table.schema]
     table = table.cast(pa.schema(fields))
     meta = catalog_metadata(common if common.is_file() else files[0])
-    meta["partitioning"] = key
+    if partitioned:
+        meta["partitioning"] = key
     return _to_qtable(table, meta)
 
 

@@ -10,7 +10,9 @@ of :mod:`survey_engine.tasks`; pixel arrays never travel through the scheduler:
    around it until it is (doubling the margin, up to the whole mosaic);
 4. **segmentation** — each chunk of the output segmentation map is written by exactly one
    task from the parts' core labels and footprints;
-5. **catalog** — parts concatenated, sorted by ID, written as Parquet.
+5. **catalog** — workers write it from the parts, each file's rows sorted by ID: one
+   ``catalog.parquet``, or above ``survey_engine.catalog-partition-pixels`` a dataset
+   ``catalog/part-*.parquet`` (:func:`catalog_partitions`).
 
 ``resume`` skips every part already written (:class:`~survey_engine.store.PartStore`), so a
 crashed run continues where it stopped and a run with failed tiles retries only those.
@@ -22,6 +24,7 @@ import contextlib
 import dataclasses
 import logging
 import os
+import shutil
 import time
 import warnings
 from collections.abc import Mapping, Sequence
@@ -30,11 +33,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow.parquet as pq
 import zarr
 
 from . import config as _conf
 from .backends import BACKENDS
-from .catalog import CatalogLayout, reference_band, write_parquet_atomic
+from .catalog import reference_band
 from .config import ExecutionConfig, ScienceConfig
 from .deblend import check_backend
 from .kernels.background import filter_mesh
@@ -55,10 +59,10 @@ from .schema import ID_SCHEME, flag_descriptions
 from .stages import WindowPlan, guard_band
 from .store import PartStore, StoreError, retry_part
 from .tasks import (
-    RepeatedObjects,
     TaskContext,
     background_block,
-    catalog_of_parts,
+    catalog_partition,
+    layout_for,
     process_tiles,
     resumed_retry_groups,
     retry,
@@ -308,6 +312,9 @@ def run(
         timings: dict[str, float] = {}
         try:
             tiles, pending = _stages(c, m, s, store, progress, timings)
+            cat_path, n = _catalog_stage(c, m, s, store, pending, progress, timings,
+                                         directory=store.root / "catalog",
+                                         single=store.root / "catalog.parquet")  # fmt: skip
         except KeyboardInterrupt:
             stopped = (RunInterrupted, "interrupted")
         except Exception as err:
@@ -321,18 +328,13 @@ def run(
             quiet.engage(c)
     if stopped:
         raise _stopped(store, s.grid, fresh, *stopped)
-    clock = _Clock(timings)
-    cat_path, seg_path = store.root / "catalog.parquet", store.root / "segmentation.zarr"
-    n = _catalog_stage(store, s.grid, pending, cat_path, CatalogLayout.for_mosaic(m, s.science), _catalog_meta(s, m))
-    clock.lap("catalog")
+    seg_path = store.root / "segmentation.zarr"
     timings["total"] = time.perf_counter() - t_start
     logger.info("catalog %s: %d objects (%d retried)", cat_path, n, len(pending))
-    gpu_memory = [r["gpu_memory"] for r in tiles.results.values() if r.get("gpu_memory")]
     return RunResult(
         store.root, cat_path, seg_path, n, len(s.grid), len(pending), timings,
-        stages=_stage_seconds(tiles), pixels=m.ny * m.nx,
-        gpu_memory=max(gpu_memory) if gpu_memory else None, backend=s.execution.backend,
-        device=s.execution.device,
+        stages=tiles.stages, pixels=m.ny * m.nx, gpu_memory=tiles.gpu_memory,
+        backend=s.execution.backend, device=s.execution.device,
     )  # fmt: skip
 
 
@@ -496,8 +498,29 @@ def _background_stage(client, m: Mosaic, plan: WindowPlan, store: PartStore, pro
     return filtered(*saved)
 
 
-def _tile_stage(client, ctx: TaskContext, progress: bool) -> TaskResults:
-    """Stage 2: the unfinished tiles in tasks of one or several tiles (equal read shapes together)."""
+@dataclass
+class TileStage:
+    """What the tile stage reports: failures, seconds per pipeline stage, peak GPU memory."""
+
+    failures: list[TaskFailure] = field(default_factory=list)
+    stages: dict[str, float] = field(default_factory=dict)
+    gpu_memory: int | None = None
+
+    def add(self, report: dict[str, Any]) -> None:
+        """Fold in one task's report (:func:`~survey_engine.tasks.process_tiles`)."""
+        self.failures += [TaskFailure(name, err) for name, err in report["failed"].items()]
+        for k, v in report.get("times", {}).items():
+            self.stages[k] = self.stages.get(k, 0.0) + v
+        if mem := report.get("gpu_memory"):
+            self.gpu_memory = max(self.gpu_memory or 0, mem)
+
+
+def _tile_stage(client, ctx: TaskContext, progress: bool) -> TileStage:
+    """Stage 2: the unfinished tiles in tasks of one or several tiles (equal read shapes together).
+
+    The tasks' reports are folded in as they arrive (none is kept), so the driver's memory
+    does not grow with the number of tiles beyond the grid itself.
+    """
     grid, ex = ctx.grid, ctx.plan.execution
     done = ctx.store.finished(t.name for t in grid)
     todo = [t for t in grid if t.name not in done]
@@ -508,15 +531,14 @@ def _tile_stage(client, ctx: TaskContext, progress: bool) -> TaskResults:
     ordered = sorted(todo, key=lambda t: (t.read.shape, t.index)) if per_task > 1 else todo
     batches = [ordered[i : i + per_task] for i in range(0, len(ordered), per_task)]
     keys = [f"{b[0].name}+{len(b) - 1}" if len(b) > 1 else b[0].name for b in batches]
+    out = TileStage()
     res = map_tasks(client, process_tiles, batches, keys=keys, desc="tiles", progress=progress,
-                    resources=ex.resources or None, ctx=ctx)  # fmt: skip
+                    resources=ex.resources or None, ctx=ctx, keep_results=False,
+                    on_result=lambda _, report: out.add(report))  # fmt: skip
     by_key = dict(zip(keys, batches, strict=True))
-    out = TaskResults(results=res.results)
     for f in res.failures:  # the whole task died: name its tiles
         names = ", ".join(t.name for t in by_key[f.key])
         out.failures.append(TaskFailure(f.key, f"tiles {names}: {f.error}" if len(by_key[f.key]) > 1 else f.error))
-    for r in res.results.values():
-        out.failures += [TaskFailure(name, err) for name, err in r["failed"].items()]
     return out
 
 
@@ -575,21 +597,64 @@ def _segmentation_stage(client, m: Mosaic, grid: TileGrid, store: PartStore, pen
         zarr.consolidate_metadata(str(seg_path))
 
 
-def _catalog_stage(store: PartStore, grid: TileGrid, pending, path: Path, layout: CatalogLayout,
-                   meta) -> int:  # fmt: skip
-    """Stage 5: the parts' rows concatenated, sorted by ID, written as one Parquet file."""
-    names = [t.name for t in grid] + [retry_part(p["key"]) for p in pending]
-    try:
-        table = catalog_of_parts(store, names, layout.table(meta=meta))
-    except RepeatedObjects as err:
-        raise RunError(str(err)) from None
-    write_parquet_atomic(table, path)
-    return table.num_rows
+def catalog_partitions(grid: TileGrid, pending: Sequence[dict], max_pixels: int) -> list[list[str]]:
+    """The parts that make each file of the catalog.
+
+    One file unless the tiles cover more than ``max_pixels``; then one file per run of
+    consecutive tiles covering at most that many, and one for the retried objects (the only
+    parts that can repeat an object: it is kept once within that file). Objects of different
+    tiles are distinct, so the files never share an object.
+    """
+    tiles = [t.name for t in grid]
+    retries = [retry_part(p["key"]) for p in pending]
+    tile_pixels = grid.tile[0] * grid.tile[1]
+    if len(tiles) * tile_pixels <= max_pixels:
+        return [tiles + retries]
+    per = max(1, max_pixels // tile_pixels)
+    return [tiles[i : i + per] for i in range(0, len(tiles), per)] + ([retries] if retries else [])
 
 
-def _stage_seconds(tiles: TaskResults) -> dict[str, float]:
-    out: dict[str, float] = {}
-    for r in tiles.results.values():
-        for k, v in r.get("times", {}).items():
-            out[k] = out.get(k, 0.0) + v
-    return out
+def _catalog_stage(client, m: Mosaic, s: RunSettings, store: PartStore, pending, progress: bool,
+                   timings: dict, *, directory: Path, single: Path | None = None, tract=None,
+                   meta: dict | None = None) -> tuple[Path, int]:  # fmt: skip
+    """Stage 5: workers write the catalog from the parts (the driver never holds it).
+
+    Into ``single`` (one Parquet file) when the catalog is one partition and ``single`` is
+    given; else a dataset ``directory/part-NNNNN.parquet`` with ``_common_metadata``,
+    written in a hidden sibling directory and renamed whole, replacing an earlier one.
+
+    Returns
+    -------
+    (Path, int)
+        Where the catalog is, and its rows.
+    """
+    clock = _Clock(timings)
+    meta = _catalog_meta(s, m) if meta is None else meta
+    max_pixels = int(_conf.get("catalog-partition-pixels") or 2**28)
+    parts = catalog_partitions(s.grid, pending, max_pixels)
+    if single is not None and len(parts) == 1:
+        target, paths = single, [single]
+        shutil.rmtree(directory, ignore_errors=True)  # an earlier run's dataset
+    else:
+        target = directory.parent / f".{directory.name}.tmp-{os.getpid()}"
+        shutil.rmtree(target, ignore_errors=True)
+        target.mkdir(parents=True)
+        paths = [target / f"part-{k:05d}.parquet" for k in range(len(parts))]
+    res = map_tasks(client, catalog_partition, list(zip(parts, map(str, paths), strict=True)),
+                    desc="catalog", progress=progress and len(parts) > 1, store=store,
+                    mosaic_path=m.path, science=s.science, tract=tract, meta=meta, retries=1)  # fmt: skip
+    if res.failures:
+        err = res.failures[0].error.removeprefix("RepeatedObjects: ")
+        raise RunError(f"writing the catalog failed for {len(res.failures)} partition(s): {err}", res.failures)
+    if target != single:
+        layout = layout_for(m, s.science, tract)
+        pq.write_metadata(layout.table(meta=meta).schema, target / "_common_metadata")
+        for old in (directory, single):
+            if old is not None and old.is_dir():
+                shutil.rmtree(old)
+            elif old is not None and old.exists():
+                old.unlink()
+        os.rename(target, directory)
+        target = directory
+    clock.lap("catalog")
+    return target, sum(res.results.values())

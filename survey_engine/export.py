@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import pyarrow.parquet as pq
 
+from .catalog import dataset_files
 from .parallel import dask_client
 
 __all__ = ["export_hats"]
@@ -79,12 +80,14 @@ def export_hats(
 
 
 def _input_files(catalog: Path) -> list[Path]:
-    """The Parquet files of a catalog: the file itself, or a partitioned dataset's parts."""
+    """The Parquet files of a catalog: the file itself, or a dataset's files."""
     if catalog.is_file():
         return [catalog]
+    if (catalog / "catalog.parquet").is_file():
+        return [catalog / "catalog.parquet"]
     root = catalog / "catalog" if (catalog / "catalog").is_dir() else catalog
-    files = sorted(p for p in root.glob("*=*/*.parquet") if not p.name.startswith("."))
-    if not catalog.is_dir() or not files:
+    files = sorted(dataset_files(root)) if catalog.is_dir() else []
+    if not files:
         msg = f"catalog not found: {catalog}"
         raise FileNotFoundError(msg)
     return files

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import itertools
 import logging
 import os
 import signal
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,7 +24,7 @@ import dask.config
 
 __all__ = ["GPUUnavailable", "SchedulerUnreachable", "TaskFailure", "check_interrupt",
            "cluster_workers", "dask_client", "default_workers", "interrupts_deferred",
-           "local_cluster", "map_tasks", "workers_with"]  # fmt: skip
+           "local_cluster", "map_tasks", "request_interrupt", "workers_with"]  # fmt: skip
 
 logger = logging.getLogger(__name__)
 
@@ -211,11 +212,18 @@ class TaskResults:
     failures: list[TaskFailure] = field(default_factory=list)
 
 
-def map_tasks(client: Any, func: Callable[..., Any], items: Sequence[Any], *,
+def map_tasks(client: Any, func: Callable[..., Any], items: Iterable[Any], *,
               keys: Iterable[Any] | None = None, desc: str = "tasks", progress: bool = True,
               on_result: Callable[[Any, Any], None] | None = None, retries: int = 0,
-              resources: dict[str, float] | None = None, **kwargs: Any) -> TaskResults:  # fmt: skip
+              resources: dict[str, float] | None = None, keep_results: bool = True,
+              total: int | None = None, in_flight: int | None = None,
+              **kwargs: Any) -> TaskResults:  # fmt: skip
     """Run ``func(item, **kwargs)`` for every item on the cluster, streaming results.
+
+    Items are submitted in batches with a bounded number of tasks in flight, and finished
+    tasks' results are gathered a batch at a time, so the driver's memory and the scheduler's
+    task count do not grow with the number of items (with ``keep_results=False``) and the
+    per-task cost is not a round trip per task (``benchmarks/scale.py``).
 
     Parameters
     ----------
@@ -223,8 +231,9 @@ def map_tasks(client: Any, func: Callable[..., Any], items: Sequence[Any], *,
         Where to run.
     func : callable
         A pure function of one item (plus ``kwargs``), importable on the workers.
-    items : sequence
-        Work items (small: tile descriptions, not pixel arrays).
+    items : iterable
+        Work items (small: tile descriptions, not pixel arrays); consumed lazily, so a
+        generator of millions of items is never held whole.
     keys : iterable, optional
         One key per item for the results dict (default: the item's position).
     desc, progress
@@ -235,58 +244,152 @@ def map_tasks(client: Any, func: Callable[..., Any], items: Sequence[Any], *,
         Times the scheduler retries an item whose function raised.
     resources : dict, optional
         Dask resources each task needs (``{"GPU": 1}``): it runs only where declared, one per unit.
+    keep_results : bool
+        Keep every result in the returned ``results`` (False: only ``on_result`` sees them).
+    total : int, optional
+        Number of items, for the progress bar, when ``items`` has no length.
+    in_flight : int, optional
+        Most tasks submitted and not yet collected (default: the Dask config
+        ``survey_engine.tasks-in-flight``, else 8 per worker thread, at least 64).
     **kwargs
-        Shared keyword arguments (scattered once, e.g. a background mesh).
+        Shared keyword arguments, sent to the cluster once (not with every task) when their
+        pickle is larger than 10 kB.
 
     Returns
     -------
     TaskResults
-        Successful results by key and the list of failures (never raised).
+        Successful results by key (unless ``keep_results`` is False) and the list of failures
+        (never raised).
     """
     from distributed import as_completed
     from tqdm.auto import tqdm
 
-    items = list(items)
-    keys = list(range(len(items))) if keys is None else list(keys)
-    if len(keys) != len(items):
-        msg = f"got {len(keys)} keys for {len(items)} items"
-        raise ValueError(msg)
+    if total is None and hasattr(items, "__len__"):
+        total = len(items)
+    keys_it = iter(keys) if keys is not None else itertools.count()
+    pairs = _paired(keys_it, iter(items), keys is not None)
     out = TaskResults()
-    if not items:
-        return out
-    shared = {k: client.scatter(v, broadcast=True) if _is_big(v) else v for k, v in kwargs.items()}
-    futures = client.map(
-        _TaskCall(func), items, pure=False, retries=retries, resources=resources,
-        key=f"{desc}-{uuid.uuid4().hex[:8]}", **shared,
-    )  # fmt: skip
-    by_future = dict(zip(futures, keys, strict=True))
-    with tqdm(total=len(items), desc=desc, disable=not progress, unit="task") as bar:
-        for fut in _completed(as_completed(futures)):
-            key = by_future[fut]
-            if fut.status == "error":
-                exc = fut.exception()
-                out.failures.append(TaskFailure(key, f"{type(exc).__name__}: {exc}"))
-                logger.error("%s %r failed: %s: %s", desc, key, type(exc).__name__, exc)
-            else:
-                out.results[key] = res = fut.result()
+    limit = int(in_flight or dask.config.get("survey_engine.tasks-in-flight", default=None)
+                or max(64, 8 * _threads(client)))  # fmt: skip
+    call, token = _TaskCall(func), uuid.uuid4().hex[:8]
+    shared: dict[str, Any] | None = None
+    by_future: dict[Any, Any] = {}
+    ac = as_completed()
+    n_sent = 0
+
+    def submit(n: int) -> None:
+        nonlocal shared, n_sent
+        batch = list(itertools.islice(pairs, n))
+        if not batch:
+            return
+        if shared is None:
+            shared = {k: _shared(client, v) for k, v in kwargs.items()}
+        futures = client.map(
+            call, [item for _, item in batch], pure=False, retries=retries, resources=resources,
+            key=[f"{desc}-{token}-{n_sent + i}" for i in range(len(batch))], **shared,
+        )  # fmt: skip
+        n_sent += len(batch)
+        by_future.update(zip(futures, (k for k, _ in batch), strict=True))
+        ac.update(futures)
+
+    step = max(1, limit // 4)
+    submit(limit)
+    with tqdm(total=total, desc=desc, disable=not progress, unit="task") as bar:
+        for batch in _completed(ac):
+            ok = [f for f in batch if f.status != "error"]
+            for fut, res in zip(ok, _gathered(client, ok), strict=True):
+                if isinstance(res, _Failed):
+                    _failed(out, desc, by_future.pop(fut), res.error)
+                    continue
+                key = by_future.pop(fut)
+                if keep_results:
+                    out.results[key] = res
                 if on_result is not None:
                     on_result(key, res)
-            fut.release()
-            bar.update(1)
+            for fut in batch:
+                if fut.status == "error" and fut in by_future:
+                    _failed(out, desc, by_future.pop(fut), fut.exception())
+                fut.release()
+            bar.update(len(batch))
+            if len(by_future) <= limit - step:
+                submit(limit - len(by_future))
     return out
 
 
-def _completed(ac) -> Iterator[Any]:
-    """The futures of ``ac`` as they finish, stopping cleanly on a deferred interrupt."""
+def _failed(out: TaskResults, desc: str, key: Any, exc: BaseException) -> None:
+    out.failures.append(TaskFailure(key, f"{type(exc).__name__}: {exc}"))
+    logger.error("%s %r failed: %s: %s", desc, key, type(exc).__name__, exc)
+
+
+def _paired(keys: Iterator[Any], items: Iterator[Any], given: bool) -> Iterator[tuple[Any, Any]]:
+    """(key, item) pairs; given keys must match the items one to one."""
+    for item in items:
+        try:
+            key = next(keys)
+        except StopIteration:
+            msg = "got fewer keys than items"
+            raise ValueError(msg) from None
+        yield key, item
+    if given and next(keys, _END) is not _END:
+        msg = "got more keys than items"
+        raise ValueError(msg)
+
+
+_END = object()
+
+
+def _gathered(client: Any, futures: list[Any]) -> list[Any]:
+    """The results of finished futures in one round trip (one by one if that fails)."""
+    if not futures:
+        return []
+    try:
+        return client.gather(futures)
+    except Exception:  # a result lost with its worker and failing on recomputation: mark it
+        return [_result_or_error(f) for f in futures]
+
+
+def _result_or_error(fut: Any) -> Any:
+    """The future's result, or its error as a failure of the item; a cancelled future (the
+    scheduler was lost, the client closed) raises, stopping the whole map."""
+    from concurrent.futures import CancelledError
+
+    try:
+        return fut.result()
+    except CancelledError:
+        raise
+    except Exception as err:
+        return _Failed(err)
+
+
+@dataclass
+class _Failed:
+    error: BaseException
+
+
+def _threads(client: Any) -> int:
+    return sum(w.get("nthreads", 1) for w in cluster_workers(client).values()) or 1
+
+
+def _shared(client: Any, value: Any) -> Any:
+    """``value`` as is when small, else scattered once to every worker (a future)."""
+    import pickle
+
+    if _is_big(value) or len(pickle.dumps(value, protocol=5)) > 10_000:
+        return client.scatter(value, broadcast=True, hash=False)
+    return value
+
+
+def _completed(ac) -> Iterator[list[Any]]:
+    """Batches of the futures of ``ac`` as they finish, stopping cleanly on a deferred interrupt."""
     while True:
         check_interrupt()
         batch = ac.next_batch(block=False)
         if batch:
-            yield from batch
+            yield batch
         elif ac.is_empty():
             return
         else:
-            time.sleep(0.02)
+            time.sleep(0.01)
 
 
 _INTERRUPTED = threading.Event()
@@ -303,7 +406,10 @@ def interrupts_deferred() -> Iterator[None]:
     """
     previous = signal.getsignal(signal.SIGINT)
     if threading.current_thread() is not threading.main_thread() or previous == signal.SIG_IGN:
-        yield
+        try:
+            yield
+        finally:
+            _INTERRUPTED.clear()  # a stop asked for by request_interrupt
         return
 
     def handler(signum, frame):
@@ -324,6 +430,12 @@ def check_interrupt() -> None:
     """Raise ``KeyboardInterrupt`` if a deferred interrupt is pending."""
     if _INTERRUPTED.is_set():
         raise KeyboardInterrupt
+
+
+def request_interrupt() -> None:
+    """Stop every :func:`map_tasks` in progress (in any thread) at its next safe point, as a
+    first Ctrl-C does; cleared when the :func:`interrupts_deferred` block ends."""
+    _INTERRUPTED.set()
 
 
 class _TaskCall:

@@ -17,7 +17,7 @@ A survey run directory (:class:`SurveyStore`) holds::
 
     survey.json               what the survey run is (survey, sky map, parameters): checked on resume
     tracts/<id>/              one run directory (above) per tract
-    catalog/tract=<id>/part-0.parquet   the global catalog, a Parquet dataset partitioned by tract
+    catalog/tract=<id>/part-NNNNN.parquet   the global catalog, a Parquet dataset partitioned by tract
     catalog/_common_metadata  its schema and catalog-level metadata
 
 Writers (workers), resume (the driver) and the segmentation and catalog stages all go
@@ -345,17 +345,17 @@ class SurveyStore:
         """The run directory of one tract."""
         return PartStore(self.root / "tracts" / str(int(tract_id)))
 
-    def catalog_part(self, tract_id: int) -> Path:
-        """The catalog file of one tract in the partitioned dataset (its directory made)."""
-        d = self.catalog / f"tract={int(tract_id)}"
-        d.mkdir(parents=True, exist_ok=True)
-        return d / "part-0.parquet"
+    def tract_catalog(self, tract_id: int) -> Path:
+        """The directory of one tract's files in the partitioned catalog (``tract=<id>``).
+
+        It appears whole (written under a hidden name, then renamed), so a tract whose
+        directory exists is finished.
+        """
+        return self.catalog / f"tract={int(tract_id)}"
 
     def finished_tracts(self) -> set[int]:
-        """The tracts whose catalog is written."""
-        return {
-            int(p.parent.name.split("=", 1)[1]) for p in self.catalog.glob("tract=*/part-0.parquet")
-        }
+        """The tracts whose catalog is written (one listing of the catalog directory)."""
+        return {int(p.name.split("=", 1)[1]) for p in self.catalog.glob("tract=*") if p.is_dir()}
 
     def write_schema(self, schema: pa.Schema) -> None:
         """The dataset's ``_common_metadata``: schema with units and the survey's metadata."""

@@ -11,23 +11,29 @@ the driver never holds the catalog. See ``docs/survey.md``.
 
 from __future__ import annotations
 
+import concurrent.futures as cf
 import contextlib
 import hashlib
 import json
 import logging
 import os
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tqdm.auto import tqdm
+
+from . import config as _conf
 from .config import ExecutionConfig, ScienceConfig
 from .driver import (
     RunError,
     RunInterrupted,
     RunSettings,
     _catalog_meta,
+    _catalog_stage,
     _connect,
     _lost,
     _QuietShutdown,
@@ -35,11 +41,11 @@ from .driver import (
     resolve_run,
 )
 from .mosaic import Mosaic, open_mosaic
-from .parallel import cluster_workers, interrupts_deferred
+from .parallel import check_interrupt, cluster_workers, interrupts_deferred, request_interrupt
 from .skymap import GLOBAL_ID_SCHEME, SkyMap, TractRule
-from .store import StoreError, SurveyStore, retry_part
+from .store import StoreError, SurveyStore
 from .survey_io import open_survey
-from .tasks import layout_for, tract_catalog
+from .tasks import layout_for
 
 __all__ = ["SurveyResult", "run_survey"]
 
@@ -155,34 +161,52 @@ def run_survey(
     failed: dict[int, str] = {}
     stopped: tuple[type, str] | None = None
     quiet = _QuietShutdown()
+    todo = [tid for tid in ids if tid not in done]
+    for tid in result.skipped:
+        logger.info("tract %d: catalog already written, kept", tid)
+    concurrent = max(1, min(len(todo), int(_conf.get("concurrent-tracts") or 1)))
     with quiet, interrupts_deferred(), contextlib.ExitStack() as stack:
         c = _connect(stack, first.execution, client)
         n_workers = len(cluster_workers(c))
-        for tid in ids:
-            if tid in done:
-                logger.info("tract %d: catalog already written, kept", tid)
-                continue
+        halt = threading.Event()
+
+        def one(tid: int) -> int:
+            if halt.is_set():
+                raise _NotStarted
+            check_interrupt()
             t0 = time.perf_counter()
-            rule = TractRule(skymap, tid)
             try:
-                result.n_objects[tid] = _run_tract(c, mosaics[tid], settings[tid], store, rule,
-                                                   n_workers, resume, progress)  # fmt: skip
-            except KeyboardInterrupt:
-                stopped = (RunInterrupted, "interrupted")
-            except RunError as err:
-                failed[tid] = str(err)
-            except Exception as err:
-                if not _lost(c, err):
-                    failed[tid] = f"{type(err).__name__}: {err}"
-                else:
-                    where = f" at {first.execution.scheduler}" if first.execution.scheduler else ""
-                    stopped = (RunError, f"lost the connection to the Dask scheduler{where}")
-            result.timings[tid] = time.perf_counter() - t0
-            if stopped:
-                quiet.engage(c)
-                break
-            if tid in failed:
-                logger.error("tract %d failed: %s", tid, failed[tid])
+                return _run_tract(c, mosaics[tid], settings[tid], store, TractRule(skymap, tid),
+                                  n_workers, resume, progress and concurrent == 1)  # fmt: skip
+            finally:
+                result.timings[tid] = time.perf_counter() - t0
+
+        pool = stack.enter_context(cf.ThreadPoolExecutor(concurrent, "survey_engine-tract"))
+        futures = {pool.submit(one, tid): tid for tid in todo}
+        with tqdm(total=len(todo), desc="tracts", unit="tract", disable=not progress or concurrent == 1) as bar:
+            for fut in _finished(futures):
+                tid = futures[fut]
+                bar.update(1)
+                try:
+                    result.n_objects[tid] = fut.result()
+                except _NotStarted:
+                    continue
+                except KeyboardInterrupt:
+                    stopped = stopped or (RunInterrupted, "interrupted")
+                except RunError as err:
+                    failed[tid] = str(err)
+                except Exception as err:
+                    if not _lost(c, err):
+                        failed[tid] = f"{type(err).__name__}: {err}"
+                    else:
+                        where = f" at {first.execution.scheduler}" if first.execution.scheduler else ""
+                        stopped = stopped or (RunError, f"lost the connection to the Dask scheduler{where}")
+                if tid in failed:
+                    logger.error("tract %d failed: %s", tid, failed[tid])
+                if stopped and not halt.is_set():
+                    halt.set()
+                    request_interrupt()  # the tracts in progress stop at their next safe point
+                    quiet.engage(c)
     if stopped:
         cls, what = stopped
         msg = (f"{what}: {len(result.n_objects)} tract(s) finished; rerun with --resume "
@@ -200,6 +224,18 @@ def run_survey(
     logger.info("survey catalog %s: %d objects in %d tract(s) run, %d kept", store.catalog,
                 sum(result.n_objects.values()), len(result.n_objects), len(result.skipped))  # fmt: skip
     return result
+
+
+class _NotStarted(Exception):
+    """A tract not started because the survey run was stopping."""
+
+
+def _finished(futures) -> Iterator[cf.Future]:
+    """The futures as they finish, waking every 0.1 s so that Ctrl-C reaches the tracts."""
+    pending = set(futures)
+    while pending:
+        done, pending = cf.wait(pending, timeout=0.1, return_when=cf.FIRST_COMPLETED)
+        yield from done
 
 
 def _selected(skymap: SkyMap, tracts: Sequence[int] | None, survey_dir: str) -> list[int]:
@@ -261,11 +297,9 @@ def _run_tract(client, m: Mosaic, s: RunSettings, store: SurveyStore, rule: Trac
         if fresh and "background" not in timings:
             parts.discard()
         raise
-    names = [t.name for t in s.grid] + [retry_part(p["key"]) for p in pending]
     meta = {**_catalog_meta(s, m), "id": GLOBAL_ID_SCHEME, "tract": rule.tract_id}
-    path = store.catalog_part(rule.tract_id)
-    n = client.submit(tract_catalog, names, store=parts, mosaic_path=m.path, science=s.science,
-                      tract=rule, path=str(path), meta=meta, pure=False).result()  # fmt: skip
+    path, n = _catalog_stage(client, m, s, parts, pending, progress, timings, tract=rule, meta=meta,
+                             directory=store.tract_catalog(rule.tract_id))  # fmt: skip
     layout = layout_for(m, s.science, rule)
     store.write_schema(layout.table(meta={**meta, "tract": None}).schema)  # the same every time
     logger.info("tract %d: %d objects (%d object group(s) retried) in %s", rule.tract_id, n,

@@ -4,7 +4,8 @@
 * :func:`process_tiles` — the tile stage: analyse tiles, keep the objects each owns,
   write their parts;
 * :func:`retry` — measure an owned object group whole in a window grown around it;
-* :func:`segmentation_chunk` — one chunk of the segmentation map from the parts.
+* :func:`segmentation_chunk` — one chunk of the segmentation map from the parts;
+* :func:`catalog_partition` — one file of the catalog from the parts.
 
 Pixel arrays never travel through the scheduler: every task reads its window from the
 Zarr store and writes through the :class:`~survey_engine.store.PartStore`.
@@ -36,7 +37,7 @@ from .store import Footprints, PartStore
 from .tiling import Box, Tile, TileGrid
 
 __all__ = ["RepeatedObjects", "TaskContext", "TileError", "background_block", "catalog_of_parts",
-           "layout_for", "process_tiles", "retry", "segmentation_chunk", "tract_catalog"]  # fmt: skip
+           "catalog_partition", "layout_for", "process_tiles", "retry", "segmentation_chunk"]  # fmt: skip
 
 logger = logging.getLogger(__name__)
 
@@ -510,12 +511,20 @@ def _without_repeats(table: pa.Table) -> pa.Table:
     return table.filter(pa.array(keep))
 
 
-def tract_catalog(names: Sequence[str], *, store: PartStore, mosaic_path: str, science,
-                  tract: TractRule, path: str, meta: dict) -> int:  # fmt: skip
-    """A survey run's task: write one tract's catalog from its parts ``names`` to ``path``.
+def catalog_partition(item: tuple[Sequence[str], str], *, store: PartStore, mosaic_path: str,
+                      science, tract: TractRule | None, meta: dict) -> int:  # fmt: skip
+    """The catalog task: one partition of the catalog from the parts that make it.
 
-    Runs on a worker, so the driver never holds the catalog; returns the number of rows.
+    ``item`` is ``(names, path)``: the parts' rows (each object once, sorted by id) are
+    written to ``path`` atomically. It runs on a worker, so the driver never holds the
+    catalog; ``tract`` is a survey run's tract (global ids), None for a single mosaic.
+
+    Returns
+    -------
+    int
+        The partition's rows.
     """
+    names, path = item
     layout = layout_for(_mosaic(mosaic_path), science, tract)
     table = catalog_of_parts(store, names, layout.table(meta=meta))
     write_parquet_atomic(table, path)

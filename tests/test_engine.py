@@ -89,6 +89,29 @@ def test_catalog_identical_for_any_tiling(mosaic, client, reference, tmp_path, t
         assert out.n_retried > 0  # objects larger than the halo went through the retry pass
 
 
+def test_large_catalog_is_written_by_workers_as_a_dataset(mosaic, client, reference, tmp_path):
+    """Above ``catalog-partition-pixels`` the catalog is a dataset of files written by the
+    workers (tile runs plus the retried objects): together, the untiled catalog."""
+    import dask
+
+    _, ref, _ = reference
+    with dask.config.set({"survey_engine.catalog-partition-pixels": 3 * 97 * 97}):
+        out = run(mosaic, tmp_path, tile=97, halo=16, origin=(31, 60), client=client, progress=False)
+    assert out.catalog_path == tmp_path / "catalog" and not (tmp_path / "catalog.parquet").exists()
+    files = sorted(out.catalog_path.glob("part-*.parquet"))
+    assert len(files) == -(-len(make_tiles((SIZE, SIZE), 97, 16, origin=(31, 60))) // 3) + 1
+    ids = [pq.read_table(f).column("id").to_numpy() for f in files]
+    assert all(np.all(np.diff(i) > 0) for i in ids)  # each file sorted, each object once
+    assert len(np.unique(np.concatenate(ids))) == sum(map(len, ids)) == len(ref) == out.n_objects
+    assert len(ids[-1]) > 0  # the retried objects' file
+    _assert_same_catalog(ref, read_catalog(tmp_path))
+    # a resumed run with the default size replaces the dataset by one file
+    again = run(mosaic, tmp_path, tile=97, halo=16, origin=(31, 60), client=client, progress=False,
+                resume=True)  # fmt: skip
+    assert again.catalog_path == tmp_path / "catalog.parquet" and not (tmp_path / "catalog").exists()
+    _assert_same_catalog(ref, read_catalog(again.catalog_path))
+
+
 def test_one_and_two_workers_give_the_same_catalog(mosaic, reference, tmp_path):
     _, ref, _ = reference
     out = run(mosaic, tmp_path, tile=256, halo=64, workers=1, progress=False)
