@@ -9,16 +9,18 @@ Usage::
     mosaic, random values, written with ``PartStore.write_retry``), at 1×, 10× and 100× the
     objects, each scale in a fresh process so its peak RSS is its own:
 
-    * *driver*: the single-mosaic catalog stage (``tasks.catalog_of_parts`` in the driver, one
-      sorted Parquet file) — what ``run`` does today;
-    * *workers*: the survey path — one task per partition (``tasks.catalog_of_parts`` on a worker,
-      one Parquet file per partition), the driver holding only counts — what ``run_survey`` does
-      per tract.
+    * *driver*: ``tasks.catalog_of_parts`` in the driver, one sorted Parquet file — what
+      ``run`` did before the catalog stage moved to the workers;
+    * *workers*: one task per partition (``tasks.catalog_of_parts`` on a worker, one Parquet
+      file per partition), the driver holding only counts — what ``run`` (above
+      ``catalog-partition-pixels``) and ``run_survey`` do now.
 
     Prints seconds and the driver's peak RSS (VmHWM).
 (b) **Task overhead**: a no-op function over N items on a fresh LocalCluster of ``--workers``
-    processes, through ``parallel.map_tasks`` (the engine's streaming loop, one future per item)
-    and through plain ``client.map`` + ``wait``: tasks per second and the driver's RSS growth.
+    processes, through ``parallel.map_tasks`` (the engine's streaming loop: items from a
+    generator, a bounded number in flight, results gathered a batch at a time, none kept),
+    again with 8 items per task, and through plain ``client.map`` + ``wait`` (every future
+    at once): tasks per second and the driver's RSS growth.
 """
 
 from __future__ import annotations
@@ -144,8 +146,13 @@ def _noop(item):
     return item
 
 
-def overhead(n_tasks: int, workers: int) -> dict:
-    """Tasks per second for ``n_tasks`` no-op items: map_tasks, and client.map + wait."""
+def overhead(n_tasks: int, workers: int, per_task: int = 8) -> dict:
+    """Tasks per second for ``n_tasks`` no-op items: map_tasks, and client.map + wait.
+
+    map_tasks runs as the tile stage does: items from a generator, reports folded in as they
+    arrive (``keep_results=False``); then again with ``per_task`` tiles per task (the tile
+    stage's batching), counted in tiles per second.
+    """
     from distributed import Client, LocalCluster, wait
 
     from survey_engine.parallel import map_tasks
@@ -153,12 +160,18 @@ def overhead(n_tasks: int, workers: int) -> dict:
     out = {}
     with (LocalCluster(n_workers=workers, threads_per_worker=1, dashboard_address=None) as c,
           Client(c) as client):  # fmt: skip
+        seen = []
         rss0 = _status_mib("VmRSS")
         t0 = time.perf_counter()
-        res = map_tasks(client, _noop, list(range(n_tasks)), desc="noop", progress=False)
+        map_tasks(client, _noop, (i for i in range(n_tasks)), total=n_tasks, desc="noop",
+                  progress=False, keep_results=False, on_result=lambda k, r: seen.append(1))  # fmt: skip
         out["map_tasks_per_s"] = n_tasks / (time.perf_counter() - t0)
         out["map_tasks_driver_growth_mib"] = _status_mib("VmRSS") - rss0
-        assert len(res.results) == n_tasks
+        assert len(seen) == n_tasks
+        t0 = time.perf_counter()
+        batches = (list(range(i, min(i + per_task, n_tasks))) for i in range(0, n_tasks, per_task))
+        map_tasks(client, _noop, batches, desc="noop-batched", progress=False, keep_results=False)
+        out["batched_tiles_per_s"] = n_tasks / (time.perf_counter() - t0)
         t0 = time.perf_counter()
         futs = client.map(
             _noop, range(n_tasks), key=[f"noop-{n_tasks}-{i}" for i in range(n_tasks)]
@@ -210,13 +223,14 @@ def main() -> None:
         shutil.rmtree(root, ignore_errors=True)
     print(f"\n(b) task overhead, no-op tasks on a LocalCluster of {args.workers} workers\n")
     print(
-        "| tasks | map_tasks tasks/s | map_tasks driver RSS growth MiB | client.map + wait tasks/s |"
+        "| tasks | map_tasks tasks/s | map_tasks driver RSS growth MiB "
+        "| map_tasks, 8 tiles/task: tiles/s | client.map + wait tasks/s |"
     )
-    print("|---|---|---|---|")
+    print("|---|---|---|---|---|")
     for n in (int(t) for t in args.tasks.split(",")):
         o = overhead(n, args.workers)
         print(f"| {n:,} | {o['map_tasks_per_s']:.0f} | {o['map_tasks_driver_growth_mib']:.0f} "
-              f"| {o['client_map_per_s']:.0f} |")  # fmt: skip
+              f"| {o['batched_tiles_per_s']:.0f} | {o['client_map_per_s']:.0f} |")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import ctypes.util
 import logging
 import os
@@ -27,7 +28,9 @@ _DRAW_TRIM_THRESHOLD = 64 * 1024 * 1024
 _ENV = ("MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_")
 
 
+@functools.cache
 def _libc():
+    """glibc, loaded once per process (``find_library`` runs ``ldconfig``: ~ms per call)."""
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return None
     try:

@@ -15,7 +15,8 @@ The rules (``docs/survey.md``):
   partition the union of the tracts' pixels.
 * **Global ids** (:func:`global_ids`, :data:`GLOBAL_ID_SCHEME`): a HEALPix nested index of
   order :data:`HEALPIX_ORDER` of the peak's sky position, shifted left by
-  :data:`DISAMBIGUATOR_BITS` bits for a disambiguator.
+  :data:`DISAMBIGUATOR_BITS` bits for the owning tract's colour (:attr:`SkyMap.colours`:
+  overlapping tracts differ), so ids made tract by tract are unique survey-wide.
 """
 
 from __future__ import annotations
@@ -45,14 +46,15 @@ logger = logging.getLogger(__name__)
 SKYMAP_FILE = "skymap.json"  #: Name of the sky-map file in a survey directory.
 SKYMAP_FORMAT_VERSION = 1
 HEALPIX_ORDER = 26  #: HEALPix order of the global ids (cells of ~3.1 mas, 56 bits).
-DISAMBIGUATOR_BITS = 7  #: Low bits of a global id: rank of the object in its HEALPix cell.
+DISAMBIGUATOR_BITS = 7  #: Low bits of a global id: the owning tract's colour (1..127).
 MAX_ABS_DEC_RINGS = 85.0  #: :meth:`SkyMap.rings` refuses regions beyond this |dec| (no polar caps).
 
 #: How :func:`global_ids` forms an id (to store in a survey catalog's metadata).
 GLOBAL_ID_SCHEME = (
-    f"(healpix_nested(order={HEALPIX_ORDER}, ra_peak, dec_peak) << {DISAMBIGUATOR_BITS}) | rank, "
+    f"(healpix_nested(order={HEALPIX_ORDER}, ra_peak, dec_peak) << {DISAMBIGUATOR_BITS}) | colour, "
     "where (ra_peak, dec_peak) is the sky position of the centre of the peak pixel in the owning "
-    "tract and rank (0..127) orders the objects sharing that HEALPix cell by (tract, y_peak, x_peak)"
+    "tract and colour (1..127) is the owning tract's colour in the sky map (neighbouring tracts "
+    "have different colours; never 0, so no id is 0)"
 )
 
 
@@ -181,6 +183,14 @@ class Tract:
         return cls(int(tract_id), float(ra) % 360.0, float(dec), (ny, nx), cards,
                    None if inner is None else dict(inner), mosaic)  # fmt: skip
 
+    def __getstate__(self) -> dict[str, Any]:
+        # A snapshot: another thread may fill a cached property while this is pickled (the
+        # driver pickles a survey's shared sky map while tracts run); dict() is atomic.
+        return dict(self.__dict__)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+
     @functools.cached_property
     def wcs(self) -> WCS:
         """The tract's astropy WCS."""
@@ -304,6 +314,12 @@ class SkyMap:
         _raise_if(bool(dup), f"tract ids must be unique, got {dup} more than once")
         self._by_id = {t.id: t for t in self.tracts}
         self.meta: dict[str, Any] = dict(meta or {})
+
+    def __getstate__(self) -> dict[str, Any]:
+        return dict(self.__dict__)  # a snapshot, as Tract.__getstate__
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
 
     # --- access ---------------------------------------------------------------------------
     def __len__(self) -> int:
@@ -436,10 +452,35 @@ class SkyMap:
             np.atleast_1d(np.asarray(v, np.int64)) for v in (tract, y_peak, x_peak)
         )
         ra, dec = np.zeros(tract.size), np.zeros(tract.size)
+        colour = np.zeros(tract.size, np.int64)
         for k in np.unique(tract):
             sel = tract == k
             ra[sel], dec[sel] = self[int(k)].pixel_to_sky(x_peak[sel], y_peak[sel])
-        return global_ids(ra, dec, tract, y_peak, x_peak)
+            colour[sel] = self.colours[int(k)]
+        return global_ids(ra, dec, colour)
+
+    @functools.cached_property
+    def colours(self) -> dict[int, int]:
+        """Tract id → colour (1..127) for the global ids: tracts that may overlap differ.
+
+        A greedy colouring of the :meth:`neighbours` graph in tract-id order (each tract
+        takes the smallest colour none of its lower-id neighbours has): a few colours for
+        any tiling of the sky by tracts, fixed by the sky map alone.
+
+        Raises
+        ------
+        ValueError
+            More than 127 colours would be needed (a tract overlapping > 126 others).
+        """
+        out: dict[int, int] = {}
+        for t in self.tracts:
+            used = {out[k] for k in self.neighbours(t.id) if k in out}
+            c = next(c for c in range(1, len(used) + 2) if c not in used)
+            _raise_if(c >= 1 << DISAMBIGUATOR_BITS,
+                      f"tract {t.id} overlaps too many tracts to give global ids distinct "
+                      f"colours (at most {(1 << DISAMBIGUATOR_BITS) - 1})")  # fmt: skip
+            out[t.id] = c
+        return out
 
     def is_inner(self, tract_id: int, ra, dec) -> np.ndarray:
         """Whether positions lie in the inner region of tract ``tract_id``.
@@ -836,42 +877,36 @@ class TractRule:
     def ids(self, y_peak, x_peak) -> np.ndarray:
         """Global ids (:func:`global_ids`) of peaks owned by this tract (int64 array).
 
-        Two peaks of one tract never share a HEALPix cell, so the ids of any subset of the
-        tract's objects are those of the whole.
+        Each id depends on its object alone (and the sky map's tract colours), so the ids of
+        any subset of the tract's objects are those of the whole.
         """
         y_peak, x_peak = np.atleast_1d(y_peak), np.atleast_1d(x_peak)
         ra, dec = self._sky(y_peak, x_peak)
-        return global_ids(ra, dec, np.full(y_peak.shape, self.tract_id), y_peak, x_peak)
+        return global_ids(ra, dec, self.skymap.colours[self.tract_id])
 
 
 # --- global ids ----------------------------------------------------------------------------
-def global_ids(ra, dec, tract, y_peak, x_peak) -> np.ndarray:
+def global_ids(ra, dec, colour) -> np.ndarray:
     """Survey-wide object ids from the peaks' sky positions (:data:`GLOBAL_ID_SCHEME`).
 
-    ``id = (healpix_nested(order 26, ra, dec) << 7) | rank``: the HEALPix index (56 bits,
-    cells of ~3.1 mas) of the sky position of the peak pixel's centre, and the rank (7 bits) of
-    the object among the objects given that share its cell, ordered by ``(tract, y_peak,
-    x_peak)``. The id is non-negative and fits in int64 (63 bits). It depends on nothing but
-    the objects: not on the tiling, the workers or the order of the input.
+    ``id = (healpix_nested(order 26, ra, dec) << 7) | colour``: the HEALPix index (56 bits,
+    cells of ~3.1 mas) of the sky position of the peak pixel's centre, and the colour (1..127)
+    of the owning tract (:meth:`SkyMap.colours`). The id is positive and fits in int64 (63
+    bits). It depends on nothing but the object and the sky map: not on the tiling, the
+    workers, the order of the input or which tracts are run together.
 
-    Why a rank: order 26 leaves 7 bits of an int64 free; at LSST density (≈10¹⁰ objects on
-    18 000 deg² = 2.4×10¹⁶ cells) uniformly placed objects would put ≈2 000 pairs in shared
-    cells. But two peaks of one tract never share a cell (pixels ≥ 5 mas are wider than a
-    cell's diagonal), so within a tract the rank is always 0, and objects of *different* tracts
-    share a cell only when their peaks lie within ~3 mas of each other across an inner boundary
-    (≈2×10⁻⁶ of the area for 1.5° tracts: ≈5×10⁻³ such pairs expected in the whole survey).
-    Hence ids computed tract by tract equal those computed on the whole survey's owned objects
-    except for such a pair; give the function the survey's owned objects (all tracts) to make
-    ids unique in every case.
+    Why it is unique: two peaks of one tract never share a cell (pixels ≥ 5 mas are wider than
+    a cell's diagonal; checked), and objects of two tracts share one only when their peaks lie
+    within ~3 mas of each other across an inner boundary — so the tracts overlap, are
+    neighbours and have different colours. Ids computed tract by tract are unique survey-wide
+    without any tract seeing another's objects. Never 0, the segmentation maps' "no object".
 
     Parameters
     ----------
     ra, dec : array_like
         Sky position of the peak pixel's centre in the owning tract, degrees.
-    tract : array_like of int
-        Owning tract id.
-    y_peak, x_peak : array_like of int
-        Peak pixel in the owning tract.
+    colour : int or array_like of int
+        The owning tract's colour (1..127), one for all or one per object.
 
     Returns
     -------
@@ -880,36 +915,31 @@ def global_ids(ra, dec, tract, y_peak, x_peak) -> np.ndarray:
     Raises
     ------
     ValueError
-        Inputs of different lengths, non-finite positions, or more than 128 objects in one
-        HEALPix cell.
+        Inputs of different lengths, non-finite positions, a colour outside 1..127, or two
+        objects of one colour in one HEALPix cell (duplicated peaks).
     """
     from astropy import units as u
     from astropy.coordinates import Latitude, Longitude
     from cdshealpix.nested import lonlat_to_healpix
 
     ra, dec = np.atleast_1d(np.asarray(ra, float)), np.atleast_1d(np.asarray(dec, float))
-    tract, y_peak, x_peak = (
-        np.atleast_1d(np.asarray(v, np.int64)) for v in (tract, y_peak, x_peak)
-    )
     n = ra.size
-    _raise_if(any(v.shape != (n,) for v in (dec, tract, y_peak, x_peak)),
-              "global_ids: ra, dec, tract, y_peak and x_peak must be 1-D and of equal length")  # fmt: skip
+    colour = np.broadcast_to(np.asarray(colour, np.int64), (n,)) if np.ndim(colour) == 0 else np.atleast_1d(np.asarray(colour, np.int64))
+    _raise_if(dec.shape != (n,) or colour.shape != (n,),
+              "global_ids: ra, dec and colour must be 1-D and of equal length")  # fmt: skip
     _raise_if(not (np.all(np.isfinite(ra)) and np.all(np.isfinite(dec))
                    and np.all(np.abs(dec) <= 90)),
               "global_ids: ra and dec must be finite, |dec| <= 90")  # fmt: skip
+    _raise_if(n > 0 and (colour.min() < 1 or colour.max() >= 1 << DISAMBIGUATOR_BITS),
+              f"global_ids: tract colours must be 1..{(1 << DISAMBIGUATOR_BITS) - 1}")  # fmt: skip
     if n == 0:
         return np.zeros(0, np.int64)
     cells = lonlat_to_healpix(Longitude(ra % 360.0, u.deg), Latitude(dec, u.deg), HEALPIX_ORDER,
                               num_threads=1).astype(np.int64)  # fmt: skip
-    order = np.lexsort((x_peak, y_peak, tract, cells))
-    sc = cells[order]
-    starts = np.r_[True, sc[1:] != sc[:-1]]
-    first = np.maximum.accumulate(np.where(starts, np.arange(n), 0))
-    rank_sorted = np.arange(n) - first
-    rank = np.empty(n, np.int64)
-    rank[order] = rank_sorted
-    most = int(rank.max()) + 1
-    _raise_if(most > 1 << DISAMBIGUATOR_BITS,
-              f"global_ids: {most} objects share one order-{HEALPIX_ORDER} HEALPix cell (at most "
-              f"{1 << DISAMBIGUATOR_BITS}); duplicated peaks?")  # fmt: skip
-    return (cells << DISAMBIGUATOR_BITS) | rank
+    ids = (cells << DISAMBIGUATOR_BITS) | colour
+    if n > 1:
+        srt = np.sort(ids)
+        _raise_if(bool(np.any(srt[1:] == srt[:-1])),
+                  f"global_ids: {int(np.sum(srt[1:] == srt[:-1]))} pair(s) of objects of one "
+                  f"tract share an order-{HEALPIX_ORDER} HEALPix cell (~3 mas); duplicated peaks?")  # fmt: skip
+    return ids

@@ -165,6 +165,7 @@ def run_survey(
     for tid in result.skipped:
         logger.info("tract %d: catalog already written, kept", tid)
     concurrent = max(1, min(len(todo), int(_conf.get("concurrent-tracts") or 1)))
+    skymap.colours  # noqa: B018 - computed once here, not by each tract's thread
     with quiet, interrupts_deferred(), contextlib.ExitStack() as stack:
         c = _connect(stack, first.execution, client)
         n_workers = len(cluster_workers(c))
@@ -198,6 +199,7 @@ def run_survey(
                 except Exception as err:
                     if not _lost(c, err):
                         failed[tid] = f"{type(err).__name__}: {err}"
+                        logger.debug("tract %d failed", tid, exc_info=err)
                     else:
                         where = f" at {first.execution.scheduler}" if first.execution.scheduler else ""
                         stopped = stopped or (RunError, f"lost the connection to the Dask scheduler{where}")

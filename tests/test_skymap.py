@@ -190,42 +190,52 @@ def test_from_mosaics_without_tract_attributes_numbers_them_in_path_order(tmp_pa
 
 def test_global_ids_unique_deterministic_and_independent_of_order():
     rng = np.random.default_rng(9)
-    n = 200_000  # 200k peaks in 0.01 deg²: ~5e5 per deg², far denser than LSST
-    ra, dec = 150 + rng.uniform(0, 0.1, n), 2 + rng.uniform(0, 0.1, n)
-    tract = rng.integers(0, 4, n)
-    yp, xp = rng.integers(0, 4000, n), rng.integers(0, 4000, n)
-    ids = global_ids(ra, dec, tract, yp, xp)
-    assert ids.dtype == np.int64 and (ids >= 0).all()
-    assert len(np.unique(ids)) == n
+    # 200k peaks of one tract on a 0.2″ grid (distinct pixels), 16 mas jitter-free centres
+    n = 200_000
+    pix = rng.choice(3000 * 3000, n, replace=False)
+    ra, dec = 150 + (pix % 3000) * 0.2 / 3600, 2 + (pix // 3000) * 0.2 / 3600
+    ids = global_ids(ra, dec, 3)
+    assert ids.dtype == np.int64 and (ids > 0).all() and len(np.unique(ids)) == n
     perm = rng.permutation(n)
-    np.testing.assert_array_equal(global_ids(ra[perm], dec[perm], tract[perm], yp[perm], xp[perm]),
-                                  ids[perm])  # fmt: skip
-    # the high bits are the order-26 HEALPix cell (cdshealpix), the low 7 bits the rank
+    np.testing.assert_array_equal(global_ids(ra[perm], dec[perm], 3), ids[perm])
+    # the high bits are the order-26 HEALPix cell (cdshealpix), the low 7 bits the colour
     from astropy.coordinates import Latitude, Longitude
     from cdshealpix.nested import lonlat_to_healpix
 
     cells = lonlat_to_healpix(Longitude(ra[:10], u.deg), Latitude(dec[:10], u.deg), HEALPIX_ORDER)
     np.testing.assert_array_equal(ids[:10] >> DISAMBIGUATOR_BITS, cells.astype(np.int64))
+    assert (ids & 127 == 3).all()
 
 
-def test_global_ids_collision_path():
-    # three objects in one HEALPix cell (same position): ranked by (tract, y_peak, x_peak)
-    ra, dec = np.full(4, 45.0), np.full(4, 10.0)
-    tract, yp, xp = np.array([1, 0, 0, 2]), np.array([5, 9, 9, 0]), np.array([0, 3, 2, 0])
-    ids = global_ids(ra, dec, tract, yp, xp)
-    assert len(set(ids.tolist())) == 4
-    assert (ids >> DISAMBIGUATOR_BITS == ids[0] >> DISAMBIGUATOR_BITS).all()
-    np.testing.assert_array_equal(ids & 127, [2, 1, 0, 3])
-    # a lone object has rank 0, whatever else is given
-    lone = global_ids([45.0, 200.0], [10.0, -30.0], [0, 0], [0, 0], [0, 0])
-    assert lone[1] & 127 == 0
-    with pytest.raises(ValueError, match="share one order-26 HEALPix cell"):
-        global_ids(
-            np.full(129, 1.0), np.full(129, 1.0), np.zeros(129), np.arange(129), np.zeros(129)
-        )
+def test_global_ids_of_neighbouring_tracts_never_collide():
+    # one position seen by two overlapping tracts: different colours, different ids
+    sm = SkyMap.grid((150.1, 2.2), (3, 3), tract_shape=128, overlap=32)
+    colours = sm.colours
+    assert all(colours[t] != colours[k] for t in sm.ids for k in sm.neighbours(t))
+    assert 1 <= min(colours.values()) and max(colours.values()) <= 9
+    both = global_ids([45.0, 45.0], [10.0, 10.0], [colours[0], colours[1]])
+    assert both[0] >> DISAMBIGUATOR_BITS == both[1] >> DISAMBIGUATOR_BITS and both[0] != both[1]
+    # cell 0 (the first HEALPix cell) with the smallest colour is still not 0
+    from cdshealpix.nested import healpix_to_lonlat
+
+    lon, lat = healpix_to_lonlat(np.array([0]), HEALPIX_ORDER)
+    assert global_ids(lon.deg, lat.deg, 1)[0] == 1
+    with pytest.raises(ValueError, match="share an order-26 HEALPix cell"):
+        global_ids([45.0, 45.0], [10.0, 10.0], 1)
+    with pytest.raises(ValueError, match="colours must be 1..127"):
+        global_ids([45.0], [10.0], 0)
     with pytest.raises(ValueError, match="equal length"):
-        global_ids([1.0], [1.0, 2.0], [0], [0], [0])
-    assert global_ids([], [], [], [], []).shape == (0,)
+        global_ids([1.0], [1.0, 2.0], 1)
+    assert global_ids([], [], 1).shape == (0,)
+
+
+def test_tract_colours_of_a_ring_sky_map():
+    sm = SkyMap.rings((0.0, 40.0), (-10.0, 10.0), tract_size_deg=2.0, overlap_deg=0.5,
+                      pixel_scale=36.0)  # fmt: skip
+    colours = sm.colours
+    assert len(colours) == len(sm) > 100
+    assert all(colours[t] != colours[k] for t in sm.ids for k in sm.neighbours(t))
+    assert max(colours.values()) <= 12
 
 
 def test_overlap_margins_of_a_partial_ring_map_ignore_sky_outside_the_boxes():
@@ -243,4 +253,5 @@ def test_peak_ids_use_the_owning_tracts_pixels():
     tract, yp, xp = np.array([0, 1, 1]), np.array([10, 10, 64]), np.array([100, 4, 64])
     ra = np.array([sm[k].pixel_to_sky(x, y)[0] for k, y, x in zip(tract, yp, xp, strict=True)])
     dec = np.array([sm[k].pixel_to_sky(x, y)[1] for k, y, x in zip(tract, yp, xp, strict=True)])
-    np.testing.assert_array_equal(sm.peak_ids(tract, yp, xp), global_ids(ra, dec, tract, yp, xp))
+    colour = np.array([sm.colours[k] for k in tract])
+    np.testing.assert_array_equal(sm.peak_ids(tract, yp, xp), global_ids(ra, dec, colour))

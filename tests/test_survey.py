@@ -106,7 +106,7 @@ def test_global_ids_are_healpix_of_the_peak(survey, together):
     solo = _plain(together["n_children"]) == 1
     assert np.array_equal(_plain(together["parent_id"])[solo], _plain(together["id"])[solo])
     ra, dec = skymap[int(tract[0])].pixel_to_sky(x[:1], y[:1])
-    assert global_ids(ra, dec, tract[:1], y[:1], x[:1])[0] == expected[0]
+    assert global_ids(ra, dec, skymap.colours[int(tract[0])])[0] == expected[0]
     # each tract's segmentation map holds the global ids of the objects it owns
     seg = zarr.open_group(str(survey / "together" / "tracts" / "2" / "segmentation.zarr"), mode="r")
     labels = np.unique(seg["segmentation"][:])
