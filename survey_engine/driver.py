@@ -500,11 +500,17 @@ def _background_stage(client, m: Mosaic, plan: WindowPlan, store: PartStore, pro
 
 @dataclass
 class TileStage:
-    """What the tile stage reports: failures, seconds per pipeline stage, peak GPU memory."""
+    """What the tile stage reports: failures, seconds per pipeline stage, peak GPU memory;
+    it records the finished tiles in the run's manifest as their reports arrive
+    (:meth:`~survey_engine.store.PartStore.record`, every ``RECORD_EVERY`` tiles)."""
 
+    store: PartStore
     failures: list[TaskFailure] = field(default_factory=list)
     stages: dict[str, float] = field(default_factory=dict)
     gpu_memory: int | None = None
+    unrecorded: dict[str, dict] = field(default_factory=dict)
+
+    RECORD_EVERY = 256
 
     def add(self, report: dict[str, Any]) -> None:
         """Fold in one task's report (:func:`~survey_engine.tasks.process_tiles`)."""
@@ -513,6 +519,15 @@ class TileStage:
             self.stages[k] = self.stages.get(k, 0.0) + v
         if mem := report.get("gpu_memory"):
             self.gpu_memory = max(self.gpu_memory or 0, mem)
+        self.unrecorded.update({name: {"pending": t["pending"], "boxes": t["boxes"]}
+                                for name, t in report["tiles"].items()})  # fmt: skip
+        if len(self.unrecorded) >= self.RECORD_EVERY:
+            self.record()
+
+    def record(self) -> None:
+        """Write the tiles finished since the last record to the manifest."""
+        self.store.record(self.unrecorded)
+        self.unrecorded = {}
 
 
 def _tile_stage(client, ctx: TaskContext, progress: bool) -> TileStage:
@@ -531,10 +546,15 @@ def _tile_stage(client, ctx: TaskContext, progress: bool) -> TileStage:
     ordered = sorted(todo, key=lambda t: (t.read.shape, t.index)) if per_task > 1 else todo
     batches = [ordered[i : i + per_task] for i in range(0, len(ordered), per_task)]
     keys = [f"{b[0].name}+{len(b) - 1}" if len(b) > 1 else b[0].name for b in batches]
-    out = TileStage()
-    res = map_tasks(client, process_tiles, batches, keys=keys, desc="tiles", progress=progress,
-                    resources=ex.resources or None, ctx=ctx, keep_results=False,
-                    on_result=lambda _, report: out.add(report))  # fmt: skip
+    out = TileStage(ctx.store)
+    if unrecorded := done - set(ctx.store.manifest() or ()):  # written, not recorded: the
+        ctx.store.record(ctx.store.entries_of(unrecorded))  # driver stopped first
+    try:
+        res = map_tasks(client, process_tiles, batches, keys=keys, desc="tiles", progress=progress,
+                        resources=ex.resources or None, ctx=ctx, keep_results=False,
+                        on_result=lambda _, report: out.add(report))  # fmt: skip
+    finally:  # also when interrupted: what finished is recorded
+        out.record()
     by_key = dict(zip(keys, batches, strict=True))
     for f in res.failures:  # the whole task died: name its tiles
         names = ", ".join(t.name for t in by_key[f.key])

@@ -11,6 +11,9 @@ A run directory (``OUTDIR``) holds::
         pending.json            owned objects to measure again in a larger window
         info.json               tile index, core, object count
     parts/retry-<key>/        one per re-measured object group: catalog, footprints, info
+    parts/_manifest/*.jsonl   the finished tiles, recorded by the driver in batches: each
+                              tile's retry items and footprint boxes (resume reads these few
+                              files, not one per tile)
     catalog.parquet, segmentation.zarr   the stitched results
 
 A survey run directory (:class:`SurveyStore`) holds::
@@ -47,6 +50,7 @@ import pyarrow.parquet as pq
 __all__ = ["Footprints", "PartStore", "StoreError", "SurveyStore"]
 
 RUN_FILE = "run.json"
+MANIFEST_DIR = "_manifest"
 SURVEY_FILE = "survey.json"
 _BLOSC = numcodecs.Blosc(cname="zstd", clevel=3, shuffle=numcodecs.Blosc.SHUFFLE)
 
@@ -217,10 +221,50 @@ class PartStore:
             else:
                 path.write_text(json.dumps(content))
 
+    # -- the manifest (the driver) ----------------------------------------------------------
+    def record(self, entries: dict[str, dict]) -> None:
+        """Add finished parts to the run's manifest: name → what the driver needs of the part
+        (its retry items, the boxes of its footprints that leave its core).
+
+        Each call writes one new file of the ``_manifest`` directory whole (temporary name,
+        then rename), so a manifest is never half-written; the driver calls it every few
+        hundred results, so the retry and segmentation stages (and a resumed run) read a few
+        files instead of two per tile. A part written but not recorded (the driver stopped
+        first) is read from its own files.
+        """
+        if not entries:
+            return
+        d = self.parts / MANIFEST_DIR
+        d.mkdir(parents=True, exist_ok=True)
+        name = f"{time.time_ns():020d}-{os.getpid()}.jsonl"
+        tmp = d / f".{name}.tmp"
+        tmp.write_text("".join(json.dumps({"part": k, **v}) + "\n" for k, v in entries.items()))
+        os.rename(tmp, d / name)
+
+    def entries_of(self, names: Iterable[str]) -> dict[str, dict]:
+        """Manifest entries of written tile parts, read from their files."""
+        boxes = self.footprint_boxes(names := sorted(names))
+        return {n: {"pending": self.pending([n]), "boxes": boxes[n].tolist() if n in boxes else []}
+                for n in names}  # fmt: skip
+
+    def manifest(self) -> dict[str, dict] | None:
+        """Every part the manifest records (name → entry), or None where the run has none."""
+        d = self.parts / MANIFEST_DIR
+        if not d.is_dir():
+            return None
+        out: dict[str, dict] = {}
+        for path in sorted(d.glob("*.jsonl")):
+            for line in path.read_text().splitlines():
+                entry = json.loads(line)
+                out[entry.pop("part")] = entry
+        return out
+
     # -- reading parts ---------------------------------------------------------------------
     def finished(self, names: Iterable[str]) -> set[str]:
-        """The tiles among ``names`` whose part is written."""
-        return {n for n in names if (self.parts / n).exists()}
+        """The tiles among ``names`` whose part is written (parts appear whole): one listing of
+        ``parts/``, not a request per tile."""
+        on_disk = set(os.listdir(self.parts)) if self.parts.is_dir() else set()
+        return {n for n in names if n in on_disk}
 
     def finished_retries(self, keys: Iterable[str]) -> set[str]:
         """The retry keys among ``keys`` whose part is written."""
@@ -235,9 +279,14 @@ class PartStore:
         return out
 
     def pending(self, names: Iterable[str]) -> list[dict]:
-        """Every retry item of the tiles ``names`` (in their order)."""
+        """Every retry item of the tiles ``names`` (in their order), from the manifest where
+        it records them."""
+        recorded = self.manifest() or {}
         out: list[dict] = []
         for n in names:
+            if n in recorded:
+                out += recorded[n]["pending"]
+                continue
             path = self.parts / n / "pending.json"
             if path.exists():
                 out += json.loads(path.read_text())
@@ -260,9 +309,15 @@ class PartStore:
             return Footprints(fp["ids"], fp["boxes"], fp["pixels"])
 
     def footprint_boxes(self, names: Iterable[str]) -> dict[str, np.ndarray]:
-        """The footprint boxes ``(n, 4)`` of each part that has any."""
+        """The footprint boxes ``(n, 4)`` of each part that has any (from the manifest where it
+        records the part)."""
+        recorded = self.manifest() or {}
         out = {}
         for n in names:
+            if n in recorded:
+                if recorded[n]["boxes"]:
+                    out[n] = np.asarray(recorded[n]["boxes"], dtype=np.int64).reshape(-1, 4)
+                continue
             with np.load(self.parts / n / "footprints.npz") as fp:
                 if len(fp["ids"]):
                     out[n] = fp["boxes"]

@@ -146,7 +146,8 @@ def process_tiles(tiles: Sequence[Tile], *, ctx: TaskContext) -> dict[str, Any]:
     Returns
     -------
     dict
-        ``tiles`` (name → objects and pending groups), ``failed`` (name → message),
+        ``tiles`` (name → objects, retry items, footprint boxes: the part's manifest entry),
+        ``failed`` (name → message),
         ``times`` (seconds per stage), ``gpu_memory`` (peak bytes, None on CPU).
     """
     run = _TileRun(ctx)
@@ -178,7 +179,7 @@ class _TileRun:
         self.m = _mosaic(ctx.mosaic_path)
         self.layout = ctx.layout(self.m)
         self.times = self.backend.stage_times()
-        self.results: dict[str, dict[str, int]] = {}
+        self.results: dict[str, dict[str, Any]] = {}
         self.failed: dict[str, str] = {}
 
     def batches(self, tiles: Sequence[Tile]) -> list[list[Tile]]:
@@ -287,12 +288,13 @@ def write_tile_part(tile: Tile, wr: WindowResult, store: PartStore, layout: Cata
                      | (bb[:, 2] + rx < core_box.x0) | (bb[:, 3] + rx > core_box.x1))  # fmt: skip
     pending = pending_items(tile, wr, np.flatnonzero(owned & ~wr.safe))
     n = int(done.sum())
+    fps = footprints_of(wr, np.flatnonzero(leaves), layout)
     store.write_tile(
         tile.name, table=_rows(layout, wr, np.flatnonzero(done)), core_labels=core,
-        footprints=footprints_of(wr, np.flatnonzero(leaves), layout), pending=pending,
+        footprints=fps, pending=pending,
         info={"tile": tile.index, "core": [tile.core.y0, tile.core.y1, tile.core.x0, tile.core.x1], "n": n},
     )  # fmt: skip
-    return {"objects": n, "pending": len(pending)}
+    return {"objects": n, "pending": pending, "boxes": fps.boxes.tolist()}
 
 
 def pending_items(tile: Tile, wr: WindowResult, idx: np.ndarray) -> list[dict]:

@@ -112,6 +112,31 @@ def test_large_catalog_is_written_by_workers_as_a_dataset(mosaic, client, refere
     _assert_same_catalog(ref, read_catalog(again.catalog_path))
 
 
+def test_manifest_holds_what_the_later_stages_need(mosaic, client, reference, tmp_path):
+    """The driver records each finished tile's retry items and footprint boxes in the
+    manifest: the retry and segmentation stages (and a resumed run) read those few files,
+    not two per tile — shown by deleting the tiles' own copies before a resume."""
+    import json
+
+    _, ref, ref_seg = reference
+    run(mosaic, tmp_path, tile=97, halo=24, origin=(31, 60), client=client, progress=False)
+    grid = make_tiles((SIZE, SIZE), 97, 24, origin=(31, 60))
+    files = sorted((tmp_path / "parts" / "_manifest").glob("*.jsonl"))
+    assert len(files) == 1  # one record every 256 tiles, and the last
+    entries = [json.loads(line) for f in files for line in f.read_text().splitlines()]
+    assert sorted(e["part"] for e in entries) == sorted(t.name for t in grid)
+    assert sum(len(e["pending"]) for e in entries) > 0 and any(e["boxes"] for e in entries)
+    boxes = {e["part"]: e["boxes"] for e in entries}
+    for t in grid:  # the footprints a segmentation chunk paints are still read, by its task
+        (tmp_path / "parts" / t.name / "pending.json").unlink()
+        if not boxes[t.name]:
+            (tmp_path / "parts" / t.name / "footprints.npz").unlink()
+    again = run(mosaic, tmp_path, tile=97, halo=24, origin=(31, 60), client=client,
+                progress=False, resume=True)  # fmt: skip
+    _assert_same_catalog(ref, read_catalog(again.catalog_path))
+    assert np.array_equal(_seg(again), ref_seg)
+
+
 def test_one_and_two_workers_give_the_same_catalog(mosaic, reference, tmp_path):
     _, ref, _ = reference
     out = run(mosaic, tmp_path, tile=256, halo=64, workers=1, progress=False)
