@@ -191,3 +191,49 @@ def test_missing_sbatch_is_a_clear_error(tmp_path, monkeypatch):
 
     with pytest.raises(SlurmUnavailable, match=r"`sbatch` is not on PATH"), slurm_cluster(1):
         pass
+
+
+def test_cluster_parameters_are_checked():
+    from survey_engine.config import ExecutionConfig
+
+    with pytest.raises(ValueError, match="cluster must be 'local' or 'slurm', got 'pbs'"):
+        ExecutionConfig(cluster="pbs")
+    with pytest.raises(ValueError, match="starts its own scheduler; got scheduler='tcp://h:8786'"):
+        ExecutionConfig(cluster="slurm", scheduler="tcp://h:8786")
+    with pytest.raises(ValueError, match="slurm_jobs must be a positive integer, got 0"):
+        ExecutionConfig(cluster="slurm", slurm_jobs=0)
+    assert ExecutionConfig(cluster="slurm", slurm_jobs=3).to_dict()["slurm_jobs"] == 3
+
+
+def test_slurm_config_file_is_flattened_over_the_defaults(tmp_path):
+    from survey_engine.slurm import SlurmUnavailable, load_jobqueue_config
+
+    path = tmp_path / "jq.yaml"
+    path.write_text(yaml.safe_dump({"jobqueue": {"slurm": {
+        "cores": 2, "memory": "4GiB", "job-script-prologue": ["a", "b"],
+        "scheduler-options": {"interface": "ib0"},
+    }}}))  # fmt: skip
+    assert load_jobqueue_config(path) == {
+        "jobqueue.slurm.cores": 2, "jobqueue.slurm.memory": "4GiB",
+        "jobqueue.slurm.job-script-prologue": ["a", "b"],
+        "jobqueue.slurm.scheduler-options": {"interface": "ib0"},
+    }  # fmt: skip
+    with pytest.raises(SlurmUnavailable, match=r"--slurm-config .*nope.yaml: No such file"):
+        load_jobqueue_config(tmp_path / "nope.yaml")
+    path.write_text("- a list\n")
+    with pytest.raises(SlurmUnavailable, match="must hold a mapping"):
+        load_jobqueue_config(path)
+
+
+def test_cli_refuses_slurm_with_a_scheduler(mosaic, tmp_path):
+    proc = subprocess.run(
+        [*survey_engine_cli(), "run", mosaic, str(tmp_path / "out"), "--slurm-jobs", "2",
+         "--scheduler", "tcp://127.0.0.1:1"],
+        capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 1
+    assert proc.stderr.strip() == (
+        "error: cluster='slurm' (--slurm) starts its own scheduler; got "
+        "scheduler='tcp://127.0.0.1:1' too"
+    )
+    assert not (tmp_path / "out").exists()
