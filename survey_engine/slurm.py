@@ -21,7 +21,9 @@ import getpass
 import logging
 import os
 import shutil
+import signal
 import subprocess
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -133,7 +135,7 @@ def slurm_cluster(jobs: int = 1, *, config_file: str | os.PathLike | None = None
         msg = f"slurm_jobs must be a positive integer, got {jobs!r}"
         raise ValueError(msg)
     try:
-        from dask_jobqueue import SLURMCluster
+        SLURMCluster = _import_slurm_cluster()
     except ImportError as err:
         msg = (
             f"--slurm needs dask-jobqueue: pip install 'survey_engine[slurm]' "
@@ -183,6 +185,23 @@ def _started(cls, jobs: int, timeout, min_workers) -> Iterator[Any]:
         with contextlib.suppress(Exception):
             cluster.close()
         _cancel_until_gone(name, seen)
+
+
+def _import_slurm_cluster():
+    """``dask_jobqueue.SLURMCluster``, keeping this process's SIGINT handler.
+
+    Importing dask-jobqueue (its ``runner`` module) replaces the SIGINT handler by one calling
+    ``sys.exit()``: Ctrl-C would then end a run silently with status 0 instead of stopping it
+    between two results (:func:`~survey_engine.parallel.interrupts_deferred`).
+    """
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.getsignal(signal.SIGINT) if main else None
+    try:
+        from dask_jobqueue import SLURMCluster
+    finally:
+        if main and previous is not None and signal.getsignal(signal.SIGINT) is not previous:
+            signal.signal(signal.SIGINT, previous)
+    return SLURMCluster
 
 
 def slurm_jobs(name: str | None = None, job_ids: set[str] | None = None) -> list[str]:

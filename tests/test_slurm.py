@@ -8,9 +8,12 @@ failed or interrupted run.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
+import signal
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -35,9 +38,7 @@ def _cluster_up() -> str | None:
         return (
             "no SLURM here (sinfo/sbatch not on PATH): deploy/slurm/local_cluster.sh up starts one"
         )
-    try:
-        import dask_jobqueue  # noqa: F401
-    except ImportError:
+    if importlib.util.find_spec("dask_jobqueue") is None:  # not imported: it takes over SIGINT
         return "dask-jobqueue is not installed (pip install -e '.[slurm]')"
     out = subprocess.run(["sinfo", "-h", "-o", "%t"], capture_output=True, text=True, timeout=30)
     states = out.stdout.split()
@@ -171,21 +172,35 @@ def test_no_worker_in_time_is_one_line_and_cancels_the_jobs(mosaic, config, tmp_
 
 
 @needs_slurm
-def test_interrupted_cluster_cancels_its_jobs(config, empty_queue):
-    from survey_engine.slurm import slurm_cluster
-
-    seen = []
-    with pytest.raises(KeyboardInterrupt), slurm_cluster(1, config_file=config) as cluster:
-        seen = sorted(str(j.job_id) for j in cluster.workers.values())
-        assert len(cluster.scheduler_info["workers"]) == 1
-        assert [j.split()[0] for j in _squeue()] == seen
-        raise KeyboardInterrupt
-    assert len(seen) == 1
+def test_ctrl_c_cancels_the_jobs(mosaic, config, tmp_path, empty_queue):
+    """SIGINT to ``survey-engine run --slurm`` once tiles are done: status 130, the finished
+    parts kept for --resume, and no job left."""
+    out = tmp_path / "run"
+    cmd = [*survey_engine_cli(), "run", mosaic, str(out), "--slurm-config", str(config),
+           "--tile", "32", "--halo", "16"]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 150
+        while time.time() < deadline and proc.poll() is None:
+            if (out / "parts").exists() and len(list((out / "parts").glob("tile-*"))) >= 5:
+                break
+            time.sleep(0.05)
+        assert proc.poll() is None, "the run ended before it could be interrupted"
+        jobs = _squeue()
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert len(jobs) == 1 and JOB_NAME in jobs[0]  # --slurm-config alone: one job
+    assert proc.returncode == 130, err[-2000:]
+    assert "interrupted after" in err and "--resume" in err
     assert _squeue() == []
 
 
 def test_missing_sbatch_is_a_clear_error(tmp_path, monkeypatch):
-    pytest.importorskip("dask_jobqueue")
+    if importlib.util.find_spec("dask_jobqueue") is None:
+        pytest.skip("dask-jobqueue is not installed")
     monkeypatch.setenv("PATH", str(tmp_path))  # no sbatch, squeue …
     from survey_engine.slurm import SlurmUnavailable, slurm_cluster
 
@@ -237,3 +252,20 @@ def test_cli_refuses_slurm_with_a_scheduler(mosaic, tmp_path):
         "scheduler='tcp://127.0.0.1:1' too"
     )
     assert not (tmp_path / "out").exists()
+
+
+def test_dask_jobqueue_does_not_take_over_ctrl_c():
+    """Importing dask-jobqueue sets a SIGINT handler calling sys.exit(); ours is kept."""
+    if importlib.util.find_spec("dask_jobqueue") is None:
+        pytest.skip("dask-jobqueue is not installed")
+    code = (
+        "import signal\n"
+        "from survey_engine.slurm import _import_slurm_cluster\n"
+        "before = signal.getsignal(signal.SIGINT)\n"
+        "_import_slurm_cluster()\n"
+        "import dask_jobqueue.runner\n"
+        "print(signal.getsignal(signal.SIGINT) is before, before is signal.default_int_handler)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120, check=True)  # fmt: skip
+    assert out.stdout.split() == ["True", "True"]
