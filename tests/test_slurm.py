@@ -121,7 +121,7 @@ def test_slurm_job_cancelled_mid_run_loses_nothing(
 ):
     """``scancel`` one of the two worker jobs once some tiles are done: its tasks are redone."""
     out = tmp_path / "run"
-    n_tiles = (SIZE // 32) ** 2
+    n_tiles = (SIZE // 48) ** 2
     killed: dict = {}
 
     def cancel_one():
@@ -140,11 +140,13 @@ def test_slurm_job_cancelled_mid_run_loses_nothing(
 
     watcher = threading.Thread(target=cancel_one, daemon=True)
     watcher.start()
-    res = run(mosaic, out, tile=32, halo=16, cluster="slurm", slurm_jobs=2,
+    res = run(mosaic, out, tile=48, halo=16, cluster="slurm", slurm_jobs=2,
               slurm_config=str(config), progress=False)  # fmt: skip
     watcher.join(timeout=5)
     assert killed, "the run ended before a worker job could be cancelled"
     assert 10 <= killed["n_done"] < n_tiles
+    (log,) = (config.parent / "logs").glob(f"{JOB_NAME}-*-{killed['job']}.err")
+    assert f"JOB {killed['job']} ON" in log.read_text() and "CANCELLED" in log.read_text()
     assert res.n_tiles == n_tiles
     assert len(list((out / "parts").glob("tile-*"))) == n_tiles
     _same(reference, res.catalog_path)
