@@ -41,10 +41,12 @@ install_packages() {
 
 answers() { timeout 5 sinfo -h >/dev/null 2>&1 && timeout 5 squeue -h >/dev/null 2>&1; }
 
-# a process recorded in file $1 that runs (a zombie, e.g. under a pid 1 that never reaps, does not)
+# the process recorded in file $1 runs, and is $2 (default: the file's name up to the first dot);
+# a zombie (e.g. under a pid 1 that never reaps) or a reused pid does not count
 pid_alive() {
-  local pid
+  local pid name=${2:-$(basename "${1%%.*}")}
   [ -f "$1" ] && pid=$(cat "$1") && [ -r "/proc/$pid/stat" ] \
+    && [ "$(cat "/proc/$pid/comm" 2>/dev/null)" = "$name" ] \
     && ! awk '{exit ($3 == "Z") ? 0 : 1}' "/proc/$pid/stat" 2>/dev/null
 }
 
@@ -118,7 +120,8 @@ up() {
     write_conf
     start_munge
     if ! pid_alive "$STATE/slurmctld.run"; then
-      setsid slurmctld -D -i >>"$STATE/log/slurmctld.out" 2>&1 </dev/null &
+      # -c: no jobs or node states from an earlier cluster that was not taken down
+      setsid slurmctld -D -c -i >>"$STATE/log/slurmctld.out" 2>&1 </dev/null &
       echo $! >"$STATE/slurmctld.run"
     fi
     if ! pid_alive "$STATE/slurmd.run"; then
@@ -162,7 +165,7 @@ down() {
       if pid_alive "$STATE/$d.run"; then kill -9 "$(cat "$STATE/$d.run")" 2>/dev/null || true; fi
     fi
   done
-  if [ -f "$STATE/munged.ours" ] && pid_alive /run/munge/munged.pid; then
+  if [ -f "$STATE/munged.ours" ] && pid_alive /run/munge/munged.pid munged; then
     kill "$(cat /run/munge/munged.pid)" 2>/dev/null || true
   fi
   rm -f "$CONF"
