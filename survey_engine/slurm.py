@@ -177,6 +177,7 @@ def _started(cls, jobs: int, timeout, min_workers) -> Iterator[Any]:
         n_min = min(n_min, jobs * per_job)
         logger.info("SLURMCluster %s: %d job(s) of %d worker(s), scheduler %s", name, jobs,
                     per_job, cluster.scheduler_address)  # fmt: skip
+        _check_submission(cluster.job_script())
         cluster.scale(jobs=jobs)
         _wait_for_workers(cluster, n_min, wait_s, name, seen, jobs)
         yield cluster
@@ -185,6 +186,24 @@ def _started(cls, jobs: int, timeout, min_workers) -> Iterator[Any]:
         with contextlib.suppress(Exception):
             cluster.close()
         _cancel_until_gone(name, seen)
+
+
+def _check_submission(script: str) -> None:
+    """``sbatch --test-only`` of the job script: SlurmUnavailable with sbatch's own words if
+    SLURM would refuse it (unknown partition or account, too much memory …), before any job
+    is submitted (dask-jobqueue would only log the failure, and the run wait for workers)."""
+    import tempfile
+
+    with tempfile.NamedTemporaryFile("w", suffix=".sh") as f:
+        f.write(script)
+        f.flush()
+        out = subprocess.run(["sbatch", "--test-only", f.name], capture_output=True, text=True,
+                             timeout=60, check=False)  # fmt: skip
+    if out.returncode != 0:
+        why = "; ".join(line.removeprefix("sbatch: error: ") for line in out.stderr.splitlines()
+                        if line.strip()) or f"exit status {out.returncode}"  # fmt: skip
+        msg = f"--slurm: SLURM refuses the worker job script (sbatch --test-only): {why}"
+        raise SlurmUnavailable(msg)
 
 
 def _import_slurm_cluster():

@@ -174,6 +174,25 @@ def test_no_worker_in_time_is_one_line_and_cancels_the_jobs(mosaic, config, tmp_
 
 
 @needs_slurm
+def test_a_job_slurm_refuses_is_one_line_at_once(mosaic, config, tmp_path, empty_queue):
+    cfg = yaml.safe_load(config.read_text())
+    cfg["jobqueue"]["slurm"]["queue"] = "no-such-partition"
+    (tmp_path / "jq.yaml").write_text(yaml.safe_dump(cfg))
+    cmd = [*survey_engine_cli(), "run", mosaic, str(tmp_path / "out"), "--slurm-config",
+           str(tmp_path / "jq.yaml")]  # fmt: skip
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode == 1
+    assert time.perf_counter() - t0 < 60  # not the 120 s wait for workers
+    assert proc.stderr.strip() == (
+        "error: --slurm: SLURM refuses the worker job script (sbatch --test-only): invalid "
+        "partition specified: no-such-partition; allocation failure: Invalid partition name "
+        "specified"
+    )
+    assert _squeue() == []
+
+
+@needs_slurm
 def test_ctrl_c_cancels_the_jobs(mosaic, config, tmp_path, empty_queue):
     """SIGINT to ``survey-engine run --slurm`` once tiles are done: status 130, the finished
     parts kept for --resume, and no job left."""
