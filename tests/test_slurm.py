@@ -40,10 +40,15 @@ def _cluster_up() -> str | None:
         )
     if importlib.util.find_spec("dask_jobqueue") is None:  # not imported: it takes over SIGINT
         return "dask-jobqueue is not installed (pip install -e '.[slurm]')"
-    out = subprocess.run(["sinfo", "-h", "-o", "%t"], capture_output=True, text=True, timeout=30)
+    try:
+        out = subprocess.run(["sinfo", "-h", "-o", "%t"], capture_output=True, text=True,
+                             timeout=30, check=False)  # fmt: skip
+    except subprocess.TimeoutExpired:
+        return "sinfo did not answer within 30 s: deploy/slurm/local_cluster.sh up"
     states = out.stdout.split()
     if out.returncode != 0 or not any(s.rstrip("*~#").startswith(("idle", "mix")) for s in states):
-        return f"no idle SLURM node (sinfo: {out.stdout.strip() or out.stderr.strip()}): deploy/slurm/local_cluster.sh up"
+        said = " ".join(states) or (out.stderr.strip().splitlines() or ["nothing"])[-1]
+        return f"no idle SLURM node (sinfo: {said}): deploy/slurm/local_cluster.sh up"
     return None
 
 
