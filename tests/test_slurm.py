@@ -267,13 +267,14 @@ def test_slurm_config_file_is_flattened_over_the_defaults(tmp_path):
 
 
 def test_cli_refuses_slurm_with_a_scheduler(mosaic, tmp_path):
-    proc = subprocess.run(
-        [*survey_engine_cli(), "run", mosaic, str(tmp_path / "out"), "--slurm-jobs", "2",
-         "--scheduler", "tcp://127.0.0.1:1"],
-        capture_output=True, text=True, timeout=120, check=False,
-    )  # fmt: skip
-    assert proc.returncode == 1
-    assert proc.stderr.strip() == (
+    from click.testing import CliRunner
+
+    from survey_engine.cli import main
+
+    res = CliRunner().invoke(main, ["run", mosaic, str(tmp_path / "out"), "--slurm-jobs", "2",
+                                    "--scheduler", "tcp://127.0.0.1:1"])  # fmt: skip
+    assert res.exit_code == 1
+    assert res.stderr.strip() == (
         "error: cluster='slurm' (--slurm) starts its own scheduler; got "
         "scheduler='tcp://127.0.0.1:1' too"
     )
