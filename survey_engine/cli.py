@@ -30,6 +30,25 @@ def _fail(err: Exception) -> None:
 WORKERS = click.option("--workers", type=int, default=None,
                        help="LocalCluster workers (default: one per core).")  # fmt: skip
 SCHEDULER = click.option("--scheduler", default=None, help="Address of an existing Dask scheduler.")
+
+
+def _slurm_options(f):
+    """``--slurm``, ``--slurm-jobs N``, ``--slurm-config FILE`` (either of the last two implies
+    ``--slurm``)."""
+    f = click.option("--slurm-config", default=None, type=click.Path(dir_okay=False),
+                     help="Dask config YAML (jobqueue.slurm.*) for the SLURM worker jobs, over "
+                     "~/.config/dask; e.g. deploy/slurm/jobqueue.yaml.")(f)  # fmt: skip
+    f = click.option("--slurm-jobs", default=None, type=click.IntRange(min=1),
+                     help="SLURM worker jobs to submit (default 1; implies --slurm).")(f)  # fmt: skip
+    return click.option("--slurm", is_flag=True,
+                        help="Run on SLURM worker jobs (dask-jobqueue SLURMCluster, configured by "
+                        "jobqueue.slurm.* in the Dask config), cancelled when the run ends.")(f)  # fmt: skip
+
+
+def _cluster(slurm: bool, slurm_jobs, slurm_config) -> str | None:
+    return "slurm" if slurm or slurm_jobs or slurm_config else None
+
+
 OVERWRITE = click.option("--overwrite", is_flag=True, help="Replace the output if it exists.")
 DEBLENDER = click.Choice(["sep", "unet"])
 
@@ -282,6 +301,7 @@ def describe_mosaic(m) -> str:
               help="... and the pixels within this distance of them (px; default 4).")  # fmt: skip
 @WORKERS
 @SCHEDULER
+@_slurm_options
 @click.option("--resume", is_flag=True, help="Continue the run in OUTDIR, skipping finished tiles.")
 @click.option("--overwrite", is_flag=True, help="Delete what OUTDIR holds first.")
 @click.option("--format", "fmt", default="parquet", show_default=True,
@@ -298,7 +318,7 @@ def describe_mosaic(m) -> str:
               "maps within float32 rounding of the CPU ones.")  # fmt: skip
 def run_cmd(mosaic, outdir, tile, halo, origin, deblender, unet_model, device, thresh, minarea,
             detection_band, background_mask_thresh, background_mask_dilate, workers, scheduler,
-            resume, overwrite, fmt, gpu, backend, unet_amp):  # fmt: skip
+            slurm, slurm_jobs, slurm_config, resume, overwrite, fmt, gpu, backend, unet_amp):  # fmt: skip
     """Detect, deblend and measure MOSAIC; write OUTDIR/catalog.parquet and segmentation.zarr.
 
     Options not given take their value from the Dask configuration (survey_engine.*: a YAML
@@ -314,6 +334,8 @@ def run_cmd(mosaic, outdir, tile, halo, origin, deblender, unet_model, device, t
             detection_band=detection_band, background_mask_thresh=background_mask_thresh,
             background_mask_dilate=background_mask_dilate, workers=workers, scheduler=scheduler,
             resume=resume, overwrite=overwrite, gpu=gpu, backend=backend, unet_amp=unet_amp,
+            cluster=_cluster(slurm, slurm_jobs, slurm_config), slurm_jobs=slurm_jobs,
+            slurm_config=slurm_config,
         )  # fmt: skip
     except (RunInterrupted, KeyboardInterrupt) as err:
         click.echo(f"\n{err or 'interrupted before the run started'}", err=True)
@@ -348,6 +370,7 @@ def run_cmd(mosaic, outdir, tile, halo, origin, deblender, unet_model, device, t
 @click.option("--detection-band", default=None, help="Detect on this band (default: combine all bands).")
 @WORKERS
 @SCHEDULER
+@_slurm_options
 @click.option("--resume", is_flag=True,
               help="Continue the survey run in OUTDIR: finished tracts kept, the others run.")  # fmt: skip
 @click.option("--overwrite", is_flag=True, help="Delete what OUTDIR holds first.")
@@ -356,7 +379,8 @@ def run_cmd(mosaic, outdir, tile, halo, origin, deblender, unet_model, device, t
               type=click.Choice(["parquet", "hats"]),
               help="hats: also write OUTDIR/hats/survey_engine from every tract's catalog, for LSDB.")  # fmt: skip
 def survey_cmd(survey_dir, outdir, tracts, tile, halo, deblender, thresh, minarea, detection_band,
-               workers, scheduler, resume, overwrite, gpu, fmt):  # fmt: skip
+               workers, scheduler, slurm, slurm_jobs, slurm_config, resume, overwrite, gpu,
+               fmt):  # fmt: skip
     """Run every tract mosaic of SURVEY_DIR (*.zarr, with or without skymap.json) on one cluster.
 
     Writes the global catalog to OUTDIR/catalog/ (Parquet partitioned by tract: each object
@@ -375,6 +399,8 @@ def survey_cmd(survey_dir, outdir, tracts, tile, halo, deblender, thresh, minare
             survey_dir, outdir, tracts=ids, tile=tile, halo=halo, deblender=deblender,
             thresh=thresh, minarea=minarea, detection_band=detection_band, workers=workers,
             scheduler=scheduler, resume=resume, overwrite=overwrite, gpu=gpu,
+            cluster=_cluster(slurm, slurm_jobs, slurm_config), slurm_jobs=slurm_jobs,
+            slurm_config=slurm_config,
         )  # fmt: skip
     except (RunInterrupted, KeyboardInterrupt) as err:
         click.echo(f"\n{err or 'interrupted before the run started'}", err=True)

@@ -186,6 +186,10 @@ class ExecutionConfig:
         ``dask_cuda.LocalCUDACluster`` (None: one worker per GPU).
     resources : dict
         Dask resources every tile task needs (``gpu`` implies ``{"GPU": 1}``).
+    cluster : {"local", "slurm"}
+        Without ``scheduler``: a LocalCluster, or a ``dask_jobqueue.SLURMCluster`` of
+        ``slurm_jobs`` worker jobs (None: 1) configured by the Dask config ``jobqueue.slurm.*``
+        and the YAML file ``slurm_config`` (:func:`survey_engine.slurm.slurm_cluster`).
     """
 
     backend: str = "numpy"
@@ -198,6 +202,9 @@ class ExecutionConfig:
     scheduler: str | None = None
     gpu: bool = False
     resources: dict[str, float] = field(default_factory=dict)
+    cluster: str = "local"
+    slurm_jobs: int | None = None
+    slurm_config: str | None = None
 
     def __post_init__(self):
         if str(self.device).split(":")[0] not in ("cpu", "cuda"):
@@ -206,7 +213,13 @@ class ExecutionConfig:
         if self.measure_dtype not in ("float64", "float32"):
             msg = f"measure_dtype must be 'float64' or 'float32', got {self.measure_dtype!r}"
             raise ValueError(msg)
-        for name in ("tile_batch", "unet_batch_size", "workers"):
+        if self.cluster not in ("local", "slurm"):
+            msg = f"cluster must be 'local' or 'slurm', got {self.cluster!r}"
+            raise ValueError(msg)
+        if self.cluster == "slurm" and self.scheduler is not None:
+            msg = f"cluster='slurm' (--slurm) starts its own scheduler; got scheduler={self.scheduler!r} too"
+            raise ValueError(msg)
+        for name in ("tile_batch", "unet_batch_size", "workers", "slurm_jobs"):
             v = getattr(self, name)
             if v is not None and (isinstance(v, bool) or int(v) != v or v < 1):
                 msg = f"{name} must be a positive integer, got {v!r}"

@@ -344,10 +344,11 @@ class RunInterrupted(RunError):
 
 def _connect(stack: contextlib.ExitStack, ex: ExecutionConfig, client):
     """The run's Dask client (closed with ``stack``); RunError when none can be had."""
-    local_gpu = ex.gpu and client is None and ex.scheduler is None
+    local_gpu = ex.gpu and client is None and ex.scheduler is None and ex.cluster == "local"
     try:
         c = stack.enter_context(dask_client(workers=ex.workers, scheduler=ex.scheduler,
-                                            client=client, gpu=local_gpu))  # fmt: skip
+                                            client=client, gpu=local_gpu, cluster=ex.cluster,
+                                            slurm_jobs=ex.slurm_jobs, slurm_config=ex.slurm_config))  # fmt: skip
     except (GPUUnavailable, SchedulerUnreachable) as err:
         raise RunError(str(err)) from None
     _check_resources(c, ex.resources, ex.scheduler)

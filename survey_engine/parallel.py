@@ -41,8 +41,9 @@ def default_workers() -> int:
 def dask_client(*, workers: int | None = None, scheduler: str | None = None,
                 client: Any | None = None, threads_per_worker: int = 1,
                 memory_limit: str | float | None = "auto", processes: bool = True,
-                gpu: bool = False) -> Iterator[Any]:  # fmt: skip
-    """Yield a ``distributed.Client``: the given one, one connected to ``scheduler``, or a new LocalCluster.
+                gpu: bool = False, cluster: str = "local", slurm_jobs: int | None = None,
+                slurm_config: str | None = None) -> Iterator[Any]:  # fmt: skip
+    """Yield a ``distributed.Client``: the given one, one connected to ``scheduler``, or a new cluster.
 
     Parameters
     ----------
@@ -53,6 +54,10 @@ def dask_client(*, workers: int | None = None, scheduler: str | None = None,
     workers, threads_per_worker, memory_limit, processes, gpu
         Of a new cluster, as for :func:`local_cluster` (one thread per process scales best:
         the kernels are single-threaded C/numpy).
+    cluster : {"local", "slurm"}
+        The new cluster: a LocalCluster, or ``slurm_jobs`` (default 1) SLURM worker jobs of a
+        ``dask_jobqueue.SLURMCluster`` configured by ``jobqueue.slurm.*`` (and the YAML file
+        ``slurm_config``), cancelled on exit (:func:`survey_engine.slurm.slurm_cluster`).
 
     Yields
     ------
@@ -78,9 +83,15 @@ def dask_client(*, workers: int | None = None, scheduler: str | None = None,
         with c:
             yield c
         return
-    cluster = local_cluster(workers, gpu=gpu, threads_per_worker=threads_per_worker,
-                            memory_limit=memory_limit, processes=processes)  # fmt: skip
-    with cluster, Client(cluster) as c:
+    if cluster == "slurm":
+        from .slurm import slurm_cluster
+
+        with slurm_cluster(slurm_jobs or 1, config_file=slurm_config) as sc, Client(sc) as c:
+            yield c
+        return
+    new = local_cluster(workers, gpu=gpu, threads_per_worker=threads_per_worker,
+                        memory_limit=memory_limit, processes=processes)  # fmt: skip
+    with new, Client(new) as c:
         yield c
 
 

@@ -1,10 +1,18 @@
-"""deploy/: the manifests parse and hold what the operator / dask-jobqueue need (no cluster runs)."""
+"""deploy/: the manifests parse, hold what the operator / dask-jobqueue need, and are valid.
+
+No Kubernetes cluster runs here: the manifests are validated offline against the real schemas —
+the custom resources against the dask-kubernetes operator's CRD schemas (``deploy/kubernetes/
+schemas/``, from its wheel), their pod and service specs and the PVC strictly against the
+Kubernetes OpenAPI schemas (``kubernetes-validate``: unknown fields are errors). The SLURM
+configuration is checked against dask-jobqueue itself (its keys, the job script it makes); the
+SLURM runs are in ``tests/test_slurm.py``.
+"""
 
 from __future__ import annotations
 
-import py_compile
-import subprocess
-import sys
+import copy
+import importlib.util
+import json
 from pathlib import Path
 
 import pytest
@@ -12,6 +20,7 @@ import yaml
 
 DEPLOY = Path(__file__).resolve().parents[1] / "deploy"
 K8S = DEPLOY / "kubernetes"
+MANIFESTS = ["daskcluster.yaml", "daskjob.yaml", "gpu-workergroup.yaml", "pvc.yaml"]
 
 
 def _load(path: Path) -> dict:
@@ -62,7 +71,7 @@ def test_gpu_worker_group_manifest():
     assert doc["kind"] == "DaskWorkerGroup"
     assert doc["spec"]["cluster"] == cluster["metadata"]["name"]
     c = _check_worker_spec(doc["spec"]["worker"])
-    assert c["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert c["resources"]["limits"]["nvidia.com/gpu"] == "1"  # the CRD wants a string
     assert "gpu" in c["image"]
 
 
@@ -96,17 +105,113 @@ def test_jobqueue_yaml():
     for key in ("cores", "processes", "memory", "walltime", "job-script-prologue"):
         assert key in slurm, key
     assert slurm["cores"] % slurm["processes"] == 0  # one thread per worker process
-    assert set(doc["survey_engine"]) <= {"tile", "halo", "thresh", "minarea", "deblender"}
+    assert set(doc["survey_engine"]) == {"slurm-timeout", "slurm-min-workers"}
 
 
-def test_slurm_driver_compiles_and_parses_its_arguments(tmp_path):
-    script = DEPLOY / "slurm" / "run_slurm.py"
-    py_compile.compile(str(script), cfile=str(tmp_path / "x.pyc"), doraise=True)
-    out = subprocess.run(
-        [sys.executable, str(script), "--help"], capture_output=True, text=True, timeout=60
-    )
-    assert out.returncode == 0, out.stderr
-    assert "--jobs" in out.stdout and "--resume" in out.stdout
+def test_jobqueue_yaml_is_valid_for_dask_jobqueue(tmp_path, monkeypatch):
+    """Every key is one dask-jobqueue knows (it ignores unknown ones silently), and the job
+    script it makes from the file asks for what the file says."""
+    if importlib.util.find_spec("dask_jobqueue") is None:
+        pytest.skip("dask-jobqueue is not installed")
+    import dask.config
+
+    from survey_engine.slurm import _import_slurm_cluster, load_jobqueue_config
+
+    SLURMCluster = _import_slurm_cluster()  # without its SIGINT handler (sys.exit)
+
+    path = DEPLOY / "slurm" / "jobqueue.yaml"
+    known = dask.config.get("jobqueue.slurm")
+    assert set(_load(path)["jobqueue"]["slurm"]) <= set(known)
+    monkeypatch.chdir(tmp_path)  # log-directory is created relative to it
+    with dask.config.set(load_jobqueue_config(path)):
+        with SLURMCluster(scheduler_options={"dashboard_address": ":0"}) as cluster:
+            script = cluster.job_script()
+    assert "#SBATCH -J survey-engine" in script
+    assert "#SBATCH --cpus-per-task=16" in script and "#SBATCH --mem=64G" in script
+    assert "#SBATCH -t 04:00:00" in script
+    assert "source $HOME/survey-engine-venv/bin/activate" in script
+    assert "--nthreads 1" in script and "--nworkers 16" in script
+    assert "--local-directory ${TMPDIR:-/tmp}" in script and "--death-timeout 120" in script
+    assert (tmp_path / "slurm-logs").is_dir()
+
+
+def test_local_slurm_cluster_script_usage():
+    import subprocess
+
+    script = DEPLOY / "slurm" / "local_cluster.sh"
+    assert subprocess.run(["bash", "-n", str(script)], check=False).returncode == 0
+    out = subprocess.run(["bash", str(script)], capture_output=True, text=True, check=False)
+    assert out.returncode == 2 and "usage:" in out.stderr and "up|down|status" in out.stderr
+
+
+# -- validation against the real schemas ---------------------------------------------------
+
+
+def _crd_schema(kind: str) -> dict:
+    return json.loads((K8S / "schemas" / f"{kind}.json").read_text())
+
+
+def _k8s_validate(obj: dict) -> None:
+    """Strict validation against the newest Kubernetes OpenAPI schema kubernetes-validate ships."""
+    kv = pytest.importorskip("kubernetes_validate")
+    kv.validate(obj, kv.latest_version(), strict=True)
+
+
+def _wrapped(kind: str, spec: dict, name: str) -> dict:
+    return {"apiVersion": "v1", "kind": kind, "metadata": {"name": name}, "spec": spec}
+
+
+def _core_parts(doc: dict) -> list[dict]:
+    """The core Kubernetes objects inside a dask-kubernetes custom resource (pods, service)."""
+    spec, name = doc["spec"], doc["metadata"]["name"]
+    if doc["kind"] == "DaskJob":
+        return [_wrapped("Pod", spec["job"]["spec"], f"{name}-runner"),
+                *_core_parts({"kind": "DaskCluster", "metadata": {"name": name}, "spec": spec["cluster"]["spec"]})]  # fmt: skip
+    parts = [_wrapped("Pod", spec["worker"]["spec"], f"{name}-worker")]
+    if doc["kind"] == "DaskCluster":
+        parts.append(_wrapped("Pod", spec["scheduler"]["spec"], f"{name}-scheduler"))
+        parts.append(_wrapped("Service", spec["scheduler"]["service"], f"{name}-scheduler"))
+    return parts
+
+
+def _validate(doc: dict) -> None:
+    import jsonschema
+
+    if doc["apiVersion"] == "kubernetes.dask.org/v1":
+        jsonschema.validate(doc, _crd_schema(doc["kind"]))
+        for part in _core_parts(doc):
+            _k8s_validate(part)
+    else:
+        _k8s_validate(doc)
+
+
+@pytest.mark.parametrize("name", MANIFESTS)
+def test_manifest_is_valid_against_the_real_schemas(name):
+    doc = _load(K8S / name)
+    if doc["apiVersion"] == "kubernetes.dask.org/v1":  # a schema for every kind used
+        assert (K8S / "schemas" / f"{doc['kind']}.json").is_file()
+    _validate(doc)
+
+
+def test_schema_validation_catches_mistakes():
+    """The validation is not vacuous: a wrong type in the custom resource, an unknown
+    container field, a bad PVC access mode are each refused."""
+    import jsonschema
+
+    kv = pytest.importorskip("kubernetes_validate")
+    cluster = _load(K8S / "daskcluster.yaml")
+    bad = copy.deepcopy(cluster)
+    bad["spec"]["worker"]["replicas"] = "eight"
+    with pytest.raises(jsonschema.ValidationError, match="'eight' is not of type 'integer'"):
+        _validate(bad)
+    bad = copy.deepcopy(cluster)
+    bad["spec"]["worker"]["spec"]["containers"][0]["volumeMount"] = []  # for volumeMounts
+    with pytest.raises(kv.ValidationError, match="'volumeMount' was unexpected"):
+        _validate(bad)
+    bad = _load(K8S / "pvc.yaml")
+    bad["spec"]["resources"] = {"requests": {"storage": "1Ti"}, "limit": {}}
+    with pytest.raises(kv.ValidationError, match="'limit' was unexpected"):
+        _validate(bad)
 
 
 @pytest.mark.parametrize("name", ["Dockerfile", "Dockerfile.gpu"])
