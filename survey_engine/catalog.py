@@ -14,6 +14,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .schema import BAND_INHERITED_FLAGS, ColumnSpec, catalog_columns, empty_columns, object_ids
+from .storage import check_store, filesystem, is_url
 
 __all__ = ["CatalogLayout", "catalog_metadata", "read_catalog", "reference_band", "to_arrow",
            "write_parquet_atomic"]  # fmt: skip
@@ -230,15 +231,25 @@ def sorted_by(table: pa.Table, key: str) -> pa.Table:
     return pa.Table.from_arrays(cols, schema=table.schema)
 
 
-def write_parquet_atomic(table: pa.Table, path: str | os.PathLike) -> None:
-    """Write a Parquet file atomically (temporary file, then rename).
+def write_parquet_atomic(table: pa.Table, path: str | os.PathLike,
+                         storage_options: dict | None = None) -> None:  # fmt: skip
+    """Write a Parquet file atomically (temporary file, then rename; on an object store one
+    object, which appears whole or not at all).
 
     Parameters
     ----------
     table : pyarrow.Table
-    path : path-like
-        Destination.
+    path : path-like or str
+        Destination: a local path or an fsspec URL.
+    storage_options : dict, optional
+        fsspec options of a URL (default: those of a ``UPath``, else the environment).
     """
+    if is_url(path):
+        fs, key = filesystem(str(path), storage_options or getattr(path, "storage_options", None))
+        sink = pa.BufferOutputStream()
+        pq.write_table(table, sink, compression="zstd")
+        fs.pipe_file(key, sink.getvalue().to_pybytes())
+        return
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     pq.write_table(table, tmp, compression="zstd")
@@ -259,7 +270,8 @@ def read_catalog(path: str | os.PathLike):
     path : path-like
         ``catalog.parquet`` written by :func:`survey_engine.run` (or its output directory), or
         a survey run's output directory (:func:`survey_engine.run_survey`) or its ``catalog``
-        dataset: every tract's part, in tract order, with a ``tract`` column.
+        dataset: every tract's part, in tract order, with a ``tract`` column. A local path or
+        an fsspec URL (``s3://bucket/run``).
 
     Returns
     -------
@@ -267,6 +279,8 @@ def read_catalog(path: str | os.PathLike):
         Columns with units become Quantities; descriptions are kept;
         ``table.meta`` holds the catalog-level metadata.
     """
+    if is_url(path):
+        return _read_catalog_url(str(path), getattr(path, "storage_options", None))
     path = Path(path)
     if not path.exists():
         msg = f"catalog not found: {path}"
@@ -281,6 +295,50 @@ def read_catalog(path: str | os.PathLike):
         msg = f"no catalog in {path} (neither catalog.parquet nor a catalog/ dataset)"
         raise FileNotFoundError(msg)
     return _to_qtable(pq.read_table(path), catalog_metadata(path))
+
+
+def _read_catalog_url(url: str, storage_options: dict | None):
+    """:func:`read_catalog` of a URL: a catalog file, a run's or a survey run's output."""
+    check_store(url, storage_options, "catalog")
+    fs, key = filesystem(url, storage_options)
+    key = key.rstrip("/")
+
+    def table(k: str) -> tuple[pa.Table, dict[str, Any]]:
+        with pq.ParquetFile(pa.BufferReader(fs.cat_file(k))) as f:
+            t = f.read()
+        raw = (t.schema.metadata or {}).get(_META_KEY)
+        return t, {} if raw is None else json.loads(raw)
+
+    if fs.isfile(key):
+        return _to_qtable(*table(key))
+    if fs.isfile(f"{key}/catalog.parquet"):
+        return _to_qtable(*table(f"{key}/catalog.parquet"))
+    root = f"{key}/catalog" if fs.isdir(f"{key}/catalog") else key
+    files = [f for f in fs.find(root) if f.endswith("/part-0.parquet") and "=" in f.split("/")[-2]]
+    if not files:
+        msg = f"no catalog at {url} (neither catalog.parquet nor a catalog/ dataset)"
+        raise FileNotFoundError(msg)
+
+    def value(f: str):
+        v = f.split("/")[-2].split("=", 1)[1]
+        return (0, int(v), "") if v.lstrip("-").isdigit() else (1, 0, v)
+
+    files.sort(key=value)
+    key_name = files[0].split("/")[-2].split("=", 1)[0]
+    schema = pq.read_schema(pa.BufferReader(fs.cat_file(f"{root}/_common_metadata"))) if fs.isfile(
+        f"{root}/_common_metadata") else table(files[0])[0].schema  # fmt: skip
+    tables = []
+    for f in files:
+        t = table(f)[0].replace_schema_metadata(None)
+        column = pa.array(np.full(t.num_rows, value(f)[1], np.int64))
+        tables.append(t.append_column(key_name, column))
+    merged = pa.concat_tables(tables)
+    fields = [schema.field(f.name) if f.name in schema.names else f for f in merged.schema]
+    merged = merged.cast(pa.schema(fields))
+    raw = (schema.metadata or {}).get(_META_KEY)
+    meta = {} if raw is None else json.loads(raw)
+    meta["partitioning"] = key_name
+    return _to_qtable(merged, meta)
 
 
 def _read_dataset(root: Path):

@@ -295,7 +295,7 @@ def run(
     external = client is not None or params.get("scheduler") is not None
     s = resolve_run(m, science=science, execution=execution, tile=tile, halo=halo, origin=origin,
                     deblender=deblender, gpu=gpu, external_cluster=external, **params)  # fmt: skip
-    store = PartStore(Path(outdir).absolute())
+    store = PartStore(outdir)  # local paths made absolute, URLs kept
     stopped: tuple[type, str] | None = None
     quiet = _QuietShutdown()
     with quiet, interrupts_deferred(), contextlib.ExitStack() as stack:

@@ -23,6 +23,7 @@ from astropy.wcs import WCS, FITSFixedWarning
 from astropy.wcs.utils import proj_plane_pixel_scales
 
 from .flags import MASK_BITS, MaskBit
+from .storage import check_store, is_url
 
 __all__ = [
     "FORMAT_VERSION", "Mosaic", "MosaicRegion", "UnknownBandError", "create_mosaic",
@@ -404,15 +405,19 @@ def open_mosaic(
     Raises
     ------
     FileNotFoundError
-        Nothing exists at ``path``.
+        Nothing exists at ``path`` (or its bucket does not exist).
+    survey_engine.storage.StorageError
+        The object store of a URL does not answer or refuses the credentials.
     ValueError
         ``path`` exists but is not a survey_engine mosaic; the message says what it is instead
         (a FITS file: ingest it first; a directory without ``zarr.json``; a Zarr v2 store; a
         Zarr array; a group without the ``survey_engine`` attribute or an ``image`` array; …).
     """
     path = str(path)
-    if "://" not in path:
+    if not is_url(path):
         _check_local_store(path)
+    else:
+        check_store(path, storage_options, "mosaic")
     try:
         group = _open_group(path, mode, storage_options)
     except FileNotFoundError:
@@ -531,6 +536,8 @@ def create_mosaic(
     if extra_attrs:
         attrs.update(dict(extra_attrs))
 
+    if is_url(path):
+        check_store(str(path), storage_options, "mosaic")
     group = _open_group(path, "w" if overwrite else "w-", storage_options)
     group.attrs.update(attrs)
     for plane in PLANES:

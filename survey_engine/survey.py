@@ -144,7 +144,7 @@ def run_survey(
     }  # fmt: skip
     first = settings[ids[0]]
     _check_overlap(skymap, first.halo, survey_dir)
-    store = SurveyStore(Path(outdir).absolute())
+    store = SurveyStore(outdir)  # local paths made absolute, URLs kept
     try:
         store.prepare(_survey_info(survey_dir, skymap, first), resume=resume, overwrite=overwrite)
     except StoreError as err:
