@@ -206,3 +206,25 @@ def test_unreachable_endpoint_and_missing_bucket_are_one_line(s3, s3_mosaic, fit
                            f"cannot reach the object store at {closed} for mosaic {s3_mosaic}",
                            "AWS_ENDPOINT_URL")  # fmt: skip
     _one_line_error(runner.invoke(main, ["info", s3_mosaic]), f"at {closed} for mosaic {s3_mosaic}")
+
+
+def test_survey_run_writes_its_catalog_dataset_to_s3(s3, s3_client, tmp_path):
+    from _util import blob_mosaic
+
+    from survey_engine import run_survey
+    from survey_engine.survey_io import cut_into_tracts
+
+    blob_mosaic(tmp_path / "m.zarr", (128, 256), n=40, seed=5)
+    cut_into_tracts(tmp_path / "m.zarr", tmp_path / "tracts", 1, 2, overlap_px=96)
+    kw = {"tile": 64, "halo": 32, "client": s3_client, "progress": False, "background_box": 32}
+    local = run_survey(tmp_path / "tracts", tmp_path / "out", **kw)
+    url = f"s3://{BUCKET}/survey-out"
+    remote = run_survey(tmp_path / "tracts", url, **kw)
+    assert remote.n_objects == local.n_objects and sum(local.n_objects.values()) > 10
+    assert_same_catalog(read_catalog(tmp_path / "out"), read_catalog(url))
+    keys = set(s3.find(f"{BUCKET}/survey-out/catalog"))
+    assert keys == {f"{BUCKET}/survey-out/catalog/_common_metadata"} | {
+        f"{BUCKET}/survey-out/catalog/tract={t}/part-0.parquet" for t in range(2)
+    }
+    again = run_survey(tmp_path / "tracts", url, resume=True, **kw)  # everything is finished
+    assert sorted(again.skipped) == [0, 1] and not again.n_objects
