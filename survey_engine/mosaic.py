@@ -23,7 +23,7 @@ from astropy.wcs import WCS, FITSFixedWarning
 from astropy.wcs.utils import proj_plane_pixel_scales
 
 from .flags import MASK_BITS, MaskBit
-from .storage import check_store, is_url
+from .storage import check_store, default_options, is_url
 
 __all__ = [
     "FORMAT_VERSION", "Mosaic", "MosaicRegion", "UnknownBandError", "create_mosaic",
@@ -268,7 +268,7 @@ class Mosaic:
         contiguous = idx == list(range(idx[0], idx[-1] + 1))
         out = {}
         for plane in PLANES:
-            arr = self.group[plane]
+            arr = getattr(self, plane)  # opened once: on an object store a lookup is 2 requests
             try:
                 if contiguous:
                     data = arr[idx[0] : idx[-1] + 1, y0:y1, x0:x1]
@@ -380,6 +380,8 @@ def _bounds(r: tuple[int, int] | slice, n: int, axis: str) -> tuple[int, int]:
 
 
 def _open_group(path: str, mode: str, storage_options: Mapping[str, Any] | None) -> zarr.Group:
+    if is_url(path):
+        storage_options = default_options(path, storage_options)
     kwargs = {"storage_options": dict(storage_options)} if storage_options else {}
     return zarr.open_group(str(path), mode=mode, zarr_format=3, **kwargs)
 

@@ -16,12 +16,14 @@ the URL (:class:`StorageError`, a :class:`FileNotFoundError` for a missing bucke
 
 from __future__ import annotations
 
+import contextlib
+import inspect
 import logging
 import os
 from collections.abc import Mapping
 from typing import Any
 
-__all__ = ["StorageError", "check_store", "filesystem", "is_url"]
+__all__ = ["StorageError", "check_store", "default_options", "filesystem", "is_url"]
 
 logger = logging.getLogger(__name__)
 
@@ -42,11 +44,29 @@ def is_url(path: str | os.PathLike) -> bool:
     return "://" in text and not text.startswith("file://")
 
 
+def default_options(url: str, storage_options: Mapping[str, Any] | None) -> dict[str, Any]:
+    """``storage_options`` with the engine's defaults for ``url``'s protocol (given ones win).
+
+    S3: ``max_concurrency=1``. s3fs (≥ 2024.12) otherwise asks every object's size (a HEAD)
+    before reading it whole, to split objects larger than its block size (50 MB) into
+    concurrent ranged GETs; Zarr chunks and part files are far smaller, so the HEAD doubled
+    the requests of every window read. Give ``max_concurrency`` to get it back (large shards).
+    """
+    opts = dict(storage_options or {})
+    if str(url).split("://", 1)[0] in ("s3", "s3a") and "max_concurrency" not in opts:
+        with contextlib.suppress(ImportError):
+            import s3fs
+
+            if "max_concurrency" in inspect.signature(s3fs.S3FileSystem.__init__).parameters:
+                opts["max_concurrency"] = 1
+    return opts
+
+
 def filesystem(url: str, storage_options: Mapping[str, Any] | None = None):
     """The fsspec file system of ``url`` and the path in it.
 
     Listings are not cached (``use_listings_cache=False`` unless given): workers write parts
-    that the driver must see at its next listing.
+    that the driver must see at its next listing. The defaults of :func:`default_options` apply.
 
     Parameters
     ----------
@@ -61,7 +81,7 @@ def filesystem(url: str, storage_options: Mapping[str, Any] | None = None):
     """
     import fsspec
 
-    opts = {"use_listings_cache": False, **dict(storage_options or {})}
+    opts = {"use_listings_cache": False, **default_options(url, storage_options)}
     try:
         return fsspec.core.url_to_fs(str(url), **opts)
     except ImportError as err:
