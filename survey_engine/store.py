@@ -612,7 +612,8 @@ class SurveyStore(_Root):
         return PartStore(f"{self.url}/tracts/{int(tract_id)}", self.storage_options)
 
     def catalog_part(self, tract_id: int) -> Path:
-        """The catalog file of one tract in the partitioned dataset (its directory made)."""
+        """The catalog file of one tract in the partitioned dataset (its directory made; a
+        :class:`upath.UPath` under a URL root)."""
         d = self.catalog / f"tract={int(tract_id)}"
         if not self.remote:
             d.mkdir(parents=True, exist_ok=True)

@@ -133,6 +133,7 @@ def test_ingest_run_and_catalog_on_s3_match_the_local_run(s3, s3_mosaic, s3_run,
     got = _table(s3, str(res.catalog_path))
     assert got.equals(want)  # every column and field, bit for bit
     assert_same_catalog(read_catalog(local_run.catalog_path), read_catalog(out))
+    assert_same_catalog(read_catalog(local_run.catalog_path), read_catalog(res.catalog_path))
     seg = zarr.open_group(str(res.segmentation_path), mode="r")["segmentation"][:]
     ref = zarr.open_group(str(local_run.segmentation_path), mode="r")["segmentation"][:]
     assert np.array_equal(seg, ref) and seg.any()
