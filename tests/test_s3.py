@@ -23,7 +23,9 @@ moto_server = pytest.importorskip("moto.server")
 
 from survey_engine import ingest_fits, open_mosaic, read_catalog, run  # noqa: E402
 from survey_engine.cli import main  # noqa: E402
+from survey_engine.driver import RunError  # noqa: E402
 from survey_engine.store import MARKER  # noqa: E402
+from survey_engine.tiling import make_tiles  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -144,30 +146,50 @@ def test_ingest_run_and_catalog_on_s3_match_the_local_run(s3, s3_mosaic, s3_run,
     assert {f"{BUCKET}/run-a/parts/{p}/{MARKER}" for p in parts} <= set(files)
 
 
-def test_interrupted_run_resumes_on_s3_and_half_written_parts_are_redone(
-    s3, s3_client, s3_mosaic, s3_run, local_run
+def test_run_failing_mid_way_resumes_on_s3_and_half_written_parts_are_redone(
+    s3, s3_client, s3_mosaic, local_run
 ):
     out, key = f"s3://{BUCKET}/run-b", f"{BUCKET}/run-b"
-    s3.copy(str(s3_run.outdir).removeprefix("s3://"), key, recursive=True)  # a finished run
-    # Leave the run as one stopped mid-way: no catalog, one part never written, one
-    # half-written (its files but not its marker; one of them garbage), one temporary leftover.
-    lost, half = "tile-r0001-c0002", "tile-r0002-c0001"
-    parts = sorted({f.split("/")[3] for f in s3.find(f"{key}/parts")})
-    assert lost in parts and half in parts, parts
-    s3.rm([f"{key}/catalog.parquet", f"{key}/parts/{half}/{MARKER}"])
-    s3.rm(f"{key}/parts/{lost}", recursive=True)
-    s3.pipe_file(f"{key}/parts/{half}/catalog.parquet", b"not parquet")
-    s3.pipe_file(f"{key}/parts/{lost}/labels.bin", b"a part cut short")
-    kept = {k: v for k, v in _stamps(s3, f"{key}/parts").items() if f"/{half}/" not in k
-            and f"/{lost}/" not in k}  # fmt: skip
+    grid = make_tiles((SIZE, SIZE), TILE, HALO)
+    bad, half = grid[6], grid[9]
+
+    def failing_kernel(bad_read):  # on every worker: the tile reading bad_read raises (None: undo)
+        import survey_engine.stages as st
+
+        real = st.__dict__.setdefault("_real_analyse_windows", st.analyse_windows)
+
+        def failing(host, windows, *args, **kwargs):
+            if bad_read in windows:
+                raise FloatingPointError("kernel blew up")
+            return real(host, windows, *args, **kwargs)
+
+        st.analyse_windows = real if bad_read is None else failing
+
+    s3_client.run(failing_kernel, bad.read)
+    try:
+        with pytest.raises(
+            RunError, match=rf"1 task\(s\) failed: {bad.name}; .*FloatingPointError"
+        ):
+            run(s3_mosaic, out, tile=TILE, halo=HALO, client=s3_client, progress=False)
+    finally:
+        s3_client.run(failing_kernel, None)
+    files = s3.find(f"{key}/parts")
+    tiles = {f.split("/")[3] for f in files if f.endswith(f"/{MARKER}") and "/tile-" in f}
+    assert tiles == {t.name for t in grid} - {bad.name}
+    assert not s3.exists(f"{key}/catalog.parquet")
+    # One part cut short, as a worker killed while writing it leaves it: files, one of them
+    # garbage, and no marker.
+    s3.rm_file(f"{key}/parts/{half.name}/{MARKER}")
+    s3.pipe_file(f"{key}/parts/{half.name}/catalog.parquet", b"not parquet")
+    kept = {k: v for k, v in _stamps(s3, f"{key}/parts").items() if f"/{half.name}/" not in k}
 
     res = run(s3_mosaic, out, tile=TILE, halo=HALO, client=s3_client, progress=False, resume=True)
     after = _stamps(s3, f"{key}/parts")
     assert {k: after[k] for k in kept} == kept  # finished parts were not rewritten
     redone = {k.split("/")[3] for k in set(after) - set(kept)}
-    assert {lost, half} <= redone
-    assert all(p in (lost, half) or p.startswith("retry-") for p in redone)
-    assert f"{key}/parts/{half}/{MARKER}" in after and f"{key}/parts/{lost}/{MARKER}" in after
+    assert {bad.name, half.name} <= redone
+    assert all(p in (bad.name, half.name) or p.startswith("retry-") for p in redone)
+    assert {f"{key}/parts/{t}/{MARKER}" for t in (bad.name, half.name)} <= set(after)
     assert _table(s3, str(res.catalog_path)).equals(pq.read_table(local_run.catalog_path))
     seg = zarr.open_group(str(res.segmentation_path), mode="r")["segmentation"][:]
     ref = zarr.open_group(str(local_run.segmentation_path), mode="r")["segmentation"][:]
