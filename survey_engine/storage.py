@@ -152,6 +152,9 @@ def check_store(url: str, storage_options: Mapping[str, Any] | None = None, what
                f"(e.g. `aws s3 mb {protocol}://{bucket}`) or give another URL")  # fmt: skip
         raise FileNotFoundError(msg) from None
     except PermissionError as err:
+        if dict(storage_options or {}).get("anon"):  # public buckets may allow reads, not this
+            logger.debug("%s: bucket %r not inspectable anonymously (%s)", url, bucket, err)
+            return
         msg = (f"{label}: access to bucket {bucket!r}{at} refused ({err}); check the credentials "
                "(AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / AWS_PROFILE, or storage_options)")  # fmt: skip
         raise StorageError(msg) from None
