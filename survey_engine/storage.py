@@ -152,7 +152,7 @@ def check_store(url: str, storage_options: Mapping[str, Any] | None = None, what
                f"(e.g. `aws s3 mb {protocol}://{bucket}`) or give another URL")  # fmt: skip
         raise FileNotFoundError(msg) from None
     except PermissionError as err:
-        if dict(storage_options or {}).get("anon"):  # public buckets may allow reads, not this
+        if getattr(fs, "anon", False):  # public buckets may allow object reads, not this
             logger.debug("%s: bucket %r not inspectable anonymously (%s)", url, bucket, err)
             return
         msg = (f"{label}: access to bucket {bucket!r}{at} refused ({err}); check the credentials "
