@@ -14,6 +14,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .schema import BAND_INHERITED_FLAGS, ColumnSpec, catalog_columns, empty_columns, object_ids
+from .storage import check_store, filesystem, is_url
 
 __all__ = ["CatalogLayout", "catalog_metadata", "dataset_files", "read_catalog", "reference_band",
            "to_arrow", "write_parquet_atomic"]  # fmt: skip
@@ -230,15 +231,25 @@ def sorted_by(table: pa.Table, key: str) -> pa.Table:
     return pa.Table.from_arrays(cols, schema=table.schema)
 
 
-def write_parquet_atomic(table: pa.Table, path: str | os.PathLike) -> None:
-    """Write a Parquet file atomically (temporary file, then rename).
+def write_parquet_atomic(table: pa.Table, path: str | os.PathLike,
+                         storage_options: dict | None = None) -> None:  # fmt: skip
+    """Write a Parquet file atomically (temporary file, then rename; on an object store one
+    object, which appears whole or not at all).
 
     Parameters
     ----------
     table : pyarrow.Table
-    path : path-like
-        Destination.
+    path : path-like or str
+        Destination: a local path or an fsspec URL.
+    storage_options : dict, optional
+        fsspec options of a URL (default: those of a ``UPath``, else the environment).
     """
+    if is_url(path):
+        fs, key = filesystem(str(path), storage_options or getattr(path, "storage_options", None))
+        sink = pa.BufferOutputStream()
+        pq.write_table(table, sink, compression="zstd")
+        fs.pipe_file(key, sink.getvalue().to_pybytes())
+        return
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     pq.write_table(table, tmp, compression="zstd")
@@ -259,7 +270,8 @@ def read_catalog(path: str | os.PathLike):
     path : path-like
         ``catalog.parquet`` written by :func:`survey_engine.run` (or its output directory), or
         a survey run's output directory (:func:`survey_engine.run_survey`) or its ``catalog``
-        dataset: every tract's part, in tract order, with a ``tract`` column.
+        dataset: every tract's part, in tract order, with a ``tract`` column. A local path or
+        an fsspec URL (``s3://bucket/run``).
 
     Returns
     -------
@@ -267,54 +279,100 @@ def read_catalog(path: str | os.PathLike):
         Columns with units become Quantities; descriptions are kept;
         ``table.meta`` holds the catalog-level metadata.
     """
-    path = Path(path)
-    if not path.exists():
+    if is_url(path):
+        url = str(path)
+        check_store(url, getattr(path, "storage_options", None), "catalog")
+        fs, key = filesystem(url, getattr(path, "storage_options", None))
+    else:
+        import fsspec
+
+        fs, key = fsspec.filesystem("file"), str(Path(path).absolute())
+    key = key.rstrip("/")
+    if not fs.exists(key):
         msg = f"catalog not found: {path}"
         raise FileNotFoundError(msg)
-    if path.is_dir():
-        if (path / "catalog.parquet").is_file():
-            return _to_qtable(pq.read_table(path / "catalog.parquet"), catalog_metadata(path / "catalog.parquet"))
-        if (path / "catalog").is_dir():
-            return _read_dataset(path / "catalog")
-        if any(dataset_files(path)):
-            return _read_dataset(path)
+    if fs.isfile(key):
+        return _read_file(fs, key)
+    if fs.isfile(f"{key}/catalog.parquet"):
+        return _read_file(fs, f"{key}/catalog.parquet")
+    root = f"{key}/catalog" if fs.isdir(f"{key}/catalog") else key
+    if not dataset_files(root, fs) and not fs.isfile(f"{root}/_common_metadata"):
         msg = f"no catalog in {path} (neither catalog.parquet nor a catalog/ dataset)"
         raise FileNotFoundError(msg)
-    return _to_qtable(pq.read_table(path), catalog_metadata(path))
+    return _read_dataset(root, fs)
 
 
-def dataset_files(root: str | os.PathLike) -> list[Path]:
-    """The visible Parquet files of a catalog dataset: ``part-*.parquet`` or ``key=value/*.parquet``."""
-    root = Path(root)
-    files = [*root.glob("*.parquet"), *root.glob("*=*/*.parquet")]
-    return [p for p in files if not p.name.startswith((".", "_"))
-            and not p.parent.name.startswith((".", "_"))]  # fmt: skip
+def _parquet(fs, path: str) -> pa.Table:
+    with fs.open(path, "rb") as f:
+        return pq.read_table(f)
 
 
-def _read_dataset(root: Path):
+def _meta_of(schema: pa.Schema) -> dict[str, Any]:
+    raw = (schema.metadata or {}).get(_META_KEY)
+    return {} if raw is None else json.loads(raw)
+
+
+def _read_file(fs, path: str):
+    table = _parquet(fs, path)
+    return _to_qtable(table, _meta_of(table.schema))
+
+
+def dataset_files(root: str | os.PathLike, fs=None) -> list[str]:
+    """The visible Parquet files of a catalog dataset: ``part-*.parquet`` or ``key=value/*.parquet``.
+
+    Parameters
+    ----------
+    root : str or path-like
+        The dataset directory (a path of ``fs``).
+    fs : fsspec.AbstractFileSystem, optional
+        Its file system (default: local).
+
+    Returns
+    -------
+    list of str
+        Paths of ``fs``, sorted; hidden (``.``/``_``) files and directories left out.
+    """
+    if fs is None:
+        import fsspec
+
+        fs, root = fsspec.filesystem("file"), str(Path(root).absolute())
+    root = str(root).rstrip("/")
+    out = []
+    for f in fs.find(root):
+        rel = f[len(root) + 1 :].split("/") if f.startswith(root + "/") else []
+        visible = rel and not any(r.startswith((".", "_")) for r in rel)
+        if visible and rel[-1].endswith(".parquet") and (len(rel) == 1 or (len(rel) == 2 and "=" in rel[0])):
+            out.append(f)
+    return sorted(out)
+
+
+def _read_dataset(root: str, fs):
     """A catalog dataset: files partitioned by ``key=value`` directories (partitions in value
     order, a ``key`` column added) or plain ``part-*.parquet`` files; rows sorted by
     (partition, id), so the table is the same however the catalog was split into files."""
 
-    def value(p: Path):
-        if p.parent == root:
+    def value(f: str):
+        parent = f.rsplit("/", 2)[-2] if f.rsplit("/", 1)[0] != root else ""
+        if not parent:
             return (0, 0, "")
-        v = p.parent.name.split("=", 1)[1]
+        v = parent.split("=", 1)[1]
         return (0, int(v), "") if v.lstrip("-").isdigit() else (1, 0, v)
 
-    files = sorted(dataset_files(root), key=lambda p: (value(p), p.name))
-    common = root / "_common_metadata"
-    if not files and not common.is_file():
-        msg = f"catalog dataset {root} holds no parts"
-        raise FileNotFoundError(msg)
-    schema = pq.read_schema(common if common.is_file() else files[0])
-    partitioned = any(p.parent != root for p in files) or not files
-    key = next((p.parent.name.split("=", 1)[0] for p in files if p.parent != root), "tract")
+    files = sorted(dataset_files(root, fs), key=lambda f: (value(f), f))
+    common = f"{root}/_common_metadata"
+    if fs.isfile(common):
+        with fs.open(common, "rb") as f:
+            schema = pq.read_schema(f)
+    else:
+        schema = _parquet(fs, files[0]).schema
+    nested = [f for f in files if f.rsplit("/", 1)[0] != root]
+    partitioned = bool(nested) or not files
+    key = nested[0].rsplit("/", 2)[-2].split("=", 1)[0] if nested else "tract"
     tables = []
-    for p in files:
-        t = pq.read_table(p).replace_schema_metadata(None)
+    for f in files:
+        t = _parquet(fs, f).replace_schema_metadata(None)
         if partitioned:
-            t = t.append_column(key, pa.array(np.full(t.num_rows, value(p)[1], np.int64)))
+            t = t.append_column(key, pa.array(np.full(t.num_rows, value(f)[1], np.int64)))
         tables.append(t)
     if tables:
         table = pa.concat_tables(tables)
@@ -325,7 +383,7 @@ def _read_dataset(root: Path):
     # field metadata (units, descriptions) from the schema
     fields = [schema.field(f.name) if f.name in schema.names else f for f in table.schema]
     table = table.cast(pa.schema(fields))
-    meta = catalog_metadata(common if common.is_file() else files[0])
+    meta = _meta_of(schema)
     if partitioned:
         meta["partitioning"] = key
     return _to_qtable(table, meta)

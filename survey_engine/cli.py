@@ -194,6 +194,9 @@ def ingest(paths, bands, weights, variances, masks, hdus, zero_points, psf_fwhm,
            overwrite):  # fmt: skip
     """Ingest FITS images IMAGE.fits [IMAGE2.fits …] into the mosaic store OUT.zarr (last argument).
 
+    OUT.zarr may be a URL (s3://bucket/m.zarr): endpoint and credentials from AWS_ENDPOINT_URL,
+    AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY (or AWS_PROFILE).
+
     Images without --weight or --variance get a variance estimated from the image (sky noise,
     plus image/GAIN when the header has GAIN); .fz, .gz and .bz2 files are read as they are.
     """
@@ -320,6 +323,10 @@ def run_cmd(mosaic, outdir, tile, halo, origin, deblender, unet_model, device, t
             detection_band, background_mask_thresh, background_mask_dilate, workers, scheduler,
             slurm, slurm_jobs, slurm_config, resume, overwrite, fmt, gpu, backend, unet_amp):  # fmt: skip
     """Detect, deblend and measure MOSAIC; write OUTDIR/catalog.parquet and segmentation.zarr.
+
+    MOSAIC and OUTDIR may be URLs (s3://bucket/m.zarr …): endpoint and credentials from
+    AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY (or AWS_PROFILE), read by the
+    workers too.
 
     Options not given take their value from the Dask configuration (survey_engine.*: a YAML
     file in ~/.config/dask/ or DASK_SURVEY_ENGINE__TILE=… environment variables).

@@ -24,7 +24,6 @@ import contextlib
 import dataclasses
 import logging
 import os
-import shutil
 import time
 import warnings
 from collections.abc import Mapping, Sequence
@@ -33,7 +32,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pyarrow.parquet as pq
 import zarr
 
 from . import config as _conf
@@ -299,7 +297,7 @@ def run(
     external = client is not None or params.get("scheduler") is not None
     s = resolve_run(m, science=science, execution=execution, tile=tile, halo=halo, origin=origin,
                     deblender=deblender, gpu=gpu, external_cluster=external, **params)  # fmt: skip
-    store = PartStore(Path(outdir).absolute())
+    store = PartStore(outdir)  # local paths made absolute, URLs kept
     stopped: tuple[type, str] | None = None
     quiet = _QuietShutdown()
     with quiet, interrupts_deferred(), contextlib.ExitStack() as stack:
@@ -312,9 +310,8 @@ def run(
         timings: dict[str, float] = {}
         try:
             tiles, pending = _stages(c, m, s, store, progress, timings)
-            cat_path, n = _catalog_stage(c, m, s, store, pending, progress, timings,
-                                         directory=store.root / "catalog",
-                                         single=store.root / "catalog.parquet")  # fmt: skip
+            cat_path, n = _catalog_stage(c, m, s, store, pending, progress, timings, out=store,
+                                         names=("catalog",), single="catalog.parquet")  # fmt: skip
         except KeyboardInterrupt:
             stopped = (RunInterrupted, "interrupted")
         except Exception as err:
@@ -636,17 +633,18 @@ def catalog_partitions(grid: TileGrid, pending: Sequence[dict], max_pixels: int)
 
 
 def _catalog_stage(client, m: Mosaic, s: RunSettings, store: PartStore, pending, progress: bool,
-                   timings: dict, *, directory: Path, single: Path | None = None, tract=None,
-                   meta: dict | None = None) -> tuple[Path, int]:  # fmt: skip
+                   timings: dict, *, out, names: tuple[str, ...], single: str | None = None,
+                   tract=None, meta: dict | None = None) -> tuple[Any, int]:  # fmt: skip
     """Stage 5: workers write the catalog from the parts (the driver never holds it).
 
-    Into ``single`` (one Parquet file) when the catalog is one partition and ``single`` is
-    given; else a dataset ``directory/part-NNNNN.parquet`` with ``_common_metadata``,
-    written in a hidden sibling directory and renamed whole, replacing an earlier one.
+    Into the file ``single`` (a name under ``out``'s root) when the catalog is one partition
+    and ``single`` is given; else a dataset ``names/part-NNNNN.parquet`` with
+    ``_common_metadata``, published whole (:meth:`~survey_engine.store.PartStore.publish_dataset`),
+    replacing an earlier one. ``out`` is the store holding the catalog (the run's, or a survey's).
 
     Returns
     -------
-    (Path, int)
+    (Path or UPath, int)
         Where the catalog is, and its rows.
     """
     clock = _Clock(timings)
@@ -654,28 +652,23 @@ def _catalog_stage(client, m: Mosaic, s: RunSettings, store: PartStore, pending,
     max_pixels = int(_conf.get("catalog-partition-pixels") or 2**28)
     parts = catalog_partitions(s.grid, pending, max_pixels)
     if single is not None and len(parts) == 1:
-        target, paths = single, [single]
-        shutil.rmtree(directory, ignore_errors=True)  # an earlier run's dataset
+        out.remove(*names)  # an earlier run's dataset
+        staged, paths = None, [out.path_of(single)]
     else:
-        target = directory.parent / f".{directory.name}.tmp-{os.getpid()}"
-        shutil.rmtree(target, ignore_errors=True)
-        target.mkdir(parents=True)
-        paths = [target / f"part-{k:05d}.parquet" for k in range(len(parts))]
-    res = map_tasks(client, catalog_partition, list(zip(parts, map(str, paths), strict=True)),
+        staged = out.stage_dataset(*names)
+        paths = [f"{staged}/part-{k:05d}.parquet" for k in range(len(parts))]
+    res = map_tasks(client, catalog_partition, list(zip(parts, paths, strict=True)),
                     desc="catalog", progress=progress and len(parts) > 1, store=store,
                     mosaic_path=m.path, science=s.science, tract=tract, meta=meta, retries=1)  # fmt: skip
     if res.failures:
         err = res.failures[0].error.removeprefix("RepeatedObjects: ")
         raise RunError(f"writing the catalog failed for {len(res.failures)} partition(s): {err}", res.failures)
-    if target != single:
-        layout = layout_for(m, s.science, tract)
-        pq.write_metadata(layout.table(meta=meta).schema, target / "_common_metadata")
-        for old in (directory, single):
-            if old is not None and old.is_dir():
-                shutil.rmtree(old)
-            elif old is not None and old.exists():
-                old.unlink()
-        os.rename(target, directory)
-        target = directory
+    if staged is None:
+        target = out.root / single
+    else:
+        out.publish_dataset(staged, *names, schema=layout_for(m, s.science, tract).table(meta=meta).schema)
+        if single is not None:
+            out.remove(single)
+        target = out.root.joinpath(*names)
     clock.lap("catalog")
     return target, sum(res.results.values())

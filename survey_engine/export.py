@@ -86,7 +86,7 @@ def _input_files(catalog: Path) -> list[Path]:
     if (catalog / "catalog.parquet").is_file():
         return [catalog / "catalog.parquet"]
     root = catalog / "catalog" if (catalog / "catalog").is_dir() else catalog
-    files = sorted(dataset_files(root)) if catalog.is_dir() else []
+    files = [Path(f) for f in dataset_files(root)] if catalog.is_dir() else []
     if not files:
         msg = f"catalog not found: {catalog}"
         raise FileNotFoundError(msg)

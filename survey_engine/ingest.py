@@ -27,6 +27,7 @@ from tqdm import tqdm
 
 from .flags import MaskBit
 from .mosaic import Mosaic, _per_band, _pixel_scale_arcsec, _raise_if, create_mosaic
+from .storage import check_store, filesystem, is_url
 
 __all__ = ["IngestWarning", "ingest_fits"]
 
@@ -86,6 +87,7 @@ def ingest_fits(
     zero_points: Mapping[str, float | None] | Sequence[float | None] | None = None,
     psf_fwhm: Mapping[str, float | None] | Sequence[float | None] | None = None,
     chunks: int | tuple[int, int] = 1024, overwrite: bool = False, progress: bool = True,
+    storage_options: Mapping[str, Any] | None = None,
 ) -> Mosaic:  # fmt: skip
     """Ingest registered FITS images, one per band, into a new mosaic store.
 
@@ -114,6 +116,9 @@ def ingest_fits(
         Zarr chunk size in y and x; pixels are copied in strips one chunk high.
     overwrite, progress : bool
         Replace an existing store at ``out``; show a tqdm progress bar over strips.
+    storage_options : dict, optional
+        fsspec options of an ``out`` URL (``endpoint_url``, ``key``, ``secret`` …; default:
+        the environment, see :mod:`survey_engine.storage`).
 
     Returns
     -------
@@ -159,7 +164,13 @@ def ingest_fits(
             msg = f"input FITS file not found: {path}"
             raise FileNotFoundError(msg)
     out = os.fspath(out)
-    if "://" not in out and os.path.exists(out) and not overwrite:
+    if is_url(out):
+        check_store(out, storage_options, "output mosaic")
+        fs, fs_path = filesystem(out, storage_options)
+        exists = fs.exists(fs_path)
+    else:
+        exists = os.path.exists(out)
+    if exists and not overwrite:
         msg = f"output {out} already exists; pass overwrite=True to replace it"
         raise FileExistsError(msg)
     if isinstance(chunks, int | np.integer):
@@ -201,7 +212,7 @@ def ingest_fits(
         zero_points=[b.zero_point for b in plan], psf_fwhm=fwhm,
         pixel_scale=None if wcses[0] is None else _pixel_scale_arcsec(wcses[0]),
         image_unit=str(ref.keyword("BUNIT") or "").strip() or "count", chunks=chunks,
-        extra_attrs=_attrs(plan), overwrite=overwrite,
+        extra_attrs=_attrs(plan), overwrite=overwrite, storage_options=storage_options,
     )  # fmt: skip
     n_strips = -(-ref.shape[0] // strip)  # strip == mosaic.chunks[1] (both clip to the height)
     desc = f"ingest {os.path.basename(out.rstrip('/'))}"

@@ -23,6 +23,7 @@ from astropy.wcs import WCS, FITSFixedWarning
 from astropy.wcs.utils import proj_plane_pixel_scales
 
 from .flags import MASK_BITS, MaskBit
+from .storage import check_store, default_options, is_url
 
 __all__ = [
     "FORMAT_VERSION", "Mosaic", "MosaicRegion", "UnknownBandError", "create_mosaic",
@@ -267,7 +268,7 @@ class Mosaic:
         contiguous = idx == list(range(idx[0], idx[-1] + 1))
         out = {}
         for plane in PLANES:
-            arr = self.group[plane]
+            arr = getattr(self, plane)  # opened once: on an object store a lookup is 2 requests
             try:
                 if contiguous:
                     data = arr[idx[0] : idx[-1] + 1, y0:y1, x0:x1]
@@ -379,6 +380,8 @@ def _bounds(r: tuple[int, int] | slice, n: int, axis: str) -> tuple[int, int]:
 
 
 def _open_group(path: str, mode: str, storage_options: Mapping[str, Any] | None) -> zarr.Group:
+    if is_url(path):
+        storage_options = default_options(path, storage_options)
     kwargs = {"storage_options": dict(storage_options)} if storage_options else {}
     return zarr.open_group(str(path), mode=mode, zarr_format=3, **kwargs)
 
@@ -404,15 +407,19 @@ def open_mosaic(
     Raises
     ------
     FileNotFoundError
-        Nothing exists at ``path``.
+        Nothing exists at ``path`` (or its bucket does not exist).
+    survey_engine.storage.StorageError
+        The object store of a URL does not answer or refuses the credentials.
     ValueError
         ``path`` exists but is not a survey_engine mosaic; the message says what it is instead
         (a FITS file: ingest it first; a directory without ``zarr.json``; a Zarr v2 store; a
         Zarr array; a group without the ``survey_engine`` attribute or an ``image`` array; …).
     """
     path = str(path)
-    if "://" not in path:
+    if not is_url(path):
         _check_local_store(path)
+    else:
+        check_store(path, storage_options, "mosaic")
     try:
         group = _open_group(path, mode, storage_options)
     except FileNotFoundError:
@@ -531,6 +538,8 @@ def create_mosaic(
     if extra_attrs:
         attrs.update(dict(extra_attrs))
 
+    if is_url(path):
+        check_store(str(path), storage_options, "mosaic")
     group = _open_group(path, "w" if overwrite else "w-", storage_options)
     group.attrs.update(attrs)
     for plane in PLANES:

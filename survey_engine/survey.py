@@ -150,7 +150,7 @@ def run_survey(
     }  # fmt: skip
     first = settings[ids[0]]
     _check_overlap(skymap, first.halo, survey_dir)
-    store = SurveyStore(Path(outdir).absolute())
+    store = SurveyStore(outdir)  # local paths made absolute, URLs kept
     try:
         store.prepare(_survey_info(survey_dir, skymap, first), resume=resume, overwrite=overwrite)
     except StoreError as err:
@@ -301,7 +301,7 @@ def _run_tract(client, m: Mosaic, s: RunSettings, store: SurveyStore, rule: Trac
         raise
     meta = {**_catalog_meta(s, m), "id": GLOBAL_ID_SCHEME, "tract": rule.tract_id}
     path, n = _catalog_stage(client, m, s, parts, pending, progress, timings, tract=rule, meta=meta,
-                             directory=store.tract_catalog(rule.tract_id))  # fmt: skip
+                             out=store, names=store.tract_catalog(rule.tract_id))  # fmt: skip
     layout = layout_for(m, s.science, rule)
     store.write_schema(layout.table(meta={**meta, "tract": None}).schema)  # the same every time
     logger.info("tract %d: %d objects (%d object group(s) retried) in %s", rule.tract_id, n,
