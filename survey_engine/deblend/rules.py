@@ -3,9 +3,9 @@
 The deblenders (:mod:`survey_engine.deblend`) find children and parents; these rules then
 correct what neither should decide alone, on the host (numpy), for any deblender and backend:
 
-* :func:`merge_saturated` — a saturated star is one object: the children of a parent whose
-  peak lies inside the dilated saturated footprint (its core, its bleed trails) are merged,
-  flagged ``SATURATED``;
+* :func:`merge_saturated` — a saturated star is one object: the children whose peak lies
+  inside the grown saturated footprint (its core, its bleed trails; grown in proportion to
+  the core's size) are merged, with their parents, flagged ``SATURATED``;
 * :func:`adopt_across_gaps` — the piece of a child across a masked gap that the deblender left
   to nobody is given to it, flagged ``MASKED``;
 * :func:`join_masked_gaps` — masked pixels do not split objects: children facing each other
@@ -16,9 +16,9 @@ correct what neither should decide alone, on the host (numpy), for any deblender
   its children by symmetric templates, so that the children's fluxes add up to the parent's
   in every band.
 
-Each rule reads pixels of the parents it changes only, or of the masked gap and the child
-across it (within :func:`reach` of a footprint), so results stay window-independent with the
-guard of :func:`survey_engine.stages.guard_band` (``docs/architecture.md``, "Science rules").
+Each rule reads pixels within :func:`reach` of a footprint only, so results stay
+window-independent with the guard of :func:`survey_engine.stages.guard_band`
+(``docs/architecture.md``, "Science rules").
 """
 
 from __future__ import annotations
@@ -32,9 +32,9 @@ from ..kernels import compiled
 from ..kernels.detect import DetectionResult
 from ..schema import Flag
 
-__all__ = ["GAP_MAX", "SAT_GROW", "SAT_REACH_MAX", "SAT_SCALE", "TRUNCATION", "adopt_across_gaps",
-           "apply_rules",
-           "deblended_fluxes", "join_masked_gaps", "merge_saturated", "reach"]  # fmt: skip
+__all__ = ["GAP_MAX", "SAT_CORE_MAX", "SAT_GROW", "SAT_REACH_MAX", "SAT_SCALE", "TRUNCATION",
+           "adopt_across_gaps", "apply_rules", "deblended_fluxes", "join_masked_gaps",
+           "merge_saturated", "reach", "saturated_zone"]  # fmt: skip
 
 logger = logging.getLogger(__name__)
 
@@ -44,26 +44,29 @@ GAP_MAX = 6
 TRUNCATION = 2
 #: Pixels by which a saturated footprint is grown whatever its size.
 SAT_GROW = 2.0
-#: The saturated footprint is grown by this many times its core radius (the largest
-#: inscribed radius of the saturated pixels: a star's core, not its narrow bleed trail).
+#: The saturated footprint is grown by this many times its core radius (a saturated pixel's
+#: depth inside the saturated pixels: a star's core, not its narrow bleed trail).
 SAT_SCALE = 3.0
+#: Largest core depth (pixels) that sets a saturated pixel's reach.
+SAT_CORE_MAX = 12
 #: Largest growth of a saturated footprint (pixels).
-SAT_REACH_MAX = 48.0
+SAT_REACH_MAX = SAT_GROW + SAT_SCALE * SAT_CORE_MAX
 
 _EIGHT = np.ones((3, 3), dtype=bool)
 
 
 def reach() -> int:
-    """Pixels beyond a footprint the rules read: a masked gap, and the peak of the child across.
+    """Pixels beyond a footprint that the rules read.
 
-    A child is safe in a window when its footprint keeps this far from a cut edge: the
-    masked run next to it and the child on the other side (whose peak, when it decides the
-    join, lies within ``GAP_MAX + TRUNCATION + 1`` px) are then inside the window, or the
-    joined parent touches the edge and is measured again in a larger window. The
-    saturated-footprint merge stays within one parent, whose pixels the parent's safety
-    already covers.
+    A child is safe in a window when its footprint keeps this far from a cut edge. The
+    saturated-star merge reads the saturated pixels within :data:`SAT_REACH_MAX` of a
+    child's peak and their depth (up to :data:`SAT_CORE_MAX` px more); the masked-gap rules
+    read the masked run next to a footprint and the child on the other side (whose peak,
+    when it decides the join, lies within ``GAP_MAX + TRUNCATION + 1`` px). Those pixels
+    are then inside the window, or the merged parent (which holds the star's saturated
+    pixels, or the child across) reaches the edge and is measured again in a larger window.
     """
-    return GAP_MAX + TRUNCATION + 2
+    return int(max(GAP_MAX + TRUNCATION + 2, np.ceil(SAT_REACH_MAX) + SAT_CORE_MAX + 2))
 
 
 class _Union:
@@ -97,49 +100,59 @@ def _peaks(labels: np.ndarray, det: np.ndarray, n: int):
     return peak_idx // w, peak_idx % w
 
 
-def merge_saturated(res: DetectionResult, det: np.ndarray, sat: np.ndarray, uf: _Union,
-                    flags: np.ndarray) -> int:  # fmt: skip
-    """Merge the children of a parent whose peaks lie in its grown saturated footprint.
+def saturated_zone(sat: np.ndarray) -> np.ndarray:
+    """Pixels within a saturated pixel's reach: ``SAT_GROW + SAT_SCALE × min(e, SAT_CORE_MAX)``.
 
-    Each 8-connected set of saturated footprint pixels (a star's core with its bleed
-    trails) is grown by ``min(SAT_REACH_MAX, SAT_GROW + SAT_SCALE × r_core)`` px, ``r_core``
-    its largest inscribed radius; the children of its parent with their peak inside are
-    one object (``uf``), flagged ``SATURATED``.
+    ``e`` is the saturated pixel's distance to the nearest unsaturated one (its depth in the
+    saturated core: large in a star's core, ~1 in a bleed trail), floored to whole pixels; so
+    a saturated star's zone reaches ``SAT_SCALE`` times its core radius beyond the core, and
+    ``SAT_GROW`` beyond its trails. Every pixel's membership depends on the pixels within
+    :data:`SAT_REACH_MAX` ``+ SAT_CORE_MAX`` of it only.
+    """
+    depth = np.floor(np.minimum(ndimage.distance_transform_edt(sat), SAT_CORE_MAX))
+    zone = np.zeros(sat.shape, dtype=bool)
+    for level in np.unique(depth[sat]):
+        core = depth >= level
+        zone |= ndimage.distance_transform_edt(~core) <= SAT_GROW + SAT_SCALE * level
+    return zone
+
+
+def merge_saturated(res: DetectionResult, det: np.ndarray, sat: np.ndarray, uf: _Union,
+                    flags: np.ndarray, parents_uf: _Union) -> int:  # fmt: skip
+    """Merge the children whose peaks lie in a saturated star's zone into one object.
+
+    Each child whose peak lies in :func:`saturated_zone` joins the children owning the
+    8-connected set of saturated pixels (a star's core and its bleed trails) nearest to its
+    peak, whatever its parent (a fragment of the star's halo found as a parent of its own
+    joins too, with its parent); all are flagged ``SATURATED``.
 
     Returns
     -------
     int
         Number of children merged into another.
     """
-    inside = sat & (res.parents > 0)
-    if not inside.any():
+    if not sat.any():
         return 0
-    comps, _ = ndimage.label(inside, structure=_EIGHT)
-    py, px = _peaks(res.labels, det, res.n_objects)
-    h, w = inside.shape
+    comps, _ = ndimage.label(sat, structure=_EIGHT)
+    labels = res.labels
+    py, px = _peaks(labels, det, res.n_objects)
+    zone = saturated_zone(sat)
+    _, (iy, ix) = ndimage.distance_transform_edt(~sat, return_indices=True)
+    in_zone = np.flatnonzero(zone[py, px])
+    star = comps[iy[py[in_zone], px[in_zone]], ix[py[in_zone], px[in_zone]]]
+    # The children owning each star's saturated pixels, then those in its zone.
+    own_c, own_l = comps[sat], labels[sat]
+    pairs = np.unique(np.stack([own_c[own_l > 0], own_l[own_l > 0] - 1], axis=1), axis=0)
+    members = np.concatenate([pairs.reshape(-1, 2), np.stack([star, in_zone], axis=1)])
     merged = 0
-    for j, sl in enumerate(ndimage.find_objects(comps), start=1):
-        core = np.pad(comps[sl] == j, 1)
-        r_core = float(ndimage.distance_transform_edt(core).max())
-        grow = min(SAT_REACH_MAX, SAT_GROW + SAT_SCALE * r_core)
-        g = int(np.ceil(grow))
-        y0, y1 = max(0, sl[0].start - g), min(h, sl[0].stop + g)
-        x0, x1 = max(0, sl[1].start - g), min(w, sl[1].stop + g)
-        zone = ndimage.distance_transform_edt(comps[y0:y1, x0:x1] != j) <= grow
-        parent = int(res.parents[sl][comps[sl] == j][0])
-        kids = np.flatnonzero(res.parent == parent)
-        ky, kx = py[kids] - y0, px[kids] - x0
-        ok = (ky >= 0) & (ky < y1 - y0) & (kx >= 0) & (kx < x1 - x0)
-        ok[ok] = zone[ky[ok], kx[ok]]
-        members = kids[ok]
-        # The children owning the saturated pixels belong to the star whatever their peak.
-        owners = np.unique(res.labels[sl][comps[sl] == j])
-        members = np.union1d(members, owners[owners > 0] - 1)
-        for m in members[1:]:
-            if uf.find(int(m)) != uf.find(int(members[0])):
-                merged += 1
-            uf.union(int(members[0]), int(m))
-        flags[members] |= int(Flag.SATURATED)
+    first = {}
+    for c, i in members.tolist():
+        flags[i] |= int(Flag.SATURATED)
+        j = first.setdefault(c, i)
+        if uf.find(i) != uf.find(j):
+            merged += 1
+            uf.union(i, j)
+            parents_uf.union(int(res.parent[i]), int(res.parent[j]))
     return merged
 
 
@@ -351,7 +364,7 @@ def apply_rules(res: DetectionResult, det: np.ndarray, var: np.ndarray, bad: np.
         res, adopted = adopt_across_gaps(res, det, var, bad, thresh, minarea)
         flags[adopted] |= int(Flag.MASKED)
     uf, parents_uf = _Union(n), _Union(int(res.parents.max()) + 1)
-    merged = merge_saturated(res, det, sat, uf, flags)
+    merged = merge_saturated(res, det, sat, uf, flags, parents_uf)
     joined = join_masked_gaps(res, det, bad, uf, flags, parents_uf)
     if not (merged or joined or flags.any()):
         return res
