@@ -136,14 +136,31 @@ def merge_saturated(res: DetectionResult, det: np.ndarray, sat: np.ndarray, uf: 
     comps, _ = ndimage.label(sat, structure=_EIGHT)
     labels = res.labels
     py, px = _peaks(labels, det, res.n_objects)
-    zone = saturated_zone(sat)
-    _, (iy, ix) = ndimage.distance_transform_edt(~sat, return_indices=True)
-    in_zone = np.flatnonzero(zone[py, px])
-    star = comps[iy[py[in_zone], px[in_zone]], ix[py[in_zone], px[in_zone]]]
+    h, w = sat.shape
+    # Each star in a box holding every pixel its children's membership depends on: the
+    # saturated pixels within 2 reaches of it and their depth.
+    margin = int(2 * np.ceil(SAT_REACH_MAX) + SAT_CORE_MAX + 2)
+    stars, kids = [], []
+    for j, sl in enumerate(ndimage.find_objects(comps), start=1):
+        y0, y1 = max(0, sl[0].start - margin), min(h, sl[0].stop + margin)
+        x0, x1 = max(0, sl[1].start - margin), min(w, sl[1].stop + margin)
+        inside = np.flatnonzero((py >= y0) & (py < y1) & (px >= x0) & (px < x1))
+        if len(inside) == 0:
+            continue
+        box_sat = sat[y0:y1, x0:x1]
+        ky, kx = py[inside] - y0, px[inside] - x0
+        in_zone = saturated_zone(box_sat)[ky, kx]
+        _, (iy, ix) = ndimage.distance_transform_edt(~box_sat, return_indices=True)
+        nearest = comps[y0:y1, x0:x1][iy[ky, kx], ix[ky, kx]]
+        mine = inside[in_zone & (nearest == j)]
+        stars.append(np.full(len(mine), j))
+        kids.append(mine)
     # The children owning each star's saturated pixels, then those in its zone.
     own_c, own_l = comps[sat], labels[sat]
     pairs = np.unique(np.stack([own_c[own_l > 0], own_l[own_l > 0] - 1], axis=1), axis=0)
-    members = np.concatenate([pairs.reshape(-1, 2), np.stack([star, in_zone], axis=1)])
+    members = np.concatenate([pairs.reshape(-1, 2),
+                              np.stack([np.concatenate([np.zeros(0, np.int64), *stars]),
+                                        np.concatenate([np.zeros(0, np.int64), *kids])], axis=1)])  # fmt: skip
     merged = 0
     first = {}
     for c, i in members.tolist():
