@@ -128,6 +128,8 @@ class CatalogLayout:
             f"{b}_iso_flux_err": bc["iso_flux_err"], f"{b}_flags": bc["flags"],
         }  # fmt: skip
         out.update({f"{b}_{k}": v for k, v in bc.items() if k.startswith("aper_flux_")})
+        for k in ("deblended_flux", "deblended_flux_err", "parent_flux"):
+            out[f"{b}_{k}"] = bc[k]
         zp = self.zero_points.get(b)
         if zp is None:
             nan = np.full(len(f), np.nan)

@@ -173,11 +173,22 @@ _OBJECT_COLUMNS = [
 ]  # fmt: skip
 
 #: Per-band columns (name without the band prefix, unit, description); apertures after the 4th.
+#: ``deblended_flux``, ``deblended_flux_err`` and ``parent_flux`` come from
+#: :func:`survey_engine.deblend.rules.deblended_fluxes`.
 _BAND_COLUMNS = [
     ("flux", "IMG", "Kron flux (max(2.5 kron_radius, 3.5) × (a, b) ellipse)"),
     ("flux_err", "IMG", "1-sigma error of the Kron flux from the variance plane"),
     ("iso_flux", "IMG", "sum over the footprint pixels"),
     ("iso_flux_err", "IMG", "1-sigma error of the isophotal flux"),
+    (
+        "deblended_flux",
+        "IMG",
+        "flux of the object's share of its parent's footprint pixels: each pixel split among "
+        "the parent's children by their symmetric templates (weights summing to 1), so the "
+        "children's deblended fluxes add up to parent_flux; the parent's flux if isolated",
+    ),
+    ("deblended_flux_err", "IMG", "1-sigma error of deblended_flux, sqrt(sum of w^2 variance)"),
+    ("parent_flux", "IMG", "sum over the footprint pixels of the object's parent"),
     ("flux_njy", "nJy", "Kron flux in nJy (NaN when no zero point)"),
     ("flux_njy_err", "nJy", "1-sigma error of the flux in nJy"),
     ("mag", "mag(AB)", "AB magnitude of the Kron flux (NaN if flux ≤ 0)"),

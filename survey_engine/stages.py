@@ -21,7 +21,7 @@ from scipy import ndimage
 
 from .backends import StageTimes, make_backend
 from .config import ExecutionConfig, ScienceConfig
-from .deblend import DetectionImages, make_deblender
+from .deblend import DetectionImages, DetectionList, make_deblender, rules
 from .flags import UNUSABLE, MaskBit
 from .kernels.arrays import INF, namespace
 from .kernels.background import BackgroundMesh
@@ -85,9 +85,11 @@ def guard_band(science: ScienceConfig, deblender) -> int:
 
     The farther reach of detection (the deblender's receptive radius) and of the matched
     filter that weights the moments, plus ``minarea`` (slivers of a footprint cut off by the
-    edge).
+    edge), and at least the reach of the science rules (:func:`survey_engine.deblend.rules.reach`:
+    a masked gap and the child across it).
     """
-    return max(science.detection.pad, deblender.receptive_radius()) + int(science.detection.minarea)
+    found = max(science.detection.pad, deblender.receptive_radius())
+    return max(found + int(science.detection.minarea), rules.reach())
 
 
 @dataclass
@@ -133,9 +135,12 @@ def analyse_windows(
     1. **prepare** — the global background subtracted; unusable pixels (mask bits,
        non-finite values, non-positive variance) get image 0, variance inf and NO_DATA;
     2. **detection image** — the detection band, or the bands combined;
-    3. **deblend** — the deblender's objects (children) and parents;
+    3. **deblend** — the deblender's objects (children) and parents, then the science rules
+       (:func:`~survey_engine.deblend.rules.apply_rules`: saturated stars and objects split by
+       masked pixels made one object);
     4. **measure** — the backend's measurement kernel, then flags, extents and footprint
-       boxes (:func:`~survey_engine.kernels.measure.measurements_from`);
+       boxes (:func:`~survey_engine.kernels.measure.measurements_from`), and the deblended
+       fluxes (:func:`~survey_engine.deblend.rules.deblended_fluxes`);
     5. **finish** — safety, edge and blend flags, parent IDs (:func:`finish_window`).
 
     Parameters
@@ -157,11 +162,57 @@ def analyse_windows(
     px = prepare(host, windows, plan, times)
     det = detection_images(px, windows, plan, times)
     found = plan.deblender.detect(det, plan.execution, times)
+    with times.stage("rules"):
+        found, results = science_rules(px, det, found, len(windows), plan.science)
     with times.stage("measure"):
-        results = [found.window(b) for b in range(len(windows))]
         meas = plan.backend.measure(px, det, found, results, plan.science, plan.bands, windows)
+        add_deblended_fluxes(px, det, results, meas, plan.bands, windows)
         return [finish_window(w, r, m, guard=plan.guard, mosaic=plan.mosaic)
                 for w, r, m in zip(windows, results, meas, strict=True)]  # fmt: skip
+
+
+def _host(a) -> np.ndarray:
+    """A numpy copy of a numpy array or a torch tensor."""
+    return a.detach().cpu().numpy() if hasattr(a, "detach") else np.asarray(a)
+
+
+def science_rules(
+    px: Prepared, det: DetectionImages, found, n_windows: int, science: ScienceConfig
+):
+    """Stage 3b: :func:`~survey_engine.deblend.rules.apply_rules` on each window, on the host.
+
+    Returns the batch to measure (``found`` itself when no rule changed anything) and the
+    per-window :class:`~survey_engine.kernels.detect.DetectionResult` s.
+    """
+    results = [found.window(b) for b in range(n_windows)]
+    if not any(r.n_objects for r in results):
+        return found, results
+    sat = _host((px.masks & int(MaskBit.SAT)) != 0).any(axis=1)
+    dets, vars_, bads = _host(det.det), _host(det.var), _host(det.bad)
+    cfg = science.detection
+    out = [rules.apply_rules(r, dets[b], vars_[b], bads[b], sat[b], thresh=cfg.thresh,
+                             minarea=int(cfg.minarea)) if r.n_objects else r
+           for b, r in enumerate(results)]  # fmt: skip
+    if all(o is r for o, r in zip(out, results, strict=True)):
+        return found, results
+    return DetectionList(out), out
+
+
+def add_deblended_fluxes(px: Prepared, det: DetectionImages, results, meas, bands, windows) -> None:
+    """Per band ``deblended_flux(_err)`` and ``parent_flux`` into each window's measurements."""
+    if not any(r.n_objects for r in results):
+        return
+    dets, images, variances = _host(det.det), _host(px.images), _host(px.variances)
+    for b, (res, m, w) in enumerate(zip(results, meas, windows, strict=True)):
+        if res.n_objects == 0:
+            continue
+        flux, err, parent = rules.deblended_fluxes(
+            res, dets[b], images[b], variances[b], (w.y0, w.x0)
+        )
+        for bi, band in enumerate(bands):
+            col = m.bands[band]
+            col["deblended_flux"], col["deblended_flux_err"] = flux[:, bi], err[:, bi]
+            col["parent_flux"] = parent[:, bi]
 
 
 def analyse_regions(regions: Sequence[MosaicRegion], plan: WindowPlan, times=None) -> list[WindowResult]:
@@ -252,6 +303,8 @@ def finish_window(
         | ((bb[:, 3] == w) & (window.x1 == mosaic.x1))
     )
     flags = c["flags"]
+    if res.flags is not None:
+        flags |= res.flags
     flags |= np.where(at_edge, int(Flag.EDGE), 0)
     flags |= np.where(res.n_children > 1, int(Flag.BLENDED), 0)
     if res.overflow:

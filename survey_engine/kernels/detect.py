@@ -123,6 +123,9 @@ class DetectionResult:
     overflow : bool
         True when sep's limits were hit and the window was processed with
         reduced deblending; objects must be flagged.
+    flags : numpy.ndarray or None
+        Per object: :class:`~survey_engine.schema.Flag` bits set by the science rules
+        (:mod:`survey_engine.deblend.rules`), OR-ed into the object flags; None: none.
     """
 
     labels: np.ndarray
@@ -130,6 +133,7 @@ class DetectionResult:
     parents: np.ndarray
     n_children: np.ndarray
     overflow: bool = False
+    flags: np.ndarray | None = None
 
     @property
     def n_objects(self) -> int:

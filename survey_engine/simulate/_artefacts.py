@@ -3,6 +3,8 @@
 Planned once for the whole mosaic from the seed (:class:`ArtefactPlan`), applied block by block in
 global pixel coordinates, so every block agrees whatever the chunking. Bad columns and the trail
 are ``BAD``, the corner triangle ``NO_DATA``; sizes and levels in ``docs/simulation.md``.
+:func:`saturate_with_bleed` saturates a whole image with CCD bleed trails (charge spilling
+along columns), for scenes drawn in one piece (the science-rule tests).
 """
 
 from __future__ import annotations
@@ -15,7 +17,13 @@ import numpy as np
 from ..flags import MaskBit
 from ._bands import BandSetup
 
-__all__ = ["ArtefactPlan", "apply_artefacts", "no_data_mask", "plan_artefacts"]
+__all__ = [
+    "ArtefactPlan",
+    "apply_artefacts",
+    "no_data_mask",
+    "plan_artefacts",
+    "saturate_with_bleed",
+]
 
 _TAG = 0xA47EF  # stream tag of the artefact planner
 BAD_COLUMN_OFFSET = 5.0  # sky sigma
@@ -125,3 +133,53 @@ def no_data_mask(y0: int, y1: int, x0: int, x1: int, plan: ArtefactPlan) -> np.n
     cy, cx, ly, lx = plan.corner
     yy, xx = np.mgrid[y0:y1, x0:x1]
     return np.abs(yy - cy) / ly + np.abs(xx - cx) / lx < 1.0
+
+
+def saturate_with_bleed(image: np.ndarray, mask: np.ndarray, level: float) -> int:
+    """Saturate ``image`` at ``level`` in place, the excess charge bleeding along columns.
+
+    Each run of pixels at or above ``level`` in a column keeps its excess charge
+    (``Σ (image − level)``), which fills the pixels above and below the run, alternately
+    one row up and one row down, each up to ``level``, until it is spent or the column
+    ends (charge past the column's ends is lost, as at a CCD's serial register). Every
+    pixel at the full well is set to ``level`` and flagged ``SAT``: the saturated core
+    and its bleed trail.
+
+    Parameters
+    ----------
+    image : numpy.ndarray
+        ``(h, w)`` float pixels (a noisy, unsaturated image), modified in place.
+    mask : numpy.ndarray
+        ``(h, w)`` uint16 mask, ``SAT`` OR-ed in place.
+    level : float
+        Full-well (saturation) level, in the image's unit.
+
+    Returns
+    -------
+    int
+        Number of saturated pixels.
+    """
+    h, _ = image.shape
+    sat = image >= level
+    for x in np.flatnonzero(sat.any(axis=0)):
+        col, full = image[:, x], sat[:, x]
+        edges = np.flatnonzero(np.diff(np.r_[0, full.astype(np.int8), 0]))
+        for start, stop in zip(edges[::2], edges[1::2], strict=True):
+            excess = float(np.sum(col[start:stop] - level))
+            lo, hi, up = start - 1, stop, True
+            while excess > 0 and (lo >= 0 or hi < h):
+                if (up and lo >= 0) or hi >= h:
+                    i, lo = lo, lo - 1
+                else:
+                    i, hi = hi, hi + 1
+                up = not up
+                room = level - col[i]
+                if room > 0:
+                    take = min(room, excess)
+                    col[i] += take
+                    excess -= take
+                full[i] = col[i] >= level
+        sat[:, x] = full
+    image[sat] = level
+    mask[sat] |= int(MaskBit.SAT)
+    return int(sat.sum())
