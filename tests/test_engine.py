@@ -119,8 +119,8 @@ def test_manifest_holds_what_the_later_stages_need(mosaic, client, reference, tm
     import json
 
     _, ref, ref_seg = reference
-    run(mosaic, tmp_path, tile=97, halo=24, origin=(31, 60), client=client, progress=False)
-    grid = make_tiles((SIZE, SIZE), 97, 24, origin=(31, 60))
+    run(mosaic, tmp_path, tile=160, halo=64, origin=(31, 60), client=client, progress=False)
+    grid = make_tiles((SIZE, SIZE), 160, 64, origin=(31, 60))
     files = sorted((tmp_path / "parts" / "_manifest").glob("*.jsonl"))
     assert len(files) == 1  # one record every 256 tiles, and the last
     entries = [json.loads(line) for f in files for line in f.read_text().splitlines()]
@@ -131,7 +131,7 @@ def test_manifest_holds_what_the_later_stages_need(mosaic, client, reference, tm
         (tmp_path / "parts" / t.name / "pending.json").unlink()
         if not boxes[t.name]:
             (tmp_path / "parts" / t.name / "footprints.npz").unlink()
-    again = run(mosaic, tmp_path, tile=97, halo=24, origin=(31, 60), client=client,
+    again = run(mosaic, tmp_path, tile=160, halo=64, origin=(31, 60), client=client,
                 progress=False, resume=True)  # fmt: skip
     _assert_same_catalog(ref, read_catalog(again.catalog_path))
     assert np.array_equal(_seg(again), ref_seg)
