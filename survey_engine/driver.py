@@ -25,7 +25,6 @@ import dataclasses
 import logging
 import os
 import time
-import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +34,7 @@ import numpy as np
 import zarr
 
 from . import config as _conf
+from ._warnings import ignored
 from .backends import BACKENDS
 from .catalog import reference_band
 from .config import ExecutionConfig, ScienceConfig
@@ -610,8 +610,7 @@ def _segmentation_stage(client, m: Mosaic, grid: TileGrid, store: PartStore, pen
     if res.failures:
         msg = f"writing the segmentation map failed for {len(res.failures)} chunk(s): {res.failures[0].error}"
         raise RunError(msg, res.failures)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # consolidated metadata is a zarr-python extension to v3
+    with ignored():  # consolidated metadata is a zarr-python extension to v3
         zarr.consolidate_metadata(str(seg_path))
 
 

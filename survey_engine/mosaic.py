@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -22,6 +21,7 @@ from astropy.io import fits
 from astropy.wcs import WCS, FITSFixedWarning
 from astropy.wcs.utils import proj_plane_pixel_scales
 
+from ._warnings import ignored
 from .flags import MASK_BITS, MaskBit
 from .storage import check_store, default_options, is_url
 
@@ -97,9 +97,7 @@ _WCS_PREFIXES = (
 def _cards_to_wcs(cards: Mapping[str, Any]) -> WCS:
     """The astropy WCS of stored cards."""
     header = fits.Header(list(cards.items()))
-    with warnings.catch_warnings():
-        # wcslib's informational fixes (e.g. MJD-OBS set from DATE-OBS) are not errors
-        warnings.simplefilter("ignore", FITSFixedWarning)
+    with ignored(FITSFixedWarning):  # wcslib's informational fixes (MJD-OBS from DATE-OBS)
         return WCS(header, relax=True)
 
 
@@ -333,8 +331,7 @@ class Mosaic:
 
     def consolidate(self) -> None:
         """Write consolidated metadata (after any change) so ``xarray.open_zarr`` is fast."""
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # zarr notes that consolidation is not in the v3 spec
+        with ignored():  # zarr notes that consolidation is not in the v3 spec
             zarr.consolidate_metadata(self.group.store)
 
     def pixel_to_sky(self, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
