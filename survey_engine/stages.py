@@ -20,6 +20,8 @@ import numpy as np
 from scipy import ndimage
 
 from .backends import StageTimes, make_backend
+from .classify.pipeline import classify_windows  # issue 17: p_star and morphology
+from .classify.stamps import STAMP_HALF  # issue 17: the stamps lie inside the guard
 from .config import ExecutionConfig, ScienceConfig
 from .deblend import DetectionImages, make_deblender
 from .flags import UNUSABLE, MaskBit
@@ -83,11 +85,12 @@ class WindowPlan:
 def guard_band(science: ScienceConfig, deblender) -> int:
     """Pixels kept between a footprint and a cut window edge for a result to be safe.
 
-    The farther reach of detection (the deblender's receptive radius) and of the matched
-    filter that weights the moments, plus ``minarea`` (slivers of a footprint cut off by the
-    edge).
+    The farther reach of detection (the deblender's receptive radius), of the matched
+    filter that weights the moments and of the classifier's stamp around the peak, plus
+    ``minarea`` (slivers of a footprint cut off by the edge).
     """
-    return max(science.detection.pad, deblender.receptive_radius()) + int(science.detection.minarea)
+    reach = max(science.detection.pad, deblender.receptive_radius(), STAMP_HALF)  # issue 17: stamps
+    return reach + int(science.detection.minarea)
 
 
 @dataclass
@@ -160,6 +163,7 @@ def analyse_windows(
     with times.stage("measure"):
         results = [found.window(b) for b in range(len(windows))]
         meas = plan.backend.measure(px, det, found, results, plan.science, plan.bands, windows)
+        classify_windows(det, meas, plan.execution)  # issue 17: p_star and morphology columns
         return [finish_window(w, r, m, guard=plan.guard, mosaic=plan.mosaic)
                 for w, r, m in zip(windows, results, meas, strict=True)]  # fmt: skip
 
