@@ -125,3 +125,23 @@ def test_the_new_columns_are_tiling_invariant(client, tmp_path):
 #: Measured with the shipped weights (see benchmarks/RESULTS.md, issue 17), with margin.
 AUC_MIN = 0.995  # measured 0.9996
 BF_MAE_MAX = 0.10  # measured 0.065
+
+
+def test_evaluate_reports_p_star_auc_per_magnitude_bin():
+    from astropy.table import Table
+
+    from survey_engine import evaluate
+
+    rng = np.random.default_rng(5)
+    n = 200
+    x, y = rng.uniform(0, 1000, n), rng.uniform(0, 1000, n)
+    mag = rng.uniform(18, 25, n)
+    star = rng.random(n) < 0.4
+    truth = Table({"x": x, "y": y, "r_mag": mag, "kind": np.where(star, "star", "galaxy")})
+    p = np.where(star, 0.9, 0.1) + np.where(mag > 24, rng.normal(0, 0.3, n), 0.0)
+    cat = Table({"x": x + 0.1, "y": y, "r_mag": mag, "p_star": p})
+    ev = evaluate(cat, truth, pixel_scale=0.2, mag_bins=(18.0, 22.0, 25.0))
+    cl = ev.summary["classification"]
+    assert cl["bins"][0]["auc"] == 1.0 and cl["bins"][0]["star_completeness"] == 1.0
+    assert 0.5 < cl["auc"] < 1.0
+    assert "star/galaxy" in ev.table()
