@@ -3,7 +3,7 @@
 Usage::
 
     python benchmarks/classify.py [--size 2048] [--seed 1717] [--workers 2] [--workdir DIR]
-                                  [--json OUT.json]
+                                  [--reuse] [--json OUT.json]
 
 1. simulates a g, r, i LSST-like mosaic with GalSim (depth 26.8, Kolmogorov 0.7″ PSF,
    0.2″/px; seed 1717, used by no test and not by the classifier's training set, which is
@@ -31,12 +31,13 @@ MAG_EDGES = (18.0, 20.0, 22.0, 23.0, 24.0, 25.0, 26.0)
 REAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "real"
 
 
-def scene(size: int, seed: int, workers: int, workdir: Path) -> dict:
+def scene(size: int, seed: int, workers: int, workdir: Path, reuse: bool = False) -> dict:
     import survey_engine as se
 
     t0 = time.perf_counter()
-    se.simulate(workdir / "m.zarr", size=size, bands=("g", "r", "i"), seed=seed,
-                truth=workdir / "truth.parquet", workers=workers, progress=False, overwrite=True)  # fmt: skip
+    if not (reuse and (workdir / "truth.parquet").exists()):
+        se.simulate(workdir / "m.zarr", size=size, bands=("g", "r", "i"), seed=seed,
+                    truth=workdir / "truth.parquet", workers=workers, progress=False, overwrite=True)  # fmt: skip
     t1 = time.perf_counter()
     res = se.run(workdir / "m.zarr", workdir / "run", tile=1024, workers=workers, progress=False,
                  overwrite=True)  # fmt: skip
@@ -83,11 +84,12 @@ def main() -> int:
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--workdir", default=None)
     p.add_argument("--json", default=None)
+    p.add_argument("--reuse", action="store_true", help="reuse the mosaic already in --workdir")
     a = p.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(a.workdir or tmp)
         work.mkdir(parents=True, exist_ok=True)
-        cl = scene(a.size, a.seed, a.workers, work)
+        cl = scene(a.size, a.seed, a.workers, work, a.reuse)
     print(f"scene {a.size}² seed {a.seed}: AUC r<24 {cl['auc_r_lt_24']:.5f}, 24<r<25 {cl['auc_24_25']:.5f}, "
           f"all {cl['auc']:.5f} (simulate {cl['simulate_s']:.0f} s, run {cl['run_s']:.0f} s)")
     print(f"{'r':>11s} {'stars':>6s} {'gals':>6s} {'AUC':>8s} {'s_comp':>6s} {'s_pur':>6s} {'g_comp':>6s}")

@@ -145,3 +145,16 @@ def test_evaluate_reports_p_star_auc_per_magnitude_bin():
     assert cl["bins"][0]["auc"] == 1.0 and cl["bins"][0]["star_completeness"] == 1.0
     assert 0.5 < cl["auc"] < 1.0
     assert "star/galaxy" in ev.table()
+
+
+def test_cli_trains_a_loadable_classifier(tmp_path):
+    from click.testing import CliRunner
+
+    from survey_engine.classify import load_model
+    from survey_engine.cli import main
+
+    out = tmp_path / "c.pt"
+    res = CliRunner().invoke(main, ["train-classifier", str(out), "--samples", "80", "--epochs", "1"])
+    assert res.exit_code == 0, res.output
+    assert "validation AUC" in res.output
+    assert load_model(out).config["stamp"] == STAMP_SIZE
