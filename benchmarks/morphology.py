@@ -12,7 +12,8 @@ neighbour 0.4–2.8″ away). Each stamp is measured by the network (one batched
 :func:`~survey_engine.classify.classify_stamps`) and by the fit
 (:func:`~survey_engine.classify.fit.fit_bulge_disk`, told the true PSF FWHM); bias (median
 of estimate − truth), scatter (1.4826 MAD) and MAE of bulge fraction, radii and |e| are
-printed per magnitude bin, with seconds per object for each (one thread each).
+printed per magnitude bin, with seconds per object for each (one thread each; the network's
+the best of 5 batched calls on the 2 000 stamps, the fit's the mean over its objects).
 """
 
 from __future__ import annotations
@@ -85,9 +86,11 @@ def main() -> int:
                      blend_fraction=1.0, uniform_bf=0.0)  # fmt: skip
     model = default_model()
     classify_stamps(iso["stamps"][:64], model)  # warm-up
-    t0 = time.perf_counter()
-    net_iso = classify_stamps(iso["stamps"], model)
-    net_s = (time.perf_counter() - t0) / len(iso["mag"])
+    net_s = float("inf")
+    for _ in range(5):  # best of 5: the machine is shared, the fastest run is the network's cost
+        t0 = time.perf_counter()
+        net_iso = classify_stamps(iso["stamps"], model)
+        net_s = min(net_s, (time.perf_counter() - t0) / len(iso["mag"]))
     net_bl = classify_stamps(bl["stamps"], model)
     fit_idx = np.arange(min(a.n_fit, len(iso["mag"])))
     fit_iso, fit_s = run_fit(iso, fit_idx)
