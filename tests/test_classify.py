@@ -158,3 +158,15 @@ def test_cli_trains_a_loadable_classifier(tmp_path):
     assert res.exit_code == 0, res.output
     assert "validation AUC" in res.output
     assert load_model(out).config["stamp"] == STAMP_SIZE
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_and_cpu_classify_alike(stars_and_galaxies):
+    s = stars_and_galaxies["stamps"][:200]
+    cpu = classify_stamps(s, default_model("cpu"))
+    gpu = classify_stamps(torch.from_numpy(s).cuda(), default_model("cuda"))
+    again = classify_stamps(torch.from_numpy(np.concatenate([s[100:], s[:100]])).cuda(), default_model("cuda"))
+    for k in NEW:
+        np.testing.assert_allclose(gpu[k], cpu[k], rtol=1e-4, atol=1e-5, err_msg=k)
+        np.testing.assert_array_equal(np.concatenate([again[k][100:], again[k][:100]]), gpu[k], err_msg=k)

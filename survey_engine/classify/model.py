@@ -9,6 +9,7 @@ were classified with it (tiling invariance; numpy and torch backends give the sa
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import math
@@ -145,11 +146,25 @@ def classify_stamps(stamps: torch.Tensor | np.ndarray, model: StampNet) -> dict[
     if pad:
         x = torch.cat([x, torch.zeros((pad, *x.shape[1:]), dtype=x.dtype, device=x.device)])
     outs = []
-    with torch.inference_mode():
+    with torch.inference_mode(), _no_tf32(dev):
         for i in range(0, len(x), CHUNK):
             outs.append(model(x[i : i + CHUNK]))
     vals = decode(torch.cat(outs)[:n])
     return {k: vals[k].float().cpu().numpy() for k in OUTPUT_COLUMNS}
+
+
+@contextlib.contextmanager
+def _no_tf32(device: torch.device):
+    """Float32 convolutions and matmuls on CUDA (TF32 off), so the GPU values stay close to CPU's."""
+    if device.type != "cuda":
+        yield
+        return
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
 
 
 def save_model(model: StampNet, path: str | os.PathLike, *, info: dict | None = None) -> Path:
