@@ -21,7 +21,8 @@ __all__ = ["CatalogLayout", "catalog_metadata", "dataset_files", "read_catalog",
 
 #: Detection-image columns copied from the measurements unchanged.
 _COPIED = ("x", "y", "x_iso", "y_iso", "x_err", "y_err", "a", "b", "theta", "e1", "e2",
-           "half_light_radius", "kron_radius", "area", "peak", "flags")  # fmt: skip
+           "half_light_radius", "kron_radius", "area", "peak", "flags",
+           "p_star", "bulge_fraction", "r_bulge_arcsec", "r_disk_arcsec", "ellipticity")  # fmt: skip
 
 
 def reference_band(bands: tuple[str, ...], detection_band: str | None) -> str:

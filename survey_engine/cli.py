@@ -707,5 +707,27 @@ def export_hats_cmd(catalog, output_path, name, pixel_threshold, workers, schedu
     click.echo(f"HATS catalog: {path}  (lsdb.open_catalog({str(path)!r}))")
 
 
+# -- train-classifier (issue 17: the stamp classifier, survey_engine.classify) ---------------
+@main.command("train-classifier")
+@click.argument("out", type=click.Path())
+@click.option("--samples", default=40000, show_default=True, type=int, help="Simulated stamps.")
+@click.option("--epochs", default=12, show_default=True, type=int)
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--init", default=None, help="Checkpoint to start from ('default': the shipped one).")
+@click.option("--max-minutes", default=None, type=float, help="Stop after this long.")
+def train_classifier(out, samples, epochs, seed, init, max_minutes):
+    """Simulate GalSim stars and galaxies and train the p_star / morphology CNN into OUT."""
+    from .classify.train import train as train_stamps
+
+    try:
+        info = train_stamps(out, samples=samples, epochs=epochs, seed=seed, init=init,
+                            max_minutes=max_minutes)  # fmt: skip
+    except (ValueError, FileNotFoundError) as err:
+        _fail(err)
+    last = info["history"][-1]
+    click.echo(f"wrote {out}: {info['epochs']} epochs, validation AUC {last['val_auc']:.4f}, "
+               f"bulge_fraction MAE {last['val_bf_mae']:.3f}")
+
+
 if __name__ == "__main__":
     main()

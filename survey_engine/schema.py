@@ -170,6 +170,18 @@ _OBJECT_COLUMNS = [
     ("flux", "float64", "IMG", "(reference band)"),
     ("flux_err", "float64", "IMG", "(reference band)"),
     ("flags", "int64", None, "OR of Flag bits (see flag descriptions in the metadata)"),
+    # -- issue 17: the stamp classifier (survey_engine.classify), on the detection image's
+    # 25×25 px stamp around (x_peak, y_peak); morphology of the PSF-deconvolved galaxy model.
+    ("p_star", "float32", None, "probability that the object is a star (point source), 0-1, from "
+     "the stamp CNN (survey_engine.classify)"),
+    ("bulge_fraction", "float32", None, "bulge (de Vaucouleurs) flux fraction of a bulge + "
+     "exponential disk galaxy model, from the stamp CNN (meaningless for stars)"),
+    ("r_bulge_arcsec", "float32", "arcsec", "bulge half-light radius of the galaxy model, before "
+     "the PSF (stamp CNN)"),
+    ("r_disk_arcsec", "float32", "arcsec", "disk half-light radius of the galaxy model, before "
+     "the PSF (stamp CNN)"),
+    ("ellipticity", "float32", None, "|e| = (a² − b²) / (a² + b²) of the galaxy model before the "
+     "PSF (stamp CNN)"),
 ]  # fmt: skip
 
 #: Per-band columns (name without the band prefix, unit, description); apertures after the 4th.

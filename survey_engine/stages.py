@@ -20,6 +20,8 @@ import numpy as np
 from scipy import ndimage
 
 from .backends import StageTimes, make_backend
+from .classify.pipeline import classify_windows  # issue 17: p_star and morphology
+from .classify.stamps import STAMP_HALF  # issue 17: the stamps lie inside the guard
 from .config import ExecutionConfig, ScienceConfig
 from .deblend import DetectionImages, DetectionList, make_deblender, rules
 from .flags import UNUSABLE, MaskBit
@@ -83,12 +85,13 @@ class WindowPlan:
 def guard_band(science: ScienceConfig, deblender) -> int:
     """Pixels kept between a footprint and a cut window edge for a result to be safe.
 
-    The farther reach of detection (the deblender's receptive radius) and of the matched
-    filter that weights the moments, plus ``minarea`` (slivers of a footprint cut off by the
-    edge), and at least the reach of the science rules (:func:`survey_engine.deblend.rules.reach`:
-    a masked gap and the child across it).
+    The farther reach of detection (the deblender's receptive radius), of the matched
+    filter that weights the moments and of the classifier's stamp around the peak, plus
+    ``minarea`` (slivers of a footprint cut off by the edge), and at least the reach of the
+    science rules (:func:`survey_engine.deblend.rules.reach`: a masked gap and the child
+    across it).
     """
-    found = max(science.detection.pad, deblender.receptive_radius())
+    found = max(science.detection.pad, deblender.receptive_radius(), STAMP_HALF)  # issue 17: stamps
     return max(found + int(science.detection.minarea), rules.reach())
 
 
@@ -167,6 +170,7 @@ def analyse_windows(
     with times.stage("measure"):
         meas = plan.backend.measure(px, det, found, results, plan.science, plan.bands, windows)
         add_deblended_fluxes(px, det, results, meas, plan.bands, windows)
+        classify_windows(det, meas, plan.execution)  # issue 17: p_star and morphology columns
         return [finish_window(w, r, m, guard=plan.guard, mosaic=plan.mosaic)
                 for w, r, m in zip(windows, results, meas, strict=True)]  # fmt: skip
 

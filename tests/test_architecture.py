@@ -48,6 +48,8 @@ def _importers(prefix: str) -> set[str]:
         ("survey_engine.kernels", ("unet", "deblend", "stages", "backends", "tasks", "driver",
                                    "store", "config", "cli", "mosaic", "parallel")),
         ("survey_engine.unet", ("deblend", "stages", "backends", "tasks", "driver", "store", "cli")),
+        ("survey_engine.classify", ("deblend", "stages", "backends", "tasks", "driver", "store", "cli",
+                                    "unet", "evaluate")),
         ("survey_engine.deblend", ("stages", "backends", "tasks", "driver", "store", "cli")),
         ("survey_engine.backends", ("stages", "tasks", "driver", "store", "cli", "deblend")),
         ("survey_engine.stages", ("tasks", "driver", "store", "cli")),

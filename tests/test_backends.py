@@ -71,6 +71,9 @@ def test_torch_window_has_the_numpy_objects_and_measurements(mosaic, meshes):
     c, r = got.meas.columns, ref.meas.columns
     for k in ("x_peak", "y_peak", "area"):
         np.testing.assert_array_equal(c[k], r[k], err_msg=k)
+    # The stamp classifier (issue 17): the same stamps, the same float32 network, the same bits.
+    for k in ("p_star", "bulge_fraction", "r_bulge_arcsec", "r_disk_arcsec", "ellipticity"):
+        np.testing.assert_array_equal(c[k], r[k], err_msg=k)
     # Footprint sums and moments: the same numbers in the same order (rounding only).
     for k in ("peak", "det_iso_flux", "det_iso_flux_err", "x_iso", "y_iso", "a", "b", "e1", "e2"):
         np.testing.assert_allclose(c[k], r[k], rtol=1e-9, atol=1e-9, err_msg=k)
@@ -121,7 +124,8 @@ def test_the_same_object_measures_the_same_in_any_window(mosaic, meshes, backend
     assert len(both) > 15
     ia = np.array([ida[k] for k in both])
     ib = np.array([idb[k] for k in both])
-    for k in ("x", "y", "x_iso", "a", "theta", "kron_radius", "half_light_radius", "flags"):
+    for k in ("x", "y", "x_iso", "a", "theta", "kron_radius", "half_light_radius", "flags",
+              "p_star", "bulge_fraction", "r_bulge_arcsec", "r_disk_arcsec", "ellipticity"):
         np.testing.assert_array_equal(a.meas.columns[k][ia], b.meas.columns[k][ib], err_msg=k)
     for k in ("kron_flux", "aper_flux_3", "iso_flux"):
         np.testing.assert_array_equal(a.meas.bands["r"][k][ia], b.meas.bands["r"][k][ib])

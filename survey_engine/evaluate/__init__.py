@@ -299,6 +299,17 @@ def evaluate(
         missing = "truth" if tseg is None else "catalog"
         logger.info("segmentation IoU skipped: %s segmentation missing", missing)
 
+    # -- star/galaxy classification (issue 17: the catalog's p_star, the truth's kind) ------
+    classification = None
+    if "p_star" in cat.colnames and "kind" in tru.colnames:
+        is_star = np.asarray(tru["kind"]).astype(str)[ti] == "star"
+        ps = np.asarray(_values(cat, "p_star"), float)[ci]
+        classification = {
+            "threshold": 0.5, "auc": _metrics.roc_auc(ps, is_star),
+            "bins": _metrics.classification_bins(ps, is_star, tmag[ti], mag_edges),
+        }  # fmt: skip
+        matches["p_star"], matches["truth_star"] = ps, is_star
+
     summary = {
         "band": band, "truth_mag_column": tmag_col, "catalog_mag_column": cmag_col,
         "method": method, "radius_arcsec": radius_pix * scale, "radius_pix": radius_pix,
@@ -316,6 +327,7 @@ def evaluate(
         "mag_complete_50": _metrics.mag_at_fraction(comp, 0.5),
         "magnitude_bins": mag_rows, "pairs": pairs_summary, "dmag": dmag_summary,
         "position": position, "shape": shape, "segmentation_iou": iou_summary,
+        "classification": classification,
     }  # fmt: skip
     pairs = QTable({"i": pi, "j": pj, "sep": psep * scale * u.arcsec, "found_i": t_found[pi],
                     "found_j": t_found[pj], "mag_i": tmag[pi], "mag_j": tmag[pj]})  # fmt: skip

@@ -413,3 +413,69 @@ def _lookup(values: np.ndarray, sorted_ids: np.ndarray, order: np.ndarray) -> np
     hit = sorted_ids[pos] == v
     out[nz[hit]] = order[pos[hit]]
     return out
+
+
+def roc_auc(score: np.ndarray, positive: np.ndarray) -> float:
+    """Area under the ROC curve of ``score`` for the ``positive`` class (ties count half).
+
+    Parameters
+    ----------
+    score : numpy.ndarray
+        Per object: larger means more likely positive.
+    positive : numpy.ndarray of bool
+        The true class.
+
+    Returns
+    -------
+    float
+        NaN unless both classes are present.
+    """
+    from scipy.stats import rankdata
+
+    score, positive = np.asarray(score, float), np.asarray(positive, bool)
+    n1, n0 = int(positive.sum()), int((~positive).sum())
+    if n1 == 0 or n0 == 0:
+        return float("nan")
+    r = rankdata(score)
+    return float((r[positive].sum() - n1 * (n1 + 1) / 2) / (n1 * n0))
+
+
+def classification_bins(
+    p_star: np.ndarray, star: np.ndarray, mag: np.ndarray, edges: np.ndarray, threshold: float = 0.5
+) -> list[dict[str, Any]]:
+    """Star/galaxy separation of matched objects per truth-magnitude bin.
+
+    Parameters
+    ----------
+    p_star : numpy.ndarray
+        The catalog's star probability of each matched object.
+    star : numpy.ndarray of bool
+        Whether its truth counterpart is a star.
+    mag : numpy.ndarray
+        Truth magnitudes.
+    edges : numpy.ndarray
+        Bin edges.
+    threshold : float
+        Objects with ``p_star > threshold`` are called stars.
+
+    Returns
+    -------
+    list of dict
+        Per bin: ``lo``, ``hi``, ``n_star``, ``n_galaxy``, ``auc``, ``star_completeness``
+        (true stars called stars), ``star_purity`` (called stars that are stars),
+        ``galaxy_completeness``.
+    """
+    rows = []
+    called = p_star > threshold
+    for lo, hi in itertools.pairwise(edges):
+        s = (mag >= lo) & (mag < hi) & np.isfinite(p_star)
+        st, ca = star[s], called[s]
+        ns, ng, nc = int(st.sum()), int((~st).sum()), int(ca.sum())
+        rows.append({
+            "lo": float(lo), "hi": float(hi), "n_star": ns, "n_galaxy": ng,
+            "auc": roc_auc(p_star[s], st),
+            "star_completeness": float((st & ca).sum() / ns) if ns else float("nan"),
+            "star_purity": float((st & ca).sum() / nc) if nc else float("nan"),
+            "galaxy_completeness": float((~st & ~ca).sum() / ng) if ng else float("nan"),
+        })  # fmt: skip
+    return rows

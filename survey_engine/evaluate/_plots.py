@@ -94,6 +94,16 @@ def format_report(s: dict[str, Any]) -> str:
                      f"blended {_f(iou['median_blended'])}")  # fmt: skip
     else:
         lines.append("segmentation IoU: not measured (no catalog or truth segmentation)")
+    cl = s.get("classification")
+    if cl:  # issue 17: p_star against the truth's star/galaxy kind
+        lines += ["", f"star/galaxy (p_star > {cl['threshold']:g} = star): ROC AUC {_f(cl['auc'], '.4f')}",
+                  f"{b + ' mag':>11s} {'stars':>6s} {'gals':>6s} {'AUC':>7s} {'s_comp':>6s} {'s_pur':>6s} {'g_comp':>6s}"]  # fmt: skip
+        for r in cl["bins"]:
+            if r["n_star"] + r["n_galaxy"] == 0:
+                continue
+            lines.append(f"{r['lo']:5.1f}–{r['hi']:<5.1f} {r['n_star']:6d} {r['n_galaxy']:6d} "
+                         f"{_f(r['auc'], '.4f'):>7s} {_f(r['star_completeness']):>6s} "
+                         f"{_f(r['star_purity']):>6s} {_f(r['galaxy_completeness']):>6s}")  # fmt: skip
     return "\n".join(lines)
 
 
