@@ -222,7 +222,7 @@ def test_global_ids_of_neighbouring_tracts_never_collide():
     assert global_ids(lon.deg, lat.deg, 1)[0] == 1
     with pytest.raises(ValueError, match="share an order-26 HEALPix cell"):
         global_ids([45.0, 45.0], [10.0, 10.0], 1)
-    with pytest.raises(ValueError, match="colours must be 1..127"):
+    with pytest.raises(ValueError, match=r"colours must be 1\.\.127"):
         global_ids([45.0], [10.0], 0)
     with pytest.raises(ValueError, match="equal length"):
         global_ids([1.0], [1.0, 2.0], 1)
