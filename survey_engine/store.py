@@ -480,7 +480,8 @@ class PartStore(_Root):
     def entries_of(self, names: Iterable[str]) -> dict[str, dict]:
         """Manifest entries of written tile parts, read from their files."""
         boxes = self.footprint_boxes(names := sorted(names))
-        return {n: {"pending": self.pending([n]), "boxes": boxes[n].tolist() if n in boxes else []}
+        pending = self._pending_files(names)
+        return {n: {"pending": pending.get(n, []), "boxes": boxes[n].tolist() if n in boxes else []}
                 for n in names}  # fmt: skip
 
     def manifest(self) -> dict[str, dict] | None:
@@ -545,18 +546,19 @@ class PartStore(_Root):
         it records them, else from the parts' files."""
         recorded = self.manifest() or {}
         names = list(names)
-        rest = [n for n in names if n not in recorded]
-        raw = self._cat([("parts", n, "pending.json") for n in rest]) if self.remote else {}
+        files = self._pending_files([n for n in names if n not in recorded])
         out: list[dict] = []
         for n in names:
-            if n in recorded:
-                out += recorded[n]["pending"]
-            elif self.remote:
-                if ("parts", n, "pending.json") in raw:
-                    out += json.loads(raw[("parts", n, "pending.json")])
-            elif (path := self.parts / n / "pending.json").exists():
-                out += json.loads(path.read_text())
+            out += recorded[n]["pending"] if n in recorded else files.get(n, [])
         return out
+
+    def _pending_files(self, names: Sequence[str]) -> dict[str, list[dict]]:
+        """The ``pending.json`` of the parts ``names`` that have one (fetched together on a URL)."""
+        if self.remote:
+            raw = self._cat([("parts", n, "pending.json") for n in names])
+            return {p[1]: json.loads(v) for p, v in raw.items()}
+        return {n: json.loads(path.read_text()) for n in names
+                if (path := self.parts / n / "pending.json").exists()}  # fmt: skip
 
     def core_labels(self, name: str, shape: tuple[int, int]) -> np.ndarray:
         """The object IDs of tile ``name``'s core pixels (read-only).

@@ -18,23 +18,12 @@ import numpy as np
 import torch
 
 from .data import make_stamps
+from .metrics import roc_auc
 from .model import StampNet, decode, load_model, normalise_stamps, save_model
 
 __all__ = ["main", "roc_auc", "train"]
 
 logger = logging.getLogger(__name__)
-
-
-def roc_auc(score: np.ndarray, positive: np.ndarray) -> float:
-    """Area under the ROC curve of ``score`` for the ``positive`` class (ties count half)."""
-    from scipy.stats import rankdata
-
-    score, positive = np.asarray(score, float), np.asarray(positive, bool)
-    n1, n0 = int(positive.sum()), int((~positive).sum())
-    if n1 == 0 or n0 == 0:
-        return float("nan")
-    r = rankdata(score)
-    return float((r[positive].sum() - n1 * (n1 + 1) / 2) / (n1 * n0))
 
 
 def _targets(d: dict) -> torch.Tensor:

@@ -12,6 +12,8 @@ from scipy.optimize import linear_sum_assignment
 from scipy.sparse.csgraph import connected_components
 from scipy.spatial import cKDTree
 
+from ..classify.metrics import roc_auc
+
 __all__ = [
     "MAD_TO_SIGMA", "MATCH_METHODS", "binned_fraction", "binned_stats", "blended_in_truth",
     "close_pairs", "mag_at_fraction", "match_positions", "pair_recovery", "robust_stats",
@@ -413,31 +415,6 @@ def _lookup(values: np.ndarray, sorted_ids: np.ndarray, order: np.ndarray) -> np
     hit = sorted_ids[pos] == v
     out[nz[hit]] = order[pos[hit]]
     return out
-
-
-def roc_auc(score: np.ndarray, positive: np.ndarray) -> float:
-    """Area under the ROC curve of ``score`` for the ``positive`` class (ties count half).
-
-    Parameters
-    ----------
-    score : numpy.ndarray
-        Per object: larger means more likely positive.
-    positive : numpy.ndarray of bool
-        The true class.
-
-    Returns
-    -------
-    float
-        NaN unless both classes are present.
-    """
-    from scipy.stats import rankdata
-
-    score, positive = np.asarray(score, float), np.asarray(positive, bool)
-    n1, n0 = int(positive.sum()), int((~positive).sum())
-    if n1 == 0 or n0 == 0:
-        return float("nan")
-    r = rankdata(score)
-    return float((r[positive].sum() - n1 * (n1 + 1) / 2) / (n1 * n0))
 
 
 def classification_bins(
