@@ -12,6 +12,10 @@ correct what neither should decide alone, on the host (numpy), for any deblender
   across a run of at most :data:`GAP_MAX` masked pixels, one of them cut by the mask (its
   peak within :data:`TRUNCATION` px of it), and children cut by the mask that touch each
   other, are joined (with their parents), flagged ``MASKED``;
+* :func:`merge_shreds` — a bright galaxy is not shredded: a fainter child of the same parent
+  that lies inside a brighter child's extent, where the image is as symmetric about the
+  brighter child's centre as a single galaxy's (and, for the U-Net, where the network's centre
+  map gives the fainter child little support), is a piece of the brighter one;
 * :func:`deblended_fluxes` — every parent's background-subtracted pixels apportioned among
   its children by symmetric templates, so that the children's fluxes add up to the parent's
   in every band.
@@ -32,9 +36,10 @@ from ..kernels import compiled
 from ..kernels.detect import DetectionResult
 from ..schema import Flag
 
-__all__ = ["GAP_MAX", "SAT_CORE_MAX", "SAT_GROW", "SAT_REACH_MAX", "SAT_SCALE", "TRUNCATION",
-           "adopt_across_gaps", "apply_rules", "deblended_fluxes", "join_masked_gaps",
-           "merge_saturated", "reach", "saturated_zone"]  # fmt: skip
+__all__ = ["GAP_MAX", "SAT_CORE_MAX", "SAT_GROW", "SAT_REACH_MAX", "SAT_SCALE", "SHRED_ASYMMETRY",
+           "SHRED_SUPPORT", "SHRED_WEAK_ASYMMETRY", "TRUNCATION", "adopt_across_gaps",
+           "apply_rules", "deblended_fluxes", "join_masked_gaps", "merge_saturated",
+           "merge_shreds", "reach", "saturated_zone"]  # fmt: skip
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +56,18 @@ SAT_SCALE = 3.0
 SAT_CORE_MAX = 12
 #: Largest growth of a saturated footprint (pixels).
 SAT_REACH_MAX = SAT_GROW + SAT_SCALE * SAT_CORE_MAX
+
+#: A fainter child is a piece of a brighter child of its parent when, inside the brighter
+#: one's extent, its 3×3 peak sum exceeds the sum at the point mirrored through the brighter
+#: child's centre by less than this fraction of itself (a second object adds light on one
+#: side only; a galaxy's own clumps of light and isophote wiggles are nearly symmetric).
+SHRED_ASYMMETRY = 0.10
+#: A child whose deblender gives its centre a score below this (the U-Net's centre
+#: probability at the child's peak) is a piece when its asymmetry is below
+#: :data:`SHRED_WEAK_ASYMMETRY`.
+SHRED_SUPPORT = 0.5
+#: Asymmetry below which a weakly supported child is a piece (see :data:`SHRED_SUPPORT`).
+SHRED_WEAK_ASYMMETRY = 0.25
 
 _EIGHT = np.ones((3, 3), dtype=bool)
 
@@ -319,8 +336,131 @@ def adopt_across_gaps(res: DetectionResult, det: np.ndarray, var: np.ndarray, ba
     parents = np.where(add > 0, res.parent[np.maximum(add, 1) - 1], res.parents).astype(np.int32)
     got[pairs[first, 1] - 1] = True
     logger.debug("science rules: %d piece(s) across masked gaps adopted", int(first.sum()))
-    out = DetectionResult(labels, res.parent, parents, res.n_children, res.overflow, res.flags)
+    out = DetectionResult(labels, res.parent, parents, res.n_children, res.overflow, res.flags,
+                          res.score)  # fmt: skip
     return out, got
+
+
+def _box_sums(a: np.ndarray, y: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """Sum of ``a`` over the 3×3 box centred on each sub-pixel point, bilinear (NaN outside)."""
+    out = np.zeros(len(y))
+    for dy in (-1.0, 0.0, 1.0):
+        for dx in (-1.0, 0.0, 1.0):
+            out += ndimage.map_coordinates(a, [y + dy, x + dx], order=1, mode="constant",
+                                           cval=np.nan, prefilter=False)  # fmt: skip
+    return out
+
+
+def merge_shreds(res: DetectionResult, det: np.ndarray, bad: np.ndarray, uf: _Union,
+                 score: np.ndarray | None = None) -> int:  # fmt: skip
+    """Merge the pieces of shredded galaxies into the child they belong to.
+
+    A child ``j`` is a piece of a brighter child ``i`` (peak value) of the same parent when
+    (a) ``j``'s light, the barycentre ``p_j`` of its pixels, lies within ``i``'s extent,
+    ``sqrt(area_i / π)`` of ``i``'s centre (the light-weighted centre of the 3×3 pixels around
+    ``i``'s peak); (b) the point ``m_j`` mirrored through that centre, with its 3×3 box, lies
+    inside the parent's bounding box, away from unusable pixels; and (c) the asymmetry
+    ``(B(p_j) − B(m_j)) / B(p_j)`` of the 3×3 sums ``B`` (bilinear) at ``p_j`` and at ``m_j``
+    is below :data:`SHRED_ASYMMETRY` — or
+    below :data:`SHRED_WEAK_ASYMMETRY` when the deblender's ``score`` of ``j`` is below
+    :data:`SHRED_SUPPORT`. A piece joins the brightest such ``i``. Only pixels of the
+    parent's bounding box are read, so the result is window-independent for safe parents.
+
+    Parameters
+    ----------
+    res : DetectionResult
+        Children and parents of the window.
+    det : numpy.ndarray
+        ``(H, W)`` background-subtracted detection image (0 where unusable).
+    bad : numpy.ndarray of bool
+        Pixels without usable detection data.
+    uf : _Union
+        Union-find over the children, updated in place.
+    score : numpy.ndarray, optional
+        Per child, the deblender's support for its centre (None: the asymmetry alone).
+
+    Returns
+    -------
+    int
+        Number of children merged into another.
+    """
+    n = res.n_objects
+    multi = np.flatnonzero(res.n_children > 1)
+    if len(multi) == 0:
+        return 0
+    h, w = det.shape
+    labels = np.ascontiguousarray(res.labels, dtype=np.int32)
+    detf = np.ascontiguousarray(det, dtype=np.float32)
+    _, _, peak_idx, peak_val, _ = compiled.peaks(labels, detf, n)
+    py, px = peak_idx // w, peak_idx % w
+    area = np.bincount(labels.ravel(), minlength=n + 1)[1:]
+    pbox = np.array([[s[0].start, s[0].stop, s[1].start, s[1].stop]
+                     for s in ndimage.find_objects(res.parents)], dtype=np.int64)  # fmt: skip
+    # Light-weighted centre of the 3×3 pixels around each peak (clipped at 0, window edges).
+    d64 = np.where(bad, 0.0, detf).astype(np.float64)
+    cy, cx = py.astype(np.float64), px.astype(np.float64)
+    wsum, sy, sx = np.zeros(n), np.zeros(n), np.zeros(n)
+    for dy in (-1, 0, 1):
+        for dx in (-1, 0, 1):
+            yy, xx = np.clip(py + dy, 0, h - 1), np.clip(px + dx, 0, w - 1)
+            v = np.maximum(d64[yy, xx], 0.0)
+            wsum += v
+            sy += v * dy
+            sx += v * dx
+    good = wsum > 0
+    cy[good] += sy[good] / wsum[good]
+    cx[good] += sx[good] / wsum[good]
+    # Where each child's own light is: the barycentre of its pixels (a faint child beside a
+    # bright one has its brightest pixel on their border, its light away from it).
+    flat = labels.ravel()
+    own = flat > 0
+    wgt = np.maximum(d64.ravel()[own], 0.0)
+    yy, xx = np.divmod(np.flatnonzero(own), w)
+    wl = np.bincount(flat[own] - 1, weights=wgt, minlength=n)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        by = np.where(wl > 0, np.bincount(flat[own] - 1, weights=wgt * yy, minlength=n) / wl, py)
+        bx = np.where(wl > 0, np.bincount(flat[own] - 1, weights=wgt * xx, minlength=n) / wl, px)
+    # Candidate pairs (j fainter, i brighter) of the same parent, j inside i's extent.
+    jj, ii = [], []
+    for p in np.unique(res.parent[multi]):
+        kids = multi[res.parent[multi] == p]
+        dist = np.hypot(by[kids][:, None] - cy[kids][None, :], bx[kids][:, None] - cx[kids][None, :])
+        key_j, key_i = peak_val[kids][:, None], peak_val[kids][None, :]
+        fainter = (key_j < key_i) | ((key_j == key_i) & (peak_idx[kids][:, None] > peak_idx[kids][None, :]))
+        a, b = np.nonzero(fainter & (dist <= np.sqrt(area[kids] / np.pi)[None, :]))
+        jj.append(kids[a])
+        ii.append(kids[b])
+    if not jj or not sum(len(v) for v in jj):
+        return 0
+    jj, ii = np.concatenate(jj), np.concatenate(ii)
+    jy, jx = by[jj], bx[jj]
+    my, mx = 2.0 * cy[ii] - jy, 2.0 * cx[ii] - jx
+    box = pbox[res.parent[jj] - 1]
+    inside = (my - 2 >= box[:, 0]) & (my + 2 < box[:, 1]) & (mx - 2 >= box[:, 2]) & (mx + 2 < box[:, 3])
+    badf = bad.astype(np.float64)
+    near_bad = (_box_sums(badf, my, mx) > 0) | (_box_sums(badf, jy, jx) > 0)
+    at_j = _box_sums(d64, jy, jx)
+    at_m = _box_sums(d64, my, mx)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        asym = (at_j - at_m) / at_j
+    limit = np.full(len(jj), SHRED_ASYMMETRY)
+    if score is not None:
+        limit = np.where(np.asarray(score)[jj] < SHRED_SUPPORT, SHRED_WEAK_ASYMMETRY, limit)
+    piece = inside & ~near_bad & (at_j > 0) & np.isfinite(asym) & (asym < limit)
+    if not piece.any():
+        return 0
+    jj, ii = jj[piece], ii[piece]
+    # Each piece joins its brightest qualifying child (ties: lowest peak index).
+    order = np.lexsort((peak_idx[ii], -peak_val[ii], jj))
+    jj, ii = jj[order], ii[order]
+    first = np.ones(len(jj), dtype=bool)
+    first[1:] = jj[1:] != jj[:-1]
+    merged = 0
+    for j, i in zip(jj[first].tolist(), ii[first].tolist(), strict=True):
+        if uf.find(i) != uf.find(j):
+            merged += 1
+            uf.union(i, j)
+    return merged
 
 
 def _relabel(res: DetectionResult, uf: _Union, parents_uf: _Union, flags: np.ndarray):
@@ -342,13 +482,17 @@ def _relabel(res: DetectionResult, uf: _Union, parents_uf: _Union, flags: np.nda
     np.bitwise_or.at(new_flags, new_of, flags)
     parent = plut[res.parent[kept]]
     kids = np.bincount(parent, minlength=len(kept_p) + 1)
+    score = None
+    if res.score is not None:  # a merged child is as supported as its best-supported piece
+        score = np.full(len(kept), -np.inf, dtype=np.float32)
+        np.maximum.at(score, new_of, np.asarray(res.score, dtype=np.float32))
     return DetectionResult(lut[res.labels], parent.astype(np.int32), plut[res.parents],
-                           kids[parent].astype(np.int32), res.overflow, new_flags)  # fmt: skip
+                           kids[parent].astype(np.int32), res.overflow, new_flags, score)  # fmt: skip
 
 
 def apply_rules(res: DetectionResult, det: np.ndarray, var: np.ndarray, bad: np.ndarray,
                 sat: np.ndarray, *, thresh: float, minarea: int) -> DetectionResult:  # fmt: skip
-    """The saturated-star merge and the masked-gap rules on one window's children.
+    """The saturated-star merge, the masked-gap rules and the shred merge on one window's children.
 
     Parameters
     ----------
@@ -383,14 +527,15 @@ def apply_rules(res: DetectionResult, det: np.ndarray, var: np.ndarray, bad: np.
     uf, parents_uf = _Union(n), _Union(int(res.parents.max()) + 1)
     merged = merge_saturated(res, det, sat, uf, flags, parents_uf)
     joined = join_masked_gaps(res, det, bad, uf, flags, parents_uf)
-    if not (merged or joined or flags.any()):
+    shreds = merge_shreds(res, det, bad, uf, res.score)
+    if not (merged or joined or shreds or flags.any()):
         return res
-    if not (merged or joined):
+    if not (merged or joined or shreds):
         return DetectionResult(
-            res.labels, res.parent, res.parents, res.n_children, res.overflow, flags
+            res.labels, res.parent, res.parents, res.n_children, res.overflow, flags, res.score
         )
-    logger.debug("science rules: %d saturated piece(s) merged, %d masked-gap piece(s) joined",
-                 merged, joined)  # fmt: skip
+    logger.debug("science rules: %d saturated piece(s) merged, %d masked-gap piece(s) joined, "
+                 "%d shredded piece(s) merged", merged, joined, shreds)  # fmt: skip
     return _relabel(res, uf, parents_uf, flags)
 
 

@@ -126,6 +126,10 @@ class DetectionResult:
     flags : numpy.ndarray or None
         Per object: :class:`~survey_engine.schema.Flag` bits set by the science rules
         (:mod:`survey_engine.deblend.rules`), OR-ed into the object flags; None: none.
+    score : numpy.ndarray or None
+        Per object: the deblender's support for its centre (the U-Net's centre probability
+        at its peak), read by :func:`~survey_engine.deblend.rules.merge_shreds`; None: the
+        deblender gives none (sep).
     """
 
     labels: np.ndarray
@@ -134,6 +138,7 @@ class DetectionResult:
     n_children: np.ndarray
     overflow: bool = False
     flags: np.ndarray | None = None
+    score: np.ndarray | None = None
 
     @property
     def n_objects(self) -> int:

@@ -53,6 +53,8 @@ class InstanceBatch:
         parent within its window.
     n_children : torch.Tensor
         ``(N,)`` int32 per object: the number of objects of its parent.
+    score : torch.Tensor or None
+        ``(N,)`` float32 per object: the centre probability at its peak.
     """
 
     labels: torch.Tensor
@@ -60,6 +62,7 @@ class InstanceBatch:
     n_objects: torch.Tensor
     parent: torch.Tensor
     n_children: torch.Tensor
+    score: torch.Tensor | None = None
 
     def window(self, b: int) -> DetectionResult:
         """The result of window ``b`` as a numpy :class:`DetectionResult` (host copy).
@@ -86,9 +89,10 @@ class InstanceBatch:
         def host(t):
             return t.cpu().numpy().astype(np.int32, copy=True)
 
+        score = None if self.score is None else self.score[objects].cpu().numpy().astype(np.float32)
         return DetectionResult(
             host(self.labels[b]), host(self.parent[objects]), host(self.parents[b]),
-            host(self.n_children[objects]), False,
+            host(self.n_children[objects]), False, score=score,
         )  # fmt: skip
 
 
@@ -498,7 +502,10 @@ def extract_instances_batch(
         parents[pix] = plut[pc].to(torch.int32)
     obj_comp = pk_comp[alive]
     kids = torch.bincount(obj_comp, minlength=n_comp + 1)
+    obj_flat = pk_flat[alive]  # window-major flat index of each object's centre peak
+    score = cen.reshape(-1)[obj_flat].to(torch.float32)
     return InstanceBatch(
         labels=labels.reshape(nb, h, w), parents=parents.reshape(nb, h, w), n_objects=n_objects,
         parent=plut[obj_comp].to(torch.int32), n_children=kids[obj_comp].to(torch.int32),
+        score=score,
     )  # fmt: skip
