@@ -292,6 +292,9 @@ def describe_mosaic(m) -> str:
               help="U-Net checkpoint for --deblender unet (default: shipped).")  # fmt: skip
 @click.option("--device", default=None, type=click.Choice(["cpu", "cuda"]),
               help="Where the unet deblender runs (default survey_engine.device, cpu).")  # fmt: skip
+@click.option("--classifier-model", default=None, type=click.Path(),
+              help="Stamp-classifier checkpoint for p_star and morphology, e.g. one fine-tuned "
+              "for another survey with train-classifier (default: shipped).")  # fmt: skip
 @click.option("--thresh", default=None, type=float,
               help="Detection threshold (sigma per pixel; default survey_engine.thresh, 1.5).")  # fmt: skip
 @click.option("--minarea", default=None, type=int,
@@ -319,7 +322,7 @@ def describe_mosaic(m) -> str:
 @click.option("--amp/--no-amp", "unet_amp", default=None,
               help="bfloat16 autocast of the U-Net (default: on CUDA only); --no-amp on a GPU gives "
               "maps within float32 rounding of the CPU ones.")  # fmt: skip
-def run_cmd(mosaic, outdir, tile, halo, origin, deblender, unet_model, device, thresh, minarea,
+def run_cmd(mosaic, outdir, tile, halo, origin, deblender, unet_model, device, classifier_model, thresh, minarea,
             detection_band, background_mask_thresh, background_mask_dilate, workers, scheduler,
             slurm, slurm_jobs, slurm_config, resume, overwrite, fmt, gpu, backend, unet_amp):  # fmt: skip
     """Detect, deblend and measure MOSAIC; write OUTDIR/catalog.parquet and segmentation.zarr.
@@ -338,6 +341,7 @@ def run_cmd(mosaic, outdir, tile, halo, origin, deblender, unet_model, device, t
         res = _run(
             mosaic, outdir, tile=tile, halo=halo, origin=origin, deblender=deblender,
             unet_model=unet_model, device=device, thresh=thresh, minarea=minarea,
+            **({} if classifier_model is None else {"classifier_model": classifier_model}),
             detection_band=detection_band, background_mask_thresh=background_mask_thresh,
             background_mask_dilate=background_mask_dilate, workers=workers, scheduler=scheduler,
             resume=resume, overwrite=overwrite, gpu=gpu, backend=backend, unet_amp=unet_amp,
@@ -650,34 +654,80 @@ def evaluate_cmd(catalog, truth, radius, pixels, method, band, mosaic, segmentat
         _fail(err)
 
 
+# -- survey conditions of the simulated training sets (issue 17 item 3: transfer) ---------
+def _condition_options(f):
+    """``--survey``, ``--pixel-scale``, ``--psf-fwhm``, ``--depth`` (see survey_engine.surveys)."""
+    opts = [
+        click.option("--survey", default=None,
+                     help="Conditions preset of the simulated training set: lsst (default: the "
+                     "shipped models', 0.2\"/px, FWHM 0.6-0.9\", depth 26.8) or sdss (0.396\"/px, "
+                     "FWHM 1.2/1.4/1.6\", depth 22.5)."),
+        click.option("--pixel-scale", default=None, type=float, help="Arcsec per pixel (overrides --survey)."),
+        click.option("--psf-fwhm", default=None,
+                     help="r-band PSF FWHM(s), arcsec, comma-separated (e.g. 1.2,1.4,1.6)."),
+        click.option("--depth", default=None, type=float,
+                     help="r-band 5-sigma point-source depth (AB); magnitude ranges follow it."),
+    ]  # fmt: skip
+    for o in reversed(opts):
+        f = o(f)
+    return f
+
+
+def _conditions(survey, pixel_scale, psf_fwhm, depth):
+    """The resolved :class:`~survey_engine.surveys.SurveyConditions`; one error line, exit 1."""
+    from .surveys import resolve_conditions
+
+    try:
+        return resolve_conditions(survey, pixel_scale=pixel_scale, psf_fwhm=psf_fwhm, depth=depth)
+    except ValueError as err:
+        _fail(err)
+
+
 # -- train ---------------------------------------------------------------------------------
 @main.command()
 @click.argument("out", type=click.Path())
 @click.option("--samples", default=20000, show_default=True, type=int, help="Training stamps (blends).")
-@click.option("--epochs", default=10, show_default=True, type=int)
-@click.option("--batch-size", default=128, show_default=True, type=int)
+@click.option("--epochs", default=None, type=int,
+              help="Default max(10, enough for 500 steps): many epochs over a few labels.")  # fmt: skip
+@click.option("--batch-size", default=None, type=int,
+              help="Default min(128, max(16, training stamps / 8)).")  # fmt: skip
+@click.option("--lr", default=None, type=float, help="Peak learning rate (default 3e-3; 1e-3 with --init).")
 @click.option("--device", default=None, type=click.Choice(["cpu", "cuda"]), help="Default: cuda if available.")
 @click.option("--init", "init", default=None, help="Checkpoint to fine-tune ('default' = the shipped model).")
 @click.option("--dataset", default=None, type=click.Path(),
               help="Existing training set (.zarr/.npz); else one is simulated.")  # fmt: skip
+@_condition_options
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--max-minutes", default=None, type=float, help="Stop after about this long.")
-def train(out, samples, epochs, batch_size, device, init, dataset, seed, max_minutes):
-    """Train the U-Net deblender on artificially blended GalSim objects and write OUT.pt."""
+def train(out, samples, epochs, batch_size, lr, device, init, dataset, survey, pixel_scale, psf_fwhm,
+          depth, seed, max_minutes):  # fmt: skip
+    """Train the U-Net deblender on artificially blended GalSim objects and write OUT.pt.
+
+    The training set is simulated under the survey conditions (--survey, --pixel-scale,
+    --psf-fwhm, --depth), recorded in the checkpoint; --init default fine-tunes the shipped
+    model for them (a few hundred stamps suffice: docs/unet.md, "Transfer").
+    """
     import tempfile
 
     from .unet.data import generate_training_set
     from .unet.train import train as _train
 
+    given = [n for n, v in (("--survey", survey), ("--pixel-scale", pixel_scale), ("--psf-fwhm", psf_fwhm),
+                            ("--depth", depth)) if v is not None]  # fmt: skip
+    if dataset is not None and given:
+        _fail(ValueError(f"{', '.join(given)} describe a simulated training set; --dataset has its own conditions"))
+    cond = _conditions(survey, pixel_scale, psf_fwhm, depth)
     with tempfile.TemporaryDirectory(prefix="se_train_") as tmp:
-        if dataset is None:
-            dataset = str(Path(tmp) / "train.npz")
-            click.echo(f"simulating a training set of {samples} blended stamps with GalSim (seed {seed}) …")
-            generate_training_set(dataset, samples=samples, seed=seed, overwrite=True)
         try:
+            if dataset is None:
+                dataset = str(Path(tmp) / "train.npz")
+                click.echo(f"simulating a training set of {samples} blended stamps with GalSim (seed {seed}, "
+                           f"{cond.name}: {cond.pixel_scale}\"/px, FWHM {', '.join(map(str, cond.psf_fwhm))}\", "
+                           f"depth {cond.depth}) …")  # fmt: skip
+                generate_training_set(dataset, samples=samples, seed=seed, overwrite=True, **cond.unet_options())
             history = _train(
                 dataset, out, epochs=epochs, batch_size=batch_size, device=device, init=init,
-                seed=seed, samples=samples, max_minutes=max_minutes,
+                seed=seed, samples=samples, max_minutes=max_minutes, lr=lr,
             )  # fmt: skip
         except (ValueError, FileNotFoundError) as err:
             _fail(err)
@@ -711,17 +761,29 @@ def export_hats_cmd(catalog, output_path, name, pixel_threshold, workers, schedu
 @main.command("train-classifier")
 @click.argument("out", type=click.Path())
 @click.option("--samples", default=40000, show_default=True, type=int, help="Simulated stamps.")
-@click.option("--epochs", default=12, show_default=True, type=int)
+@click.option("--epochs", default=None, type=int,
+              help="Default max(12, enough for 500 steps): many epochs over a few labels.")  # fmt: skip
+@click.option("--batch-size", default=None, type=int, help="Default min(256, max(16, training stamps / 8)).")
+@click.option("--lr", default=None, type=float, help="Peak learning rate (default 3e-3; 1e-3 with --init).")
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--init", default=None, help="Checkpoint to start from ('default': the shipped one).")
+@_condition_options
 @click.option("--max-minutes", default=None, type=float, help="Stop after this long.")
-def train_classifier(out, samples, epochs, seed, init, max_minutes):
-    """Simulate GalSim stars and galaxies and train the p_star / morphology CNN into OUT."""
+def train_classifier(out, samples, epochs, batch_size, lr, seed, init, survey, pixel_scale, psf_fwhm, depth,
+                     max_minutes):  # fmt: skip
+    """Simulate GalSim stars and galaxies and train the p_star / morphology CNN into OUT.
+
+    The stamps are simulated under the survey conditions (--survey, --pixel-scale, --psf-fwhm,
+    --depth), recorded in the checkpoint (its radii in arcsec are for that pixel scale);
+    --init default fine-tunes the shipped model (docs/classify.md, "Transfer"). Use the result
+    with survey-engine run --classifier-model OUT.
+    """
     from .classify.train import train as train_stamps
 
+    cond = _conditions(survey, pixel_scale, psf_fwhm, depth)
     try:
-        info = train_stamps(out, samples=samples, epochs=epochs, seed=seed, init=init,
-                            max_minutes=max_minutes)  # fmt: skip
+        info = train_stamps(out, samples=samples, epochs=epochs, seed=seed, init=init, batch_size=batch_size,
+                            lr=lr, max_minutes=max_minutes, conditions=cond.classify_options())  # fmt: skip
     except (ValueError, FileNotFoundError) as err:
         _fail(err)
     last = info["history"][-1]

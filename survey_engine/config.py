@@ -96,6 +96,10 @@ class ScienceConfig:
         multi-threshold deblending) or ``unet`` (the U-Net of :mod:`survey_engine.unet`).
     unet_model : str or None
         Checkpoint of the ``unet`` deblender; None: the model shipped with the package.
+    classifier_model : str or None
+        Checkpoint of the stamp classifier (``p_star`` and morphology columns), e.g. one
+        fine-tuned for another survey (``survey-engine train-classifier --init default``);
+        None: the model shipped with the package.
     """
 
     detection: DetectionConfig = field(default_factory=DetectionConfig)
@@ -108,6 +112,7 @@ class ScienceConfig:
     background_mask_dilate: int = 4
     deblender: str = "sep"
     unet_model: str | None = None
+    classifier_model: str | None = None
 
     def __post_init__(self):
         if self.combine not in ("ivar", "chi2"):

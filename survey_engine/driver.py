@@ -209,6 +209,10 @@ def resolve_run(
         raise ValueError(msg)
     science = (science or ScienceConfig()).with_params(**sci)
     strategy = check_backend(science.deblender, execution.backend).from_science(science)
+    if science.classifier_model is not None:
+        from .classify.model import check_model
+
+        check_model(science.classifier_model)
     if science.detection_band is not None:
         m.band_index(science.detection_band)  # raises for an unknown band
     tile, halo, origin = _conf.get("tile", tile), _conf.get("halo", halo), _conf.get("origin", origin)
@@ -277,7 +281,7 @@ def run(
         Execution parameters (``backend``, ``device``, ``workers``, ``scheduler``,
         ``tile_batch``, ``unet_amp``, ``unet_batch_size``, ``measure_dtype``, ``resources``)
         and science parameters by name (``thresh``, ``minarea``, ``apertures``,
-        ``detection_band``, ``background_box``, ``unet_model`` …).
+        ``detection_band``, ``background_box``, ``unet_model``, ``classifier_model`` …).
 
     Returns
     -------

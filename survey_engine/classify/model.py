@@ -21,8 +21,8 @@ import torch
 from torch import nn
 
 __all__ = ["CHECKPOINT_FORMAT", "CHUNK", "DEFAULT_WEIGHTS", "MORPHOLOGY", "OUTPUT_COLUMNS",
-           "StampNet", "classify_stamps", "default_model", "load_model", "normalise_stamps",
-           "save_model"]  # fmt: skip
+           "StampNet", "cached_model", "check_model", "classify_stamps", "default_model", "load_model",
+           "normalise_stamps", "save_model"]  # fmt: skip
 
 logger = logging.getLogger(__name__)
 
@@ -110,7 +110,8 @@ def _check_stamps(stamps, size: int) -> None:
         raise ValueError(msg)
 
 
-def classify_stamps(stamps: torch.Tensor | np.ndarray, model: StampNet) -> dict[str, np.ndarray]:
+def classify_stamps(stamps: torch.Tensor | np.ndarray, model: StampNet,
+                    pixel_scale: float | None = None) -> dict[str, np.ndarray]:  # fmt: skip
     """Star probability and bulge + disk morphology of every stamp (batched, float32).
 
     Parameters
@@ -121,6 +122,11 @@ def classify_stamps(stamps: torch.Tensor | np.ndarray, model: StampNet) -> dict[
         A tensor is classified on its device.
     model : StampNet
         The network (:func:`default_model`).
+    pixel_scale : float, optional
+        Arcsec per pixel of the stamps. The network gives radii in arcsec at the pixel scale
+        it was trained for (``model.config["pixel_scale"]``); with a different
+        ``pixel_scale`` they are rescaled by ``pixel_scale / config["pixel_scale"]`` (the same
+        radius in pixels). None: the stamps have the model's pixel scale.
 
     Returns
     -------
@@ -150,7 +156,16 @@ def classify_stamps(stamps: torch.Tensor | np.ndarray, model: StampNet) -> dict[
         for i in range(0, len(x), CHUNK):
             outs.append(model(x[i : i + CHUNK]))
     vals = decode(torch.cat(outs)[:n])
-    return {k: vals[k].float().cpu().numpy() for k in OUTPUT_COLUMNS}
+    res = {k: vals[k].float().cpu().numpy() for k in OUTPUT_COLUMNS}
+    trained = float(model.config.get("pixel_scale", 0.2))
+    if pixel_scale is not None and float(pixel_scale) != trained:
+        if not float(pixel_scale) > 0:
+            msg = f"pixel_scale must be positive arcsec per pixel, got {pixel_scale!r}"
+            raise ValueError(msg)
+        f = np.float32(float(pixel_scale) / trained)
+        for k in ("r_bulge_arcsec", "r_disk_arcsec"):
+            res[k] = res[k] * f
+    return res
 
 
 @contextlib.contextmanager
@@ -197,6 +212,28 @@ def load_model(path: str | os.PathLike | None = None, device: str = "cpu") -> St
 def default_model(device: str = "cpu") -> StampNet:
     """The shipped classifier on ``device``, loaded once per process."""
     return load_model(None, device)
+
+
+@functools.lru_cache(maxsize=4)
+def cached_model(path: str | None, device: str = "cpu") -> StampNet:
+    """The checkpoint ``path`` (None: the shipped model) on ``device``, loaded once per process."""
+    return default_model(device) if path is None else load_model(path, device)
+
+
+def check_model(path: str | os.PathLike | None, name: str = "classifier_model (--classifier-model)") -> None:
+    """ValueError naming the parameter ``name`` unless ``path`` is None or a loadable checkpoint."""
+    if path is None:
+        return
+    try:
+        model = cached_model(str(path), "cpu")
+    except (OSError, ValueError, RuntimeError, KeyError) as err:
+        msg = f"{name}: {err}"
+        raise ValueError(msg) from None
+    from .stamps import STAMP_SIZE
+
+    if int(model.config["stamp"]) != STAMP_SIZE:
+        msg = f"{name}: the engine cuts {STAMP_SIZE}-pixel stamps, the checkpoint takes {model.config['stamp']!r}"
+        raise ValueError(msg)
 
 
 def parameter_count(model: StampNet) -> int:

@@ -25,6 +25,13 @@ __all__ = ["main", "roc_auc", "train"]
 
 logger = logging.getLogger(__name__)
 
+#: Optimiser steps that ``epochs=None`` reaches at least (small fine-tuning sets).
+MIN_STEPS = 500
+#: Default epochs (``epochs=None`` on a large set) and largest default batch.
+DEFAULT_EPOCHS, DEFAULT_BATCH = 12, 256
+#: Keywords of :func:`make_stamps` that are survey conditions (recorded in the checkpoint).
+CONDITION_KEYS = ("pixel_scale", "psf_fwhm_range", "depth_range", "mag_range")
+
 
 def _targets(d: dict) -> torch.Tensor:
     return torch.from_numpy(np.stack([
@@ -61,9 +68,10 @@ def _augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
 
 
 def train(
-    out: str | Path, *, samples: int = 40000, epochs: int = 12, seed: int = 0, init: str | None = None,
-    batch_size: int = 256, lr: float = 3e-3, max_minutes: float | None = None, val_fraction: float = 0.1,
-    threads: int = 1, data: dict | None = None,
+    out: str | Path, *, samples: int = 40000, epochs: int | None = None, seed: int = 0,
+    init: str | None = None, batch_size: int | None = None, lr: float | None = None,
+    max_minutes: float | None = None, val_fraction: float = 0.1, threads: int = 1,
+    data: dict | None = None, conditions: dict | None = None,
 ) -> dict:  # fmt: skip
     """Simulate a training set, train the classifier and save it to ``out``.
 
@@ -71,12 +79,17 @@ def train(
     ----------
     out : path-like
         Checkpoint to write.
-    samples, epochs, seed : int
-        Training stamps (simulated with ``seed``), epochs, seed.
+    samples, seed : int
+        Training stamps (simulated with ``seed``), seed.
+    epochs : int, optional
+        Default max(12, enough epochs for :data:`MIN_STEPS` optimiser steps): 180 training
+        stamps (200 labels less the validation tenth) get batches of 22 over 56 epochs.
     init : str, optional
-        Start from this checkpoint (``"default"``: the shipped weights).
-    batch_size, lr : int, float
-        Mini-batch size; peak learning rate (one-cycle cosine schedule).
+        Start from this checkpoint (``"default"``: the shipped weights): fine-tuning.
+    batch_size : int, optional
+        Mini-batch size; default min(256, max(16, training stamps // 8)).
+    lr : float, optional
+        Peak learning rate (one-cycle cosine schedule); default 3e-3, 1e-3 with ``init``.
     max_minutes : float, optional
         Stop after this long (the last epoch finishes).
     val_fraction : float
@@ -85,23 +98,54 @@ def train(
         torch CPU threads.
     data : dict, optional
         A :func:`make_stamps` result to train on instead of simulating.
+    conditions : dict, optional
+        Survey conditions: :func:`make_stamps` keywords ``pixel_scale``, ``psf_fwhm_range``,
+        ``depth_range``, ``mag_range`` (``SurveyConditions.classify_options()`` of
+        :mod:`survey_engine.surveys`); used to simulate, and recorded in the checkpoint
+        (``config["pixel_scale"]``, ``config["psf_fwhm"]`` = mid FWHM, ``info["conditions"]``).
+        With ``data``, they describe it. Default: the shipped model's (LSST-like).
 
     Returns
     -------
     dict
         Per-epoch history and final validation figures.
     """
+    conditions = dict(conditions or {})
+    unknown = set(conditions) - set(CONDITION_KEYS)
+    if unknown:
+        msg = f"unknown classifier conditions {sorted(unknown)}; known: {list(CONDITION_KEYS)}"
+        raise ValueError(msg)
+    for name, v in (("epochs", epochs), ("batch_size", batch_size), ("samples", samples)):
+        if v is not None and (isinstance(v, bool) or int(v) != v or v < 1):
+            msg = f"{name} must be a positive integer, got {v!r}"
+            raise ValueError(msg)
+    if lr is not None and not lr > 0:
+        msg = f"lr must be positive, got {lr!r}"
+        raise ValueError(msg)
     torch.set_num_threads(int(threads))
     torch.manual_seed(seed)
     t0 = time.perf_counter()
-    d = data if data is not None else make_stamps(samples, seed=seed)
+    d = data if data is not None else make_stamps(samples, seed=seed, **conditions)
     logger.info("simulated %d stamps in %.0f s", len(d["star"]), time.perf_counter() - t0)
     x = normalise_stamps(torch.from_numpy(d["stamps"]))
     y = _targets(d)
     n = len(x)
     nval = max(1, int(n * val_fraction))
     xv, yv, xt, yt = x[:nval], y[:nval], x[nval:], y[nval:]
+    if len(xt) < 1:
+        msg = f"no training stamps left: {n} stamps, val_fraction={val_fraction!r}"
+        raise ValueError(msg)
+    batch_size = min(DEFAULT_BATCH, max(16, len(xt) // 8)) if batch_size is None else int(batch_size)
+    if epochs is None:
+        epochs = max(DEFAULT_EPOCHS, math.ceil(MIN_STEPS / math.ceil(len(xt) / batch_size)))
+    lr = (3e-3 if init is None else 1e-3) if lr is None else float(lr)
     model = StampNet() if init is None else load_model(None if init == "default" else init)
+    full = {"pixel_scale": 0.2, "psf_fwhm_range": (0.64, 0.76), **conditions}
+    model.config["pixel_scale"] = float(full["pixel_scale"])
+    model.config["psf_fwhm"] = float(sum(full["psf_fwhm_range"]) / 2)
+    logger.info("training the classifier on %d stamps (%d validation), %d epochs of batches of %d, "
+                "lr %.0e%s", len(xt), nval, epochs, batch_size, lr,
+                f", from {init}" if init is not None else "")  # fmt: skip
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
     steps = epochs * math.ceil(len(xt) / batch_size)
@@ -125,7 +169,8 @@ def train(
             v = decode(model(xv))
         star = yv[:, 0].numpy() > 0.5
         gal = ~star
-        mae = float(np.mean(np.abs(v["bulge_fraction"].numpy()[gal] - yv[gal, 1].numpy())))
+        err = np.abs(v["bulge_fraction"].numpy()[gal] - yv[gal, 1].numpy())
+        mae = float(np.mean(err)) if len(err) else float("nan")
         rec = {"epoch": ep + 1, "loss": tot / len(xt), "val_auc": roc_auc(v["p_star"].numpy(), star),
                "val_bf_mae": mae, "minutes": (time.perf_counter() - t0) / 60}  # fmt: skip
         history.append(rec)
@@ -133,7 +178,10 @@ def train(
         if max_minutes is not None and rec["minutes"] > max_minutes:
             break
     model.eval()
-    info = {"samples": n, "epochs": len(history), "seed": seed, "history": history}
+    info = {"samples": n, "epochs": len(history), "seed": seed, "init": init, "lr": lr,
+            "batch_size": batch_size, "conditions": {k: list(v) if isinstance(v, tuple) else v
+                                                     for k, v in conditions.items()},
+            "history": history}  # fmt: skip
     save_model(model, out, info=info)
     return info
 
@@ -143,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("out")
     p.add_argument("--samples", type=int, default=40000)
-    p.add_argument("--epochs", type=int, default=12)
+    p.add_argument("--epochs", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--init", default=None)
     p.add_argument("--max-minutes", type=float, default=None)

@@ -536,7 +536,8 @@ def generate_training_set(
     path: str | os.PathLike, *, samples: int, seed: int = 0, stamp: int = 64,
     bands: str | Sequence[str] = ("r",), psf: str | Sequence[str] = ("kolmogorov",),
     psf_fwhm: float | Sequence[float] = (0.6, 0.75, 0.9), depth: float = 26.8,
-    pixel_scale: float = 0.2, library_size: int | None = None, library: Library | None = None,
+    pixel_scale: float = 0.2, mag_range: tuple[float, float] = (19.0, 27.0),
+    library_size: int | None = None, library: Library | None = None,
     overwrite: bool = False, progress: bool = True, **compose_options: Any,
 ) -> Path:  # fmt: skip
     """Draw a library with GalSim, blend it into training samples and write them.
@@ -552,7 +553,10 @@ def generate_training_set(
     seed : int
         Non-negative seed of the library, the blends and the stored noise.
     bands, psf, psf_fwhm, depth, pixel_scale
-        Survey conditions (see :func:`draw_library`).
+        Survey conditions (see :func:`draw_library`; presets: :mod:`survey_engine.surveys`).
+    mag_range : (float, float)
+        r-band magnitude range of the library (see :func:`draw_library`; shift it with
+        ``depth`` for a shallower survey).
     library_size : int, optional
         Objects in the library (default ``max(64, samples // 2)``, at most 20000);
         each is reused in several blends under different transforms and partners.
@@ -583,7 +587,8 @@ def generate_training_set(
     if library is None:
         n_lib = library_size if library_size is not None else min(max(64, samples // 2), 20000)
         library = draw_library(n_objects=n_lib, seed=seed, bands=bands, psf=psf, psf_fwhm=psf_fwhm,
-                               depth=depth, pixel_scale=pixel_scale, progress=progress)  # fmt: skip
+                               depth=depth, pixel_scale=pixel_scale, mag_range=mag_range,
+                               progress=progress)  # fmt: skip
     t_lib = time.perf_counter() - t0
     recipe = {"samples": samples, "seed": seed, "stamp": stamp, **compose_options}
     if "separation" in recipe:

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from .data import _check_int, _progress, _raise_if, load_training_set, noisy_significance
 from .model import UNet, load_model, normalise_input, save_model
 
-__all__ = ["main", "make_targets", "train", "unet_loss"]
+__all__ = ["evaluate", "main", "make_targets", "train", "unet_loss"]
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +36,10 @@ CENTRE_THRESHOLDS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7)
 _VAL_KEYS = ("val_loss", "val_iou", "val_centre_f1", "val_centre_threshold", "val_blend_recall")
 #: Attributes of the training set recorded in the checkpoint.
 _SET_ATTRS = ("samples", "seed", "stamp", "library", "conditions")
+#: Optimiser steps that ``epochs=None`` reaches at least (small fine-tuning sets).
+MIN_STEPS = 500
+#: Default epochs (``epochs=None`` on a large set) and largest default batch.
+DEFAULT_EPOCHS, DEFAULT_BATCH = 10, 128
 
 
 def _dihedral_tables(size: int) -> torch.Tensor:
@@ -195,12 +199,18 @@ def _peaks(logit: torch.Tensor, threshold_logit: float) -> torch.Tensor:
 
 
 @torch.no_grad()
-def _evaluate(model, data: _Data, inputs: torch.Tensor, cfg: dict, batch_size: int, amp: bool):
-    """Validation loss, foreground IoU, centre F1 per threshold, blend recall."""
+def _evaluate(model, data: _Data, inputs: torch.Tensor, cfg: dict, batch_size: int, amp: bool,
+              fixed: float | None = None):  # fmt: skip
+    """Validation loss, foreground IoU, centre F1 and blend recall at the best threshold.
+
+    With ``fixed``, also ``centre_f1`` / ``blend_recall`` / ``centre_precision`` /
+    ``centre_recall`` at that centre threshold (the model's own, for a test set).
+    """
+    thresholds = CENTRE_THRESHOLDS if fixed is None else tuple(sorted({*CENTRE_THRESHOLDS, fixed}))
     model.eval()
     dev = inputs.device
     inter = union = ntrue = nblend = 0.0
-    tp, npred, hit, blend_hit = ({t: 0.0 for t in CENTRE_THRESHOLDS} for _ in range(4))
+    tp, npred, hit, blend_hit = ({t: 0.0 for t in thresholds} for _ in range(4))
     losses = []
     sigma = float(cfg["target"].get("centre_sigma", 1.0))
     fwhm = torch.tensor(cfg["target"].get("fwhm_px", [3.5]), device=dev, dtype=torch.float32)
@@ -236,7 +246,7 @@ def _evaluate(model, data: _Data, inputs: torch.Tensor, cfg: dict, batch_size: i
         inside = blended & _inside(py, px, h, w)
         nblend += float(inside.sum())
         bidx = torch.arange(len(sel), device=dev)[:, None].expand_as(py)
-        for t in CENTRE_THRESHOLDS:
+        for t in thresholds:
             pk = _peaks(out[:, 1], math.log(t / (1 - t)))
             npred[t] += float(pk.sum())
             tp[t] += float((pk & near_true).sum())
@@ -244,17 +254,22 @@ def _evaluate(model, data: _Data, inputs: torch.Tensor, cfg: dict, batch_size: i
             hit[t] += float((near_pk & true_c).sum())
             got = near_pk[bidx.clamp(min=0), py.clamp(0, h - 1), px.clamp(0, w - 1)]
             blend_hit[t] += float((got & inside).sum())
-    f1 = {}
-    for t in CENTRE_THRESHOLDS:
-        prec = tp[t] / max(npred[t], 1.0)
-        rec = hit[t] / max(ntrue, 1.0)
-        f1[t] = 2 * prec * rec / max(prec + rec, 1e-12)
+    f1, prec, rec = {}, {}, {}
+    for t in thresholds:
+        prec[t] = tp[t] / max(npred[t], 1.0)
+        rec[t] = hit[t] / max(ntrue, 1.0)
+        f1[t] = 2 * prec[t] * rec[t] / max(prec[t] + rec[t], 1e-12)
     best = max(CENTRE_THRESHOLDS, key=lambda t: f1[t])
-    return {
+    res = {
         "val_loss": sum(losses) / max(data.n, 1), "val_iou": inter / max(union, 1.0),
         "val_centre_f1": f1[best], "val_centre_threshold": best,
         "val_blend_recall": blend_hit[best] / max(nblend, 1.0),
     }  # fmt: skip
+    if fixed is not None:
+        res.update({"centre_threshold": fixed, "centre_f1": f1[fixed], "centre_precision": prec[fixed],
+                    "centre_recall": rec[fixed], "blend_recall": blend_hit[fixed] / max(nblend, 1.0),
+                    "true_centres": ntrue, "blended_centres": nblend})  # fmt: skip
+    return res
 
 
 def _lr_at(frac: float, peak: float) -> float:
@@ -277,8 +292,8 @@ def _device(device) -> torch.device:
 
 
 def train(
-    dataset_path: str | os.PathLike, out_path: str | os.PathLike, *, epochs: int = 10,
-    batch_size: int = 128, device: str | torch.device | None = None,
+    dataset_path: str | os.PathLike, out_path: str | os.PathLike, *, epochs: int | None = None,
+    batch_size: int | None = None, device: str | torch.device | None = None,
     init: str | os.PathLike | None = None, lr: float | None = None, val_fraction: float = 0.1,
     seed: int = 0, samples: int | None = None, config: dict | None = None,
     amp: bool | None = None, max_minutes: float | None = None, progress: bool = True,
@@ -292,8 +307,11 @@ def train(
         (Zarr group or compact ``.npz``).
     out_path : str or path-like
         Checkpoint to write (``.pt``).
-    epochs, batch_size : int
-        Passes over the training samples; samples per step.
+    epochs, batch_size : int, optional
+        Passes over the training samples; samples per step. Defaults suit both a full set
+        and a few labels: ``batch_size`` = min(128, max(16, training samples // 8)),
+        ``epochs`` = max(10, enough epochs for :data:`MIN_STEPS` optimiser steps), so 180
+        training samples get batches of 22 over 56 epochs.
     device : {"cpu", "cuda"} or torch.device, optional
         Default: CUDA when available.
     init : str or path-like, optional
@@ -324,8 +342,10 @@ def train(
         ``val_centre_f1``, ``val_centre_threshold``, ``val_blend_recall``, ``lr``,
         ``seconds``, ``samples_per_s``.
     """
-    _check_int("epochs", epochs)
-    _check_int("batch_size", batch_size)
+    if epochs is not None:
+        _check_int("epochs", epochs)
+    if batch_size is not None:
+        _check_int("batch_size", batch_size)
     _raise_if(not 0 <= val_fraction < 1, f"val_fraction must be in [0, 1), got {val_fraction!r}")
     _raise_if(lr is not None and not lr > 0, f"lr must be positive, got {lr!r}")
     dev = _device(device)
@@ -336,6 +356,10 @@ def train(
     n_val = max(round(n * val_fraction), 1) if val_fraction > 0 else 0
     n_train = n - n_val
     _raise_if(n_train < 1, f"no training samples left: {n} samples, val_fraction={val_fraction!r}")
+    if batch_size is None:
+        batch_size = min(DEFAULT_BATCH, max(16, n_train // 8))
+    if epochs is None:
+        epochs = max(DEFAULT_EPOCHS, math.ceil(MIN_STEPS / math.ceil(n_train / batch_size)))
     _raise_if(bool(ts.model.shape[-1] % 8 or ts.model.shape[-2] % 8),
               f"stamp sides must be multiples of 8, got {ts.model.shape[-2:]}")  # fmt: skip
     torch.manual_seed(seed)
@@ -432,6 +456,7 @@ def train(
     info = {
         "trained": time.strftime("%Y-%m-%dT%H:%M:%S"), "dataset": str(dataset_path),
         "dataset_attrs": {k: ts.attrs.get(k) for k in _SET_ATTRS},
+        "conditions": _conditions(ts.attrs),
         "samples": n, "train_samples": n_train, "val_samples": n_val, "epochs": len(history),
         "batch_size": batch_size, "lr": lr, "seed": seed,
         "device": str(dev) if dev.type == "cpu" else torch.cuda.get_device_name(dev),
@@ -443,14 +468,76 @@ def train(
     return history
 
 
+def _conditions(attrs: dict) -> dict:
+    """Survey conditions of a training set: pixel scale, PSF FWHMs, depth (from its library)."""
+    lib = attrs.get("library") or {}
+    conds = attrs.get("conditions") or []
+    return {"pixel_scale": lib.get("pixel_scale"), "depth": lib.get("depth"),
+            "psf_fwhm": [c.get("psf_fwhm") for c in conds], "mag_range": lib.get("mag_range"),
+            "stamp": attrs.get("stamp")}  # fmt: skip
+
+
+def evaluate(
+    model: UNet | str | os.PathLike | None, dataset_path: str | os.PathLike, *,
+    samples: int | None = None, batch_size: int = 256, device: str | torch.device | None = "cpu",
+    seed: int = 0, threshold: float | None = None, progress: bool = False,
+) -> dict:  # fmt: skip
+    """Scores of a model on a (held-back) training set: the validation metrics on all its samples.
+
+    Parameters
+    ----------
+    model : UNet, str, path-like or None
+        A model, a checkpoint, or None / ``"default"`` for the shipped model.
+    dataset_path : str or path-like
+        A set from :func:`~survey_engine.unet.data.generate_training_set`.
+    samples : int, optional
+        Compose this many samples (default: the set's own).
+    batch_size : int
+        Samples per forward pass.
+    device : str or torch.device, optional
+        Default CPU.
+    seed : int
+        Seed of the noise realisation.
+    threshold : float, optional
+        Centre threshold of ``centre_f1`` etc. (default: the model's own,
+        ``config["inference"]["centre_threshold"]``).
+    progress : bool
+        Show a progress bar while composing.
+
+    Returns
+    -------
+    dict
+        ``centre_f1``, ``centre_precision``, ``centre_recall``, ``blend_recall`` at the
+        threshold; ``val_iou`` (foreground IoU), ``val_loss``; ``val_centre_f1``,
+        ``val_blend_recall`` at the best threshold of :data:`CENTRE_THRESHOLDS`
+        (``val_centre_threshold``); ``samples``.
+    """
+    if model is None or isinstance(model, str | os.PathLike):
+        model = load_model(None if model is None or str(model) == "default" else model)
+    dev = _device(device)
+    model = model.to(dev).eval()
+    cfg = model.config
+    ts = load_training_set(dataset_path, samples=samples, progress=progress)
+    # the blend criterion (2 FWHM) uses the set's own PSFs, not the model's training ones
+    cfg = {**cfg, "target": {**cfg["target"], "fwhm_px": [c["fwhm_px"] for c in ts.attrs["conditions"]]}}
+    data = _Data(ts, np.arange(len(ts)), dev)
+    gen = torch.Generator(device=dev).manual_seed(seed + 1)
+    inputs = torch.cat([data.batch(torch.arange(a, min(a + 1024, data.n), device=dev), gen, False)[0]
+                        for a in range(0, data.n, 1024)])  # fmt: skip
+    thr = float(cfg["inference"]["centre_threshold"] if threshold is None else threshold)
+    res = _evaluate(model, data, inputs, cfg, batch_size, False, fixed=thr)
+    res["samples"] = data.n
+    return res
+
+
 def main(argv: list[str] | None = None) -> int:
     """Command line: ``DATASET OUT.pt [--epochs E] [--batch-size B] [--device D] …``."""
     p = argparse.ArgumentParser(prog="survey_engine.unet.train",
                                 description="Train the U-Net deblender.")  # fmt: skip
     p.add_argument("dataset", help="training set (.zarr or .npz)")
     p.add_argument("out", help="checkpoint to write (.pt)")
-    p.add_argument("--epochs", type=int, default=10)
-    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--epochs", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--samples", type=int, default=None, help="compose this many samples")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     p.add_argument("--init", default=None, help="checkpoint to fine-tune ('default': shipped)")
