@@ -170,7 +170,7 @@ def analyse_windows(
     with times.stage("measure"):
         meas = plan.backend.measure(px, det, found, results, plan.science, plan.bands, windows)
         add_deblended_fluxes(px, det, results, meas, plan.bands, windows)
-        classify_windows(det, meas, plan.execution)  # issue 17: p_star and morphology columns
+        classify_windows(det, meas, plan.execution, plan.science)  # issue 17: p_star, morphology
         return [finish_window(w, r, m, guard=plan.guard, mosaic=plan.mosaic)
                 for w, r, m in zip(windows, results, meas, strict=True)]  # fmt: skip
 
