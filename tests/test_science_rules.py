@@ -227,13 +227,13 @@ def test_deblended_fluxes_add_up_on_the_real_hsc_blend(shared_data, client, tmp_
     assert _check_sums(cat, bands) < 1e-12
     # Every source of the blend's reference list is found within 1.5 px, and the big
     # elliptical is not shredded (unet, measured 2026-12-02: 16 objects before the shred
-    # rule, 12 after; sep: 4, it merges three of the seven).
+    # rule, 13 after; sep: 4, it merges three of the seven).
     xy = np.stack([np.asarray(cat["x"]), np.asarray(cat["y"])], axis=1)
     ref = np.stack([d["catalog"]["x"], d["catalog"]["y"]], axis=1)
     nearest = np.hypot(*(xy[None, :, :] - ref[:, None, :]).transpose(2, 0, 1)).min(axis=1)
     if deb == "unet":
         assert (nearest < 1.5).all(), nearest
-        assert len(cat) <= 12
+        assert len(cat) <= 13
         big = np.hypot(xy[:, 0] - 31, xy[:, 1] - 36) < 8
         assert big.sum() == 1
 

@@ -37,7 +37,7 @@ from ..kernels.detect import DetectionResult
 from ..schema import Flag
 
 __all__ = ["GAP_MAX", "SAT_CORE_MAX", "SAT_GROW", "SAT_REACH_MAX", "SAT_SCALE", "SHRED_ASYMMETRY",
-           "SHRED_SUPPORT", "SHRED_WEAK_ASYMMETRY", "TRUNCATION", "adopt_across_gaps",
+           "SHRED_MIN_AREA", "SHRED_SUPPORT", "SHRED_WEAK_ASYMMETRY", "TRUNCATION", "adopt_across_gaps",
            "apply_rules", "deblended_fluxes", "join_masked_gaps", "merge_saturated",
            "merge_shreds", "reach", "saturated_zone"]  # fmt: skip
 
@@ -68,6 +68,9 @@ SHRED_ASYMMETRY = 0.10
 SHRED_SUPPORT = 0.5
 #: Asymmetry below which a weakly supported child is a piece (see :data:`SHRED_SUPPORT`).
 SHRED_WEAK_ASYMMETRY = 0.25
+#: Only a child of at least this many pixels has pieces: bright and large galaxies are what
+#: deblenders shred; two small faint galaxies side by side are what they must keep apart.
+SHRED_MIN_AREA = 80
 
 _EIGHT = np.ones((3, 3), dtype=bool)
 
@@ -355,8 +358,8 @@ def merge_shreds(res: DetectionResult, det: np.ndarray, bad: np.ndarray, uf: _Un
                  score: np.ndarray | None = None) -> int:  # fmt: skip
     """Merge the pieces of shredded galaxies into the child they belong to.
 
-    A child ``j`` is a piece of a brighter child ``i`` (peak value) of the same parent when
-    (a) ``j``'s light, the barycentre ``p_j`` of its pixels, lies within ``i``'s extent,
+    A child ``j`` is a piece of a brighter child ``i`` (peak value, at least
+    :data:`SHRED_MIN_AREA` pixels) of the same parent when (a) ``j``'s light, the barycentre ``p_j`` of its pixels, lies within ``i``'s extent,
     ``sqrt(area_i / π)`` of ``i``'s centre (the light-weighted centre of the 3×3 pixels around
     ``i``'s peak); (b) the point ``m_j`` mirrored through that centre, with its 3×3 box, lies
     inside the parent's bounding box, away from unusable pixels; and (c) the asymmetry
@@ -427,7 +430,8 @@ def merge_shreds(res: DetectionResult, det: np.ndarray, bad: np.ndarray, uf: _Un
         dist = np.hypot(by[kids][:, None] - cy[kids][None, :], bx[kids][:, None] - cx[kids][None, :])
         key_j, key_i = peak_val[kids][:, None], peak_val[kids][None, :]
         fainter = (key_j < key_i) | ((key_j == key_i) & (peak_idx[kids][:, None] > peak_idx[kids][None, :]))
-        a, b = np.nonzero(fainter & (dist <= np.sqrt(area[kids] / np.pi)[None, :]))
+        big = (area[kids] >= SHRED_MIN_AREA)[None, :]
+        a, b = np.nonzero(fainter & big & (dist <= np.sqrt(area[kids] / np.pi)[None, :]))
         jj.append(kids[a])
         ii.append(kids[b])
     if not jj or not sum(len(v) for v in jj):
