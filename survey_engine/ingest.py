@@ -219,8 +219,56 @@ def ingest_fits(
     with tqdm(total=n * n_strips, disable=not progress, desc=desc, unit="strip") as bar:
         for band in plan:
             _copy_band(mosaic, band, strip, bar)
+    _record_psfs(mosaic, plan, fwhm)
     mosaic.consolidate()
     return mosaic
+
+
+#: Side of the central block of a band searched for point sources to estimate its PSF.
+PSF_SAMPLE = 2048
+
+
+def _record_psfs(mosaic: Mosaic, plan: list[_Band], given: Mapping[str, float | None]) -> None:
+    """Estimate the PSF FWHM of each band whose FWHM was not given, from its point sources.
+
+    Written to the group attributes ``psf_fwhm_pix`` (pixels, every band with a PSF) and
+    ``psf_fwhm_source`` (``"argument"``, ``"estimated from N point sources"`` or None); an
+    estimate also fills ``psf_fwhm_arcsec`` when the pixel scale is known.
+    """
+    from .kernels.psf import estimate_psf_fwhm
+
+    scale = mosaic.pixel_scale
+    arcsec, pix, source = dict(mosaic.psf_fwhm), {}, {}
+    ny, nx = mosaic.ny, mosaic.nx
+    y0, x0 = max(0, (ny - PSF_SAMPLE) // 2), max(0, (nx - PSF_SAMPLE) // 2)
+    box = (slice(y0, y0 + PSF_SAMPLE), slice(x0, x0 + PSF_SAMPLE))
+    for i, band in enumerate(plan):
+        if given.get(band.name) is not None:
+            source[band.name] = "argument"
+            pix[band.name] = float(given[band.name]) / scale if scale else None
+            continue
+        image = np.asarray(mosaic.image[(i, *box)])
+        var = np.asarray(mosaic.variance[(i, *box)])
+        bad = np.asarray(mosaic.mask[(i, *box)]) & int(MaskBit.NO_DATA | MaskBit.BAD) != 0
+        good = ~bad & np.isfinite(var) & (var > 0)
+        sigma = float(np.sqrt(np.median(var[good]))) if good.any() else None
+        est = estimate_psf_fwhm(image, sigma=sigma, bad=~good, saturation=band.saturation)
+        if np.isfinite(est.fwhm):
+            pix[band.name] = round(est.fwhm, 4)
+            source[band.name] = f"estimated from {est.n_stars} point sources"
+            if scale:
+                arcsec[band.name] = round(est.fwhm * scale, 4)
+            logger.info("%s: band %r PSF FWHM %.3f px, estimated from %d point sources (%d fitted)",
+                        band.image.path, band.name, est.fwhm, est.n_stars, est.n_fitted)  # fmt: skip
+        else:
+            pix[band.name], source[band.name] = None, None
+            logger.warning("%s: band %r: too few point sources (%d on the stellar locus) to estimate "
+                           "the PSF; give it (psf_fwhm / --psf-fwhm): model fluxes need it",
+                           band.image.path, band.name, est.n_stars)  # fmt: skip
+    mosaic.group.attrs.update({"psf_fwhm_arcsec": arcsec, "psf_fwhm_pix": pix, "psf_fwhm_source": source})
+    mosaic.attrs.update({"psf_fwhm_arcsec": arcsec, "psf_fwhm_pix": pix, "psf_fwhm_source": source})
+    mosaic.psf_fwhm = arcsec
+    mosaic.psf_fwhm_pix = {b: pix.get(b) for b in mosaic.bands}
 
 
 @dataclass(frozen=True)

@@ -168,6 +168,13 @@ class Mosaic:
         self.zero_points: dict[str, float | None] = dict(attrs.get("zero_points", {}))
         self.psf_fwhm: dict[str, float | None] = dict(attrs.get("psf_fwhm_arcsec", {}))
         self.pixel_scale: float | None = attrs.get("pixel_scale_arcsec")
+        #: PSF FWHM in pixels per band: from ``psf_fwhm_arcsec`` and the pixel scale, else the
+        #: ingest's estimate (``psf_fwhm_pix``; a mosaic without a WCS has no pixel scale).
+        self.psf_fwhm_pix: dict[str, float | None] = {
+            b: (float(self.psf_fwhm[b]) / float(self.pixel_scale)
+                if self.psf_fwhm.get(b) and self.pixel_scale else dict(attrs.get("psf_fwhm_pix") or {}).get(b))
+            for b in attrs.get("bands", ())
+        }  # fmt: skip
         self.mask_bits: dict[str, int] = dict(attrs.get("mask_bits", MASK_BITS))
         self.units: dict[str, str] = dict(attrs.get("units", {}))
         self.wcs_cards: dict[str, Any] = dict(attrs.get("wcs", {}))

@@ -734,3 +734,52 @@ def test_error_output_exists(tmp_path):
         ingest_fits([a], tmp_path / "m.zarr", progress=False)
     mosaic = ingest_fits([a], tmp_path / "m.zarr", bands=["z"], overwrite=True, progress=False)
     assert open_mosaic(str(tmp_path / "m.zarr")).bands == mosaic.bands == ("z",)
+
+
+# --- PSF estimate (an image without a recorded PSF) --------------------------------------------
+def _star_field(psf_fwhm_pix: float, n_stars: int = 40, n_gal: int = 30, size: int = 256, seed: int = 5):
+    """Kolmogorov stars and larger exponential galaxies of one PSF, sky 100, noise σ = 2."""
+    galsim = pytest.importorskip("galsim")
+    rng = np.random.default_rng(seed)
+    im = galsim.ImageF(size, size, scale=1.0)
+    psf = galsim.Kolmogorov(fwhm=psf_fwhm_pix)
+    for k in range(n_stars + n_gal):
+        x, y = rng.uniform(12, size - 12, 2)
+        flux = 10 ** rng.uniform(3.3, 4.5)
+        prof = psf if k < n_stars else galsim.Convolve(
+            galsim.Exponential(half_light_radius=rng.uniform(1.5, 4.0)), psf)
+        prof.withFlux(flux).drawImage(im, add_to_image=True, offset=(x - size / 2, y - size / 2))
+    return (im.array + noise_image((size, size), seed=seed)).astype(np.float32)
+
+
+@pytest.mark.parametrize("fwhm", [2.5, 4.0])
+def test_psf_fwhm_estimated_from_point_sources(tmp_path, fwhm):
+    img = write(tmp_path / "r.fits", _star_field(fwhm), tan_header(256, 256))
+    m = ingest_fits([img], tmp_path / "m.zarr", bands=["r"], progress=False)
+    est = m.attrs["psf_fwhm_pix"]["r"]
+    assert est == pytest.approx(fwhm, rel=0.05)
+    assert m.attrs["psf_fwhm_source"]["r"].startswith("estimated from ")
+    assert m.psf_fwhm["r"] == pytest.approx(est * 0.2, rel=1e-3)  # arcsec: 0.2″ pixels
+    assert open_mosaic(str(tmp_path / "m.zarr")).psf_fwhm_pix["r"] == pytest.approx(est, rel=1e-3)
+
+
+def test_psf_fwhm_given_is_kept_and_noise_gives_none(tmp_path, caplog):
+    img = write(tmp_path / "r.fits", _star_field(3.0), tan_header(256, 256))
+    m = ingest_fits([img], tmp_path / "a.zarr", bands=["r"], psf_fwhm={"r": 0.7}, progress=False)
+    assert m.psf_fwhm == {"r": 0.7}
+    assert m.attrs["psf_fwhm_source"] == {"r": "argument"}
+    assert m.psf_fwhm_pix["r"] == pytest.approx(3.5, rel=1e-4)
+    noise = write(tmp_path / "n.fits", noise_image((128, 128)), tan_header(128, 128))
+    with caplog.at_level("WARNING", logger="survey_engine.ingest"):
+        m = ingest_fits([noise], tmp_path / "n.zarr", bands=["r"], progress=False)
+    assert m.psf_fwhm_pix == {"r": None} and m.psf_fwhm == {"r": None}
+    assert "too few point sources" in caplog.text
+
+
+@pytest.mark.filterwarnings("ignore::survey_engine.ingest.IngestWarning")  # ESO cards, no WCS
+def test_psf_fwhm_of_the_real_ntt_image(shared_data, tmp_path):
+    # SExtractor 2.25 on this image (SEEING 2.4 px): FWHM_IMAGE of its CLASS_STAR > 0.9 objects
+    # 2.0–2.5 px, median 2.46; a Gaussian fitted to the core gives a little less.
+    m = ingest_fits(shared_data / "sep_image.fits", tmp_path / "real.zarr", progress=False)
+    assert 2.0 <= m.psf_fwhm_pix["b0"] <= 2.6
+    assert m.psf_fwhm == {"b0": None}  # no WCS, no pixel scale: only pixels are known
