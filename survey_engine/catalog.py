@@ -22,7 +22,12 @@ __all__ = ["CatalogLayout", "catalog_metadata", "dataset_files", "read_catalog",
 #: Detection-image columns copied from the measurements unchanged.
 _COPIED = ("x", "y", "x_iso", "y_iso", "x_err", "y_err", "a", "b", "theta", "e1", "e2",
            "half_light_radius", "kron_radius", "area", "peak", "flags",
-           "p_star", "bulge_fraction", "r_bulge_arcsec", "r_disk_arcsec", "ellipticity")  # fmt: skip
+           "p_star", "bulge_fraction", "r_bulge_arcsec", "r_disk_arcsec", "ellipticity",
+           "frac_dev", "model_r_exp", "model_r_dev", "model_e1", "model_e2")  # fmt: skip
+
+#: Per-band measurements copied under ``<band>_<name>`` (``flux``: the total flux).
+_BAND_COPIED = ("kron_flux", "kron_flux_err", "iso_flux", "iso_flux_err", "psf_flux", "psf_flux_err",
+                "exp_flux", "dev_flux", "deblended_flux", "deblended_flux_err", "parent_flux", "flags")  # fmt: skip
 
 
 def reference_band(bands: tuple[str, ...], detection_band: str | None) -> str:
@@ -123,14 +128,10 @@ class CatalogLayout:
         return {s.name: out[s.name] for s in self.specs}
 
     def _band_columns(self, b: str, bc: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        f, fe = bc["kron_flux"], bc["kron_flux_err"]
-        out = {
-            f"{b}_flux": f, f"{b}_flux_err": fe, f"{b}_iso_flux": bc["iso_flux"],
-            f"{b}_iso_flux_err": bc["iso_flux_err"], f"{b}_flags": bc["flags"],
-        }  # fmt: skip
+        f, fe = bc["flux"], bc["flux_err"]  # the total flux (survey_engine.model_photometry)
+        out = {f"{b}_flux": f, f"{b}_flux_err": fe}
+        out.update({f"{b}_{k}": bc[k] for k in _BAND_COPIED})
         out.update({f"{b}_{k}": v for k, v in bc.items() if k.startswith("aper_flux_")})
-        for k in ("deblended_flux", "deblended_flux_err", "parent_flux"):
-            out[f"{b}_{k}"] = bc[k]
         zp = self.zero_points.get(b)
         if zp is None:
             nan = np.full(len(f), np.nan)

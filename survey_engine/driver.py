@@ -40,6 +40,7 @@ from .catalog import reference_band
 from .config import ExecutionConfig, ScienceConfig
 from .deblend import check_backend
 from .kernels.background import filter_mesh
+from .model_photometry import band_psfs
 from .mosaic import Mosaic, open_mosaic
 from .parallel import (
     GPUUnavailable,
@@ -361,7 +362,8 @@ def _stages(client, m: Mosaic, s: RunSettings, store: PartStore, progress: bool,
     """Stages 1–4 on the cluster: background, tiles, retry, segmentation (seconds in ``timings``);
     ``tract``: a survey run's :class:`~survey_engine.skymap.TractRule` (None: a single mosaic)."""
     clock = _Clock(timings)
-    plan = WindowPlan(s.science, s.execution, s.deblender, s.guard, Box(0, m.ny, 0, m.nx), tuple(m.bands))
+    plan = WindowPlan(s.science, s.execution, s.deblender, s.guard, Box(0, m.ny, 0, m.nx), tuple(m.bands),
+                      psfs=band_psfs(m.attrs, m.bands, m.psf_fwhm, m.pixel_scale))  # issue 16: model fits
     plan = dataclasses.replace(plan, meshes=_background_stage(client, m, plan, store, progress))
     clock.lap("background")
     ctx = TaskContext(m.path, plan, store, s.grid, tract)

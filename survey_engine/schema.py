@@ -6,9 +6,12 @@ the units and descriptions into the Parquet metadata and reads them back.
 
 Band-independent columns come from the detection image. Per-band columns are
 named ``<band>_<quantity>`` and are measured on the detection footprints and
-apertures (forced photometry). ``flux``/``flux_err`` without a prefix are the
-Kron flux of the *reference band*: the detection band when one band is used for
-detection, the reddest band (last in the mosaic's band order) when bands are
+apertures (forced photometry). ``<band>_flux`` is the best total flux: the flux of a
+PSF-convolved exponential + de Vaucouleurs model (:mod:`survey_engine.model_photometry`),
+or the Kron flux, flagged ``MODEL_FAILED``, where no model could be fitted; the Kron,
+isophotal, aperture, PSF and deblended fluxes keep their own names. ``flux``/``flux_err``
+without a prefix are those of the *reference band*: the detection band when one band is
+used for detection, the reddest band (last in the mosaic's band order) when bands are
 combined.
 """
 
@@ -47,6 +50,7 @@ class Flag(enum.IntFlag):
     TRUNCATED = 32
     APERTURE_TRUNCATED = 64
     WINDOW_FAILED = 128
+    MODEL_FAILED = 256
 
 
 #: One line per flag: what it means for the object.
@@ -59,6 +63,8 @@ FLAG_DESCRIPTIONS: dict[str, str] = {
     "TRUNCATED": "the object could not be measured whole (larger than the largest window tried)",
     "APERTURE_TRUNCATED": "the Kron aperture extends beyond the mosaic",
     "WINDOW_FAILED": "the windowed centroid did not converge; x, y are the isophotal barycentre",
+    "MODEL_FAILED": "no model fit (no PSF recorded for the band, too few usable pixels, a "
+    "non-finite fit, or a model component as large as its stamp): flux is the Kron flux",
 }
 
 #: Catalog-level flags that every band's ``<band>_flags`` inherits.
@@ -122,16 +128,17 @@ def catalog_columns(
             for name, dtype, unit, desc in _OBJECT_COLUMNS]  # fmt: skip
     i = [c.name for c in cols].index("flux")
     cols[i : i + 2] = [
-        ColumnSpec("flux", "float64", u, f"Kron flux in the reference band ({reference_band})"),
+        ColumnSpec("flux", "float64", u, f"total (model) flux in the reference band ({reference_band}): "
+                   f"{reference_band}_flux"),
         ColumnSpec("flux_err", "float64", u, f"1-sigma error of flux ({reference_band})"),
     ]
     for b in bands:
-        rows = list(_BAND_COLUMNS[:4])
+        rows = list(_BAND_COLUMNS[:_N_BEFORE_APERTURES])
         for r in apertures:
             t = aper_tag(r)
             rows += [(f"aper_flux_{t}", "IMG", f"flux in a circle of radius {r:g} pix"),
                      (f"aper_flux_{t}_err", "IMG", f"1-sigma error of aper_flux_{t}")]  # fmt: skip
-        rows += _BAND_COLUMNS[4:]
+        rows += _BAND_COLUMNS[_N_BEFORE_APERTURES:]
         cols += [ColumnSpec(f"{b}_{name}", "int64" if name == "flags" else "float64",
                             u if unit == "IMG" else unit, f"{b}: {desc}")
                  for name, unit, desc in rows]  # fmt: skip
@@ -182,14 +189,30 @@ _OBJECT_COLUMNS = [
      "the PSF (stamp CNN)"),
     ("ellipticity", "float32", None, "|e| = (a² − b²) / (a² + b²) of the galaxy model before the "
      "PSF (stamp CNN)"),
+    # -- issue 16: the model fit of the total fluxes (survey_engine.model_photometry), in the
+    # reference band; NaN where it failed (flag MODEL_FAILED).
+    ("frac_dev", "float32", None, "de Vaucouleurs (bulge) fraction of the fitted exponential + de "
+     "Vaucouleurs model (reference band), the weight of the bulge in every band's total flux"),
+    ("model_r_exp", "float32", "pix", "half-light radius (√(ab)) of the fitted exponential disk, "
+     "before the PSF"),
+    ("model_r_dev", "float32", "pix", "half-light radius (√(ab)) of the fitted de Vaucouleurs bulge, "
+     "before the PSF"),
+    ("model_e1", "float32", None, "distortion e1 = (a² − b²)/(a² + b²) cos 2θ of the fitted model, "
+     "before the PSF"),
+    ("model_e2", "float32", None, "distortion e2 = (a² − b²)/(a² + b²) sin 2θ of the fitted model"),
 ]  # fmt: skip
 
-#: Per-band columns (name without the band prefix, unit, description); apertures after the 4th.
+#: Per-band columns (name without the band prefix, unit, description); the apertures' columns
+#: are inserted after the first :data:`_N_BEFORE_APERTURES`.
 #: ``deblended_flux``, ``deblended_flux_err`` and ``parent_flux`` come from
 #: :func:`survey_engine.deblend.rules.deblended_fluxes`.
 _BAND_COLUMNS = [
-    ("flux", "IMG", "Kron flux (max(2.5 kron_radius, 3.5) × (a, b) ellipse)"),
-    ("flux_err", "IMG", "1-sigma error of the Kron flux from the variance plane"),
+    ("flux", "IMG", "total flux: the amplitude of the PSF-convolved exponential + de Vaucouleurs "
+     "model fitted to the object's deblended light (shape and frac_dev from the reference band); "
+     "the Kron flux where the fit failed (flag MODEL_FAILED)"),
+    ("flux_err", "IMG", "1-sigma error of flux from the variance plane"),
+    ("kron_flux", "IMG", "Kron flux (max(2.5 kron_radius, 3.5) × (a, b) ellipse)"),
+    ("kron_flux_err", "IMG", "1-sigma error of the Kron flux from the variance plane"),
     ("iso_flux", "IMG", "sum over the footprint pixels"),
     ("iso_flux_err", "IMG", "1-sigma error of the isophotal flux"),
     (
@@ -201,12 +224,21 @@ _BAND_COLUMNS = [
     ),
     ("deblended_flux_err", "IMG", "1-sigma error of deblended_flux, sqrt(sum of w^2 variance)"),
     ("parent_flux", "IMG", "sum over the footprint pixels of the object's parent"),
-    ("flux_njy", "nJy", "Kron flux in nJy (NaN when no zero point)"),
+    ("psf_flux", "IMG", "PSF flux: amplitude of the band's PSF at the model's centre fitted to the "
+     "object's deblended light (the total flux of a point source); NaN without a PSF"),
+    ("psf_flux_err", "IMG", "1-sigma error of psf_flux"),
+    ("exp_flux", "IMG", "exponential-disk flux of the best non-negative combination of the fitted "
+     "disk and bulge templates in this band"),
+    ("dev_flux", "IMG", "de Vaucouleurs-bulge flux of that combination (exp_flux + dev_flux ≈ flux)"),
+    ("flux_njy", "nJy", "total flux in nJy (NaN when no zero point)"),
     ("flux_njy_err", "nJy", "1-sigma error of the flux in nJy"),
-    ("mag", "mag(AB)", "AB magnitude of the Kron flux (NaN if flux ≤ 0)"),
+    ("mag", "mag(AB)", "AB magnitude of the total flux (NaN if flux ≤ 0)"),
     ("mag_err", "mag(AB)", "1-sigma magnitude error"),
     ("flags", None, "Flag bits of this band's measurement"),
 ]
+
+
+_N_BEFORE_APERTURES = 6
 
 
 def empty_columns(specs: list[ColumnSpec]) -> dict[str, np.ndarray]:

@@ -29,6 +29,7 @@ from .kernels.arrays import INF, namespace
 from .kernels.background import BackgroundMesh
 from .kernels.detect import DetectionResult, detection_image
 from .kernels.measure import Measurements
+from .model_photometry import MODEL_HALF, model_fluxes  # issue 16: total and PSF fluxes
 from .mosaic import MosaicRegion
 from .schema import Flag
 from .tiling import Box
@@ -55,6 +56,9 @@ class WindowPlan:
         The mosaic's bands.
     meshes : list of BackgroundMesh
         The global background, one mesh per band.
+    psfs : tuple of BandPSF or None
+        Per band the PSF recorded in the mosaic (:func:`~survey_engine.model_photometry.band_psfs`);
+        empty or None: no model fits (the total flux is the Kron flux, flagged MODEL_FAILED).
     """
 
     science: ScienceConfig
@@ -64,14 +68,15 @@ class WindowPlan:
     mosaic: Box
     bands: tuple[str, ...]
     meshes: Sequence[BackgroundMesh] = ()
+    psfs: tuple = ()
 
     @classmethod
     def build(cls, science: ScienceConfig, execution: ExecutionConfig, shape: tuple[int, int],
-              bands: Sequence[str], meshes: Sequence[BackgroundMesh] = ()) -> WindowPlan:  # fmt: skip
+              bands: Sequence[str], meshes: Sequence[BackgroundMesh] = (), psfs: tuple = ()) -> WindowPlan:  # fmt: skip
         """The plan of a mosaic of ``shape`` and ``bands``: deblender and guard from ``science``."""
         deblender = make_deblender(science)
         return cls(science, execution, deblender, guard_band(science, deblender),
-                   Box(0, shape[0], 0, shape[1]), tuple(bands), meshes)  # fmt: skip
+                   Box(0, shape[0], 0, shape[1]), tuple(bands), meshes, tuple(psfs))  # fmt: skip
 
     @cached_property
     def backend(self):
@@ -86,12 +91,13 @@ def guard_band(science: ScienceConfig, deblender) -> int:
     """Pixels kept between a footprint and a cut window edge for a result to be safe.
 
     The farther reach of detection (the deblender's receptive radius), of the matched
-    filter that weights the moments and of the classifier's stamp around the peak, plus
+    filter that weights the moments and of the classifier's and the model fit's stamps around
+    the peak, plus
     ``minarea`` (slivers of a footprint cut off by the edge), and at least the reach of the
     science rules (:func:`survey_engine.deblend.rules.reach`: a masked gap and the child
     across it).
     """
-    found = max(science.detection.pad, deblender.receptive_radius(), STAMP_HALF)  # issue 17: stamps
+    found = max(science.detection.pad, deblender.receptive_radius(), STAMP_HALF, MODEL_HALF)  # stamps
     return max(found + int(science.detection.minarea), rules.reach())
 
 
@@ -142,8 +148,9 @@ def analyse_windows(
        (:func:`~survey_engine.deblend.rules.apply_rules`: saturated stars and objects split by
        masked pixels made one object);
     4. **measure** — the backend's measurement kernel, then flags, extents and footprint
-       boxes (:func:`~survey_engine.kernels.measure.measurements_from`), and the deblended
-       fluxes (:func:`~survey_engine.deblend.rules.deblended_fluxes`);
+       boxes (:func:`~survey_engine.kernels.measure.measurements_from`), the deblended
+       fluxes (:func:`~survey_engine.deblend.rules.deblended_fluxes`), the classification
+       and the model-fit total and PSF fluxes (:mod:`survey_engine.model_photometry`);
     5. **finish** — safety, edge and blend flags, parent IDs (:func:`finish_window`).
 
     Parameters
@@ -169,8 +176,12 @@ def analyse_windows(
         found, results = science_rules(px, det, found, len(windows), plan.science)
     with times.stage("measure"):
         meas = plan.backend.measure(px, det, found, results, plan.science, plan.bands, windows)
-        add_deblended_fluxes(px, det, results, meas, plan.bands, windows)
+        host = _host(det.det), _host(px.images), _host(px.variances)
+        add_deblended_fluxes(host, results, meas, plan.bands, windows)
         classify_windows(det, meas, plan.execution, plan.science)  # issue 17: p_star, morphology
+    with times.stage("model"):  # issue 16: total and PSF fluxes
+        add_model_fluxes(host, px, results, meas, plan, windows)
+    with times.stage("measure"):
         return [finish_window(w, r, m, guard=plan.guard, mosaic=plan.mosaic)
                 for w, r, m in zip(windows, results, meas, strict=True)]  # fmt: skip
 
@@ -202,11 +213,12 @@ def science_rules(
     return DetectionList(out), out
 
 
-def add_deblended_fluxes(px: Prepared, det: DetectionImages, results, meas, bands, windows) -> None:
-    """Per band ``deblended_flux(_err)`` and ``parent_flux`` into each window's measurements."""
+def add_deblended_fluxes(host, results, meas, bands, windows) -> None:
+    """Per band ``deblended_flux(_err)`` and ``parent_flux`` into each window's measurements;
+    ``host``: the batch's detection images, images and variances as numpy arrays."""
     if not any(r.n_objects for r in results):
         return
-    dets, images, variances = _host(det.det), _host(px.images), _host(px.variances)
+    dets, images, variances = host
     for b, (res, m, w) in enumerate(zip(results, meas, windows, strict=True)):
         if res.n_objects == 0:
             continue
@@ -217,6 +229,17 @@ def add_deblended_fluxes(px: Prepared, det: DetectionImages, results, meas, band
             col = m.bands[band]
             col["deblended_flux"], col["deblended_flux_err"] = flux[:, bi], err[:, bi]
             col["parent_flux"] = parent[:, bi]
+
+
+def add_model_fluxes(host, px: Prepared, results, meas, plan: WindowPlan, windows) -> None:
+    """Model-fit total fluxes and PSF fluxes (:func:`~survey_engine.model_photometry.model_fluxes`)
+    on the backend's device (the numpy backend: the CPU); shapes from the reference band."""
+    from .catalog import reference_band
+
+    psfs = tuple(plan.psfs) if plan.psfs else (None,) * len(plan.bands)
+    ref = plan.bands.index(reference_band(plan.bands, plan.science.detection_band))
+    device = str(px.images.device) if hasattr(px.images, "device") else "cpu"
+    model_fluxes(*host, results, meas, [(w.y0, w.x0) for w in windows], plan.bands, psfs, ref, device)
 
 
 def analyse_regions(regions: Sequence[MosaicRegion], plan: WindowPlan, times=None) -> list[WindowResult]:

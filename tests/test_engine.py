@@ -65,7 +65,8 @@ def test_reference_catalog_is_sane(reference):
     # Units and descriptions survive the Parquet round trip.
     assert cat["x"].unit == u.pix
     assert cat["ra"].unit == u.deg
-    assert "Kron" in cat["r_flux"].info.description
+    assert "Kron" in cat["r_kron_flux"].info.description
+    assert "model" in cat["r_flux"].info.description  # issue 16: the total flux
     assert cat.meta["reference_band"] == "r"
     assert np.all(np.isfinite(np.asarray(cat["ra"].value)))
     flags = np.asarray(cat["flags"])
@@ -248,7 +249,7 @@ def test_parquet_metadata_holds_units_and_config(reference):
     flags = meta["flags"]
     assert flags["SATURATED"] == [4, "footprint contains saturated pixels"]
     assert flags["EDGE"][1] == "footprint touches the mosaic edge"
-    assert len({desc for _, desc in flags.values()}) == len(flags) == 8
+    assert len({desc for _, desc in flags.values()}) == len(flags) == 9  # issue 16: MODEL_FAILED
 
 
 @pytest.mark.parametrize(

@@ -39,7 +39,7 @@ from ..schema import Flag
 __all__ = ["GAP_MAX", "SAT_CORE_MAX", "SAT_GROW", "SAT_REACH_MAX", "SAT_SCALE", "SHRED_ASYMMETRY",
            "SHRED_MIN_AREA", "SHRED_SUPPORT", "SHRED_WEAK_ASYMMETRY", "TRUNCATION", "adopt_across_gaps",
            "apply_rules", "deblended_fluxes", "join_masked_gaps", "merge_saturated",
-           "merge_shreds", "reach", "saturated_zone"]  # fmt: skip
+           "merge_shreds", "reach", "saturated_zone", "share_weights"]  # fmt: skip
 
 logger = logging.getLogger(__name__)
 
@@ -543,59 +543,29 @@ def apply_rules(res: DetectionResult, det: np.ndarray, var: np.ndarray, bad: np.
     return _relabel(res, uf, parents_uf, flags)
 
 
-def deblended_fluxes(res: DetectionResult, det: np.ndarray, images: np.ndarray, variances: np.ndarray,
-                     origin: tuple[int, int]):  # fmt: skip
-    """Per-band fluxes of each child from its parent's pixels shared by symmetric templates.
+def share_weights(res: DetectionResult, det: np.ndarray, origin: tuple[int, int]):
+    """How the pixels of blended parents are shared among their children (sparse).
 
-    Child ``i`` of a parent with several children gets the template ``T_i(p) = max(0,
-    min(D(p), D(2 c_i − p)))`` (``D``: the detection image on the parent's pixels, 0
-    elsewhere; ``c_i``: the child's peak) on the box symmetric about its peak that holds its
-    footprint. Each parent pixel goes to the children in proportion to their templates
-    (weights ``T_i / Σ_j T_j``, summing to 1), or whole to the child owning it (to the
-    brightest child for pixels the deblender left to nobody) where no template reaches.
-    A child's flux in a band is the sum of its weighted pixels, so the children's fluxes
-    add up to the parent's (to rounding); an isolated child gets its parent's flux. Every
-    sum runs in an order fixed by the children's mosaic peak positions and the pixels'
-    raster order, so the numbers do not depend on the window.
-
-    Parameters
-    ----------
-    res : DetectionResult
-        Children and parents of the window.
-    det : numpy.ndarray
-        ``(H, W)`` background-subtracted detection image (0 where unusable).
-    images, variances : numpy.ndarray
-        ``(band, H, W)`` background-subtracted images (0 where unusable) and variances
-        (not finite where unusable).
-    origin : (int, int)
-        Mosaic pixel of the window's first pixel.
+    The rule of :func:`deblended_fluxes`: child ``i`` gets weight ``T_i(p) / Σ_j T_j(p)`` of
+    each pixel ``p`` of its parent that some template reaches, and the pixels of a blended
+    parent that no template reaches go whole to their owner (else the brightest child).
+    Children of isolated parents get weight 1 on all of their parent's pixels (not listed).
 
     Returns
     -------
-    flux, flux_err, parent_flux : numpy.ndarray
-        ``(n, band)`` float64: deblended flux and its error (``sqrt(Σ w² V)``), and the flux
-        of each child's parent.
+    tuple or None
+        None if no parent is blended; else ``(multi, child, pix, wgt, owner, rest)``: the
+        blended children, then per shared pixel its child, flat window pixel and weight, then
+        per unreached pixel its child and flat pixel.
     """
-    n, nb = res.n_objects, images.shape[0]
-    if n == 0:
-        z = np.zeros((0, nb))
-        return z, z, z
+    n = res.n_objects
     h, w = det.shape
-    img = images.reshape(nb, -1).astype(np.float64)
-    var = variances.reshape(nb, -1).astype(np.float64)
-    var = np.where(np.isfinite(var), var, 0.0)
     parents = res.parents.ravel()
     ppix = np.flatnonzero(parents)
     npar = int(res.parents.max())
-    pflux = np.stack([np.bincount(parents[ppix], weights=img[b, ppix], minlength=npar + 1)
-                      for b in range(nb)], axis=1)  # fmt: skip
-    pvar = np.stack([np.bincount(parents[ppix], weights=var[b, ppix], minlength=npar + 1)
-                     for b in range(nb)], axis=1)  # fmt: skip
-    parent_flux = pflux[res.parent]
-    flux, fvar = parent_flux.copy(), pvar[res.parent].copy()
     multi = np.flatnonzero(res.n_children > 1)
     if len(multi) == 0:
-        return flux, np.sqrt(fvar), parent_flux
+        return None
     labels = np.ascontiguousarray(res.labels, dtype=np.int32)
     detf = np.ascontiguousarray(det, dtype=np.float32)
     _, _, peak_idx, peak_val, bbox = compiled.peaks(labels, detf, n)
@@ -635,6 +605,62 @@ def deblended_fluxes(res: DetectionResult, det: np.ndarray, images: np.ndarray, 
     for i in multi[key][::-1]:  # the first in (brightest, mosaic order) written last
         bright[res.parent[i]] = i
     owner = np.where(owner >= 0, owner, bright[parents[rest]])
+    return multi, child, pix, wgt, owner, rest
+
+
+def deblended_fluxes(res: DetectionResult, det: np.ndarray, images: np.ndarray, variances: np.ndarray,
+                     origin: tuple[int, int]):  # fmt: skip
+    """Per-band fluxes of each child from its parent's pixels shared by symmetric templates.
+
+    Child ``i`` of a parent with several children gets the template ``T_i(p) = max(0,
+    min(D(p), D(2 c_i − p)))`` (``D``: the detection image on the parent's pixels, 0
+    elsewhere; ``c_i``: the child's peak) on the box symmetric about its peak that holds its
+    footprint. Each parent pixel goes to the children in proportion to their templates
+    (weights ``T_i / Σ_j T_j``, summing to 1), or whole to the child owning it (to the
+    brightest child for pixels the deblender left to nobody) where no template reaches.
+    A child's flux in a band is the sum of its weighted pixels, so the children's fluxes
+    add up to the parent's (to rounding); an isolated child gets its parent's flux. Every
+    sum runs in an order fixed by the children's mosaic peak positions and the pixels'
+    raster order, so the numbers do not depend on the window.
+
+    Parameters
+    ----------
+    res : DetectionResult
+        Children and parents of the window.
+    det : numpy.ndarray
+        ``(H, W)`` background-subtracted detection image (0 where unusable).
+    images, variances : numpy.ndarray
+        ``(band, H, W)`` background-subtracted images (0 where unusable) and variances
+        (not finite where unusable).
+    origin : (int, int)
+        Mosaic pixel of the window's first pixel.
+
+    Returns
+    -------
+    flux, flux_err, parent_flux : numpy.ndarray
+        ``(n, band)`` float64: deblended flux and its error (``sqrt(Σ w² V)``), and the flux
+        of each child's parent.
+    """
+    n, nb = res.n_objects, images.shape[0]
+    if n == 0:
+        z = np.zeros((0, nb))
+        return z, z, z
+    img = images.reshape(nb, -1).astype(np.float64)
+    var = variances.reshape(nb, -1).astype(np.float64)
+    var = np.where(np.isfinite(var), var, 0.0)
+    parents = res.parents.ravel()
+    ppix = np.flatnonzero(parents)
+    npar = int(res.parents.max())
+    pflux = np.stack([np.bincount(parents[ppix], weights=img[b, ppix], minlength=npar + 1)
+                      for b in range(nb)], axis=1)  # fmt: skip
+    pvar = np.stack([np.bincount(parents[ppix], weights=var[b, ppix], minlength=npar + 1)
+                     for b in range(nb)], axis=1)  # fmt: skip
+    parent_flux = pflux[res.parent]
+    flux, fvar = parent_flux.copy(), pvar[res.parent].copy()
+    shares = share_weights(res, det, origin)
+    if shares is None:
+        return flux, np.sqrt(fvar), parent_flux
+    multi, child, pix, wgt, owner, rest = shares
     for b in range(nb):
         flux[multi, b] = 0.0
         fvar[multi, b] = 0.0
