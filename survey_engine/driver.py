@@ -37,6 +37,7 @@ from . import config as _conf
 from ._warnings import ignored
 from .backends import BACKENDS
 from .catalog import reference_band
+from .classify.pipeline import run_stamp_zoom
 from .config import ExecutionConfig, ScienceConfig
 from .deblend import check_backend
 from .kernels.background import filter_mesh
@@ -114,6 +115,8 @@ class RunSettings:
         The deblender strategy.
     guard : int
         Pixels between a footprint and a cut window edge for a result to be safe.
+    stamp_zoom : float
+        Classifier stamp pixels per mosaic pixel (:func:`~survey_engine.classify.pipeline.run_stamp_zoom`).
     """
 
     science: ScienceConfig
@@ -123,6 +126,7 @@ class RunSettings:
     guard: int
     halo: int = 128
     origin: Any = 0
+    stamp_zoom: float = 1.0
 
     def tiled(self, m: Mosaic, n_workers: int, previous: dict | None = None) -> RunSettings:
         """These settings with the grid fixed: an automatic tile needs the number of workers.
@@ -218,7 +222,8 @@ def resolve_run(
         m.band_index(science.detection_band)  # raises for an unknown band
     tile, halo, origin = _conf.get("tile", tile), _conf.get("halo", halo), _conf.get("origin", origin)
     grid = make_tiles((m.ny, m.nx), tile or AUTO_TILES[0], halo, origin=origin)  # checks them
-    guard = guard_band(science, strategy)
+    zoom = run_stamp_zoom(science, m.psf_fwhm_pix, m.bands)  # issue 17: the classifier's PSF sampling
+    guard = guard_band(science, strategy, zoom)
     need = strategy.required_halo(guard)
     if grid.halo < need:
         msg = (
@@ -227,7 +232,7 @@ def resolve_run(
             f"a margin), got {grid.halo}"
         )
         raise ValueError(msg)
-    return RunSettings(science, execution, grid if tile else None, strategy, guard, halo, origin)
+    return RunSettings(science, execution, grid if tile else None, strategy, guard, halo, origin, zoom)
 
 
 def run(
@@ -363,7 +368,8 @@ def _stages(client, m: Mosaic, s: RunSettings, store: PartStore, progress: bool,
     ``tract``: a survey run's :class:`~survey_engine.skymap.TractRule` (None: a single mosaic)."""
     clock = _Clock(timings)
     plan = WindowPlan(s.science, s.execution, s.deblender, s.guard, Box(0, m.ny, 0, m.nx), tuple(m.bands),
-                      psfs=band_psfs(m.attrs, m.bands, m.psf_fwhm, m.pixel_scale))  # issue 16: model fits
+                      psfs=band_psfs(m.attrs, m.bands, m.psf_fwhm_pix),  # issue 16: model fits
+                      stamp_zoom=s.stamp_zoom, pixel_scale=m.pixel_scale)  # issue 17: classifier stamps
     plan = dataclasses.replace(plan, meshes=_background_stage(client, m, plan, store, progress))
     clock.lap("background")
     ctx = TaskContext(m.path, plan, store, s.grid, tract)

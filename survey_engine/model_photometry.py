@@ -66,14 +66,23 @@ class BandPSF:
         return psf_mixture(self.kind, self.fwhm_pix)
 
 
-def band_psfs(mosaic_attrs: dict, bands: Sequence[str], psf_fwhm: dict, pixel_scale) -> tuple:
-    """Per band the :class:`BandPSF` recorded in a mosaic's attributes (None where unknown)."""
+def band_psfs(mosaic_attrs: dict, bands: Sequence[str], psf_fwhm_pix: dict) -> tuple:
+    """Per band the :class:`BandPSF` recorded in a mosaic (None where unknown).
+
+    Parameters
+    ----------
+    mosaic_attrs : dict
+        The mosaic's attributes: the PSF kind (``psf_kind``, or the simulation's ``psf``).
+    bands : sequence of str
+        The bands, in mosaic order.
+    psf_fwhm_pix : dict
+        PSF FWHM in pixels per band (:attr:`survey_engine.mosaic.Mosaic.psf_fwhm_pix`).
+    """
     kind = mosaic_attrs.get("psf_kind") or (mosaic_attrs.get("simulation") or {}).get("psf")
     out = []
     for b in bands:
-        fwhm = psf_fwhm.get(b)
-        ok = fwhm is not None and pixel_scale and float(fwhm) > 0 and float(pixel_scale) > 0
-        out.append(BandPSF(kind, float(fwhm) / float(pixel_scale)) if ok else None)
+        fwhm = psf_fwhm_pix.get(b)
+        out.append(BandPSF(kind, float(fwhm)) if fwhm is not None and float(fwhm) > 0 else None)
     return tuple(out)
 
 

@@ -21,7 +21,7 @@ from scipy import ndimage
 
 from .backends import StageTimes, make_backend
 from .classify.pipeline import classify_windows  # issue 17: p_star and morphology
-from .classify.stamps import STAMP_HALF  # issue 17: the stamps lie inside the guard
+from .classify.stamps import stamp_reach  # issue 17: the stamps lie inside the guard
 from .config import ExecutionConfig, ScienceConfig
 from .deblend import DetectionImages, DetectionList, make_deblender, rules
 from .flags import UNUSABLE, MaskBit
@@ -59,6 +59,11 @@ class WindowPlan:
     psfs : tuple of BandPSF or None
         Per band the PSF recorded in the mosaic (:func:`~survey_engine.model_photometry.band_psfs`);
         empty or None: no model fits (the total flux is the Kron flux, flagged MODEL_FAILED).
+    stamp_zoom : float
+        Classifier stamp pixels per mosaic pixel
+        (:func:`~survey_engine.classify.pipeline.run_stamp_zoom`; 1: the mosaic's own pixels).
+    pixel_scale : float or None
+        The mosaic's arcsec per pixel (the classifier's radii in arcsec).
     """
 
     science: ScienceConfig
@@ -69,14 +74,18 @@ class WindowPlan:
     bands: tuple[str, ...]
     meshes: Sequence[BackgroundMesh] = ()
     psfs: tuple = ()
+    stamp_zoom: float = 1.0
+    pixel_scale: float | None = None
 
     @classmethod
     def build(cls, science: ScienceConfig, execution: ExecutionConfig, shape: tuple[int, int],
-              bands: Sequence[str], meshes: Sequence[BackgroundMesh] = (), psfs: tuple = ()) -> WindowPlan:  # fmt: skip
+              bands: Sequence[str], meshes: Sequence[BackgroundMesh] = (), psfs: tuple = (),
+              stamp_zoom: float = 1.0, pixel_scale: float | None = None) -> WindowPlan:  # fmt: skip
         """The plan of a mosaic of ``shape`` and ``bands``: deblender and guard from ``science``."""
         deblender = make_deblender(science)
-        return cls(science, execution, deblender, guard_band(science, deblender),
-                   Box(0, shape[0], 0, shape[1]), tuple(bands), meshes, tuple(psfs))  # fmt: skip
+        return cls(science, execution, deblender, guard_band(science, deblender, stamp_zoom),
+                   Box(0, shape[0], 0, shape[1]), tuple(bands), meshes, tuple(psfs), stamp_zoom,
+                   pixel_scale)  # fmt: skip
 
     @cached_property
     def backend(self):
@@ -87,7 +96,7 @@ class WindowPlan:
         return {k: v for k, v in self.__dict__.items() if k != "backend"}
 
 
-def guard_band(science: ScienceConfig, deblender) -> int:
+def guard_band(science: ScienceConfig, deblender, stamp_zoom: float = 1.0) -> int:
     """Pixels kept between a footprint and a cut window edge for a result to be safe.
 
     The farther reach of detection (the deblender's receptive radius), of the matched
@@ -97,7 +106,8 @@ def guard_band(science: ScienceConfig, deblender) -> int:
     science rules (:func:`survey_engine.deblend.rules.reach`: a masked gap and the child
     across it).
     """
-    found = max(science.detection.pad, deblender.receptive_radius(), STAMP_HALF, MODEL_HALF)  # stamps
+    stamps = stamp_reach(stamp_zoom)  # the classifier's stamp, resampled by stamp_zoom
+    found = max(science.detection.pad, deblender.receptive_radius(), stamps, MODEL_HALF)
     return max(found + int(science.detection.minarea), rules.reach())
 
 
@@ -178,7 +188,8 @@ def analyse_windows(
         meas = plan.backend.measure(px, det, found, results, plan.science, plan.bands, windows)
         host = _host(det.det), _host(px.images), _host(px.variances)
         add_deblended_fluxes(host, results, meas, plan.bands, windows)
-        classify_windows(det, meas, plan.execution, plan.science)  # issue 17: p_star, morphology
+        classify_windows(det, meas, plan.execution, plan.science, zoom=plan.stamp_zoom,
+                         pixel_scale=plan.pixel_scale)  # issue 17: p_star, morphology
     with times.stage("model"):  # issue 16: total and PSF fluxes
         add_model_fluxes(host, px, results, meas, plan, windows)
     with times.stage("measure"):

@@ -170,3 +170,40 @@ def test_cuda_and_cpu_classify_alike(stars_and_galaxies):
     for k in NEW:
         np.testing.assert_allclose(gpu[k], cpu[k], rtol=1e-4, atol=1e-5, err_msg=k)
         np.testing.assert_array_equal(np.concatenate([again[k][100:], again[k][:100]]), gpu[k], err_msg=k)
+
+
+# -- stamps resampled to the network's PSF sampling ----------------------------------------------
+def test_stamp_zoom_and_reach():
+    from survey_engine.classify.pipeline import run_stamp_zoom
+    from survey_engine.classify.stamps import STAMP_HALF, stamp_reach, stamp_zoom
+    from survey_engine.config import ScienceConfig
+
+    assert stamp_zoom(None, 3.5) == 1.0 and stamp_zoom(3.6, 3.5) == 1.0  # within 10 %: as they are
+    assert stamp_zoom(2.0, 3.5) == pytest.approx(1.75)
+    assert stamp_reach(1.0) == STAMP_HALF
+    assert stamp_reach(1.75) == STAMP_HALF + 1  # a zoomed-in stamp reads fewer pixels (+ bilinear)
+    assert stamp_reach(0.5) == 2 * STAMP_HALF + 1  # a zoomed-out one reads more
+    sci = ScienceConfig()
+    assert run_stamp_zoom(sci, {"g": 3.68, "r": 3.5, "i": 3.37}, "gri") == 1.0  # the simulator's
+    assert run_stamp_zoom(sci, {"b0": 2.07}, ["b0"]) == pytest.approx(1.635, abs=0.005)  # the NTT image
+    assert run_stamp_zoom(sci, {"b0": None}, ["b0"]) == 1.0
+    assert run_stamp_zoom(ScienceConfig(detection_band="r"), {"g": 2.0, "r": 3.5}, "gr") == 1.0
+
+
+@pytest.mark.parametrize("zoom", [0.6, 1.7])
+def test_resampled_stamps_are_the_same_for_numpy_and_torch(zoom):
+    from survey_engine.classify.stamps import extract_stamps
+
+    rng = np.random.default_rng(3)
+    img = rng.normal(size=(80, 90)).astype(np.float32)
+    var = np.ones_like(img)
+    var[10:14, :] = np.inf
+    y, x = np.array([40, 2, 12]), np.array([45, 88, 30])
+    a = extract_stamps(img, var, y, x, zoom=zoom)
+    b = extract_stamps(torch.from_numpy(img), torch.from_numpy(var), y, x, zoom=zoom)
+    np.testing.assert_array_equal(a, b.numpy())
+    # The centre sample is the peak pixel; a sample k pixels out lies k / zoom pixels out.
+    assert a[0, 0, 12, 12] == img[40, 45]
+    np.testing.assert_allclose(a[0, 0, 12, 12 + 5], np.interp(45 + 5 / zoom, np.arange(90), img[40]), rtol=1e-5)
+    assert np.isinf(a[1, 1, 12, -1]) and a[1, 0, 12, -1] == 0.0  # beyond the image: no data
+    assert np.isinf(a[2, 1]).any()  # the masked rows, seen through the nearest pixel

@@ -118,7 +118,7 @@ def test_the_total_flux_rule_falls_back_to_kron():
                       np.array([0.3, 0.4]), np.array([False, True]))  # fmt: skip
     np.testing.assert_array_equal(f, [1.0, 4.0])
     np.testing.assert_array_equal(e, [0.1, 0.4])
-    psfs = band_psfs({"simulation": {"psf": "moffat"}}, ("g", "r"), {"g": 0.8, "r": None}, 0.2)
+    psfs = band_psfs({"simulation": {"psf": "moffat"}}, ("g", "r"), {"g": 4.0, "r": None})
     assert psfs == (BandPSF("moffat", pytest.approx(4.0)), None)
 
 
@@ -145,7 +145,7 @@ def _plan_windows(path, backend, psfs=True):
               for b in range(len(m.bands))]  # fmt: skip
     sci = ScienceConfig(deblender="unet", detection_band="r")
     plan = WindowPlan.build(sci, ExecutionConfig(backend=backend), (m.ny, m.nx), m.bands, meshes,
-                            psfs=band_psfs(m.attrs, m.bands, m.psf_fwhm, m.pixel_scale) if psfs else ())  # fmt: skip
+                            psfs=band_psfs(m.attrs, m.bands, m.psf_fwhm_pix) if psfs else ())  # fmt: skip
     return m, plan
 
 

@@ -12,10 +12,9 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
-import sep
 from scipy import optimize
 
-__all__ = ["PSFEstimate", "estimate_psf_fwhm"]
+__all__ = ["PIXEL_FWHM2", "PSFEstimate", "estimate_psf_fwhm"]
 
 logger = logging.getLogger(__name__)
 
@@ -27,7 +26,8 @@ MIN_STARS = 5
 MAX_SOURCES = 200
 _HALF = 3  # the 7 × 7 core fitted
 _FWHM_PER_SIGMA = 2.0 * math.sqrt(2.0 * math.log(2.0))
-_PIXEL_FWHM2 = _FWHM_PER_SIGMA**2 / 12.0  # (FWHM of a Gaussian with a pixel's variance)²
+#: (FWHM of a Gaussian with a pixel's variance, 1/12 px²)², px².
+PIXEL_FWHM2 = _FWHM_PER_SIGMA**2 / 12.0
 
 
 @dataclass(frozen=True)
@@ -92,6 +92,8 @@ def estimate_psf_fwhm(image: np.ndarray, *, sigma: float | None = None, bad: np.
     -------
     PSFEstimate
     """
+    import sep
+
     data = np.ascontiguousarray(image, dtype=np.float32)
     if data.ndim != 2:
         msg = f"image must be 2-D, got shape {data.shape}"
@@ -131,4 +133,4 @@ def estimate_psf_fwhm(image: np.ndarray, *, sigma: float | None = None, bad: np.
     # The fitted cores are the PSF convolved with the pixel: its variance, 1/12 px² per axis,
     # is removed so that the FWHM is the PSF's own, as the simulator and the header record it.
     core = float(np.median(locus))
-    return PSFEstimate(math.sqrt(max(core * core - _PIXEL_FWHM2, 0.0)), len(locus), len(fwhm))
+    return PSFEstimate(math.sqrt(max(core * core - PIXEL_FWHM2, 0.0)), len(locus), len(fwhm))
