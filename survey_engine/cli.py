@@ -591,7 +591,7 @@ def compare_with_truth(catalog_path, truth_path, *, mosaic=None, radius: float =
     flux_col = f"{band}_flux"
     if bright.any() and flux_col in ev.catalog.colnames and flux_col in ev.truth.colnames:
         ratio = _plain(ev.catalog[flux_col])[ci[bright]] / _plain(ev.truth[flux_col])[ti[bright]]
-        lines.append(f"  Kron/true flux ({band} < 23): median {np.median(ratio):.3f} over "
+        lines.append(f"  total/true flux ({band} < 23): median {np.median(ratio):.3f} over "
                      f"{bright.sum()} objects")  # fmt: skip
     return "\n".join(lines)
 

@@ -385,7 +385,7 @@ def test_demo_summary_uses_the_evaluate_matching(tmp_path):
         "truth objects 3, detected 2, matched 2 (within 1″ = 5.0 px; purity 100.0%)",
         "  r 18-22: completeness 100.0% of 1",  # nearest-within-2-px: 0 %
         "  r 22-24: completeness  50.0% of 2",  # nearest-within-2-px: 100 % (one detection twice)
-        "  Kron/true flux (r < 23): median 0.990 over 1 objects",
+        "  total/true flux (r < 23): median 0.990 over 1 objects",
     ]
 
 
