@@ -231,7 +231,7 @@ PSF_SAMPLE = 2048
 def _record_psfs(mosaic: Mosaic, plan: list[_Band], given: Mapping[str, float | None]) -> None:
     """Estimate the PSF FWHM of each band whose FWHM was not given, from its point sources.
 
-    Written to the group attributes ``psf_fwhm_pix`` (pixels, every band with a PSF) and
+    Written to the group attributes ``psf_fwhm_pix`` (pixels, the estimates) and
     ``psf_fwhm_source`` (``"argument"``, ``"estimated from N point sources"`` or None); an
     estimate also fills ``psf_fwhm_arcsec`` when the pixel scale is known.
     """
@@ -245,7 +245,6 @@ def _record_psfs(mosaic: Mosaic, plan: list[_Band], given: Mapping[str, float | 
     for i, band in enumerate(plan):
         if given.get(band.name) is not None:
             source[band.name] = "argument"
-            pix[band.name] = float(given[band.name]) / scale if scale else None
             continue
         image = np.asarray(mosaic.image[(i, *box)])
         var = np.asarray(mosaic.variance[(i, *box)])
@@ -265,10 +264,10 @@ def _record_psfs(mosaic: Mosaic, plan: list[_Band], given: Mapping[str, float | 
             logger.warning("%s: band %r: too few point sources (%d on the stellar locus) to estimate "
                            "the PSF; give it (psf_fwhm / --psf-fwhm): model fluxes need it",
                            band.image.path, band.name, est.n_stars)  # fmt: skip
-    mosaic.group.attrs.update({"psf_fwhm_arcsec": arcsec, "psf_fwhm_pix": pix, "psf_fwhm_source": source})
-    mosaic.attrs.update({"psf_fwhm_arcsec": arcsec, "psf_fwhm_pix": pix, "psf_fwhm_source": source})
-    mosaic.psf_fwhm = arcsec
-    mosaic.psf_fwhm_pix = {b: pix.get(b) for b in mosaic.bands}
+    psfs = {"psf_fwhm_arcsec": arcsec, "psf_fwhm_pix": pix, "psf_fwhm_source": source}
+    mosaic.group.attrs.update(psfs)
+    mosaic.attrs.update(psfs)
+    mosaic._read_psfs()
 
 
 @dataclass(frozen=True)

@@ -166,19 +166,27 @@ class Mosaic:
         _raise_if(len(self.bands) != self.shape[0],
                   f"mosaic {self.path}: {len(self.bands)} band names for {self.shape[0]} planes")  # fmt: skip
         self.zero_points: dict[str, float | None] = dict(attrs.get("zero_points", {}))
-        self.psf_fwhm: dict[str, float | None] = dict(attrs.get("psf_fwhm_arcsec", {}))
         self.pixel_scale: float | None = attrs.get("pixel_scale_arcsec")
-        #: PSF FWHM in pixels per band: from ``psf_fwhm_arcsec`` and the pixel scale, else the
-        #: ingest's estimate (``psf_fwhm_pix``; a mosaic without a WCS has no pixel scale).
-        self.psf_fwhm_pix: dict[str, float | None] = {
-            b: (float(self.psf_fwhm[b]) / float(self.pixel_scale)
-                if self.psf_fwhm.get(b) and self.pixel_scale else dict(attrs.get("psf_fwhm_pix") or {}).get(b))
-            for b in attrs.get("bands", ())
-        }  # fmt: skip
+        self._read_psfs()
         self.mask_bits: dict[str, int] = dict(attrs.get("mask_bits", MASK_BITS))
         self.units: dict[str, str] = dict(attrs.get("units", {}))
         self.wcs_cards: dict[str, Any] = dict(attrs.get("wcs", {}))
         self._wcs: WCS | None = None
+
+    def _read_psfs(self) -> None:
+        """``psf_fwhm`` (arcsec) and ``psf_fwhm_pix`` from the attributes (again after an ingest).
+
+        ``psf_fwhm_pix``: PSF FWHM in pixels per band, from ``psf_fwhm_arcsec`` and the pixel
+        scale, else the ingest's estimate (``psf_fwhm_pix``; a mosaic without a WCS has no
+        pixel scale).
+        """
+        self.psf_fwhm: dict[str, float | None] = dict(self.attrs.get("psf_fwhm_arcsec", {}))
+        estimated = dict(self.attrs.get("psf_fwhm_pix") or {})
+        scale = self.pixel_scale
+        self.psf_fwhm_pix: dict[str, float | None] = {
+            b: float(self.psf_fwhm[b]) / float(scale) if self.psf_fwhm.get(b) and scale else estimated.get(b)
+            for b in self.bands
+        }
 
     # --- geometry -------------------------------------------------------------------------
     @property

@@ -47,8 +47,9 @@ def _resampled(image, variance, y, x, size: int, zoom: float):
     hgt, wid = img.shape
     h = size // 2
     t = (np.arange(size) - h) / zoom
-    sy = np.asarray(y, np.float64)[:, None, None] + t[None, :, None] + 0.0 * t[None, None, :]
-    sx = np.asarray(x, np.float64)[:, None, None] + 0.0 * t[None, :, None] + t[None, None, :]
+    shape = (len(y), size, size)
+    sy = np.broadcast_to(np.asarray(y, np.float64)[:, None, None] + t[None, :, None], shape)
+    sx = np.broadcast_to(np.asarray(x, np.float64)[:, None, None] + t[None, None, :], shape)
     y0, x0 = np.floor(sy).astype(np.int64), np.floor(sx).astype(np.int64)
     fy, fx = sy - y0, sx - x0
     out = np.zeros(sy.shape)
