@@ -21,7 +21,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 import yaml
-from _util import assert_same_catalog, blob_mosaic, survey_engine_cli
+from _util import assert_same_catalog, assert_same_table, blob_mosaic, survey_engine_cli
 
 from survey_engine import read_catalog, run
 
@@ -100,7 +100,7 @@ def reference(mosaic, tmp_path_factory) -> Path:
 
 
 def _same(reference: Path, catalog: Path) -> None:
-    assert pq.read_table(catalog).equals(pq.read_table(reference))
+    assert_same_table(pq.read_table(catalog), pq.read_table(reference))
     assert_same_catalog(read_catalog(reference), read_catalog(catalog))
 
 

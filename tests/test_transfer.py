@@ -210,15 +210,6 @@ def test_run_with_a_bad_classifier_model_fails_with_one_line(tmp_path):
     assert lines[0].startswith("error: classifier_model (--classifier-model): classifier weights not found")
 
 
-def _stages_passes_science() -> bool:
-    from survey_engine import stages
-
-    return "classify_windows(det, meas, plan.execution, plan.science)" in inspect.getsource(stages)
-
-
-@pytest.mark.skipif(not _stages_passes_science(),
-                    reason="needs stages.analyse_windows to call classify_windows(det, meas, plan.execution, "
-                    "plan.science)")  # fmt: skip
 def test_a_run_with_a_classifier_checkpoint_uses_it(tmp_path, other_classifier, client):
     from test_cli import _mosaic
 
