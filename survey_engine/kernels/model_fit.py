@@ -140,7 +140,7 @@ def fit_bulge_disk(img, ivar, psf, *, iterations: int = ITERATIONS):
     Parameters
     ----------
     img, ivar : torch.Tensor
-        ``(N, S, S)`` float32 stamps (the object's light only) and inverse variances (0:
+        ``(N, S, S)`` float64 (or float32) stamps (the object's light only) and inverse variances (0:
         no data), centred on each object's peak pixel.
     psf : (numpy.ndarray, numpy.ndarray)
         The PSF mixture: amplitudes and variances in pixels²
