@@ -13,6 +13,7 @@ from survey_engine import read_catalog, run
 from survey_engine.classify import STAMP_SIZE, classify_stamps, default_model, extract_stamps
 from survey_engine.classify.data import make_stamps
 from survey_engine.classify.fit import fit_bulge_disk
+from survey_engine.classify.metrics import roc_auc_error
 from survey_engine.evaluate._metrics import classification_bins, roc_auc
 from survey_engine.schema import catalog_columns
 
@@ -207,3 +208,17 @@ def test_resampled_stamps_are_the_same_for_numpy_and_torch(zoom):
     np.testing.assert_allclose(a[0, 0, 12, 12 + 5], np.interp(45 + 5 / zoom, np.arange(90), img[40]), rtol=1e-5)
     assert np.isinf(a[1, 1, 12, -1]) and a[1, 0, 12, -1] == 0.0  # beyond the image: no data
     assert np.isinf(a[2, 1]).any()  # the masked rows, seen through the nearest pixel
+
+
+def test_roc_auc_error_matches_the_bootstrap():
+    assert np.isnan(roc_auc_error(np.r_[1.0, 0.0, 0.5], np.r_[True, False, False]))
+    rng = np.random.default_rng(7)
+    star = np.r_[np.ones(80, bool), np.zeros(400, bool)]
+    score = np.where(star, rng.normal(2.0, 1.0, star.size), rng.normal(0.0, 1.0, star.size))
+    boot = []
+    for _ in range(400):
+        i = np.r_[rng.choice(80, 80), 80 + rng.choice(400, 400)]
+        boot.append(roc_auc(score[i], star[i]))
+    assert roc_auc_error(score, star) == pytest.approx(np.std(boot), rel=0.15)
+    assert roc_auc_error(np.r_[score, score], np.r_[star, star]) == pytest.approx(
+        roc_auc_error(score, star) / np.sqrt(2), rel=0.02)  # twice the objects: 1/√2
