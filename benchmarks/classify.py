@@ -54,9 +54,6 @@ def scene(size: int, seed: int, workers: int, workdir: Path, reuse: bool = False
     for key, sel in (("r_lt_24", mag < 24), ("24_25", (mag >= 24) & (mag < 25))):
         cl[f"auc_{key}"] = roc_auc(ps[sel], st[sel])
         cl[f"auc_{key}_err"] = roc_auc_error(ps[sel], st[sel])
-    for r in cl["bins"]:
-        sel = (mag >= r["lo"]) & (mag < r["hi"])
-        r["auc_err"] = roc_auc_error(ps[sel], st[sel])
     cl["simulate_s"], cl["run_s"] = t1 - t0, t2 - t1
     cl["stages_s"] = dict(res.stages)
     return cl

@@ -24,8 +24,7 @@ def roc_auc(score: np.ndarray, positive: np.ndarray) -> float:
     """
     from scipy.stats import rankdata
 
-    score, positive = np.asarray(score, float), np.asarray(positive, bool)
-    n1, n0 = int(positive.sum()), int((~positive).sum())
+    score, positive, n1, n0 = _classes(score, positive)
     if n1 == 0 or n0 == 0:
         return float("nan")
     r = rankdata(score)
@@ -37,10 +36,8 @@ def roc_auc_error(score: np.ndarray, positive: np.ndarray) -> float:
 
     Parameters
     ----------
-    score : numpy.ndarray
-        Per object: larger means more likely positive.
-    positive : numpy.ndarray of bool
-        The true class.
+    score, positive : numpy.ndarray
+        As for :func:`roc_auc`.
 
     Returns
     -------
@@ -49,11 +46,16 @@ def roc_auc_error(score: np.ndarray, positive: np.ndarray) -> float:
     """
     from scipy.stats import rankdata
 
-    score, positive = np.asarray(score, float), np.asarray(positive, bool)
-    n1, n0 = int(positive.sum()), int((~positive).sum())
+    score, positive, n1, n0 = _classes(score, positive)
     if n1 < 2 or n0 < 2:
         return float("nan")
     r = rankdata(score)
     v10 = (r[positive] - rankdata(score[positive])) / n0  # each positive: fraction of negatives below
     v01 = 1.0 - (r[~positive] - rankdata(score[~positive])) / n1  # each negative: positives above
     return float(np.sqrt(np.var(v10, ddof=1) / n1 + np.var(v01, ddof=1) / n0))
+
+
+def _classes(score, positive) -> tuple[np.ndarray, np.ndarray, int, int]:
+    """``score`` as floats, ``positive`` as bools, and the number of positives and negatives."""
+    score, positive = np.asarray(score, float), np.asarray(positive, bool)
+    return score, positive, int(positive.sum()), int((~positive).sum())

@@ -12,7 +12,7 @@ from scipy.optimize import linear_sum_assignment
 from scipy.sparse.csgraph import connected_components
 from scipy.spatial import cKDTree
 
-from ..classify.metrics import roc_auc
+from ..classify.metrics import roc_auc, roc_auc_error
 
 __all__ = [
     "MAD_TO_SIGMA", "MATCH_METHODS", "binned_fraction", "binned_stats", "blended_in_truth",
@@ -438,7 +438,8 @@ def classification_bins(
     Returns
     -------
     list of dict
-        Per bin: ``lo``, ``hi``, ``n_star``, ``n_galaxy``, ``auc``, ``star_completeness``
+        Per bin: ``lo``, ``hi``, ``n_star``, ``n_galaxy``, ``auc`` and its standard error
+        ``auc_err`` (:func:`~survey_engine.classify.metrics.roc_auc_error`), ``star_completeness``
         (true stars called stars), ``star_purity`` (called stars that are stars),
         ``galaxy_completeness``.
     """
@@ -450,7 +451,7 @@ def classification_bins(
         ns, ng, nc = int(st.sum()), int((~st).sum()), int(ca.sum())
         rows.append({
             "lo": float(lo), "hi": float(hi), "n_star": ns, "n_galaxy": ng,
-            "auc": roc_auc(p_star[s], st),
+            "auc": roc_auc(p_star[s], st), "auc_err": roc_auc_error(p_star[s], st),
             "star_completeness": float((st & ca).sum() / ns) if ns else float("nan"),
             "star_purity": float((st & ca).sum() / nc) if nc else float("nan"),
             "galaxy_completeness": float((~st & ~ca).sum() / ng) if ng else float("nan"),
